@@ -1,0 +1,45 @@
+# The same targets CI runs (.ci/run). Everything installs what it needs.
+#
+#   make demo    build bext and run it on the Next.js example app
+#   make test    fixtures + fmt + clippy + the whole test suite
+#   make bench   the benchmarks, saved under bench/results/
+
+CARGO ?= cargo
+DEMO_APP ?= tests/fixtures/next
+DEMO_LISTEN ?= 127.0.0.1:3000
+
+.PHONY: build fixtures lint test demo bench-deps bench bench-smoke clean
+
+build:
+	$(CARGO) build --release -p bext
+
+# npm packages of the fixture apps (npm ci from their lockfiles), their
+# builds, and the Deno binary (npm package `deno`).
+fixtures:
+	bash tests/fixtures/setup.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: fixtures lint
+	$(CARGO) test --workspace
+
+# bext installs and builds the app itself (npm ci, next build) if needed.
+demo: build
+	./target/release/bext run $(DEMO_APP) --listen $(DEMO_LISTEN)
+
+bench-deps:
+	scripts/apt-install.sh nginx-light wrk curl python3 util-linux
+
+bench: build fixtures bench-deps
+	mkdir -p bench/results
+	bash bench/proxy.sh | tee bench/results/proxy-$$(date -u +%Y%m%dT%H%M).md
+
+# A one-second run of every benchmark: keeps the scripts working in CI.
+# Asserts nothing about speed (this machine is shared and noisy).
+bench-smoke: build fixtures bench-deps
+	BENCH_DURATION=1s BENCH_CONNECTIONS=10 bash bench/proxy.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,80 @@
+# Shared helpers for bench/*.sh (sourced). Every process a script starts is
+# recorded and ended by PID on exit; ports are picked free at run time.
+
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+WORK="$(mktemp -d /tmp/bext-bench.XXXXXX)"
+PIDS=()
+
+# Load generator settings: one wrk thread pinned to CPU 1, servers to CPU 0.
+DURATION="${BENCH_DURATION:-10s}"
+CONNECTIONS="${BENCH_CONNECTIONS:-50}"
+SERVER_CPU="${BENCH_SERVER_CPU:-0}"
+CLIENT_CPU="${BENCH_CLIENT_CPU:-1}"
+
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do
+    [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [[ -n "$pid" ]] && wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() {
+  for bin in "$@"; do
+    command -v "$bin" >/dev/null || { echo "bench: $bin is missing (make bench-deps installs it)" >&2; exit 1; }
+  done
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_until SECONDS CMD...: polls CMD every 50 ms until it succeeds.
+wait_until() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS < deadline )) || { echo "bench: timed out waiting for: $*" >&2; return 1; }
+    sleep 0.05
+  done
+}
+
+# start_bext VAR APP_DIR LOG [ARGS...]: starts the release bext pinned to
+# the server CPU with one runtime thread; sets VAR to its address. (Not
+# called in a subshell, so the PID is recorded for cleanup.)
+start_bext() {
+  local var="$1" app="$2" log="$3"; shift 3
+  TOKIO_WORKER_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
+    taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" run "$app" --listen 127.0.0.1:0 "$@" \
+    2>"$log" >/dev/null &
+  PIDS+=($!)
+  wait_until 120 grep -q '"listening on' "$log"
+  printf -v "$var" '%s' "$(grep -m1 '"listening on' "$log" | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
+}
+
+# run_wrk NAME URL: one bounded wrk run; prints "NAME|req/s|p50|p99|errors".
+run_wrk() {
+  local name="$1" url="$2" out
+  # Warm-up, not recorded.
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1 || true
+  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")"
+  local rps p50 p99 errors
+  rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+  p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
+  p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
+  errors="$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")"
+  echo "$name|$rps|$p50|$p99|${errors:-none}"
+}
+
+machine_info() {
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r)"
+  echo "- bext: $("$ROOT/target/release/bext" --version) (release build), tokio worker threads: 1"
+  echo "- $(nginx -v 2>&1), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), node $(node --version)"
+  echo "- wrk: 1 thread pinned to CPU $CLIENT_CPU, $CONNECTIONS connections, $DURATION per run (after a 1 s warm-up); servers pinned to CPU $SERVER_CPU"
+}

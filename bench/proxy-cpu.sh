@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# CPU cost per proxied request, bext vs nginx, in front of the same Hono
+# worker socket (both pinned with the worker to one CPU, wrk on the other):
+# user and system CPU microseconds per request of the proxy and of the app,
+# read from /proc before and after one wrk run each.
+#
+# Usage: bench/proxy-cpu.sh     (BENCH_DURATION=5s by default)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need wrk nginx taskset python3
+DURATION="${BENCH_DURATION:-5s}"
+HONO="$ROOT/tests/fixtures/hono"
+
+start_bext addr "$HONO" "$WORK/bext.log" --workers 1
+bext_pid=${PIDS[-1]}
+sock="$(ls "$WORK"/bext-*-hono/w0.*.sock)"
+node_pid="$(cat /proc/"$bext_pid"/task/*/children | awk '{print $1; exit}')"
+
+port="$(free_port)"
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<NGINX
+user root; worker_processes 1; daemon off;
+pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $WORK/nginx/access.log;
+  upstream hono { server unix:$sock; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://hono; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$http_host; proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id;
+    }
+  }
+}
+NGINX
+taskset -c "$SERVER_CPU" nginx -c "$WORK/nginx/nginx.conf" &
+PIDS+=($!)
+wait_until 10 curl -sf "http://127.0.0.1:$port/"
+nginx_worker="$(pgrep -P "${PIDS[-1]}" nginx)"
+
+# user and system clock ticks of every thread of a process
+ticks() { awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$1"/task/*/stat; }
+
+echo "## CPU per proxied request ($(date -u +%Y-%m-%d))"
+echo
+machine_info
+echo "- command: \`BENCH_DURATION=$DURATION bench/proxy-cpu.sh\`"
+echo
+echo "| proxy | req/s | proxy user µs/req | proxy sys µs/req | proxy total | app (node) µs/req |"
+echo "|---|---:|---:|---:|---:|---:|"
+hz="$(getconf CLK_TCK)"
+for target in "bext $bext_pid http://$addr/" "nginx $nginx_worker http://127.0.0.1:$port/"; do
+  set -- $target
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$3" >/dev/null  # warm-up
+  read -r pu0 ps0 < <(ticks "$2"); read -r nu0 ns0 < <(ticks "$node_pid")
+  rps="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$3" | awk '/Requests\/sec/ {print $2}')"
+  read -r pu1 ps1 < <(ticks "$2"); read -r nu1 ns1 < <(ticks "$node_pid")
+  python3 - "$1" "$rps" "$DURATION" "$hz" "$pu0" "$ps0" "$pu1" "$ps1" "$nu0" "$ns0" "$nu1" "$ns1" <<'PY'
+import sys
+name, rps, dur, hz, pu0, ps0, pu1, ps1, nu0, ns0, nu1, ns1 = sys.argv[1:]
+reqs = float(rps) * float(dur.rstrip("s"))
+us = lambda ticks: ticks * 1e6 / int(hz) / reqs
+pu, ps = us(int(pu1) - int(pu0)), us(int(ps1) - int(ps0))
+node = us(int(nu1) + int(ns1) - int(nu0) - int(ns0))
+print(f"| {name} | {float(rps):.0f} | {pu:.2f} | {ps:.2f} | {pu + ps:.2f} | {node:.2f} |")
+PY
+done

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Proxy and static-file throughput, bext vs nginx, in one run:
+#
+#   1. Hono "hello" alone (the app on its own TCP socket, no proxy)
+#   2. Hono through bext (one worker)
+#   3. Hono through nginx: proxy_pass to the same worker socket bext uses,
+#      one nginx worker, upstream keep-alive
+#   4. a static file through bext, and through nginx (sendfile on)
+#
+# Usage: bench/proxy.sh            (BENCH_DURATION=10s by default)
+#        BENCH_DURATION=1s bench/proxy.sh   (smoke run, as CI does)
+# Prints a markdown report; `make bench` saves it to bench/results/.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need wrk nginx taskset python3 node
+
+HONO="$ROOT/tests/fixtures/hono"
+STATIC="$ROOT/tests/fixtures/static"
+STATIC_FILE="/index.html"
+[[ -f "$HONO/dist/index.js" ]] || { echo "bench: run tests/fixtures/setup.sh first" >&2; exit 1; }
+
+# 1. The app alone: the unmodified Hono app, its listen() pointed at a TCP
+#    socket by bext's own Node adapter (the app hard-codes port 3000).
+direct_port="$(free_port)"
+adapter="$WORK/node-adapter.cjs"
+cp "$ROOT/worker/js/node-adapter.cjs" "$adapter"
+python3 - "$direct_port" "$adapter" "$HONO" "$WORK/direct.log" <<'PY' &
+import os, socket, sys
+port, adapter, app, log = sys.argv[1:]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(port))); s.listen(1024)
+os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
+os.environ.update(BEXT_LISTEN_FD="3", BEXT_READY_TOKEN="ready-token", NODE_ENV="production",
+                  NODE_OPTIONS=f"--require {adapter}")
+out = os.open(log, os.O_WRONLY | os.O_CREAT)
+os.dup2(out, 1); os.dup2(out, 2)
+os.chdir(app)
+os.execvp("taskset", ["taskset", "-c", os.environ.get("BENCH_SERVER_CPU", "0"), "node", "dist/index.js"])
+PY
+PIDS+=($!)
+wait_until 30 grep -q ready-token "$WORK/direct.log"
+
+# 2. bext with one worker.
+start_bext bext_addr "$HONO" "$WORK/bext-hono.log" --workers 1
+sock="$(ls "$WORK"/bext-*-hono/w0.*.sock)"
+
+# 3. nginx in front of the same worker socket.
+nginx_port="$(free_port)"
+static_port="$(free_port)"
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<NGINX
+user root;
+worker_processes 1;
+worker_cpu_affinity auto;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  include /etc/nginx/mime.types;
+  access_log $WORK/nginx/access.log;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  upstream hono { server unix:$sock; keepalive 64; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://hono;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      # The same headers bext sets, for the same work on both sides.
+      proxy_set_header Host \$http_host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Id \$request_id;
+      add_header X-Request-Id \$request_id;
+    }
+  }
+  server {
+    listen 127.0.0.1:$static_port;
+    root $STATIC;
+  }
+}
+NGINX
+taskset -c "$SERVER_CPU" nginx -c "$WORK/nginx/nginx.conf" 2>"$WORK/nginx/stderr.log" &
+PIDS+=($!)
+wait_until 10 curl -sf "http://127.0.0.1:$nginx_port/"
+
+# 4. bext serving the static site.
+start_bext bext_static "$STATIC" "$WORK/bext-static.log"
+
+for url in "http://127.0.0.1:$direct_port/" "http://$bext_addr/" "http://127.0.0.1:$nginx_port/"; do
+  [[ "$(curl -sf "$url")" == "Hello Hono!" ]] || { echo "bench: $url does not answer Hello Hono!" >&2; exit 1; }
+done
+
+results=()
+results+=("$(run_wrk "hono alone (TCP)" "http://127.0.0.1:$direct_port/")")
+results+=("$(run_wrk "hono via bext" "http://$bext_addr/")")
+results+=("$(run_wrk "hono via nginx" "http://127.0.0.1:$nginx_port/")")
+results+=("$(run_wrk "static via bext" "http://$bext_static$STATIC_FILE")")
+results+=("$(run_wrk "static via nginx" "http://127.0.0.1:$static_port$STATIC_FILE")")
+
+rps_of() { for r in "${results[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [[ "$n" == "$1" ]] && echo "$rps"; done; }
+ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+
+echo "## Proxy and static throughput ($(date -u +%Y-%m-%d))"
+echo
+machine_info
+echo "- static file: tests/fixtures/static$STATIC_FILE ($(stat -c %s "$STATIC$STATIC_FILE") bytes); access logs on for both (bext: JSON to a file, nginx: combined to a file)"
+echo "- command: \`BENCH_DURATION=$DURATION bench/proxy.sh\`"
+echo
+echo "| run | req/s | p50 | p99 | errors |"
+echo "|---|---:|---:|---:|---|"
+for r in "${results[@]}"; do
+  IFS='|' read -r n rps p50 p99 errors <<<"$r"
+  echo "| $n | $rps | $p50 | $p99 | $errors |"
+done
+echo
+echo "- proxied: bext / nginx = **$(ratio "$(rps_of "hono via bext")" "$(rps_of "hono via nginx")")** (target ≥ 1.0); bext / app alone = $(ratio "$(rps_of "hono via bext")" "$(rps_of "hono alone (TCP)")")"
+echo "- static: bext / nginx = **$(ratio "$(rps_of "static via bext")" "$(rps_of "static via nginx")")** (target ≥ 0.9)"

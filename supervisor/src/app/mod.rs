@@ -1,0 +1,28 @@
+//! The app on disk: what it is, how to install and build it, how to start
+//! it, and which of its directories are served as static files.
+//!
+//! [`detect`] reads the directory (and the config's `[runtime]` overrides)
+//! and never runs anything; [`build`] runs the install and build steps with
+//! their output streamed to the log. Neither knows about workers or HTTP.
+
+pub mod build;
+pub mod detect;
+mod start;
+
+pub use build::{BuildError, prepare};
+pub use detect::{App, DetectError, Step, detect};
+pub use start::{Start, StartError};
+
+/// A static directory and the URL prefix it is served at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// URL path prefix, `/` or ending in `/`.
+    pub prefix: String,
+    /// Canonical directory.
+    pub root: std::path::PathBuf,
+    /// Every file under this mount has a content hash in its name.
+    pub immutable: bool,
+    /// A whole static site: directory indexes, `.html` fallback, `404.html`,
+    /// and no worker behind it.
+    pub site: bool,
+}

@@ -1,0 +1,41 @@
+//! `bext check`: validate the config and detect the app without starting
+//! anything (systemd runs it as ExecStartPre).
+
+use crate::app;
+use crate::cli::CheckArgs;
+use crate::run::{RunError, load_config};
+
+/// What `bext check` found, for the caller to print.
+#[derive(Debug)]
+pub struct Report {
+    pub config: String,
+    pub app: String,
+}
+
+pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
+    let config = load_config(&args.dir, args.config.as_deref())?;
+    let config_line = match &config.source {
+        Some(path) => format!("{}: ok", path.display()),
+        None => format!(
+            "{}: no {}; defaults apply",
+            args.dir.display(),
+            crate::config::CONFIG_FILE_NAME
+        ),
+    };
+    let app_line = if args.config.is_some() && !args.dir.exists() {
+        String::new()
+    } else {
+        let app = app::detect(&args.dir, &config)?;
+        format!(
+            "app '{}': {} ({}), engine {}",
+            app.name,
+            app.framework,
+            app.reason,
+            app.engine.map_or("none".to_string(), |e| e.to_string())
+        )
+    };
+    Ok(Report {
+        config: config_line,
+        app: app_line,
+    })
+}

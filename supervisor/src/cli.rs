@@ -1,0 +1,69 @@
+//! Command-line interface: `bext run`, `bext check`.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// bext: run JavaScript web apps (Next.js, Hono, Express, any Node HTTP
+/// server, Deno, static sites) in production behind one supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "bext", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format: pretty on a terminal, JSON otherwise (auto), or forced.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "BEXT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Detect, install, build and serve the app in DIR (single-app mode).
+    Run(RunArgs),
+    /// Validate the config (and detect the app) without starting anything.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The app directory.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+
+    /// Config file (default: DIR/bext.config.toml, if it exists).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+
+    /// Listen address, overriding [server] listen (e.g. 127.0.0.1:8080; port 0 picks a free port).
+    #[arg(long, short)]
+    pub listen: Option<SocketAddr>,
+
+    /// Worker processes, overriding [isolate] workers.
+    #[arg(long, short)]
+    pub workers: Option<NonZeroU32>,
+
+    /// Run the app's build even if it looks built.
+    #[arg(long)]
+    pub build: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The app directory (its bext.config.toml is checked).
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+
+    /// Check this config file instead.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}

@@ -1,0 +1,171 @@
+//! Configuration: `bext.config.toml` for single-app mode.
+//!
+//! Two stages, as everywhere in bext: [`raw`] is what serde reads (every
+//! table denies unknown keys), and [`Config`] is the validated result with
+//! every default filled in from a named `DEFAULT_*` constant. Errors carry the
+//! file, line, column and dotted key, and a suggestion for a misspelt key
+//! ([`diag`]). This module reads files and nothing else: it never starts
+//! anything.
+
+mod diag;
+mod raw;
+mod units;
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diag::{ConfigError, Diagnostic};
+pub use raw::{Engine, Framework};
+pub use units::MemorySize;
+
+/// The file `bext run DIR` reads from `DIR`, when it exists.
+pub const CONFIG_FILE_NAME: &str = "bext.config.toml";
+
+/// Where the supervisor listens when neither the config nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:3000";
+/// How long a request may wait for a worker's response headers (→ 504).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request may wait for a ready worker before a 503.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long SIGTERM waits for in-flight requests before stopping workers.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default ISR lifetime for responses marked cacheable without one.
+pub const DEFAULT_ISR_TTL: Duration = Duration::from_secs(60);
+/// Default stale-while-revalidate window.
+pub const DEFAULT_ISR_SWR: Duration = Duration::from_secs(3600);
+/// Default bound on cached entries per app.
+pub const DEFAULT_ISR_MAX_ENTRIES: u64 = 10_000;
+/// Largest number of workers bext starts by default for one app.
+pub const DEFAULT_MAX_WORKERS: u32 = 4;
+/// How long a worker may take from launch to listening.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The validated single-app configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from, if any (defaults apply without one).
+    pub source: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub isr: IsrConfig,
+    pub runtime: RuntimeConfig,
+    pub isolate: IsolateConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Served at `/` without a worker hop; relative to the app directory.
+    /// `None`: the app's `public/` if it exists.
+    pub static_dir: Option<PathBuf>,
+    pub upstream_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IsrConfig {
+    pub default_ttl: Duration,
+    pub default_swr: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuntimeConfig {
+    pub framework: Option<Framework>,
+    pub engine: Option<Engine>,
+    /// Replaces the detected start command.
+    pub start: Option<String>,
+    /// Replaces the detected build command (run with `sh -c`).
+    pub build: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IsolateConfig {
+    pub workers: NonZeroU32,
+    pub memory_limit: Option<MemorySize>,
+    pub start_timeout: Duration,
+}
+
+impl Config {
+    /// Loads `dir/bext.config.toml` if it exists, else the defaults.
+    pub fn load_dir(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join(CONFIG_FILE_NAME);
+        if path.exists() {
+            Self::load_file(&path)
+        } else {
+            Ok(Self::from_raw(None, raw::RawConfig::default()))
+        }
+    }
+
+    /// Loads and validates one file.
+    pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (used in error messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = diag::deserialize(path, text)?;
+        Ok(Self::from_raw(Some(path.to_path_buf()), raw))
+    }
+
+    fn from_raw(source: Option<PathBuf>, raw: raw::RawConfig) -> Self {
+        let server = raw.server.unwrap_or_default();
+        let isr = raw.cache.unwrap_or_default().isr.unwrap_or_default();
+        let runtime = raw.runtime.unwrap_or_default();
+        let isolate = raw.isolate.unwrap_or_default();
+        let ms = Duration::from_millis;
+        Config {
+            source,
+            server: ServerConfig {
+                listen: server.listen.unwrap_or_else(default_listen),
+                static_dir: server.static_dir,
+                upstream_timeout: server
+                    .upstream_timeout_ms
+                    .map_or(DEFAULT_UPSTREAM_TIMEOUT, ms),
+                queue_timeout: server.queue_timeout_ms.map_or(DEFAULT_QUEUE_TIMEOUT, ms),
+                shutdown_grace: server.shutdown_grace_ms.map_or(DEFAULT_SHUTDOWN_GRACE, ms),
+                access_log: server.access_log.unwrap_or(true),
+            },
+            isr: IsrConfig {
+                default_ttl: isr.default_ttl_ms.map_or(DEFAULT_ISR_TTL, ms),
+                default_swr: isr.default_swr_ms.map_or(DEFAULT_ISR_SWR, ms),
+                max_entries: isr
+                    .max_entries
+                    .map_or(DEFAULT_ISR_MAX_ENTRIES, NonZeroU64::get),
+            },
+            runtime: RuntimeConfig {
+                framework: runtime.framework,
+                engine: runtime.engine,
+                start: runtime.start,
+                build: runtime.build,
+            },
+            isolate: IsolateConfig {
+                workers: isolate.workers.unwrap_or_else(default_workers),
+                memory_limit: isolate.memory_limit,
+                start_timeout: isolate.start_timeout_ms.map_or(DEFAULT_START_TIMEOUT, ms),
+            },
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN
+        .parse()
+        .expect("DEFAULT_LISTEN is a valid address")
+}
+
+/// The number of CPUs, at most [`DEFAULT_MAX_WORKERS`].
+pub fn default_workers() -> NonZeroU32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    NonZeroU32::new((cpus as u32).clamp(1, DEFAULT_MAX_WORKERS)).expect("clamped to at least 1")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+//! What serde reads from `bext.config.toml`: every table denies unknown keys,
+//! every key is optional. Values that can be checked alone (addresses,
+//! non-zero counts, sizes, enum names) are checked here, so their errors carry
+//! the value's position. Defaults are filled in by `Config::from_raw`.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::MemorySize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) server: Option<RawServer>,
+    pub(super) cache: Option<RawCache>,
+    pub(super) runtime: Option<RawRuntime>,
+    pub(super) isolate: Option<RawIsolate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) static_dir: Option<PathBuf>,
+    pub(super) upstream_timeout_ms: Option<u64>,
+    pub(super) queue_timeout_ms: Option<u64>,
+    pub(super) shutdown_grace_ms: Option<u64>,
+    pub(super) access_log: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) isr: Option<RawIsr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIsr {
+    pub(super) default_ttl_ms: Option<u64>,
+    pub(super) default_swr_ms: Option<u64>,
+    pub(super) max_entries: Option<NonZeroU64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuntime {
+    pub(super) framework: Option<Framework>,
+    pub(super) engine: Option<Engine>,
+    pub(super) start: Option<String>,
+    pub(super) build: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIsolate {
+    pub(super) workers: Option<NonZeroU32>,
+    pub(super) memory_limit: Option<MemorySize>,
+    pub(super) start_timeout_ms: Option<u64>,
+}
+
+/// The kinds of app bext knows how to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framework {
+    Nextjs,
+    Hono,
+    Express,
+    /// Any Node HTTP server started by package.json `start` or `main`.
+    Node,
+    Deno,
+    /// Files only: no workers.
+    Static,
+}
+
+impl Framework {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Framework::Nextjs => "nextjs",
+            Framework::Hono => "hono",
+            Framework::Express => "express",
+            Framework::Node => "node",
+            Framework::Deno => "deno",
+            Framework::Static => "static",
+        }
+    }
+}
+
+impl std::fmt::Display for Framework {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The JavaScript runtime a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Node,
+    Deno,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Node => "node",
+            Engine::Deno => "deno",
+        })
+    }
+}

@@ -1,0 +1,133 @@
+use std::path::Path;
+
+use super::*;
+
+fn diag(text: &str) -> Diagnostic {
+    match Config::parse(Path::new("bext.config.toml"), text) {
+        Err(ConfigError::Invalid(d)) => *d,
+        other => panic!("expected a diagnostic, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_seed_single_app_example_parses_as_written() {
+    let text = r#"
+[server]
+listen = "0.0.0.0:3061"
+static_dir = "./dist/static"
+[cache.isr]
+default_ttl_ms = 60000
+default_swr_ms = 3600000
+"#;
+    let config = Config::parse(Path::new("bext.config.toml"), text).expect("valid");
+    assert_eq!(config.server.listen, "0.0.0.0:3061".parse().expect("addr"));
+    assert_eq!(
+        config.server.static_dir.as_deref(),
+        Some(Path::new("./dist/static"))
+    );
+    assert_eq!(config.isr.default_ttl, Duration::from_secs(60));
+    assert_eq!(config.isr.default_swr, Duration::from_secs(3600));
+    assert_eq!(config.isr.max_entries, DEFAULT_ISR_MAX_ENTRIES);
+}
+
+#[test]
+fn defaults_apply_without_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::load_dir(dir.path()).expect("defaults");
+    assert_eq!(config.source, None);
+    assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
+    assert_eq!(config.isolate.workers, default_workers());
+    assert_eq!(config.isolate.memory_limit, None);
+}
+
+#[test]
+fn a_typo_names_file_line_column_key_and_the_fix() {
+    let d = diag("[server]\nlisten = \"127.0.0.1:1\"\nstatic_dri = \"x\"\n");
+    assert_eq!((d.line, d.column), (3, 1));
+    assert_eq!(d.key.as_deref(), Some("server.static_dri"));
+    assert_eq!(d.suggestion.as_deref(), Some("static_dir"));
+    let text = d.to_string();
+    assert!(
+        text.starts_with("bext.config.toml:3:1: key `server.static_dri`: unknown key"),
+        "{text}"
+    );
+    assert!(text.ends_with("did you mean `static_dir`?"), "{text}");
+}
+
+#[test]
+fn a_misspelt_table_is_found_too() {
+    let d = diag("[isolat]\nworkers = 2\n");
+    assert_eq!((d.line, d.column), (1, 2));
+    assert_eq!(d.key.as_deref(), Some("isolat"));
+    assert_eq!(d.suggestion.as_deref(), Some("isolate"));
+}
+
+#[test]
+fn bad_values_point_at_the_value() {
+    let d = diag("[isolate]\nworkers = 0\n");
+    assert_eq!(
+        (d.line, d.column, d.key.as_deref()),
+        (2, 11, Some("isolate.workers"))
+    );
+
+    let d = diag("[isolate]\nmemory_limit = \"256xb\"\n");
+    assert_eq!(d.key.as_deref(), Some("isolate.memory_limit"));
+    assert!(d.message.contains("unknown size unit"), "{}", d.message);
+
+    let d = diag("[runtime]\nengine = \"dneo\"\n");
+    assert_eq!(d.suggestion.as_deref(), Some("deno"));
+
+    let d = diag("[server]\nlisten = \"nowhere\"\n");
+    assert_eq!((d.line, d.column), (2, 10));
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let d = diag("[server]\nlisten = \n");
+    assert_eq!(d.line, 2);
+    assert_eq!(d.key, None);
+}
+
+#[test]
+fn memory_limit_reads_as_written_in_the_seed() {
+    let config = Config::parse(
+        Path::new("x.toml"),
+        "[isolate]\nworkers = 3\nmemory_limit = \"256mb\"\n",
+    )
+    .expect("valid");
+    assert_eq!(config.isolate.workers.get(), 3);
+    assert_eq!(
+        config.isolate.memory_limit,
+        Some(MemorySize::from_bytes(256 << 20))
+    );
+}
+
+#[test]
+fn line_columns_count_characters() {
+    assert_eq!(diag::line_column("a\nbé c", 5), (2, 3));
+}
+
+#[test]
+fn every_config_example_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("config-examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") && !path.ends_with("platform.toml") {
+            Config::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "found {checked} examples");
+}
+
+#[test]
+fn the_annotated_example_states_the_real_defaults() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let example = Config::load_file(&dir.join("bext.config.toml")).expect("example");
+    let defaults = Config::parse(Path::new("empty.toml"), "").expect("defaults");
+    assert_eq!(example.server, defaults.server);
+    assert_eq!(example.isr, defaults.isr);
+    assert_eq!(example.runtime, defaults.runtime);
+    assert_eq!(example.isolate, defaults.isolate);
+}

@@ -1,0 +1,147 @@
+//! Human-written sizes: `memory_limit = "256mb"`.
+//!
+//! Not `bytesize`: it reads "mb" as 10^6 bytes, while every tool our users
+//! set memory limits with (Node's `--max-old-space-size`, Docker's `-m 256m`,
+//! nginx, systemd's `MemoryMax=256M`) means 2^20. So bext reads k/m/g/t, with
+//! or without a trailing "b" or "ib" and in any case, as powers of 1024, and
+//! says so in the docs.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+/// A size in bytes, written as `"256mb"`, `"1.5g"`, `"512MiB"` or a plain
+/// integer number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemorySize(u64);
+
+impl MemorySize {
+    pub const fn from_bytes(bytes: u64) -> Self {
+        MemorySize(bytes)
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+
+    /// Whole mebibytes, rounded down, at least 1.
+    pub fn mebibytes(self) -> u64 {
+        (self.0 >> 20).max(1)
+    }
+}
+
+impl fmt::Display for MemorySize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("tb", 1 << 40),
+            ("gb", 1 << 30),
+            ("mb", 1 << 20),
+            ("kb", 1 << 10),
+        ];
+        for (name, unit) in UNITS {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
+                return write!(f, "{}{name}", self.0 / unit);
+            }
+        }
+        write!(f, "{}b", self.0)
+    }
+}
+
+impl std::str::FromStr for MemorySize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write it like \"256mb\" or \"1gb\""))?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` in `{s}`; use b, kb, mb, gb or tb"
+                ));
+            }
+        };
+        let bytes = number * (1u64 << shift) as f64;
+        if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+            return Err(format!("`{s}` is out of range"));
+        }
+        Ok(MemorySize(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = MemorySize;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like \"256mb\" or a number of bytes")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MemorySize, E> {
+                v.parse().map_err(E::custom)
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MemorySize, E> {
+                u64::try_from(v)
+                    .ok()
+                    .filter(|&v| v > 0)
+                    .map(MemorySize)
+                    .ok_or_else(|| E::custom("a size must be positive"))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_binary_whatever_the_spelling() {
+        for text in ["256mb", "256MB", "256m", "256MiB", "256 mb", "268435456"] {
+            assert_eq!(
+                text.parse::<MemorySize>(),
+                Ok(MemorySize(256 << 20)),
+                "{text}"
+            );
+        }
+        assert_eq!("1.5g".parse::<MemorySize>(), Ok(MemorySize(3 << 29)));
+        assert_eq!(MemorySize(256 << 20).to_string(), "256mb");
+        assert_eq!(MemorySize(256 << 20).mebibytes(), 256);
+    }
+
+    #[test]
+    fn bad_sizes_say_why() {
+        assert!(
+            "256xb"
+                .parse::<MemorySize>()
+                .expect_err("invalid")
+                .contains("unknown size unit `xb`")
+        );
+        assert!(
+            "lots"
+                .parse::<MemorySize>()
+                .expect_err("invalid")
+                .contains("not a size")
+        );
+        assert!(
+            "0mb"
+                .parse::<MemorySize>()
+                .expect_err("invalid")
+                .contains("out of range")
+        );
+    }
+}

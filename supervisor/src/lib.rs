@@ -1,0 +1,22 @@
+//! bext: an application server for JavaScript web apps.
+//!
+//! The request path runs one way — [`listener`] → [`server`] (request id,
+//! access log) → [`statics`] → [`proxy`] → [`pool`] — and only [`server`]
+//! knows all of it. [`app`] and [`config`] describe what to run; [`run`] is
+//! the lifecycle of `bext run`. See DESIGN.md for where the cache, router,
+//! rate limiter and control plane slot in.
+
+pub mod access_log;
+pub mod app;
+pub mod body;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod output;
+pub mod pool;
+pub mod proxy;
+pub mod run;
+pub mod server;
+pub mod statics;
+pub mod telemetry;

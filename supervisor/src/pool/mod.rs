@@ -1,0 +1,341 @@
+//! One app's worker pool: a fixed number of slots, each holding at most one
+//! routable worker process, each supervised by its own task.
+//!
+//! The request path only calls [`Pool::acquire`] (least-busy ready worker,
+//! bounded wait) and gets a [`Lease`] that counts the request as in flight
+//! until dropped. Everything else here — launching, readiness, crash restarts
+//! with backoff, the memory watchdog, graceful recycling and stopping — runs
+//! in the supervision tasks ([`supervise`]) and publishes its result by
+//! swapping the slot's current worker. The pool knows nothing about HTTP
+//! beyond owning each worker's upstream connection pool ([`upstream`]).
+
+mod plan;
+mod supervise;
+pub mod upstream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use plan::{ENV_DENO, ENV_NODE, LaunchPlan, PlanError};
+pub use supervise::{PoolHandle, start};
+
+use crate::config::MemorySize;
+
+/// Requests that may wait for a ready worker at once; more get a 503 at once.
+pub const MAX_WAITING: usize = 1024;
+/// How long a stopping worker gets between SIGTERM and SIGKILL.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the memory watchdog reads each worker's RSS.
+pub const WATCHDOG_INTERVAL: Duration = Duration::from_millis(500);
+/// A worker that served this long before crashing restarts without delay.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// First and largest delay between restarts of a crashing worker.
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How to run an app's workers.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub app: String,
+    pub workers: usize,
+    pub plan: LaunchPlan,
+    /// Private directory for sockets and generated entry modules.
+    pub runtime_dir: PathBuf,
+    pub memory_limit: Option<MemorySize>,
+    pub start_timeout: Duration,
+    pub stop_timeout: Duration,
+    /// How long a recycled worker may take to finish its requests.
+    pub drain_timeout: Duration,
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    Starting = 0,
+    Ready = 1,
+    Draining = 2,
+    Stopped = 3,
+}
+
+impl WorkerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => WorkerState::Starting,
+            1 => WorkerState::Ready,
+            2 => WorkerState::Draining,
+            _ => WorkerState::Stopped,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// One running worker process, as the request path sees it.
+#[derive(Debug)]
+pub struct Worker {
+    /// Unique within the pool, across restarts.
+    pub id: u64,
+    /// The slot it occupies (`isolate.workers` slots per app).
+    pub index: usize,
+    pub pid: u32,
+    upstream: upstream::Upstream,
+    inflight: AtomicUsize,
+    state: AtomicU8,
+}
+
+impl Worker {
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn upstream(&self) -> &upstream::Upstream {
+        &self.upstream
+    }
+}
+
+/// A request's claim on a worker; the worker counts it as in flight until
+/// the lease is dropped (after the response body has been sent).
+#[derive(Debug)]
+pub struct Lease {
+    worker: Arc<Worker>,
+}
+
+impl Lease {
+    fn new(worker: Arc<Worker>) -> Self {
+        worker.inflight.fetch_add(1, Ordering::Relaxed);
+        Lease { worker }
+    }
+
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The routable side of an app's workers.
+#[derive(Debug)]
+pub struct Pool {
+    app: Arc<str>,
+    slots: Box<[ArcSwapOption<Worker>]>,
+    /// Woken whenever a worker becomes ready.
+    changed: Notify,
+    next: AtomicUsize,
+    waiting: AtomicUsize,
+    restarts: AtomicU64,
+    /// Launches that never became ready.
+    failed_starts: AtomicU64,
+}
+
+/// A worker as reported by health checks and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub index: usize,
+    pub pid: Option<u32>,
+    pub state: &'static str,
+    pub inflight: usize,
+}
+
+impl Pool {
+    fn new(app: &str, workers: usize) -> Self {
+        Pool {
+            app: app.into(),
+            slots: (0..workers).map(|_| ArcSwapOption::empty()).collect(),
+            changed: Notify::new(),
+            next: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            restarts: AtomicU64::new(0),
+            failed_starts: AtomicU64::new(0),
+        }
+    }
+
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The least-busy ready worker, other than `exclude`, at once.
+    pub fn try_acquire(&self, exclude: Option<u64>) -> Option<Lease> {
+        let n = self.slots.len();
+        // Rotating the starting slot spreads ties.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<Arc<Worker>> = None;
+        for i in 0..n {
+            let guard = self.slots[(start + i) % n].load();
+            let Some(worker) = guard.as_ref() else {
+                continue;
+            };
+            if worker.state() != WorkerState::Ready || Some(worker.id) == exclude {
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_none_or(|b| worker.inflight() < b.inflight())
+            {
+                best = Some(Arc::clone(worker));
+            }
+        }
+        best.map(Lease::new)
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), but waits up to `wait` for a
+    /// worker to become ready. `None` when none did, or when too many
+    /// requests are already waiting ([`MAX_WAITING`]).
+    pub async fn acquire(&self, wait: Duration, exclude: Option<u64>) -> Option<Lease> {
+        if let Some(lease) = self.try_acquire(exclude) {
+            return Some(lease);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let deadline = Instant::now() + wait;
+        let lease = loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.try_acquire(exclude) {
+                break Some(lease);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break None;
+            }
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        lease
+    }
+
+    /// Workers that are ready now.
+    pub fn ready_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.load()
+                    .as_ref()
+                    .is_some_and(|w| w.state() == WorkerState::Ready)
+            })
+            .count()
+    }
+
+    /// Restarts after crashes and recycles, since start.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Vec<WorkerStatus> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| match slot.load().as_ref() {
+                Some(w) => WorkerStatus {
+                    index,
+                    pid: Some(w.pid),
+                    state: w.state().as_str(),
+                    inflight: w.inflight(),
+                },
+                None => WorkerStatus {
+                    index,
+                    pid: None,
+                    state: "stopped",
+                    inflight: 0,
+                },
+            })
+            .collect()
+    }
+
+    /// A launch failed before readiness: wakes whoever waits for startup.
+    fn start_failed(&self) {
+        self.failed_starts.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn publish(&self, index: usize, worker: Option<Arc<Worker>>) {
+        let ready = worker.is_some();
+        self.slots[index].store(worker);
+        if ready {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: u64, index: usize, state: WorkerState) -> Arc<Worker> {
+        Arc::new(Worker {
+            id,
+            index,
+            pid: 1,
+            upstream: upstream::Upstream::new("/nonexistent.sock".into()),
+            inflight: AtomicUsize::new(0),
+            state: AtomicU8::new(state as u8),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_least_busy_ready_worker_wins() {
+        let pool = Pool::new("t", 3);
+        pool.publish(0, Some(worker(10, 0, WorkerState::Ready)));
+        pool.publish(1, Some(worker(11, 1, WorkerState::Ready)));
+        pool.publish(2, Some(worker(12, 2, WorkerState::Draining)));
+        let first = pool.try_acquire(None).expect("a worker");
+        let second = pool.try_acquire(None).expect("a worker");
+        assert_ne!(
+            first.worker().id,
+            second.worker().id,
+            "the idle one is chosen"
+        );
+        let third = pool.try_acquire(Some(10)).expect("a worker");
+        assert_eq!(
+            third.worker().id,
+            11,
+            "exclusion is honoured, draining is skipped"
+        );
+        drop((first, second, third));
+        assert_eq!(pool.ready_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn acquire_waits_for_readiness_then_gives_up() {
+        let pool = Arc::new(Pool::new("t", 1));
+        assert!(
+            pool.acquire(Duration::from_millis(20), None)
+                .await
+                .is_none()
+        );
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), None).await })
+        };
+        tokio::task::yield_now().await;
+        pool.publish(0, Some(worker(1, 0, WorkerState::Ready)));
+        let lease = waiter.await.expect("join").expect("woken by readiness");
+        assert_eq!(lease.worker().id, 1);
+    }
+}

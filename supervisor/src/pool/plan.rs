@@ -1,0 +1,268 @@
+//! Turning an app's start command into a worker launch: which binary, which
+//! arguments, which environment, and how the runtime adapter gets in.
+
+use std::ffi::OsString;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+
+use bext_worker::LaunchSpec;
+use bext_worker::adapter::{self, Adapters, ENV_LISTEN_FD, ENV_READY_TOKEN};
+
+use crate::app::Start;
+use crate::config::MemorySize;
+
+/// Environment variable naming the `node` binary (default: `node` on PATH).
+pub const ENV_NODE: &str = "BEXT_NODE";
+/// Environment variable naming the `deno` binary (default: `deno` on PATH).
+pub const ENV_DENO: &str = "BEXT_DENO";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("could not find `{binary}` on PATH (set {env} to its path): {source}")]
+    NoBinary {
+        binary: &'static str,
+        env: &'static str,
+        source: which::Error,
+    },
+}
+
+/// How every worker of one app is launched.
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    kind: Kind,
+    cwd: PathBuf,
+    adapters: Adapters,
+    memory_limit: Option<MemorySize>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Node {
+        node: PathBuf,
+        node_args: Vec<String>,
+        script: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    },
+    Shell {
+        command: String,
+    },
+    Deno {
+        deno: PathBuf,
+        flags: Vec<String>,
+        entry: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+impl LaunchPlan {
+    pub fn new(
+        start: &Start,
+        cwd: &Path,
+        adapters: Adapters,
+        memory_limit: Option<MemorySize>,
+    ) -> Result<Self, PlanError> {
+        let kind = match start.clone() {
+            Start::Node {
+                script,
+                node_args,
+                args,
+                env,
+            } => Kind::Node {
+                node: find_binary("node", ENV_NODE)?,
+                node_args,
+                script,
+                args,
+                env,
+            },
+            Start::Shell { command } => Kind::Shell { command },
+            Start::Deno { entry, flags, args } => Kind::Deno {
+                deno: find_binary("deno", ENV_DENO)?,
+                flags,
+                entry,
+                args,
+            },
+        };
+        Ok(LaunchPlan {
+            kind,
+            cwd: cwd.to_path_buf(),
+            adapters,
+            memory_limit,
+        })
+    }
+
+    /// Whether workers get the listening socket as a descriptor (Node) or
+    /// bind the path themselves (Deno).
+    pub fn inherits_socket(&self) -> bool {
+        !matches!(self.kind, Kind::Deno { .. })
+    }
+
+    /// The command line, for the log.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Node { script, args, .. } => {
+                let mut s = format!("node {}", script.display());
+                for a in args {
+                    s.push(' ');
+                    s.push_str(a);
+                }
+                s
+            }
+            Kind::Shell { command } => command.clone(),
+            Kind::Deno { flags, entry, .. } => {
+                format!("deno run {} {}", flags.join(" "), entry.display())
+            }
+        }
+    }
+
+    /// The launch of one worker.
+    pub(super) fn spec<'a>(
+        &self,
+        socket: &Path,
+        listen_fd: Option<BorrowedFd<'a>>,
+        token: &str,
+        labels: (&str, usize),
+    ) -> std::io::Result<LaunchSpec<'a>> {
+        let (app, index) = labels;
+        let mut env: Vec<(OsString, OsString)> = vec![
+            (ENV_READY_TOKEN.into(), token.into()),
+            ("BEXT_APP".into(), app.into()),
+            ("BEXT_WORKER".into(), index.to_string().into()),
+        ];
+        if std::env::var_os("NODE_ENV").is_none() {
+            env.push(("NODE_ENV".into(), "production".into()));
+        }
+        let (program, args) = match &self.kind {
+            Kind::Node { .. } | Kind::Shell { .. } => {
+                env.push((
+                    ENV_LISTEN_FD.into(),
+                    bext_worker::LISTEN_FD.to_string().into(),
+                ));
+                env.push(("NODE_OPTIONS".into(), self.node_options().into()));
+                match &self.kind {
+                    Kind::Node {
+                        node,
+                        node_args,
+                        script,
+                        args,
+                        env: extra,
+                    } => {
+                        env.extend(extra.iter().map(|(k, v)| (k.into(), v.into())));
+                        let mut argv: Vec<OsString> = node_args.iter().map(Into::into).collect();
+                        argv.push(script.into());
+                        argv.extend(args.iter().map(Into::into));
+                        (node.clone(), argv)
+                    }
+                    Kind::Shell { command } => (
+                        PathBuf::from("/bin/sh"),
+                        vec!["-c".into(), format!("exec {command}").into()],
+                    ),
+                    Kind::Deno { .. } => unreachable!("matched above"),
+                }
+            }
+            Kind::Deno {
+                deno,
+                flags,
+                entry,
+                args,
+            } => {
+                let mut argv: Vec<OsString> = vec!["run".into()];
+                argv.extend(deno_flags(flags, socket).into_iter().map(Into::into));
+                argv.push("--preload".into());
+                argv.push(adapter::deno_preload_url(&self.adapters, socket, token).into());
+                if let Some(limit) = self.memory_limit {
+                    argv.push(
+                        format!("--v8-flags=--max-old-space-size={}", limit.mebibytes()).into(),
+                    );
+                }
+                argv.push(entry.into());
+                argv.extend(args.iter().map(Into::into));
+                (deno.clone(), argv)
+            }
+        };
+        Ok(LaunchSpec {
+            program,
+            args,
+            cwd: self.cwd.clone(),
+            env,
+            listen_fd,
+        })
+    }
+
+    /// The adapter preload, the heap limit, and whatever NODE_OPTIONS the
+    /// supervisor was given.
+    fn node_options(&self) -> String {
+        let mut options = format!("--require \"{}\"", self.adapters.node.display());
+        if let Some(limit) = self.memory_limit {
+            options.push_str(&format!(" --max-old-space-size={}", limit.mebibytes()));
+        }
+        if let Some(existing) = std::env::var_os("NODE_OPTIONS") {
+            options.push(' ');
+            options.push_str(&existing.to_string_lossy());
+        }
+        options
+    }
+}
+
+/// The app's own Deno flags plus what serving on `socket` needs: read,
+/// write and `unix:` net access to that exact path. Scoped grants add up
+/// across repeated flags, but a scoped flag next to an unrestricted one
+/// would *narrow* it, so nothing is added where the app already has the
+/// unrestricted permission (or `-A`).
+fn deno_flags(flags: &[String], socket: &Path) -> Vec<String> {
+    let has = |names: &[&str]| flags.iter().any(|f| names.contains(&f.as_str()));
+    if has(&["-A", "--allow-all"]) {
+        return flags.to_vec();
+    }
+    let socket = socket.display();
+    let mut out = flags.to_vec();
+    for (long, short, grant) in [
+        ("--allow-read", "-R", socket.to_string()),
+        ("--allow-write", "-W", socket.to_string()),
+        ("--allow-net", "-N", format!("unix:{socket}")),
+    ] {
+        if !has(&[long, short]) {
+            out.push(format!("{long}={grant}"));
+        }
+    }
+    out
+}
+
+fn find_binary(binary: &'static str, env: &'static str) -> Result<PathBuf, PlanError> {
+    if let Some(path) = std::env::var_os(env) {
+        return Ok(PathBuf::from(path));
+    }
+    which::which(binary).map_err(|source| PlanError::NoBinary {
+        binary,
+        env,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deno_socket_permissions_merge_into_the_apps_own() {
+        let sock = Path::new("/run/b/w.sock");
+        assert_eq!(
+            deno_flags(&["--allow-net".into()], sock),
+            [
+                "--allow-net",
+                "--allow-read=/run/b/w.sock",
+                "--allow-write=/run/b/w.sock"
+            ]
+        );
+        assert_eq!(
+            deno_flags(&["--allow-net=0.0.0.0:8000".into(), "-W".into()], sock),
+            [
+                "--allow-net=0.0.0.0:8000",
+                "-W",
+                "--allow-read=/run/b/w.sock",
+                "--allow-net=unix:/run/b/w.sock"
+            ]
+        );
+        assert_eq!(deno_flags(&["-A".into()], sock), ["-A"]);
+    }
+}

@@ -1,0 +1,503 @@
+//! Supervision: one task per slot that launches its worker, waits for the
+//! readiness token, publishes the worker to the pool, restarts it with
+//! exponential backoff when it dies, recycles it when it outgrows its memory
+//! limit (replacement first, then drain), and stops it on shutdown.
+//!
+//! Sockets belong to the slot, not to the process: a crashed worker's
+//! replacement inherits the same listening socket, so connections queued in
+//! its backlog are served rather than refused. A recycled worker's
+//! replacement gets a fresh socket so the old one can drain on its own.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span, error, info, info_span, warn};
+
+use super::{
+    Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER, WATCHDOG_INTERVAL,
+    Worker, WorkerState, upstream::Upstream,
+};
+use crate::app::build::describe;
+use crate::output;
+
+/// A running pool and the means to stop it.
+#[derive(Debug)]
+pub struct PoolHandle {
+    pub pool: Arc<Pool>,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl PoolHandle {
+    /// Waits until every slot has a ready worker, or as many launches as
+    /// there are slots have failed (a crashing app should not hold up the
+    /// listener: it gets 503s while restarts continue), or `timeout`.
+    /// Returns how many are ready.
+    pub async fn wait_ready(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let slots = self.pool.slots.len();
+        loop {
+            let notified = self.pool.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ready = self.pool.ready_count();
+            let failed = self.pool.failed_starts.load(Ordering::Relaxed) as usize;
+            if ready == slots || ready + failed >= slots {
+                return ready;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.pool.ready_count();
+            }
+        }
+    }
+
+    /// Stops every worker (SIGTERM, then SIGKILL after the stop timeout, or
+    /// at once once `kill` is cancelled) and waits for the supervision tasks
+    /// to finish.
+    pub async fn stop(self, kill: &CancellationToken) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        tokio::select! {
+            _ = self.tasks.wait() => {}
+            _ = kill.cancelled() => {
+                self.kill.cancel();
+                self.tasks.wait().await;
+            }
+        }
+    }
+}
+
+/// Starts supervising `config.workers` workers. Must run inside the Tokio
+/// runtime; each worker is forked from a runtime thread (see
+/// [`bext_worker::spawn`]).
+pub fn start(config: PoolConfig) -> PoolHandle {
+    let pool = Arc::new(Pool::new(&config.app, config.workers));
+    let config = Arc::new(config);
+    let shutdown = CancellationToken::new();
+    let kill = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    log_memory_mechanism(&config);
+    for index in 0..config.workers {
+        let slot = Slot {
+            pool: Arc::clone(&pool),
+            config: Arc::clone(&config),
+            index,
+            shutdown: shutdown.clone(),
+            kill: kill.clone(),
+            tasks: tasks.clone(),
+            generation: 0,
+        };
+        tasks.spawn(slot.run());
+    }
+    PoolHandle {
+        pool,
+        shutdown,
+        kill,
+        tasks,
+    }
+}
+
+fn log_memory_mechanism(config: &PoolConfig) {
+    match config.memory_limit {
+        Some(limit) => info!(
+            app = %config.app,
+            memory_limit = %limit,
+            "memory limit enforced by the runtime heap flag (--max-old-space-size={}) \
+             and the RSS watchdog (every {:?}); cgroups are not used in single-app mode",
+            limit.mebibytes(),
+            WATCHDOG_INTERVAL,
+        ),
+        None => info!(app = %config.app, "no memory limit set ([isolate] memory_limit)"),
+    }
+}
+
+/// A listening socket owned by the supervisor. Dropping it removes the file.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    /// `None` when the runtime binds the path itself (Deno).
+    listener: Option<UnixListener>,
+}
+
+impl SocketFile {
+    fn create(config: &PoolConfig, index: usize, generation: u64) -> std::io::Result<Self> {
+        let path = config
+            .runtime_dir
+            .join(format!("w{index}.{generation}.sock"));
+        let listener = if config.plan.inherits_socket() {
+            Some(bext_worker::socket::bind(&path)?)
+        } else {
+            None
+        };
+        Ok(SocketFile { path, listener })
+    }
+
+    /// Before each launch: a runtime that binds the path itself needs it
+    /// free (a killed Deno leaves its socket file behind).
+    fn prepare(&self) -> std::io::Result<()> {
+        match self.listener {
+            Some(_) => Ok(()),
+            None => bext_worker::socket::remove_stale(&self.path),
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = bext_worker::socket::remove_stale(&self.path);
+    }
+}
+
+/// A launched worker process.
+struct Instance {
+    worker: Arc<Worker>,
+    child: Child,
+    pgid: Pid,
+    ready: Option<oneshot::Receiver<()>>,
+    span: Span,
+}
+
+enum Startup {
+    Ready,
+    Exited(ExitStatus),
+    TimedOut,
+    Shutdown,
+}
+
+struct Slot {
+    pool: Arc<Pool>,
+    config: Arc<PoolConfig>,
+    index: usize,
+    shutdown: CancellationToken,
+    /// Cancelled when stopping may not wait for SIGTERM to work.
+    kill: CancellationToken,
+    tasks: TaskTracker,
+    generation: u64,
+}
+
+static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Slot {
+    async fn run(mut self) {
+        let span = info_span!("slot", app = %self.config.app, w = self.index);
+        async move {
+            let mut socket = match SocketFile::create(&self.config, self.index, self.generation) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    error!("could not create the worker socket: {e}");
+                    return;
+                }
+            };
+            let mut backoff = new_backoff();
+            'launch: while !self.shutdown.is_cancelled() {
+                let mut instance = match self.launch(&socket) {
+                    Ok(instance) => instance,
+                    Err(e) => {
+                        error!("could not launch the worker: {e}");
+                        self.pool.start_failed();
+                        if !self.pause(backoff.next()).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                match self.wait_ready(&mut instance).await {
+                    Startup::Ready => {}
+                    Startup::Exited(status) => {
+                        error!(parent: &instance.span, "worker exited before it was ready ({})", describe(status));
+                        kill_group(instance.pgid, Signal::SIGKILL);
+                        self.pool.start_failed();
+                        if !self.pause(backoff.next()).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Startup::TimedOut => {
+                        error!(
+                            parent: &instance.span,
+                            "worker did not start listening within {:?}; is the app's HTTP server started with listen()?",
+                            self.config.start_timeout
+                        );
+                        self.stop(instance).await;
+                        self.pool.start_failed();
+                        if !self.pause(backoff.next()).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Startup::Shutdown => {
+                        self.stop(instance).await;
+                        break;
+                    }
+                }
+
+                instance.worker.set_state(WorkerState::Ready);
+                self.pool.publish(self.index, Some(Arc::clone(&instance.worker)));
+                info!(parent: &instance.span, "worker ready");
+                let mut up_since = Instant::now();
+                let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+                watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+
+                loop {
+                    tokio::select! {
+                        status = instance.child.wait() => {
+                            self.pool.publish(self.index, None);
+                            instance.worker.set_state(WorkerState::Stopped);
+                            // The app's own children must not keep serving
+                            // on the slot's socket.
+                            kill_group(instance.pgid, Signal::SIGKILL);
+                            let status = status.map_or_else(|e| e.to_string(), describe);
+                            self.pool.restarts.fetch_add(1, Ordering::Relaxed);
+                            if up_since.elapsed() >= STABLE_AFTER {
+                                backoff = new_backoff();
+                            }
+                            let delay = backoff.next().unwrap_or(RESTART_BACKOFF_MAX);
+                            warn!(parent: &instance.span, "worker exited ({status}); restarting in {delay:?}");
+                            if !self.pause(Some(delay)).await {
+                                break 'launch;
+                            }
+                            continue 'launch;
+                        }
+                        _ = watchdog.tick(), if self.config.memory_limit.is_some() => {
+                            let limit = self.config.memory_limit.map_or(u64::MAX, |l| l.bytes());
+                            let Some(rss) = rss_bytes(instance.worker.pid) else { continue };
+                            if rss <= limit {
+                                continue;
+                            }
+                            warn!(
+                                parent: &instance.span,
+                                rss_mb = rss >> 20,
+                                limit_mb = limit >> 20,
+                                mechanism = "rss-watchdog",
+                                "worker is over its memory limit; recycling it (replacement first, then drain)"
+                            );
+                            instance = self.recycle(&mut socket, instance).await;
+                            up_since = Instant::now();
+                        }
+                        _ = self.shutdown.cancelled() => {
+                            self.pool.publish(self.index, None);
+                            self.stop(instance).await;
+                            break 'launch;
+                        }
+                    }
+                }
+            }
+            drop(socket);
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn launch(
+        &self,
+        socket: &SocketFile,
+    ) -> Result<Instance, Box<dyn std::error::Error + Send + Sync>> {
+        socket.prepare()?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let spec = self.config.plan.spec(
+            &socket.path,
+            socket.listener.as_ref().map(|l| l.as_fd()),
+            &token,
+            (&self.config.app, self.index),
+        )?;
+        let mut child = bext_worker::spawn(&spec)?;
+        let pid = child.id().ok_or("the worker exited at once")?;
+        let worker = Arc::new(Worker {
+            id: NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed),
+            index: self.index,
+            pid,
+            upstream: Upstream::new(socket.path.clone()),
+            inflight: AtomicUsize::new(0),
+            state: AtomicU8::new(WorkerState::Starting as u8),
+        });
+        let span = info_span!("worker", app = %self.config.app, w = self.index, pid);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let _enter = span.enter();
+        info!("worker starting: {}", self.config.plan.describe());
+        if let Some(stdout) = child.stdout.take() {
+            let mut ready_tx = Some(ready_tx);
+            output::forward(stdout, move |line| {
+                if line.contains(&token) {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                } else {
+                    info!(target: "bext::app", stream = "stdout", "{line}");
+                }
+            });
+        }
+        if let Some(stderr) = child.stderr.take() {
+            output::forward(
+                stderr,
+                |line| info!(target: "bext::app", stream = "stderr", "{line}"),
+            );
+        }
+        drop(_enter);
+        Ok(Instance {
+            worker,
+            child,
+            pgid: Pid::from_raw(pid as i32),
+            ready: Some(ready_rx),
+            span,
+        })
+    }
+
+    async fn wait_ready(&self, instance: &mut Instance) -> Startup {
+        let deadline = Instant::now() + self.config.start_timeout;
+        loop {
+            let ready = async {
+                match instance.ready.as_mut() {
+                    Some(rx) => rx.await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ok = ready => {
+                    if ok {
+                        return Startup::Ready;
+                    }
+                    // stdout closed without the token: wait for the exit.
+                    instance.ready = None;
+                }
+                status = instance.child.wait() => {
+                    return match status {
+                        Ok(status) => Startup::Exited(status),
+                        Err(_) => Startup::TimedOut,
+                    };
+                }
+                _ = tokio::time::sleep_until(deadline) => return Startup::TimedOut,
+                _ = self.shutdown.cancelled() => return Startup::Shutdown,
+            }
+        }
+    }
+
+    /// Starts a replacement on a fresh socket; once it is ready, routes to it
+    /// and drains and stops `old` in the background. Keeps `old` if the
+    /// replacement fails.
+    async fn recycle(&mut self, socket: &mut SocketFile, old: Instance) -> Instance {
+        self.generation += 1;
+        let fresh = match SocketFile::create(&self.config, self.index, self.generation) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                error!("could not create a socket for the replacement worker: {e}");
+                return old;
+            }
+        };
+        let mut new = match self.launch(&fresh) {
+            Ok(new) => new,
+            Err(e) => {
+                error!("could not launch the replacement worker: {e}");
+                return old;
+            }
+        };
+        match self.wait_ready(&mut new).await {
+            Startup::Ready => {}
+            _ => {
+                error!(parent: &new.span, "the replacement worker did not become ready; keeping the old one");
+                self.stop(new).await;
+                return old;
+            }
+        }
+        new.worker.set_state(WorkerState::Ready);
+        self.pool.publish(self.index, Some(Arc::clone(&new.worker)));
+        self.pool.restarts.fetch_add(1, Ordering::Relaxed);
+        info!(parent: &new.span, "replacement worker ready; draining pid {}", old.worker.pid);
+        old.worker.set_state(WorkerState::Draining);
+        let old_socket = std::mem::replace(socket, fresh);
+        let drain_timeout = self.config.drain_timeout;
+        let stop_timeout = self.config.stop_timeout;
+        let kill = self.kill.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(
+            async move {
+                let deadline = Instant::now() + drain_timeout;
+                while old.worker.inflight() > 0
+                    && Instant::now() < deadline
+                    && !shutdown.is_cancelled()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                stop_instance(old, stop_timeout, &kill).await;
+                drop(old_socket);
+            }
+            .in_current_span(),
+        );
+        new
+    }
+
+    async fn stop(&self, instance: Instance) {
+        stop_instance(instance, self.config.stop_timeout, &self.kill).await;
+    }
+
+    /// Sleeps for `delay`; false if shutdown came first.
+    async fn pause(&self, delay: Option<Duration>) -> bool {
+        let delay = delay.unwrap_or(RESTART_BACKOFF_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// SIGTERM to the worker's process group; SIGKILL if it is still there after
+/// `timeout`; then SIGKILL to whatever is left of the group.
+async fn stop_instance(mut instance: Instance, timeout: Duration, kill: &CancellationToken) {
+    let span = instance.span.clone();
+    async move {
+        instance.worker.set_state(WorkerState::Stopped);
+        kill_group(instance.pgid, Signal::SIGTERM);
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(timeout, instance.child.wait()) => waited.ok(),
+            _ = kill.cancelled() => None,
+        };
+        match waited {
+            Some(Ok(status)) => info!("worker stopped ({})", describe(status)),
+            Some(Err(e)) => warn!("could not wait for the worker: {e}"),
+            None => {
+                warn!("worker did not stop within {timeout:?} of SIGTERM (or was told to hurry); killing it");
+                kill_group(instance.pgid, Signal::SIGKILL);
+                let _ = instance.child.wait().await;
+            }
+        }
+        kill_group(instance.pgid, Signal::SIGKILL);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn kill_group(pgid: Pid, signal: Signal) {
+    // ESRCH: the group is already gone, which is the goal.
+    let _ = killpg(pgid, signal);
+}
+
+fn new_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(RESTART_BACKOFF_MIN)
+        .with_max_delay(RESTART_BACKOFF_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Resident set size of `pid`, from /proc.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * page_size as u64)
+}

@@ -1,0 +1,221 @@
+//! Pooled HTTP/1.1 keep-alive connections to one worker's Unix socket.
+//!
+//! A small pool of `hyper::client::conn::http1` senders rather than
+//! `hyper_util`'s general-purpose client: there is exactly one destination
+//! per pool, so none of its per-request key hashing, lazy connectors or
+//! checkout futures are needed (measured: about a microsecond of CPU per
+//! proxied request on this machine, see bench/RESULTS.md). Each connection
+//! is driven by its own task, which notices a worker closing an idle
+//! connection; a sender returns to the pool only once its response body has
+//! been read to the end.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use crate::body::{Body, BoxError};
+
+/// Idle upstream connections older than this are not reused: Node closes
+/// idle connections after its `keepAliveTimeout` (5 s by default).
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Idle connections kept per worker.
+pub const UPSTREAM_MAX_IDLE: usize = 256;
+
+/// Why a request could not be sent to the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not start HTTP on {}: {source}", path.display())]
+    Handshake { path: PathBuf, source: hyper::Error },
+    /// The request failed before a response head arrived.
+    #[error("the connection failed before a response: {0}")]
+    Send(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// The worker surely never saw the request.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// The connection pool for one worker.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Upstream {
+    pub fn new(path: PathBuf) -> Self {
+        Upstream {
+            inner: Arc::new(Inner {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Sends `req` on a pooled (or new) connection; resolves with the
+    /// response head.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut sender = loop {
+            match self.checkout() {
+                // A connection whose last response just ended may need a
+                // moment to become ready; a closed one errors at once.
+                Some(mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        break sender;
+                    }
+                }
+                None => break self.connect().await?,
+            }
+        };
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Send)?;
+        // An upgraded connection belongs to the tunnel (the upgrade handle
+        // stays in the response's extensions).
+        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        let (parts, body) = response.into_parts();
+        let mut body = UpstreamBody {
+            body,
+            sender: reusable.then_some(sender),
+            pool: Arc::clone(&self.inner),
+        };
+        if http_body::Body::is_end_stream(&body.body)
+            && let Some(sender) = body.sender.take()
+        {
+            // Nothing to read (204, 304, empty): reusable now.
+            self.inner.checkin(sender);
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// An idle connection that is still open and fresh, if any.
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        let path = &self.inner.path;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                path: path.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Inner {
+    fn checkin(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < UPSTREAM_MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A worker's response body; gives its connection back to the pool once
+    /// read to the end (a body dropped half-way closes the connection).
+    #[derive(Debug)]
+    pub struct UpstreamBody {
+        #[pin]
+        body: Incoming,
+        sender: Option<SendRequest<Body>>,
+        pool: Arc<Inner>,
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.body.as_mut().poll_frame(cx);
+        let finished = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => http_body::Body::is_end_stream(&*this.body),
+            Poll::Ready(Some(Err(_))) => {
+                this.sender.take();
+                false
+            }
+            Poll::Pending => false,
+        };
+        if finished && let Some(sender) = this.sender.take() {
+            this.pool.checkin(sender);
+        }
+        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

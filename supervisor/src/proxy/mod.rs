@@ -1,0 +1,198 @@
+//! Forwarding a request to one of the app's workers and streaming the answer
+//! back: request and response bodies are never buffered (SSE and large
+//! uploads flow through), WebSocket upgrades become a byte tunnel, and a
+//! bodiless idempotent request that met a dead worker is retried once on
+//! another one, as nginx's `proxy_next_upstream` does.
+//!
+//! Talks to [`crate::pool`] only; knows nothing of static files or caching.
+
+mod error;
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+pub use error::ProxyError;
+
+use crate::body::{self, Body, WithGuard};
+use crate::pool::upstream::UpstreamBody;
+use crate::pool::{Lease, Pool};
+
+/// Attempts per request: the first worker, then one other.
+const MAX_ATTEMPTS: usize = 2;
+
+/// Who is asking, as the proxy needs to tell the worker.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub scheme: &'static str,
+    pub request_id: String,
+}
+
+/// Forwards requests to one app's workers.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pool: Arc<Pool>,
+    upstream_timeout: Duration,
+    queue_timeout: Duration,
+}
+
+/// A worker's answer, and which worker gave it.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub response: Response<Body>,
+    pub worker: usize,
+}
+
+impl Proxy {
+    pub fn new(pool: Arc<Pool>, upstream_timeout: Duration, queue_timeout: Duration) -> Self {
+        Proxy {
+            pool,
+            upstream_timeout,
+            queue_timeout,
+        }
+    }
+
+    /// Sends `req` to the least-busy ready worker.
+    pub async fn forward(
+        &self,
+        mut req: Request<Body>,
+        client: &ClientInfo,
+    ) -> Result<Forwarded, ProxyError> {
+        let upgrade =
+            headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+
+        // The worker sees an HTTP/1.1 request with the client's Host.
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::set_forwarded(
+            &mut parts.headers,
+            client.peer,
+            client.scheme,
+            host.as_deref(),
+            &client.request_id,
+        );
+        if let Some(host) = host
+            .as_deref()
+            .and_then(|h| http::HeaderValue::from_str(h).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        // Origin-form (`/path?query`), as a server expects from a client;
+        // the bytes are shared with the client's request, not copied.
+        let uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let retry_allowed =
+            http_body::Body::is_end_stream(&body) && is_idempotent(&parts.method) && !upgrade;
+
+        let mut body = Some(body);
+        let mut exclude = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let lease = self
+                .pool
+                .acquire(self.queue_timeout, exclude)
+                .await
+                .ok_or(ProxyError::NoReadyWorker(self.queue_timeout))?;
+            let worker = lease.worker().index;
+            let mut upstream = Request::new(body.take().unwrap_or_else(body::empty));
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri.clone();
+            *upstream.version_mut() = Version::HTTP_11;
+            *upstream.headers_mut() = parts.headers.clone();
+
+            let sent = tokio::time::timeout(
+                self.upstream_timeout,
+                lease.worker().upstream().send(upstream),
+            )
+            .await;
+            let error = match sent {
+                Err(_) => ProxyError::Timeout {
+                    worker,
+                    timeout: self.upstream_timeout,
+                },
+                Ok(Ok(response)) => {
+                    return Ok(Forwarded {
+                        response: finish(response, lease, client_upgrade),
+                        worker,
+                    });
+                }
+                Ok(Err(e)) => ProxyError::from_upstream(worker, e),
+            };
+            if retry_allowed && error.retryable() && attempt < MAX_ATTEMPTS {
+                warn!(request_id = %client.request_id, "{error}; retrying on another worker");
+                exclude = Some(lease.worker().id);
+                continue;
+            }
+            return Err(error);
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Cleans the worker's response and ties the lease to its body (or, for an
+/// accepted upgrade, to the tunnel).
+fn finish(
+    mut response: Response<UpstreamBody>,
+    lease: Lease,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(
+        response.headers_mut(),
+        switching && client_upgrade.is_some(),
+    );
+    if switching && let Some(client_upgrade) = client_upgrade {
+        let worker_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, worker_upgrade, lease));
+        return response.map(|_| body::empty());
+    }
+    response.map(|upstream| body::boxed(WithGuard::new(upstream, lease)))
+}
+
+/// Copies bytes both ways between the upgraded client and worker
+/// connections until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    worker: hyper::upgrade::OnUpgrade,
+    lease: Lease,
+) {
+    let (client, worker) = match tokio::try_join!(client, worker) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut worker = TokioIo::new(worker);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut worker).await {
+        debug!("tunnel closed: {e}");
+    }
+    drop(lease);
+}

@@ -1,0 +1,247 @@
+//! One file's HTTP representation: content type, validators (ETag,
+//! Last-Modified) and 304s, single byte ranges, HEAD, precompressed `.br` /
+//! `.gz` siblings, and how long clients may cache it.
+
+use std::io::{Seek, SeekFrom};
+use std::os::fd::OwnedFd;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
+
+use super::lookup::{FileEntry, Variant, open_beneath};
+use crate::body::{self, Body};
+
+/// Chunk size when streaming a large file.
+const STREAM_CHUNK: usize = 64 * 1024;
+/// Cache lifetime of content-hashed assets: a year, never revalidated.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Everything else: cacheable, but revalidated (cheap: a 304).
+const REVALIDATE: &str = "public, max-age=0, must-revalidate";
+
+/// Builds the response for a file found at `rel` under `dir`.
+pub(super) fn respond<B>(
+    req: &Request<B>,
+    dir: &OwnedFd,
+    rel: &[u8],
+    entry: &FileEntry,
+    immutable: bool,
+) -> Response<Body> {
+    // A precompressed sibling the client accepts replaces the file's bytes;
+    // the response varies on Accept-Encoding whenever a sibling exists.
+    let accepted = req
+        .headers()
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let chosen = entry.variants[1..]
+        .iter()
+        .find(|v| accepted.is_some_and(|a| v.encoding.is_some_and(|e| accepts(a, e))))
+        .unwrap_or(&entry.variants[0]);
+
+    let mut headers = HeaderMap::with_capacity(10);
+    headers.insert(header::CONTENT_TYPE, entry.content_type.clone());
+    headers.insert(header::ETAG, chosen.etag.clone());
+    headers.insert(header::LAST_MODIFIED, chosen.last_modified.clone());
+    let lifetime = if immutable || looks_hashed(rel) {
+        IMMUTABLE
+    } else {
+        REVALIDATE
+    };
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(lifetime));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Some(encoding) = chosen.encoding {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+    }
+    if entry.variants.len() > 1 {
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+
+    let etag = chosen.etag.to_str().unwrap_or("");
+    if not_modified(req.headers(), etag, chosen.modified) {
+        headers.remove(header::CONTENT_TYPE);
+        return build(StatusCode::NOT_MODIFIED, headers, body::empty());
+    }
+
+    let len = chosen.len;
+    let (status, start, count) = match requested_range(req.headers(), etag, chosen.modified, len) {
+        RangeAnswer::Full => (StatusCode::OK, 0, len),
+        RangeAnswer::Partial(start, end) => {
+            headers.insert(
+                header::CONTENT_RANGE,
+                value(&format!("bytes {start}-{end}/{len}")),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_RANGE, value(&format!("bytes */{len}")));
+            return build(StatusCode::RANGE_NOT_SATISFIABLE, h, body::empty());
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    if req.method() == Method::HEAD {
+        return build(status, headers, body::empty());
+    }
+    match read_body(dir, chosen, start, count) {
+        Ok(body) => build(status, headers, body),
+        Err(e) => {
+            tracing::warn!(file = %String::from_utf8_lossy(&chosen.rel), "could not read static file: {e}");
+            super::plain(StatusCode::INTERNAL_SERVER_ERROR, "could not read file\n")
+        }
+    }
+}
+
+fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Kept bytes are sliced (no copy); large files stream in chunks without
+/// being held in memory.
+fn read_body(dir: &OwnedFd, variant: &Variant, start: u64, count: u64) -> std::io::Result<Body> {
+    if let Some(bytes) = &variant.bytes {
+        return Ok(body::full(
+            bytes.slice(start as usize..(start + count) as usize),
+        ));
+    }
+    let (mut file, meta) =
+        open_beneath(dir, &variant.rel).ok_or_else(|| std::io::Error::other("the file is gone"))?;
+    if meta.len() < start + count {
+        return Err(std::io::Error::other("the file shrank"));
+    }
+    file.seek(SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(count);
+    let frames =
+        ReaderStream::with_capacity(reader, STREAM_CHUNK).map(|chunk| chunk.map(Frame::data));
+    Ok(body::boxed(StreamBody::new(frames)))
+}
+
+/// RFC 9110 §13.2.2: If-None-Match wins over If-Modified-Since.
+fn not_modified(headers: &HeaderMap, etag: &str, modified: SystemTime) -> bool {
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        return inm
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || weak_eq(tag, etag));
+    }
+    if let Some(since) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        return truncate_to_seconds(modified) <= since;
+    }
+    false
+}
+
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+fn truncate_to_seconds(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+enum RangeAnswer {
+    Full,
+    /// Inclusive byte positions.
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+/// One byte range, honoured when If-Range (if any) still matches. Several
+/// ranges are answered with the whole file, which RFC 9110 allows.
+fn requested_range(headers: &HeaderMap, etag: &str, modified: SystemTime, len: u64) -> RangeAnswer {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeAnswer::Full;
+    };
+    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let still_valid = if if_range.starts_with('"') {
+            if_range == etag
+        } else {
+            httpdate::parse_http_date(if_range).is_ok_and(|d| d == truncate_to_seconds(modified))
+        };
+        if !still_valid {
+            return RangeAnswer::Full;
+        }
+    }
+    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+        return RangeAnswer::Full; // unparseable: ignore, as RFC 9110 allows
+    };
+    match parsed.validate(len) {
+        Ok(ranges) if ranges.len() == 1 => {
+            RangeAnswer::Partial(*ranges[0].start(), *ranges[0].end())
+        }
+        Ok(_) => RangeAnswer::Full,
+        Err(_) => RangeAnswer::Unsatisfiable,
+    }
+}
+
+/// Does `accept_encoding` accept `coding` with a non-zero q?
+fn accepts(accept_encoding: &str, coding: &str) -> bool {
+    accept_encoding.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let q = parts
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .and_then(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        name.eq_ignore_ascii_case(coding) && q > 0.0
+    })
+}
+
+/// A file name with a content hash in it (`app.3f9a1c2b.js`,
+/// `index-BnK3x9aZ.js`): a dot- or dash-separated part of at least 8
+/// alphanumeric characters mixing letters and digits.
+fn looks_hashed(rel: &[u8]) -> bool {
+    let path = String::from_utf8_lossy(rel);
+    let name = path.rsplit('/').next().unwrap_or(&path);
+    let stem = name.split_once('.').map_or(name, |(stem, _)| stem);
+    let parts = name.split('.').skip(1).chain(stem.split('-').skip(1));
+    parts.into_iter().any(|part| {
+        part.len() >= 8
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && part.chars().any(|c| c.is_ascii_digit())
+            && part.chars().any(|c| c.is_ascii_alphabetic())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashed_names_are_recognised() {
+        assert!(looks_hashed(b"assets/app.3f9a1c2b.js"));
+        assert!(looks_hashed(b"index-BnK3x9aZ.js"));
+        assert!(!looks_hashed(b"jquery-3.7.1.min.js"));
+        assert!(!looks_hashed(b"logo-final.png"));
+        assert!(!looks_hashed(b"background-20240101.png"));
+    }
+
+    #[test]
+    fn accept_encoding_honours_q_zero() {
+        assert!(accepts("gzip, deflate, br", "br"));
+        assert!(accepts("br;q=0.5", "br"));
+        assert!(!accepts("br;q=0, gzip", "br"));
+        assert!(!accepts("gzip", "br"));
+    }
+}

@@ -1,0 +1,217 @@
+//! Static files, served by the supervisor without a worker hop.
+//!
+//! Owns: mapping a request path onto a mount (`public/` at `/`, Next's
+//! `.next/static` at `/_next/static/`, or a whole static site), finding the
+//! file without ever leaving the mount ([`lookup`], cached for a second), and
+//! answering with the right representation ([`file`]). It never calls a
+//! worker: a miss is [`Outcome::Pass`] and the caller decides.
+//!
+//! Not `tower-http`'s `ServeDir`: it has no ETag / If-None-Match, follows
+//! symlinks out of the root, and opens every file on every request.
+
+mod file;
+pub mod lookup;
+pub mod path;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
+use crate::app::Mount;
+use crate::body::{self, Body};
+use lookup::{Lookup, LookupCache};
+
+/// What the static layer did with a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answered from disk (or refused).
+    Response(Response<Body>),
+    /// Not a static file: ask the app.
+    Pass,
+}
+
+/// The static mounts of one app.
+pub struct StaticFiles {
+    mounts: Vec<MountDir>,
+    cache: LookupCache,
+}
+
+impl std::fmt::Debug for StaticFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticFiles")
+            .field("mounts", &self.mounts)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct MountDir {
+    id: u16,
+    prefix: Vec<Vec<u8>>,
+    dir: OwnedFd,
+    immutable: bool,
+    site: bool,
+}
+
+impl StaticFiles {
+    /// Opens every mount's directory. Longer prefixes are tried first.
+    pub fn open(mounts: &[Mount]) -> std::io::Result<Self> {
+        let mut dirs = Vec::with_capacity(mounts.len());
+        for (id, mount) in mounts.iter().enumerate() {
+            let dir = nix::fcntl::open(
+                &mount.root,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(std::io::Error::from)?;
+            let prefix = mount
+                .prefix
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+            dirs.push(MountDir {
+                id: u16::try_from(id).unwrap_or(u16::MAX),
+                prefix,
+                dir,
+                immutable: mount.immutable,
+                site: mount.site,
+            });
+        }
+        dirs.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
+        Ok(StaticFiles {
+            mounts: dirs,
+            cache: lookup::new_cache(),
+        })
+    }
+
+    /// Whether a whole static site is mounted (no app behind it).
+    pub fn is_site(&self) -> bool {
+        self.mounts.iter().any(|m| m.site)
+    }
+
+    /// Serves `req` from disk if a mount has the file.
+    pub fn serve<B>(&self, req: &Request<B>) -> Outcome {
+        if self.mounts.is_empty() {
+            return Outcome::Pass;
+        }
+        let method = req.method();
+        if method != Method::GET && method != Method::HEAD {
+            return if self.is_site() {
+                method_not_allowed()
+            } else {
+                Outcome::Pass
+            };
+        }
+        let path = match path::decode(req.uri().path()) {
+            Ok(path) => path,
+            Err(refusal) => {
+                tracing::debug!(?refusal, path = req.uri().path(), "refused static path");
+                return Outcome::Response(plain(StatusCode::BAD_REQUEST, "bad request path\n"));
+            }
+        };
+        let Some(mount) = self.mounts.iter().find(|m| {
+            path.segments.len() >= m.prefix.len() && path.segments[..m.prefix.len()] == m.prefix[..]
+        }) else {
+            return Outcome::Pass;
+        };
+        if path.hidden {
+            return self.miss(mount, req);
+        }
+        let rel = path.segments[mount.prefix.len()..].join(&b'/');
+        match &*self.lookup(mount, &rel) {
+            Lookup::File(entry) => {
+                Outcome::Response(file::respond(req, &mount.dir, &rel, entry, mount.immutable))
+            }
+            Lookup::Dir if mount.site => {
+                if !path.trailing_slash && !rel.is_empty() {
+                    return Outcome::Response(redirect_to_slash(req));
+                }
+                let index = if rel.is_empty() {
+                    b"index.html".to_vec()
+                } else {
+                    [&rel[..], b"/index.html"].concat()
+                };
+                match &*self.lookup(mount, &index) {
+                    Lookup::File(entry) => {
+                        Outcome::Response(file::respond(req, &mount.dir, &index, entry, false))
+                    }
+                    _ => self.miss(mount, req),
+                }
+            }
+            _ => {
+                // Clean URLs on static sites: /about → about.html.
+                if mount.site && !path.trailing_slash && !rel.is_empty() {
+                    let html = [&rel[..], b".html"].concat();
+                    if let Lookup::File(entry) = &*self.lookup(mount, &html) {
+                        return Outcome::Response(file::respond(
+                            req, &mount.dir, &html, entry, false,
+                        ));
+                    }
+                }
+                self.miss(mount, req)
+            }
+        }
+    }
+
+    fn lookup(&self, mount: &MountDir, rel: &[u8]) -> Arc<Lookup> {
+        let key = (mount.id, Box::<[u8]>::from(rel));
+        self.cache
+            .get_with(key, || Arc::new(lookup::resolve(&mount.dir, rel)))
+    }
+
+    /// Nothing on disk: a static site answers 404 (with its `404.html`);
+    /// any other mount lets the app answer.
+    fn miss<B>(&self, mount: &MountDir, req: &Request<B>) -> Outcome {
+        if !mount.site {
+            return Outcome::Pass;
+        }
+        if let Lookup::File(entry) = &*self.lookup(mount, b"404.html") {
+            let mut response = file::respond(req, &mount.dir, b"404.html", entry, false);
+            if response.status() == StatusCode::OK {
+                *response.status_mut() = StatusCode::NOT_FOUND;
+                let headers = response.headers_mut();
+                headers.remove(header::ETAG);
+                headers.remove(header::LAST_MODIFIED);
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                return Outcome::Response(response);
+            }
+        }
+        Outcome::Response(plain(StatusCode::NOT_FOUND, "not found\n"))
+    }
+}
+
+fn method_not_allowed() -> Outcome {
+    let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    Outcome::Response(response)
+}
+
+fn redirect_to_slash<B>(req: &Request<B>) -> Response<Body> {
+    let mut location = format!("{}/", req.uri().path());
+    if let Some(query) = req.uri().query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    let mut response = plain(StatusCode::MOVED_PERMANENTLY, "");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// A short text response.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

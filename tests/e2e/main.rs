@@ -1,0 +1,15 @@
+//! End-to-end tests: the real `bext` binary, on an ephemeral port, in front
+//! of real fixture apps built from npm packages (tests/fixtures, prepared by
+//! tests/fixtures/setup.sh). One test binary; one module per area.
+
+#![allow(unreachable_pub, reason = "a test binary has no public API")]
+
+mod support;
+
+mod apps;
+mod errors;
+mod proxying;
+mod shutdown;
+mod statics;
+mod streaming;
+mod workers;

@@ -1,0 +1,127 @@
+//! Launching a worker process.
+//!
+//! The launch happens in the forked child, between `fork` and `exec`, so it
+//! costs no extra process: the child joins a process group of its own (so the
+//! supervisor can signal the app and everything it spawned, and a Ctrl-C on
+//! the terminal reaches only the supervisor), asks the kernel to kill it when
+//! the supervisor dies, and finds the listening socket at [`LISTEN_FD`].
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+/// The descriptor number at which a worker finds its listening socket.
+pub const LISTEN_FD: RawFd = 3;
+
+/// What to run and how.
+#[derive(Debug)]
+pub struct LaunchSpec<'a> {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    /// Added to (or overriding) the supervisor's environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Becomes [`LISTEN_FD`] in the child. The caller keeps ownership.
+    pub listen_fd: Option<BorrowedFd<'a>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("could not start {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+}
+
+/// Forks and execs the worker. Its stdout and stderr are pipes for the
+/// supervisor to read; stdin is `/dev/null`.
+///
+/// Must be called from a thread that outlives the child (a runtime worker
+/// thread, not a blocking-pool thread): Linux delivers the parent-death
+/// signal when the *thread* that forked the child exits.
+pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError> {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A process group of its own: the supervisor signals `-pgid` to reach
+        // the app and its children; terminal signals stay with the supervisor.
+        .process_group(0)
+        .kill_on_drop(false);
+
+    let supervisor = std::process::id() as libc::pid_t;
+    let listen_fd = spec.listen_fd.map(|fd| fd.as_raw_fd());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls (prctl, getppid, dup2, fcntl,
+    // _exit); it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Die with the supervisor, whatever killed it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died before prctl took effect.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
+            }
+            if let Some(fd) = listen_fd {
+                if fd == LISTEN_FD {
+                    // dup2 onto itself would keep FD_CLOEXEC: clear it.
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, LISTEN_FD) < 0 {
+                    // dup2 leaves the new descriptor without FD_CLOEXEC.
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| LaunchError::Spawn {
+        program: spec.program.display().to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[tokio::test]
+    async fn child_gets_its_own_group_and_the_socket_at_fd_3() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = crate::socket::bind(&dir.path().join("t.sock")).expect("bind");
+        let spec = LaunchSpec {
+            program: "/bin/sh".into(),
+            // Prints the child's pgid and the type of fd 3.
+            args: vec![
+                "-c".into(),
+                "ps -o pgid= -p $$; if [ -S /proc/self/fd/3 ]; then echo socket; else echo none; fi"
+                    .into(),
+            ],
+            cwd: dir.path().to_path_buf(),
+            env: vec![],
+            listen_fd: Some(listener.as_fd()),
+        };
+        let child = spawn(&spec).expect("spawn");
+        let pid = child.id().expect("pid");
+        let out = child.wait_with_output().await.expect("wait");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let pgid: u32 = lines
+            .next()
+            .expect("pgid line")
+            .trim()
+            .parse()
+            .expect("pgid");
+        assert_eq!(pgid, pid, "the worker leads its own process group");
+        assert_eq!(lines.next(), Some("socket"), "fd 3 is the listening socket");
+    }
+}
