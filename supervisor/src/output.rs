@@ -1,7 +1,10 @@
-//! Reading a child process's output line by line.
+//! Child processes as the log sees them: their output line by line, and how
+//! they ended.
 //!
 //! Lines are capped (a runaway line without a newline cannot grow memory) and
 //! decoded lossily (a stray byte cannot stop the stream).
+
+use std::process::ExitStatus;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncRead;
@@ -40,4 +43,17 @@ where
         }
         .in_current_span(),
     )
+}
+
+/// "exit status 1" / "killed by signal 9".
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => {
+            let name = nix::sys::signal::Signal::try_from(signal).map_or("unknown", |s| s.as_str());
+            format!("killed by signal {signal} ({name})")
+        }
+        (None, None) => "unknown status".to_string(),
+    }
 }

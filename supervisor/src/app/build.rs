@@ -4,12 +4,12 @@
 //! span carrying the app name, so a long `next build` is visible live. A
 //! failed step stops bext with a one-line cause.
 
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 
 use tracing::{Instrument, info, info_span};
 
 use super::{App, DetectError, Step};
-use crate::output;
+use crate::output::{self, describe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -93,17 +93,4 @@ async fn run(app: &App, phase: &'static str, step: &Step) -> Result<(), BuildErr
     }
     .instrument(span)
     .await
-}
-
-/// "exit status 1" / "killed by signal 9".
-pub(crate) fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => {
-            let name = nix::sys::signal::Signal::try_from(signal).map_or("unknown", |s| s.as_str());
-            format!("killed by signal {signal} ({name})")
-        }
-        (None, None) => "unknown status".to_string(),
-    }
 }

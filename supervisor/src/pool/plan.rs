@@ -122,7 +122,7 @@ impl LaunchPlan {
         listen_fd: Option<BorrowedFd<'a>>,
         token: &str,
         labels: (&str, usize),
-    ) -> std::io::Result<LaunchSpec<'a>> {
+    ) -> LaunchSpec<'a> {
         let (app, index) = labels;
         let mut env: Vec<(OsString, OsString)> = vec![
             (ENV_READY_TOKEN.into(), token.into()),
@@ -180,13 +180,13 @@ impl LaunchPlan {
                 (deno.clone(), argv)
             }
         };
-        Ok(LaunchSpec {
+        LaunchSpec {
             program,
             args,
             cwd: self.cwd.clone(),
             env,
             listen_fd,
-        })
+        }
     }
 
     /// The adapter preload, the heap limit, and whatever NODE_OPTIONS the

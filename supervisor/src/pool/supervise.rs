@@ -30,8 +30,7 @@ use super::{
     Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER, WATCHDOG_INTERVAL,
     Worker, WorkerState, upstream::Upstream,
 };
-use crate::app::build::describe;
-use crate::output;
+use crate::output::{self, describe};
 
 /// A running pool and the means to stop it.
 #[derive(Debug)]
@@ -204,46 +203,40 @@ impl Slot {
             };
             let mut backoff = new_backoff();
             'launch: while !self.shutdown.is_cancelled() {
-                let mut instance = match self.launch(&socket) {
-                    Ok(instance) => instance,
+                let started = match self.launch(&socket) {
+                    Ok(mut instance) => match self.wait_ready(&mut instance).await {
+                        Startup::Ready => Some(instance),
+                        Startup::Shutdown => {
+                            self.stop(instance).await;
+                            break;
+                        }
+                        Startup::Exited(status) => {
+                            error!(parent: &instance.span, "worker exited before it was ready ({})", describe(status));
+                            kill_group(instance.pgid, Signal::SIGKILL);
+                            None
+                        }
+                        Startup::TimedOut => {
+                            error!(
+                                parent: &instance.span,
+                                "worker did not start listening within {:?}; is the app's HTTP server started with listen()?",
+                                self.config.start_timeout
+                            );
+                            self.stop(instance).await;
+                            None
+                        }
+                    },
                     Err(e) => {
                         error!("could not launch the worker: {e}");
-                        self.pool.start_failed();
-                        if !self.pause(backoff.next()).await {
-                            break;
-                        }
-                        continue;
+                        None
                     }
                 };
-                match self.wait_ready(&mut instance).await {
-                    Startup::Ready => {}
-                    Startup::Exited(status) => {
-                        error!(parent: &instance.span, "worker exited before it was ready ({})", describe(status));
-                        kill_group(instance.pgid, Signal::SIGKILL);
-                        self.pool.start_failed();
-                        if !self.pause(backoff.next()).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    Startup::TimedOut => {
-                        error!(
-                            parent: &instance.span,
-                            "worker did not start listening within {:?}; is the app's HTTP server started with listen()?",
-                            self.config.start_timeout
-                        );
-                        self.stop(instance).await;
-                        self.pool.start_failed();
-                        if !self.pause(backoff.next()).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    Startup::Shutdown => {
-                        self.stop(instance).await;
+                let Some(mut instance) = started else {
+                    self.pool.start_failed();
+                    if !self.pause(next_delay(&mut backoff)).await {
                         break;
                     }
-                }
+                    continue;
+                };
 
                 instance.worker.set_state(WorkerState::Ready);
                 self.pool.publish(self.index, Some(Arc::clone(&instance.worker)));
@@ -265,9 +258,9 @@ impl Slot {
                             if up_since.elapsed() >= STABLE_AFTER {
                                 backoff = new_backoff();
                             }
-                            let delay = backoff.next().unwrap_or(RESTART_BACKOFF_MAX);
+                            let delay = next_delay(&mut backoff);
                             warn!(parent: &instance.span, "worker exited ({status}); restarting in {delay:?}");
-                            if !self.pause(Some(delay)).await {
+                            if !self.pause(delay).await {
                                 break 'launch;
                             }
                             continue 'launch;
@@ -313,7 +306,7 @@ impl Slot {
             socket.listener.as_ref().map(|l| l.as_fd()),
             &token,
             (&self.config.app, self.index),
-        )?;
+        );
         let mut child = bext_worker::spawn(&spec)?;
         let pid = child.id().ok_or("the worker exited at once")?;
         let worker = Arc::new(Worker {
@@ -444,8 +437,7 @@ impl Slot {
     }
 
     /// Sleeps for `delay`; false if shutdown came first.
-    async fn pause(&self, delay: Option<Duration>) -> bool {
-        let delay = delay.unwrap_or(RESTART_BACKOFF_MAX);
+    async fn pause(&self, delay: Duration) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
             _ = self.shutdown.cancelled() => false,
@@ -482,6 +474,11 @@ async fn stop_instance(mut instance: Instance, timeout: Duration, kill: &Cancell
 fn kill_group(pgid: Pid, signal: Signal) {
     // ESRCH: the group is already gone, which is the goal.
     let _ = killpg(pgid, signal);
+}
+
+/// The next restart delay (the backoff never runs out).
+fn next_delay(backoff: &mut ExponentialBackoff) -> Duration {
+    backoff.next().unwrap_or(RESTART_BACKOFF_MAX)
 }
 
 fn new_backoff() -> ExponentialBackoff {

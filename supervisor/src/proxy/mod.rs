@@ -118,7 +118,12 @@ impl Proxy {
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = uri.clone();
             *upstream.version_mut() = Version::HTTP_11;
-            *upstream.headers_mut() = parts.headers.clone();
+            // Keep a copy only while another attempt may need it.
+            *upstream.headers_mut() = if retry_allowed && attempt < MAX_ATTEMPTS {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
 
             let sent = tokio::time::timeout(
                 self.upstream_timeout,
