@@ -1,7 +1,8 @@
 # The same targets CI runs (.ci/run). Everything installs what it needs.
 #
 #   make demo    build bext and run it on the Next.js example app
-#   make test    fixtures + fmt + clippy + the whole test suite
+#   make test    fixtures + fmt + clippy + the whole test suite + the
+#                http-cache-tests conformance gate
 #   make bench   the benchmarks, saved under bench/results/
 
 CARGO ?= cargo
@@ -24,6 +25,7 @@ lint:
 
 test: fixtures lint
 	$(CARGO) test --workspace
+	bash tests/cache-tests/check.sh
 
 # bext installs and builds the app itself (npm ci, next build) if needed.
 demo: build

@@ -29,13 +29,12 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// Boxes any body into [`Body`].
+/// Boxes a body whose errors are already [`BoxError`]s.
 pub fn boxed<B>(body: B) -> Body
 where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
 {
-    body.map_err(Into::into).boxed()
+    body.boxed()
 }
 
 pin_project_lite::pin_project! {
@@ -76,4 +75,50 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+pin_project_lite::pin_project! {
+    /// `prefix`, then the rest of a body: a response that was being read
+    /// into memory and turned out too large is sent on without losing what
+    /// was already read.
+    pub struct Prefixed {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: Body,
+    }
+}
+
+impl Prefixed {
+    pub fn new(prefix: Bytes, rest: Body) -> Self {
+        Prefixed {
+            prefix: Some(prefix),
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.prefix.take() {
+            Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+            None => this.rest.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// A client's request body as a [`Body`] (a concrete function, so futures
+/// holding it stay provably `Send`).
+pub fn incoming(body: hyper::body::Incoming) -> Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed()
 }

@@ -7,12 +7,15 @@
 //! rate limiter and control plane slot in.
 
 pub mod access_log;
+pub mod admin;
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod listener;
+pub mod metrics;
 pub mod output;
 pub mod pool;
 pub mod proxy;

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
+use crate::admin::Admin;
 use crate::app::{self, App, BuildError, DetectError, StartError};
+use crate::cache::{Fill, IsrCache};
 use crate::cli::RunArgs;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ENV_PURGE_TOKEN};
 use crate::listener::Shutdown;
-use crate::pool::{self, DEFAULT_STOP_TIMEOUT, LaunchPlan, PlanError, PoolConfig};
+use crate::metrics::Metrics;
+use crate::pool::{self, DEFAULT_STOP_TIMEOUT, LaunchPlan, PlanError, PoolConfig, PoolHandle};
 use crate::proxy::Proxy;
 use crate::server::AppService;
 use crate::statics::StaticFiles;
@@ -138,14 +141,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => (None, None),
     };
 
-    let proxy = pool.as_ref().map(|h| {
-        Proxy::new(
-            Arc::clone(&h.pool),
-            config.server.upstream_timeout,
-            config.server.queue_timeout,
-        )
-    });
-    let service = Arc::new(AppService::new(statics, proxy, config.server.access_log));
+    let service = Arc::new(app_service(&app, &config, statics, pool.as_ref()));
 
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: config.server.listen,
@@ -164,6 +160,50 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     drop(runtime_dir);
     info!("bye");
     Ok(())
+}
+
+/// Puts the request path together: endpoints, static files, cache, proxy.
+fn app_service(
+    app: &App,
+    config: &Config,
+    statics: StaticFiles,
+    pool: Option<&PoolHandle>,
+) -> AppService {
+    let pool = pool.map(|h| Arc::clone(&h.pool));
+    let fill = pool.as_ref().map(|pool| {
+        Arc::new(Proxy::new(
+            Arc::clone(pool),
+            config.server.upstream_timeout,
+            config.server.queue_timeout,
+        )) as Arc<dyn Fill>
+    });
+    // A static site has nothing to cache: its files are served from disk.
+    let cache = (config.isr.enabled && fill.is_some()).then(|| {
+        Arc::new(IsrCache::in_memory(
+            config.isr.clone(),
+            config.server.upstream_timeout,
+        ))
+    });
+    let metrics = Arc::new(Metrics::new(pool.clone(), cache.clone()));
+    let purge_token = std::env::var(ENV_PURGE_TOKEN)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| config.isr.purge_token.clone());
+    AppService {
+        admin: Admin {
+            app: app.name.clone(),
+            framework: app.framework.to_string(),
+            pool,
+            cache: cache.clone(),
+            metrics: Arc::clone(&metrics),
+            purge_token,
+        },
+        statics,
+        fill,
+        cache,
+        metrics,
+        access_log: config.server.access_log,
+    }
 }
 
 /// SIGTERM or SIGINT starts the graceful shutdown; a second one stops

@@ -7,6 +7,7 @@
 mod support;
 
 mod apps;
+mod cache;
 mod errors;
 mod proxying;
 mod shutdown;

@@ -15,7 +15,7 @@ use serde_json::Value;
 /// Path to a fixture app, prepared by `tests/fixtures/setup.sh`.
 pub fn fixture(name: &str) -> PathBuf {
     let dir = repo_root().join("tests/fixtures").join(name);
-    let needs_modules = dir.join("package.json").exists();
+    let needs_modules = dir.join("package-lock.json").exists();
     assert!(
         !needs_modules || dir.join("node_modules").is_dir(),
         "fixture {name} is not installed: run `bash tests/fixtures/setup.sh` (make test does)"

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diag::{ConfigError, Diagnostic};
-pub use raw::{Engine, Framework};
+pub use raw::{Engine, Framework, PathPattern};
 pub use units::MemorySize;
 
 /// The file `bext run DIR` reads from `DIR`, when it exists.
@@ -37,6 +37,14 @@ pub const DEFAULT_ISR_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_ISR_SWR: Duration = Duration::from_secs(3600);
 /// Default bound on cached entries per app.
 pub const DEFAULT_ISR_MAX_ENTRIES: u64 = 10_000;
+/// Default bound on cached bytes per app (bodies and headers).
+pub const DEFAULT_ISR_MAX_BYTES: MemorySize = MemorySize::from_bytes(256 << 20);
+/// Responses larger than this are passed through, never stored.
+pub const DEFAULT_ISR_MAX_ENTRY_BYTES: MemorySize = MemorySize::from_bytes(8 << 20);
+/// How long past its lifetime an entry may stand in for a failing app.
+pub const DEFAULT_ISR_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 3600);
+/// Environment variable holding the purge token (overrides the config).
+pub const ENV_PURGE_TOKEN: &str = "BEXT_PURGE_TOKEN";
 /// Largest number of workers bext starts by default for one app.
 pub const DEFAULT_MAX_WORKERS: u32 = 4;
 /// How long a worker may take from launch to listening.
@@ -67,9 +75,32 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IsrConfig {
+    pub enabled: bool,
+    /// Lifetime of responses marked cacheable (`public`) without one.
     pub default_ttl: Duration,
+    /// Stale-while-revalidate window that goes with `default_ttl`.
     pub default_swr: Duration,
+    /// Stale-if-error window of entries whose response names none.
+    pub stale_if_error: Duration,
     pub max_entries: u64,
+    pub max_bytes: MemorySize,
+    pub max_entry_bytes: MemorySize,
+    /// Bearer token of `POST /__bext/cache/invalidate`; `None`: endpoint off.
+    pub purge_token: Option<String>,
+    /// First match wins.
+    pub route_rules: Vec<RouteRule>,
+}
+
+/// `[[route_rules]]`: lifetimes for a path pattern, ahead of the response's
+/// own `Cache-Control`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteRule {
+    pub path: PathPattern,
+    pub ttl: Option<Duration>,
+    pub swr: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    /// `false`: never cache this path.
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -134,8 +165,25 @@ impl Config {
                 access_log: server.access_log.unwrap_or(true),
             },
             isr: IsrConfig {
+                enabled: isr.enabled.unwrap_or(true),
                 default_ttl: isr.default_ttl_ms.map_or(DEFAULT_ISR_TTL, ms),
                 default_swr: isr.default_swr_ms.map_or(DEFAULT_ISR_SWR, ms),
+                stale_if_error: isr.stale_if_error_ms.map_or(DEFAULT_ISR_STALE_IF_ERROR, ms),
+                max_bytes: isr.max_bytes.unwrap_or(DEFAULT_ISR_MAX_BYTES),
+                max_entry_bytes: isr.max_entry_bytes.unwrap_or(DEFAULT_ISR_MAX_ENTRY_BYTES),
+                purge_token: isr.purge_token.filter(|t| !t.is_empty()),
+                route_rules: raw
+                    .route_rules
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| RouteRule {
+                        path: r.path,
+                        ttl: r.ttl_ms.map(ms),
+                        swr: r.swr_ms.map(ms),
+                        stale_if_error: r.stale_if_error_ms.map(ms),
+                        cache: r.cache.unwrap_or(true),
+                    })
+                    .collect(),
                 max_entries: isr
                     .max_entries
                     .map_or(DEFAULT_ISR_MAX_ENTRIES, NonZeroU64::get),

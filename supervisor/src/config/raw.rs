@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub(super) cache: Option<RawCache>,
     pub(super) runtime: Option<RawRuntime>,
     pub(super) isolate: Option<RawIsolate>,
+    pub(super) route_rules: Option<Vec<RawRouteRule>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,9 +41,59 @@ pub(super) struct RawCache {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIsr {
+    pub(super) enabled: Option<bool>,
     pub(super) default_ttl_ms: Option<u64>,
     pub(super) default_swr_ms: Option<u64>,
+    pub(super) stale_if_error_ms: Option<u64>,
     pub(super) max_entries: Option<NonZeroU64>,
+    pub(super) max_bytes: Option<MemorySize>,
+    pub(super) max_entry_bytes: Option<MemorySize>,
+    pub(super) purge_token: Option<String>,
+}
+
+/// `[[route_rules]]`: per-path cache lifetimes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteRule {
+    pub(super) path: PathPattern,
+    pub(super) ttl_ms: Option<u64>,
+    pub(super) swr_ms: Option<u64>,
+    pub(super) stale_if_error_ms: Option<u64>,
+    pub(super) cache: Option<bool>,
+}
+
+/// A URL path glob: `*` matches within one segment, `**` across segments.
+#[derive(Debug, Clone)]
+pub struct PathPattern {
+    pub text: String,
+    pub matcher: globset::GlobMatcher,
+}
+
+impl PartialEq for PathPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl<'de> Deserialize<'de> for PathPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if !text.starts_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` is not a path pattern; it must start with `/`"
+            )));
+        }
+        let glob = globset::GlobBuilder::new(&text)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| {
+                serde::de::Error::custom(format!("invalid path pattern `{text}`: {}", e.kind()))
+            })?;
+        Ok(PathPattern {
+            matcher: glob.compile_matcher(),
+            text,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

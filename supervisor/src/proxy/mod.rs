@@ -4,7 +4,8 @@
 //! bodiless idempotent request that met a dead worker is retried once on
 //! another one, as nginx's `proxy_next_upstream` does.
 //!
-//! Talks to [`crate::pool`] only; knows nothing of static files or caching.
+//! Talks to [`crate::pool`] only; knows nothing of static files, and of the
+//! cache only the [`Fill`] trait it implements for it.
 
 mod error;
 pub mod headers;
@@ -21,6 +22,7 @@ use tracing::{debug, warn};
 pub use error::ProxyError;
 
 use crate::body::{self, Body, WithGuard};
+use crate::cache::{BoxFuture, Fill};
 use crate::pool::upstream::UpstreamBody;
 use crate::pool::{Lease, Pool};
 
@@ -104,15 +106,26 @@ impl Proxy {
             http_body::Body::is_end_stream(&body) && is_idempotent(&parts.method) && !upgrade;
 
         let mut body = Some(body);
-        let mut exclude = None;
+        let mut retrying = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let lease = self
-                .pool
-                .acquire(self.queue_timeout, exclude)
-                .await
-                .ok_or(ProxyError::NoReadyWorker(self.queue_timeout))?;
+            let lease = match retrying.take() {
+                None => self
+                    .pool
+                    .acquire(self.queue_timeout, None)
+                    .await
+                    .ok_or(ProxyError::NoReadyWorker(self.queue_timeout))?,
+                // A retry goes to another worker that is ready now, or not
+                // at all: waiting would only add to the failure.
+                Some((failed, error)) => match self.pool.try_acquire(Some(failed)) {
+                    Some(lease) => {
+                        warn!(request_id = %client.request_id, "{error}; retrying on another worker");
+                        lease
+                    }
+                    None => return Err(error),
+                },
+            };
             let worker = lease.worker().index;
             let mut upstream = Request::new(body.take().unwrap_or_else(body::empty));
             *upstream.method_mut() = parts.method.clone();
@@ -144,8 +157,7 @@ impl Proxy {
                 Ok(Err(e)) => ProxyError::from_upstream(worker, e),
             };
             if retry_allowed && error.retryable() && attempt < MAX_ATTEMPTS {
-                warn!(request_id = %client.request_id, "{error}; retrying on another worker");
-                exclude = Some(lease.worker().id);
+                retrying = Some((lease.worker().id, error));
                 continue;
             }
             return Err(error);
@@ -200,4 +212,45 @@ async fn tunnel(
         debug!("tunnel closed: {e}");
     }
     drop(lease);
+}
+
+/// Which worker answered, in the response's extensions (for the access
+/// log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedBy(pub usize);
+
+/// The cache fills misses through the proxy. Who the client is comes in the
+/// request's extensions ([`ClientInfo`], set by the server; background
+/// revalidations carry the triggering request's); failures come back as the
+/// proxy's error responses.
+impl Fill for Proxy {
+    fn fetch(&self, req: Request<Body>) -> BoxFuture<Response<Body>> {
+        let proxy = self.clone();
+        Box::pin(async move {
+            let client = req
+                .extensions()
+                .get::<ClientInfo>()
+                .cloned()
+                .unwrap_or_else(ClientInfo::internal);
+            match proxy.forward(req, &client).await {
+                Ok(forwarded) => {
+                    let mut response = forwarded.response;
+                    response.extensions_mut().insert(ServedBy(forwarded.worker));
+                    response
+                }
+                Err(e) => e.into_response(&client.request_id),
+            }
+        })
+    }
+}
+
+impl ClientInfo {
+    /// A request bext makes on its own behalf.
+    pub fn internal() -> Self {
+        ClientInfo {
+            peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+            scheme: "http",
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
 }

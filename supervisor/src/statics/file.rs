@@ -125,8 +125,11 @@ fn read_body(dir: &OwnedFd, variant: &Variant, start: u64, count: u64) -> std::i
     }
     file.seek(SeekFrom::Start(start))?;
     let reader = tokio::fs::File::from_std(file).take(count);
-    let frames =
-        ReaderStream::with_capacity(reader, STREAM_CHUNK).map(|chunk| chunk.map(Frame::data));
+    let frames = ReaderStream::with_capacity(reader, STREAM_CHUNK).map(|chunk| {
+        chunk
+            .map(Frame::data)
+            .map_err(|e| Box::new(e) as crate::body::BoxError)
+    });
     Ok(body::boxed(StreamBody::new(frames)))
 }
 

@@ -1,0 +1,183 @@
+//! bext's own endpoints under `/__bext/`, answered before anything else
+//! (never by the app): `health` (JSON), `metrics` (Prometheus text) and
+//! `cache/invalidate` (purge, behind a bearer token).
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::body::{self, Body};
+use crate::cache::IsrCache;
+use crate::cache::store::Selector;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+
+/// Every path under this prefix belongs to bext.
+pub const PREFIX: &str = "/__bext/";
+/// Largest purge request body.
+const MAX_PURGE_BODY: usize = 64 * 1024;
+
+/// What the endpoints report on and act on.
+#[derive(Debug)]
+pub struct Admin {
+    pub app: String,
+    pub framework: String,
+    pub pool: Option<Arc<Pool>>,
+    pub cache: Option<Arc<IsrCache>>,
+    pub metrics: Arc<Metrics>,
+    pub purge_token: Option<String>,
+}
+
+/// `POST /__bext/cache/invalidate` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    soft: bool,
+}
+
+impl Admin {
+    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/__bext/health") => self.health(),
+            (&Method::GET | &Method::HEAD, "/__bext/metrics") => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(),
+            ),
+            (&Method::POST, "/__bext/cache/invalidate") if self.purge_token.is_some() => {
+                self.invalidate(req).await
+            }
+            _ => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "not found"}),
+            ),
+        }
+    }
+
+    fn health(&self) -> Response<Body> {
+        let workers = self.pool.as_ref().map(|p| p.status()).unwrap_or_default();
+        let ready = self.pool.as_ref().map_or(0, |p| p.ready_count());
+        let healthy = self.pool.is_none() || ready > 0;
+        let cache = self.cache.as_ref().map(|c| {
+            let stats = c.stats();
+            serde_json::json!({"entries": stats.entries, "bytes": stats.bytes})
+        });
+        let body = serde_json::json!({
+            "status": if healthy { "ok" } else { "unavailable" },
+            "app": self.app,
+            "framework": self.framework,
+            "workers": workers,
+            "ready": ready,
+            "restarts": self.pool.as_ref().map_or(0, |p| p.restarts()),
+            "cache": cache,
+        });
+        json(
+            if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            &body,
+        )
+    }
+
+    async fn invalidate(&self, req: Request<Body>) -> Response<Body> {
+        if !self.authorized(req.headers()) {
+            let mut response = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "a valid bearer token is required"}),
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        let Some(cache) = &self.cache else {
+            return json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"error": "the cache is disabled"}),
+            );
+        };
+        let Some(bytes) = read_limited(req.into_body(), MAX_PURGE_BODY).await else {
+            return bad_request("the body must be JSON of at most 64 KiB");
+        };
+        let request: PurgeRequest = match serde_json::from_slice(&bytes) {
+            Ok(request) => request,
+            Err(e) => return bad_request(&format!("invalid purge request: {e}")),
+        };
+        let selector = Selector {
+            all: request.all,
+            tags: request.tags,
+            paths: request.paths,
+            prefix: request.prefix.filter(|p| !p.is_empty()),
+            primaries: vec![],
+        };
+        if selector == Selector::default() {
+            return bad_request("name what to purge: tags, paths, prefix, or all: true");
+        }
+        let purged = cache.purge(&selector, request.soft).await;
+        tracing::info!(purged, soft = request.soft, ?selector, "cache purge");
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"purged": purged, "soft": request.soft}),
+        )
+    }
+
+    /// Constant-time comparison of the bearer token.
+    fn authorized(&self, headers: &http::HeaderMap) -> bool {
+        let Some(expected) = &self.purge_token else {
+            return false;
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        given.as_bytes().ct_eq(expected.as_bytes()).into()
+    }
+}
+
+/// The whole body, if it arrives intact and within `max` bytes.
+async fn read_limited(mut body: Body, max: usize) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if bytes.len() + data.len() > max {
+                return None;
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Some(bytes)
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    json(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({"error": message}),
+    )
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    text(status, "application/json", value.to_string())
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,393 @@
+//! Filling the cache from the app: the blocking miss (with its waiters), the
+//! background revalidation of a stale entry, and turning one response into
+//! a stored object.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+
+use super::object::{Freshness, Object};
+use super::policy::{self, Verdict};
+use super::respond::{self, Served};
+use super::store::Store;
+use super::{Fill, IsrCache, Lead, Outcome, key};
+use crate::body::{self, Body};
+use crate::config::RouteRule;
+
+/// What one fill produced.
+enum Fetched {
+    Stored(Arc<Object>, http::Extensions),
+    /// A usable response that may not be stored, and why.
+    NotStored(Response<Body>, &'static str),
+    /// The app failed (5xx, or the body broke off).
+    Failed(Response<Body>),
+}
+
+/// Request headers a fill must not pass on: the cache wants a whole,
+/// identity-encoded representation, whatever this client already has.
+const CLIENT_ONLY: [header::HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
+/// Headers a 304 must not change in the stored response (RFC 9111 §3.2).
+const KEPT_ON_304: [&str; 5] = [
+    "content-length",
+    "content-encoding",
+    "content-md5",
+    "content-range",
+    "etag",
+];
+
+/// The request a fill sends: GET (a HEAD is filled with a GET, so it can be
+/// stored), without the client's conditionals and ranges, asking for an
+/// identity body, announcing bext as a surrogate, and conditional on the
+/// validators of `previous` (a stored copy that needs revalidating).
+fn fill_request(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    extensions: http::Extensions,
+    previous: Option<&Object>,
+) -> Request<Body> {
+    let mut req = Request::new(body::empty());
+    *req.method_mut() = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
+    *req.uri_mut() = uri.clone();
+    let mut headers = headers.clone();
+    for name in CLIENT_ONLY {
+        headers.remove(name);
+    }
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    if let Ok(capability) =
+        HeaderValue::from_str(&format!("{}=\"Surrogate/1.0\"", policy::SURROGATE_TARGET))
+    {
+        headers.insert("surrogate-capability", capability);
+    }
+    if let Some(previous) = previous.filter(|p| p.status.is_success()) {
+        if let Some(etag) = previous.headers.get(header::ETAG) {
+            headers.insert(header::IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(modified) = previous.headers.get(header::LAST_MODIFIED) {
+            headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+        }
+    }
+    *req.headers_mut() = headers;
+    *req.extensions_mut() = extensions;
+    req
+}
+
+/// The stored headers, freshened by a 304's (RFC 9111 §3.2).
+fn freshen(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    let mut headers = stored.clone();
+    for name in not_modified.keys() {
+        if KEPT_ON_304.contains(&name.as_str()) {
+            continue;
+        }
+        headers.remove(name);
+        for value in not_modified.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+impl<S: Store> IsrCache<S> {
+    /// A blocking miss: fetch (conditionally, if there is a `previous`
+    /// copy), store if allowed, answer; a failing app is stood in for by
+    /// `previous` if it is within its stale-if-error window.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the request's facets, computed once by the caller"
+    )]
+    pub(super) async fn miss(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        key: &str,
+        primary: &str,
+        rule: Option<&RouteRule>,
+        fill: &Arc<dyn Fill>,
+        previous: Option<Arc<Object>>,
+        lead: Option<Lead<S>>,
+    ) -> Response<Body> {
+        let (parts, _) = req.into_parts();
+        let client = Request::from_parts(parts, ());
+        let fill_req = fill_request(
+            client.method(),
+            client.uri(),
+            client.headers(),
+            client.extensions().clone(),
+            previous.as_deref(),
+        );
+        let fetched = self
+            .fetch_and_store(fill_req, fill, primary, rule, previous.clone())
+            .await;
+        let fallback =
+            previous.filter(|p| p.freshness(SystemTime::now()) == Freshness::StaleIfError);
+        if let Some(lead) = lead {
+            lead.finish(match &fetched {
+                Fetched::Stored(object, _) => Outcome::Stored(Arc::clone(object)),
+                _ => Outcome::NotShared,
+            });
+        }
+        let head = client.method() == Method::HEAD;
+        match fetched {
+            Fetched::Stored(object, extensions) => {
+                self.counters.misses.inc();
+                self.pass.invalidate(key);
+                let mut response = respond::serve(
+                    &client,
+                    &object,
+                    Served::Miss { collapsed: false },
+                    SystemTime::now(),
+                );
+                response.extensions_mut().extend(extensions);
+                response
+            }
+            Fetched::NotStored(mut response, reason) => {
+                self.counters.bypasses.inc();
+                self.pass.insert(key.to_string(), reason);
+                let status = response.status();
+                respond::mark(response.headers_mut(), Served::NotStored(status, reason));
+                if head {
+                    *response.body_mut() = body::empty();
+                }
+                response
+            }
+            Fetched::Failed(response) => match fallback {
+                Some(object) => {
+                    self.counters.stale.inc();
+                    tracing::warn!(status = response.status().as_u16(), path = %object.path, "the app failed; serving a stale copy (stale-if-error)");
+                    respond::serve(
+                        &client,
+                        &object,
+                        Served::StaleIfError(response.status()),
+                        SystemTime::now(),
+                    )
+                }
+                None => {
+                    self.counters.misses.inc();
+                    let mut response = response;
+                    let status = response.status();
+                    respond::mark(response.headers_mut(), Served::Failed(status));
+                    if head {
+                        *response.body_mut() = body::empty();
+                    }
+                    response
+                }
+            },
+        }
+    }
+
+    /// Starts one background revalidation of a stale entry, unless a fill
+    /// for its key is already running.
+    pub(super) fn revalidate(
+        self: &Arc<Self>,
+        key: &str,
+        primary: &str,
+        req: &Request<Body>,
+        rule: Option<RouteRule>,
+        fill: &Arc<dyn Fill>,
+        stale: &Arc<Object>,
+    ) {
+        let Some(lead) = self.lead_if_idle(key) else {
+            return;
+        };
+        self.counters.revalidations.inc();
+        let fill_req = fill_request(
+            req.method(),
+            req.uri(),
+            req.headers(),
+            req.extensions().clone(),
+            Some(stale),
+        );
+        let (cache, fill, primary, stale) = (
+            Arc::clone(self),
+            Arc::clone(fill),
+            primary.to_string(),
+            Arc::clone(stale),
+        );
+        tokio::spawn(async move {
+            let fetched = cache
+                .fetch_and_store(fill_req, &fill, &primary, rule.as_ref(), Some(stale))
+                .await;
+            match fetched {
+                Fetched::Stored(object, _) => lead.finish(Outcome::Stored(object)),
+                Fetched::NotStored(_, reason) => {
+                    tracing::debug!(%primary, reason, "revalidation answer not storable; keeping the stale entry");
+                    lead.finish(Outcome::NotShared);
+                }
+                Fetched::Failed(response) => {
+                    tracing::warn!(%primary, status = response.status().as_u16(), "background revalidation failed; keeping the stale entry");
+                    lead.finish(Outcome::NotShared);
+                }
+            }
+        });
+    }
+
+    /// Fetches through `fill` and stores the answer if the policy allows.
+    async fn fetch_and_store(
+        &self,
+        req: Request<Body>,
+        fill: &Arc<dyn Fill>,
+        primary: &str,
+        rule: Option<&RouteRule>,
+        previous: Option<Arc<Object>>,
+    ) -> Fetched {
+        let epoch = self.purge_epoch.load(Ordering::Relaxed);
+        let request_headers = req.headers().clone();
+        let path = req.uri().path().to_string();
+        let has_auth = request_headers.contains_key(header::AUTHORIZATION);
+        let conditional = request_headers.contains_key(header::IF_NONE_MATCH)
+            || request_headers.contains_key(header::IF_MODIFIED_SINCE);
+        let mut response = fill.fetch(req).await;
+        if response.status().is_server_error() {
+            return Fetched::Failed(response);
+        }
+        // Still valid: the stored body with the 304's headers.
+        if response.status() == StatusCode::NOT_MODIFIED
+            && conditional
+            && let Some(previous) = &previous
+        {
+            let (parts, _) = response.into_parts();
+            let mut freshened = Response::new(body::full(previous.body.clone()));
+            *freshened.status_mut() = previous.status;
+            *freshened.headers_mut() = freshen(&previous.headers, &parts.headers);
+            freshened.headers_mut().insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(previous.body.len()),
+            );
+            *freshened.extensions_mut() = parts.extensions;
+            response = freshened;
+        }
+        let now = SystemTime::now();
+        let verdict = policy::response_verdict(
+            response.status(),
+            response.headers(),
+            has_auth,
+            rule,
+            &self.settings,
+            now,
+        );
+        let Verdict::Store {
+            mut lifetime,
+            shared_with_auth,
+        } = verdict
+        else {
+            let Verdict::Pass(reason) = verdict else {
+                unreachable!("matched Store above")
+            };
+            let mut response = response;
+            respond::strip_internal_headers(response.headers_mut());
+            return Fetched::NotStored(response, reason);
+        };
+        let max = self.settings.max_entry_bytes.bytes();
+        let declared = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max) {
+            let mut response = response;
+            respond::strip_internal_headers(response.headers_mut());
+            return Fetched::NotStored(response, "too-large");
+        }
+        let (mut parts, body) = response.into_parts();
+        let bytes = match collect_limited(body, max).await {
+            Collected::All(bytes) => bytes,
+            Collected::TooLarge(prefix, rest) => {
+                respond::strip_internal_headers(&mut parts.headers);
+                let body = body::boxed(body::Prefixed::new(prefix, rest));
+                return Fetched::NotStored(Response::from_parts(parts, body), "too-large");
+            }
+            Collected::Broken(e) => {
+                tracing::warn!(%path, "the app's response broke off: {e}");
+                let mut failed = Response::new(body::full("502 bad gateway\n"));
+                *failed.status_mut() = StatusCode::BAD_GATEWAY;
+                return Fetched::Failed(failed);
+            }
+        };
+
+        // Stacked staleness: Next.js answered from its own stale copy while
+        // it regenerates. Storing that as fresh would double how long old
+        // content lives, so it is stored already stale: the next request
+        // revalidates again and gets the regenerated page.
+        if parts
+            .headers
+            .get("x-nextjs-cache")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"STALE"))
+        {
+            lifetime.ttl = Duration::ZERO;
+        }
+        let tags = respond::take_tags(&mut parts.headers);
+        let initial_age = policy::upstream_age(&parts.headers);
+        for name in [header::AGE, header::CONTENT_LENGTH, header::SET_COOKIE] {
+            parts.headers.remove(name);
+        }
+        respond::unmark(&mut parts.headers);
+        let names = key::vary_names(&parts.headers);
+        let vary = key::vary_values(&request_headers, &names);
+        let full_key = key::full(primary, &request_headers, &names);
+        let object = Arc::new(Object::new(
+            parts.status,
+            parts.headers,
+            bytes,
+            initial_age,
+            lifetime,
+            tags,
+            (path, primary.to_string()),
+            vary,
+            shared_with_auth,
+        ));
+        if self.purge_epoch.load(Ordering::Relaxed) != epoch {
+            // A purge ran while this was being fetched: the answer may
+            // predate it.
+            object.soft_purge();
+        }
+        self.vary_index
+            .insert(primary.to_string(), Arc::from(names));
+        self.store.insert(full_key, Arc::clone(&object)).await;
+        Fetched::Stored(object, parts.extensions)
+    }
+}
+
+enum Collected {
+    All(Bytes),
+    /// Over the limit: what was read, and the rest of the body.
+    TooLarge(Bytes, Body),
+    Broken(crate::body::BoxError),
+}
+
+/// Reads a body whole, up to `max` bytes.
+async fn collect_limited(mut body: Body, max: u64) -> Collected {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => return Collected::Broken(e),
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if (buf.len() + data.len()) as u64 > max {
+            buf.extend_from_slice(&data);
+            return Collected::TooLarge(buf.freeze(), body);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Collected::All(buf.freeze())
+}

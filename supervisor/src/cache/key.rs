@@ -1,0 +1,121 @@
+//! Cache keys: host, path and query (the primary key), plus the values of
+//! the request headers the response varies on (Next.js varies on `rsc`,
+//! `next-router-state-tree`, `next-router-prefetch`,
+//! `next-router-segment-prefetch`). `Accept-Encoding` is not part of the key:
+//! bext asks workers for identity bodies, so every variant is the same bytes.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+
+/// `host` + path + query; the host lowercased, without port or trailing dot.
+pub fn primary<B>(req: &Request<B>) -> String {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    let host = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let host = host.trim_end_matches('.');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut key = String::with_capacity(host.len() + target.len() + 1);
+    for c in host.chars() {
+        key.push(c.to_ascii_lowercase());
+    }
+    key.push(' ');
+    key.push_str(target);
+    key
+}
+
+/// The response's `Vary` names that select variants.
+pub fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| *n != header::ACCEPT_ENCODING)
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// The request's values of `names`.
+pub fn vary_values(
+    headers: &HeaderMap,
+    names: &[HeaderName],
+) -> Vec<(HeaderName, Option<HeaderValue>)> {
+    names
+        .iter()
+        .map(|n| (n.clone(), headers.get(n).cloned()))
+        .collect()
+}
+
+/// The full key: primary plus the varied header values.
+pub fn full(primary: &str, headers: &HeaderMap, names: &[HeaderName]) -> String {
+    if names.is_empty() {
+        return primary.to_string();
+    }
+    let mut key = String::with_capacity(primary.len() + 32);
+    key.push_str(primary);
+    for name in names {
+        key.push('\n');
+        key.push_str(name.as_str());
+        key.push('=');
+        if let Some(value) = headers.get(name) {
+            key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        } else {
+            key.push('\u{0}');
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str, target: &str) -> Request<()> {
+        Request::builder()
+            .uri(target)
+            .header("host", host)
+            .body(())
+            .expect("request")
+    }
+
+    #[test]
+    fn primary_keys_normalise_the_host() {
+        assert_eq!(
+            primary(&req("Example.COM:8080", "/a?b=1")),
+            "example.com /a?b=1"
+        );
+        assert_eq!(primary(&req("example.com.", "/")), "example.com /");
+        assert_ne!(primary(&req("a.com", "/x")), primary(&req("b.com", "/x")));
+        assert_ne!(
+            primary(&req("a.com", "/isr")),
+            primary(&req("a.com", "/isr?_rsc=1"))
+        );
+    }
+
+    #[test]
+    fn vary_selects_variants_but_not_on_accept_encoding() {
+        let mut response = HeaderMap::new();
+        response.insert(
+            header::VARY,
+            HeaderValue::from_static("rsc, Next-Router-State-Tree, Accept-Encoding"),
+        );
+        let names = vary_names(&response);
+        assert_eq!(names, ["next-router-state-tree", "rsc"]);
+        let html = HeaderMap::new();
+        let mut rsc = HeaderMap::new();
+        rsc.insert("rsc", HeaderValue::from_static("1"));
+        let mut gzip = HeaderMap::new();
+        gzip.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_ne!(full("h /p", &html, &names), full("h /p", &rsc, &names));
+        assert_eq!(full("h /p", &html, &names), full("h /p", &gzip, &names));
+    }
+}

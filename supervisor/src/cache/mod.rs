@@ -1,0 +1,368 @@
+//! The ISR cache: one namespace per app, in front of its workers.
+//!
+//! - fresh → HIT; stale within stale-while-revalidate → STALE served at
+//!   once plus exactly one background revalidation; past it → a blocking
+//!   MISS; concurrent misses on one key share one fill ([`fill`]); an app
+//!   that fails (5xx, timeout, no worker) is stood in for by an entry within
+//!   its stale-if-error window.
+//! - What may be stored and for how long is [`policy`]; keys are [`key`];
+//!   stored responses are [`object`]s in a [`store::Store`].
+//! - The cache reaches the app only through [`Fill`], a trait it owns and the
+//!   proxy implements: it never imports the proxy, and Redis (edge mode) is
+//!   one more `Store`.
+//!
+//! Responses say what happened: `x-bext-cache: HIT|STALE|MISS|BYPASS`,
+//! `Age`, and an RFC 9211 `Cache-Status`.
+
+mod fill;
+pub mod key;
+pub mod object;
+pub mod policy;
+pub mod respond;
+pub mod store;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderName, HeaderValue, Method, Request, Response, header};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+
+use crate::body::Body;
+use crate::config::{IsrConfig, RouteRule};
+use object::{Freshness, Object};
+use respond::Served;
+use store::{Selector, Store};
+
+pub use store::MemoryStore;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How the cache reaches the app. Failures come back as responses (502,
+/// 503, 504 from bext, or the app's own 5xx): the cache treats any 5xx as
+/// the app failing.
+pub trait Fill: Send + Sync + 'static {
+    fn fetch(&self, req: Request<Body>) -> BoxFuture<Response<Body>>;
+}
+
+/// How long "not storable" is remembered for a key, so later requests skip
+/// coalescing and go straight to the app (Varnish's hit-for-miss: their
+/// answers are still stored if they can be).
+pub const PASS_MEMORY: Duration = Duration::from_secs(10);
+
+/// Response headers that carry purge tags; never sent to clients.
+pub const TAG_HEADERS: [&str; 3] = ["x-cache-tags", "x-next-cache-tags", "surrogate-key"];
+
+/// The cache's counters (exported by `/__bext/metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct CacheCounters {
+    pub hits: Counter,
+    pub stale: Counter,
+    pub misses: Counter,
+    pub bypasses: Counter,
+    pub coalesced: Counter,
+    pub revalidations: Counter,
+}
+
+/// One app's cache.
+pub struct IsrCache<S: Store = MemoryStore> {
+    store: S,
+    /// The `Vary` names last seen per primary key.
+    vary_index: moka::sync::Cache<String, Arc<[HeaderName]>>,
+    /// Keys whose responses were not storable, recently, and why.
+    pass: moka::sync::Cache<String, &'static str>,
+    inflight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    settings: IsrConfig,
+    /// How long a request waits for another request's fill.
+    wait_timeout: Duration,
+    /// Bumped by every purge: a fill that raced a purge stores its object
+    /// as already stale.
+    purge_epoch: AtomicU64,
+    pub counters: CacheCounters,
+}
+
+impl<S: Store> std::fmt::Debug for IsrCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsrCache")
+            .field("stats", &self.store.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a fill left for those who waited on it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Stored(Arc<Object>),
+    NotShared,
+}
+
+impl IsrCache<MemoryStore> {
+    pub fn in_memory(settings: IsrConfig, wait_timeout: Duration) -> Self {
+        let store = MemoryStore::new(settings.max_entries, settings.max_bytes.bytes());
+        IsrCache::new(store, settings, wait_timeout)
+    }
+}
+
+impl<S: Store> IsrCache<S> {
+    pub fn new(store: S, settings: IsrConfig, wait_timeout: Duration) -> Self {
+        IsrCache {
+            store,
+            vary_index: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .build(),
+            pass: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_live(PASS_MEMORY)
+                .build(),
+            inflight: Mutex::new(HashMap::new()),
+            settings,
+            wait_timeout,
+            purge_epoch: AtomicU64::new(0),
+            counters: CacheCounters::default(),
+        }
+    }
+
+    pub fn stats(&self) -> store::StoreStats {
+        self.store.stats()
+    }
+
+    fn rule_for(&self, path: &str) -> Option<&RouteRule> {
+        self.settings
+            .route_rules
+            .iter()
+            .find(|r| r.path.matcher.is_match(path))
+    }
+
+    /// Answers `req` from the cache, or through `fill`.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        fill: &Arc<dyn Fill>,
+    ) -> Response<Body> {
+        let rule = self.rule_for(req.uri().path()).cloned();
+        if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
+            return self.pass_through(req, fill, reason).await;
+        }
+        let primary = key::primary(&req);
+        let names = self
+            .vary_index
+            .get(&primary)
+            .unwrap_or_else(|| Arc::from([]));
+        let key = key::full(&primary, req.headers(), &names);
+        let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+        let now = SystemTime::now();
+
+        let cached = self
+            .store
+            .get(&key)
+            .await
+            .filter(|o| o.matches(req.headers()) && (!has_auth || o.shared_with_auth));
+        if let Some(object) = &cached {
+            match object.freshness(now) {
+                Freshness::Fresh => {
+                    self.counters.hits.inc();
+                    return respond::serve(&req, object, Served::Hit, now);
+                }
+                Freshness::Stale => {
+                    self.counters.stale.inc();
+                    self.revalidate(&key, &primary, &req, rule, fill, object);
+                    return respond::serve(&req, object, Served::StaleWhileRevalidate, now);
+                }
+                Freshness::StaleIfError | Freshness::Dead => {}
+            }
+        }
+        // From here on `cached`, if any, is a stale copy: it makes the fill
+        // conditional, and may stand in if the app fails.
+        let previous = cached;
+        // Recently not storable: fetch without waiting on anyone (a burst
+        // on a dynamic page must not queue behind one request), but still
+        // store the answer if it can be.
+        if self.pass.contains_key(&key) {
+            return self
+                .miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
+                .await;
+        }
+
+        match self.join(&key) {
+            Join::Wait(rx) => {
+                self.counters.coalesced.inc();
+                let waited = tokio::time::timeout(self.wait_timeout, wait_outcome(rx)).await;
+                if let Ok(Some(Outcome::Stored(object))) = waited
+                    && object.matches(req.headers())
+                    && (!has_auth || object.shared_with_auth)
+                {
+                    return respond::serve(
+                        &req,
+                        &object,
+                        Served::Miss { collapsed: true },
+                        SystemTime::now(),
+                    );
+                }
+                // Nothing to share (not storable, another variant, failed):
+                // this request fills for itself.
+                self.miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
+                    .await
+            }
+            Join::Lead(lead) => {
+                self.miss(
+                    req,
+                    &key,
+                    &primary,
+                    rule.as_ref(),
+                    fill,
+                    previous,
+                    Some(lead),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Forwards without storing. A successful unsafe request (POST, PUT,
+    /// DELETE…) invalidates what is stored for its URL and for the URLs its
+    /// `Location` and `Content-Location` name (RFC 9111 §4.4).
+    async fn pass_through(
+        &self,
+        req: Request<Body>,
+        fill: &Arc<dyn Fill>,
+        reason: &'static str,
+    ) -> Response<Body> {
+        self.counters.bypasses.inc();
+        let unsafe_method = !matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let target =
+            unsafe_method.then(|| (key::primary(&req), req.headers().get(header::HOST).cloned()));
+        let mut response = fill.fetch(req).await;
+        if let Some((primary, host)) = target
+            && (response.status().is_success() || response.status().is_redirection())
+        {
+            let mut primaries = vec![primary];
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(other) = response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| same_origin_primary(v, host.as_ref()))
+                {
+                    primaries.push(other);
+                }
+            }
+            let selector = Selector {
+                primaries,
+                ..Selector::default()
+            };
+            let invalidated = self.store.purge(&selector, false).await;
+            if invalidated > 0 {
+                tracing::debug!(invalidated, "invalidated after an unsafe request");
+            }
+        }
+        respond::strip_internal_headers(response.headers_mut());
+        respond::mark(response.headers_mut(), Served::Bypass(reason));
+        response
+    }
+
+    /// Drops (hard) or marks stale (soft) every entry the selector names.
+    pub async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
+        self.purge_epoch.fetch_add(1, Ordering::Relaxed);
+        self.pass.invalidate_all();
+        if selector.all && !soft {
+            self.vary_index.invalidate_all();
+        }
+        self.store.purge(selector, soft).await
+    }
+
+    /// Joins the fill in flight for `key`, or becomes its leader.
+    fn join(self: &Arc<Self>, key: &str) -> Join<S> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = inflight.get(key) {
+            return Join::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key.to_string(), rx);
+        Join::Lead(Lead {
+            cache: Arc::clone(self),
+            key: key.to_string(),
+            tx,
+        })
+    }
+
+    /// Leads a fill only if none is in flight (background revalidation).
+    fn lead_if_idle(self: &Arc<Self>, key: &str) -> Option<Lead<S>> {
+        match self.join(key) {
+            Join::Lead(lead) => Some(lead),
+            Join::Wait(_) => None,
+        }
+    }
+}
+
+/// The primary key of a `Location` / `Content-Location` value on the same
+/// host as the request (relative references, or absolute ones naming it).
+fn same_origin_primary(value: &HeaderValue, host: Option<&HeaderValue>) -> Option<String> {
+    let uri: http::Uri = value.to_str().ok()?.parse().ok()?;
+    let host = host?.to_str().ok()?;
+    if let Some(authority) = uri.authority()
+        && !authority.as_str().eq_ignore_ascii_case(host)
+    {
+        return None;
+    }
+    let target = uri.path_and_query()?.as_str();
+    let target = if target.starts_with('/') {
+        target.to_string()
+    } else {
+        format!("/{target}")
+    };
+    let req = Request::builder()
+        .uri(target)
+        .header(header::HOST, host)
+        .body(())
+        .ok()?;
+    Some(key::primary(&req))
+}
+
+enum Join<S: Store> {
+    Lead(Lead<S>),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+/// The right and duty to fill one key; waiters are released when it is
+/// finished or dropped.
+struct Lead<S: Store> {
+    cache: Arc<IsrCache<S>>,
+    key: String,
+    tx: watch::Sender<Option<Outcome>>,
+}
+
+impl<S: Store> Lead<S> {
+    fn finish(self, outcome: Outcome) {
+        self.tx.send_replace(Some(outcome));
+    }
+}
+
+impl<S: Store> Drop for Lead<S> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inflight.remove(&self.key);
+        drop(inflight);
+        // An unfinished lead (the fill was cancelled) releases its waiters
+        // with nothing to share.
+        if self.tx.borrow().is_none() {
+            self.tx.send_replace(Some(Outcome::NotShared));
+        }
+    }
+}
+
+async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>) -> Option<Outcome> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
+    }
+}

@@ -1,0 +1,239 @@
+//! A stored response and what time does to it: fresh, stale within its
+//! stale-while-revalidate window, usable only if the app fails, or dead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use super::policy::Lifetime;
+
+/// How long an expired response with a validator is kept for conditional
+/// revalidation (bounded, like everything stored, by the cache's size).
+pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(3600);
+
+/// One stored response.
+#[derive(Debug)]
+pub struct Object {
+    pub status: StatusCode,
+    /// As the app sent them, minus hop-by-hop, tag and `Age` headers.
+    pub headers: HeaderMap,
+    /// Identity-encoded.
+    pub body: Bytes,
+    /// When bext stored it (wall clock: comparable across instances).
+    pub stored_at: SystemTime,
+    /// The `Age` it arrived with.
+    pub initial_age: Duration,
+    pub lifetime: Lifetime,
+    /// Purge tags.
+    pub tags: Vec<String>,
+    /// The request path (no query), for path and prefix purges.
+    pub path: String,
+    /// The primary cache key (host, path, query), for invalidation after
+    /// an unsafe request to the same URL.
+    pub primary: String,
+    /// The request header values this variant was stored for (the
+    /// response's `Vary` names), to check a lookup really matches.
+    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// May be served to requests carrying `Authorization`.
+    pub shared_with_auth: bool,
+    /// `Cache-Control: no-cache="Field"`: never sent with a reuse.
+    pub omit_on_reuse: Vec<HeaderName>,
+    /// Unix milliseconds of a soft purge (0: none): from then on the object
+    /// counts as stale.
+    soft_purged_ms: AtomicU64,
+}
+
+/// Where an object stands at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve as HIT.
+    Fresh,
+    /// Serve as STALE while one background revalidation runs.
+    Stale,
+    /// Only to stand in for a failing app.
+    StaleIfError,
+    /// Of no use.
+    Dead,
+}
+
+impl Object {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a plain constructor of a plain record"
+    )]
+    pub fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        initial_age: Duration,
+        lifetime: Lifetime,
+        tags: Vec<String>,
+        (path, primary): (String, String),
+        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+        shared_with_auth: bool,
+    ) -> Self {
+        let omit_on_reuse = super::policy::CacheControl::parse(&headers)
+            .no_cache_fields
+            .iter()
+            .filter_map(|f| HeaderName::from_bytes(f.as_bytes()).ok())
+            .collect();
+        Object {
+            status,
+            omit_on_reuse,
+            headers,
+            body,
+            stored_at: SystemTime::now(),
+            initial_age,
+            lifetime,
+            tags,
+            path,
+            primary,
+            vary,
+            shared_with_auth,
+            soft_purged_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Current age (RFC 9111 §4.2.3, simplified: arrival age plus time here).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age + now.duration_since(self.stored_at).unwrap_or_default()
+    }
+
+    /// How long it has been stale (zero while fresh).
+    fn staleness(&self, now: SystemTime) -> Option<Duration> {
+        let age = self.age(now);
+        let mut stale_for = age.checked_sub(self.lifetime.ttl);
+        let purged = self.soft_purged_ms.load(Ordering::Relaxed);
+        if purged != 0 {
+            let purged_at = UNIX_EPOCH + Duration::from_millis(purged);
+            let since_purge = now.duration_since(purged_at).unwrap_or_default();
+            stale_for = Some(stale_for.map_or(since_purge, |s| s.max(since_purge)));
+        }
+        stale_for
+    }
+
+    pub fn freshness(&self, now: SystemTime) -> Freshness {
+        match self.staleness(now) {
+            None => Freshness::Fresh,
+            Some(stale) if stale < self.lifetime.swr => Freshness::Stale,
+            Some(stale) if stale < self.lifetime.stale_if_error => Freshness::StaleIfError,
+            Some(_) => Freshness::Dead,
+        }
+    }
+
+    /// Seconds of freshness left (negative once stale), for `Cache-Status`.
+    pub fn ttl_left(&self, now: SystemTime) -> i64 {
+        match self.staleness(now) {
+            Some(stale) => -(stale.as_secs() as i64),
+            None => (self.lifetime.ttl.saturating_sub(self.age(now))).as_secs() as i64,
+        }
+    }
+
+    /// How long the store must keep it: until no window can use it, or,
+    /// if it has a validator, [`KEEP_FOR_REVALIDATION`] longer, so that an
+    /// expired copy still makes the next fetch conditional (a 304 instead of
+    /// the whole body).
+    pub fn keep_for(&self) -> Duration {
+        let l = self.lifetime;
+        let keep = if self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED)
+        {
+            KEEP_FOR_REVALIDATION
+        } else {
+            Duration::ZERO
+        };
+        (l.ttl + l.swr.max(l.stale_if_error).max(keep)).saturating_sub(self.initial_age)
+    }
+
+    /// Marks it stale from now on (soft purge). True if it was not already.
+    pub fn soft_purge(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        self.soft_purged_ms
+            .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Does a request with these headers select this variant?
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, value)| headers.get(name) == value.as_ref())
+    }
+
+    /// Bytes this object holds, for the store's bound.
+    pub fn size(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        (self.body.len() + headers + self.path.len() + 256) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(ttl: u64, swr: u64, sie: u64, initial_age: u64) -> Object {
+        Object::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::new(),
+            Duration::from_secs(initial_age),
+            Lifetime {
+                ttl: Duration::from_secs(ttl),
+                swr: Duration::from_secs(swr),
+                stale_if_error: Duration::from_secs(sie),
+            },
+            vec![],
+            ("/".into(), "h /".into()),
+            vec![],
+            false,
+        )
+    }
+
+    #[test]
+    fn freshness_moves_through_its_windows() {
+        let o = object(10, 20, 60, 0);
+        let at = |s| o.stored_at + Duration::from_secs(s);
+        assert_eq!(o.freshness(at(5)), Freshness::Fresh);
+        assert_eq!(o.ttl_left(at(4)), 6);
+        assert_eq!(o.freshness(at(15)), Freshness::Stale);
+        assert_eq!(o.ttl_left(at(15)), -5);
+        assert_eq!(o.freshness(at(45)), Freshness::StaleIfError);
+        assert_eq!(o.freshness(at(80)), Freshness::Dead);
+        assert_eq!(o.keep_for(), Duration::from_secs(70));
+    }
+
+    #[test]
+    fn arriving_age_counts() {
+        let o = object(10, 0, 0, 8);
+        assert_eq!(
+            o.age(o.stored_at + Duration::from_secs(1)),
+            Duration::from_secs(9)
+        );
+        assert_eq!(
+            o.freshness(o.stored_at + Duration::from_secs(3)),
+            Freshness::Dead
+        );
+    }
+
+    #[test]
+    fn a_soft_purge_makes_it_stale_now() {
+        let o = object(3600, 60, 600, 0);
+        assert_eq!(o.freshness(SystemTime::now()), Freshness::Fresh);
+        assert!(o.soft_purge());
+        assert!(!o.soft_purge(), "once");
+        assert_eq!(o.freshness(SystemTime::now()), Freshness::Stale);
+        assert_eq!(
+            o.freshness(SystemTime::now() + Duration::from_secs(120)),
+            Freshness::StaleIfError
+        );
+    }
+}

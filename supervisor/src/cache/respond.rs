@@ -1,0 +1,229 @@
+//! Answering from a stored object (with `Age`, 304s and HEAD), and the
+//! headers that tell clients what the cache did.
+
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+
+use super::TAG_HEADERS;
+use super::object::Object;
+use crate::body::{self, Body};
+
+/// `x-bext-cache`.
+pub const X_BEXT_CACHE: HeaderName = HeaderName::from_static("x-bext-cache");
+/// RFC 9211.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How a response was produced.
+#[derive(Debug, Clone, Copy)]
+pub enum Served {
+    Hit,
+    StaleWhileRevalidate,
+    /// The app failed with this status; a stale copy stood in.
+    StaleIfError(StatusCode),
+    /// Fetched and stored; `collapsed` when it waited for another request's
+    /// fetch.
+    Miss {
+        collapsed: bool,
+    },
+    /// Fetched, not storable, and why.
+    NotStored(StatusCode, &'static str),
+    /// The app failed and nothing could stand in.
+    Failed(StatusCode),
+    /// The request did not use the cache, and why.
+    Bypass(&'static str),
+}
+
+/// Builds the answer to `req` from `object`.
+pub fn serve<B>(
+    req: &Request<B>,
+    object: &Object,
+    served: Served,
+    now: SystemTime,
+) -> Response<Body> {
+    let mut response = Response::new(body::empty());
+    let age = object.age(now).as_secs();
+    if not_modified(req.headers(), object) {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::DATE,
+            header::ETAG,
+            header::EXPIRES,
+            header::VARY,
+            header::LAST_MODIFIED,
+        ] {
+            for value in object.headers.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    } else {
+        *response.status_mut() = object.status;
+        *response.headers_mut() = object.headers.clone();
+        // `no-cache="Field"`: the field goes out with the response that was
+        // just fetched, never with a reuse.
+        if !matches!(served, Served::Miss { collapsed: false }) {
+            for field in &object.omit_on_reuse {
+                response.headers_mut().remove(field);
+            }
+        }
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(object.body.len()));
+        if req.method() != Method::HEAD {
+            *response.body_mut() = body::full(object.body.clone());
+        }
+    }
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    mark_with_ttl(response.headers_mut(), served, Some(object.ttl_left(now)));
+    response
+}
+
+/// Adds `x-bext-cache` and `Cache-Status` to a response that did not come
+/// from an object.
+pub fn mark(headers: &mut HeaderMap, served: Served) {
+    mark_with_ttl(headers, served, None);
+}
+
+fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
+    let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
+    let (label, status) = match served {
+        Served::Hit => ("HIT", format!("bext; hit{ttl}")),
+        Served::StaleWhileRevalidate => (
+            "STALE",
+            format!("bext; hit{ttl}; detail=stale-while-revalidate"),
+        ),
+        Served::StaleIfError(s) => (
+            "STALE",
+            format!(
+                "bext; fwd=stale; fwd-status={}{ttl}; detail=stale-if-error",
+                s.as_u16()
+            ),
+        ),
+        Served::Miss { collapsed } => (
+            "MISS",
+            format!(
+                "bext; fwd=uri-miss; stored{ttl}{}",
+                if collapsed { "; collapsed" } else { "" }
+            ),
+        ),
+        Served::NotStored(s, reason) => (
+            "BYPASS",
+            format!(
+                "bext; fwd=uri-miss; fwd-status={}; detail={reason}",
+                s.as_u16()
+            ),
+        ),
+        Served::Failed(s) => (
+            "MISS",
+            format!("bext; fwd=uri-miss; fwd-status={}", s.as_u16()),
+        ),
+        Served::Bypass(reason) => ("BYPASS", format!("bext; fwd=bypass; detail={reason}")),
+    };
+    headers.insert(X_BEXT_CACHE, HeaderValue::from_static(label));
+    if let Ok(value) = HeaderValue::from_str(&status) {
+        headers.insert(CACHE_STATUS, value);
+    }
+}
+
+/// Removes what a stored response must not carry from an earlier cache.
+pub fn unmark(headers: &mut HeaderMap) {
+    headers.remove(X_BEXT_CACHE);
+    headers.remove(CACHE_STATUS);
+}
+
+/// Removes what is meant for bext alone: the purge-tag headers and
+/// `Surrogate-Control`.
+pub fn strip_internal_headers(headers: &mut HeaderMap) {
+    for name in TAG_HEADERS {
+        headers.remove(name);
+    }
+    headers.remove("surrogate-control");
+}
+
+/// Removes the purge-tag headers and returns their tags: `X-Cache-Tags` and
+/// `x-next-cache-tags` are comma-separated, `Surrogate-Key` space-separated.
+pub fn take_tags(headers: &mut HeaderMap) -> Vec<String> {
+    let mut tags = Vec::new();
+    for (name, separator) in [
+        ("x-cache-tags", ','),
+        ("x-next-cache-tags", ','),
+        ("surrogate-key", ' '),
+    ] {
+        for value in headers.get_all(name) {
+            let Ok(value) = value.to_str() else { continue };
+            tags.extend(
+                value
+                    .split(separator)
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        headers.remove(name);
+    }
+    tags.sort();
+    tags.dedup();
+    tags
+}
+
+/// RFC 9111 §4.3.2: If-None-Match (weak comparison) first, else
+/// If-Modified-Since against Last-Modified.
+fn not_modified(request: &HeaderMap, object: &Object) -> bool {
+    if !object.status.is_success() {
+        return false;
+    }
+    if let Some(inm) = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let Some(etag) = object
+            .headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return inm
+            .split(',')
+            .any(|t| t.trim() == "*" || bare(t) == bare(etag));
+    }
+    let since = request
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let modified = object
+        .headers
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_come_from_all_three_headers_and_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-cache-tags", HeaderValue::from_static("posts, post:1"));
+        h.insert(
+            "x-next-cache-tags",
+            HeaderValue::from_static("_N_T_/layout,_N_T_/isr"),
+        );
+        h.insert("surrogate-key", HeaderValue::from_static("home  posts"));
+        h.insert("content-type", HeaderValue::from_static("text/html"));
+        let tags = take_tags(&mut h);
+        assert_eq!(
+            tags,
+            ["_N_T_/isr", "_N_T_/layout", "home", "post:1", "posts"]
+        );
+        assert_eq!(h.len(), 1);
+    }
+}

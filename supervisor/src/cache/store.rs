@@ -1,0 +1,163 @@
+//! Where objects live. [`Store`] is the seam: the in-memory store here is
+//! L1; edge mode adds Redis as one more implementation (and a tiered store
+//! that combines them) without the cache above noticing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::notification::RemovalCause;
+
+use super::object::Object;
+
+/// Which objects a purge touches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub all: bool,
+    pub tags: Vec<String>,
+    pub paths: Vec<String>,
+    pub prefix: Option<String>,
+    /// Primary keys (host, path, query): every variant of those URLs.
+    pub primaries: Vec<String>,
+}
+
+impl Selector {
+    pub fn matches(&self, object: &Object) -> bool {
+        self.all
+            || object.tags.iter().any(|t| self.tags.contains(t))
+            || self.paths.contains(&object.path)
+            || self
+                .prefix
+                .as_ref()
+                .is_some_and(|p| object.path.starts_with(p.as_str()))
+            || self.primaries.contains(&object.primary)
+    }
+}
+
+/// Counts the store reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub evictions: u64,
+}
+
+/// Storage for cached objects, keyed by the cache's full key.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &str) -> impl Future<Output = Option<Arc<Object>>> + Send;
+    fn insert(&self, key: String, object: Arc<Object>) -> impl Future<Output = ()> + Send;
+    /// Drops (hard) or marks stale (soft) every matching object; returns
+    /// how many were affected.
+    fn purge(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send;
+    fn stats(&self) -> StoreStats;
+}
+
+/// The in-memory store: `moka`, with a per-object expiry (an object is kept
+/// as long as any of its windows can use it), bounded by both entry count
+/// and bytes.
+///
+/// moka bounds one weighted capacity. Each object weighs at least
+/// `max_bytes / max_entries` (and at least its size), with the capacity set
+/// to `max_bytes`: the byte total stays under `max_bytes`, and since every
+/// object weighs at least `max_bytes / max_entries`, the count stays under
+/// `max_entries`.
+pub struct MemoryStore {
+    objects: moka::sync::Cache<String, Arc<Object>>,
+    bytes: Arc<AtomicU64>,
+    evictions: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct KeepWhileUseful;
+
+impl moka::Expiry<String, Arc<Object>> for KeepWhileUseful {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        object: &Arc<Object>,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(object.keep_for())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        object: &Arc<Object>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(object.keep_for())
+    }
+}
+
+impl MemoryStore {
+    pub fn new(max_entries: u64, max_bytes: u64) -> Self {
+        let floor = (max_bytes / max_entries.max(1)).max(1);
+        let bytes = Arc::new(AtomicU64::new(0));
+        let evictions = Arc::new(AtomicU64::new(0));
+        let (bytes_out, evicted) = (Arc::clone(&bytes), Arc::clone(&evictions));
+        let objects = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(move |_: &String, object: &Arc<Object>| {
+                u32::try_from(object.size().max(floor)).unwrap_or(u32::MAX)
+            })
+            .expire_after(KeepWhileUseful)
+            .eviction_listener(move |_, object: Arc<Object>, cause| {
+                bytes_out.fetch_sub(object.size(), Ordering::Relaxed);
+                if cause == RemovalCause::Size {
+                    evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        MemoryStore {
+            objects,
+            bytes,
+            evictions,
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn get(&self, key: &str) -> Option<Arc<Object>> {
+        self.objects.get(key)
+    }
+
+    async fn insert(&self, key: String, object: Arc<Object>) {
+        self.bytes.fetch_add(object.size(), Ordering::Relaxed);
+        self.objects.insert(key, object);
+    }
+
+    async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
+        let mut affected = 0;
+        for (key, object) in self.objects.iter() {
+            if !selector.matches(&object) {
+                continue;
+            }
+            if soft {
+                if object.soft_purge() {
+                    affected += 1;
+                }
+            } else if self.objects.remove(key.as_str()).is_some() {
+                affected += 1;
+            }
+        }
+        affected
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.objects.run_pending_tasks();
+        StoreStats {
+            entries: self.objects.entry_count(),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+}
