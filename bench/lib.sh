@@ -71,6 +71,19 @@ run_wrk() {
   echo "$name|$rps|$p50|$p99|${errors:-none}"
 }
 
+# rps_of NAME: the req/s of the run called NAME in the results array.
+rps_of() {
+  local r n rps
+  for r in "${results[@]}"; do
+    IFS='|' read -r n rps _ <<<"$r"
+    if [[ "$n" == "$1" ]]; then echo "$rps"; fi
+  done
+  return 0
+}
+
+# ratio A B: A / B with two decimals.
+ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+
 machine_info() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r)"

@@ -101,8 +101,6 @@ results+=("$(run_wrk "hono via nginx" "http://127.0.0.1:$nginx_port/")")
 results+=("$(run_wrk "static via bext" "http://$bext_static$STATIC_FILE")")
 results+=("$(run_wrk "static via nginx" "http://127.0.0.1:$static_port$STATIC_FILE")")
 
-rps_of() { for r in "${results[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [[ "$n" == "$1" ]] && echo "$rps"; done; }
-ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
 
 echo "## Proxy and static throughput ($(date -u +%Y-%m-%d))"
 echo

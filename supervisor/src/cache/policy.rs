@@ -233,6 +233,8 @@ pub fn response_verdict(
         (None, None) if cc.public && heuristically_cacheable(status) => {
             (settings.default_ttl, settings.default_swr)
         }
+        // no-cache with a validator: stored to be revalidated on every use.
+        (None, None) if cc.no_cache && surrogate.is_none() => (Duration::ZERO, Duration::ZERO),
         (None, None) => return Verdict::Pass("no-lifetime"),
     };
     // must-revalidate forbids stale answers; s-maxage implies
