@@ -32,16 +32,22 @@ demo: build
 	./target/release/bext run $(DEMO_APP) --listen $(DEMO_LISTEN)
 
 bench-deps:
-	scripts/apt-install.sh nginx-light wrk curl python3 util-linux
+	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux
+
+BENCHES ?= proxy cache platform
 
 bench: build fixtures bench-deps
 	mkdir -p bench/results
-	bash bench/proxy.sh | tee bench/results/proxy-$$(date -u +%Y%m%dT%H%M).md
+	for b in $(BENCHES); do \
+	  bash bench/$$b.sh | tee bench/results/$$b-$$(date -u +%Y%m%dT%H%M).md || exit 1; \
+	done
 
 # A one-second run of every benchmark: keeps the scripts working in CI.
 # Asserts nothing about speed (this machine is shared and noisy).
 bench-smoke: build fixtures bench-deps
-	BENCH_DURATION=1s BENCH_CONNECTIONS=10 bash bench/proxy.sh
+	for b in $(BENCHES); do \
+	  BENCH_DURATION=1s BENCH_CONNECTIONS=10 bash bench/$$b.sh >/dev/null || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -111,12 +111,7 @@ echo "- pages: origin fixture \`$PAGE_1K\` and \`$PAGE_32K\` (\`Cache-Control: p
 echo "- access logs: bext (JSON) and nginx to files; Varnish to its shared-memory log"
 echo "- command: \`BENCH_DURATION=$DURATION bench/cache.sh\`"
 echo
-echo "| run | req/s | p50 | p99 | errors |"
-echo "|---|---:|---:|---:|---|"
-for r in "${results[@]}"; do
-  IFS='|' read -r n rps p50 p99 errors <<<"$r"
-  echo "| $n | $rps | $p50 | $p99 | $errors |"
-done
+results_table
 echo
 for size in "1 KiB" "32 KiB"; do
   b="$(rps_of "bext, $size")"

@@ -57,18 +57,31 @@ start_bext() {
   printf -v "$var" '%s' "$(grep -m1 '"listening on' "$log" | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
 }
 
-# run_wrk NAME URL: one bounded wrk run; prints "NAME|req/s|p50|p99|errors".
+# run_wrk NAME URL [WRK ARGS...]: one bounded wrk run; prints
+# "NAME|req/s|p50|p99|errors".
 run_wrk() {
   local name="$1" url="$2" out
+  shift 2
   # Warm-up, not recorded.
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1 || true
-  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")"
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$@" "$url" >/dev/null 2>&1 || true
+  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url")"
   local rps p50 p99 errors
   rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
   p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
   p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
   errors="$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")"
   echo "$name|$rps|$p50|$p99|${errors:-none}"
+}
+
+# results_table: the results array as a Markdown table.
+results_table() {
+  echo "| run | req/s | p50 | p99 | errors |"
+  echo "|---|---:|---:|---:|---|"
+  local r n rps p50 p99 errors
+  for r in "${results[@]}"; do
+    IFS='|' read -r n rps p50 p99 errors <<<"$r"
+    echo "| $n | $rps | $p50 | $p99 | $errors |"
+  done
 }
 
 # rps_of NAME: the req/s of the run called NAME in the results array.

@@ -108,12 +108,7 @@ machine_info
 echo "- static file: tests/fixtures/static$STATIC_FILE ($(stat -c %s "$STATIC$STATIC_FILE") bytes); access logs on for both (bext: JSON to a file, nginx: combined to a file)"
 echo "- command: \`BENCH_DURATION=$DURATION bench/proxy.sh\`"
 echo
-echo "| run | req/s | p50 | p99 | errors |"
-echo "|---|---:|---:|---:|---|"
-for r in "${results[@]}"; do
-  IFS='|' read -r n rps p50 p99 errors <<<"$r"
-  echo "| $n | $rps | $p50 | $p99 | $errors |"
-done
+results_table
 echo
 echo "- proxied: bext / nginx = **$(ratio "$(rps_of "hono via bext")" "$(rps_of "hono via nginx")")** (target ≥ 1.0); bext / app alone = $(ratio "$(rps_of "hono via bext")" "$(rps_of "hono alone (TCP)")")"
 echo "- static: bext / nginx = **$(ratio "$(rps_of "static via bext")" "$(rps_of "static via nginx")")** (target ≥ 0.9)"

@@ -14,11 +14,14 @@ use crate::body::{Body, BoxError};
 /// What the access log says about one request, filled in along the way.
 #[derive(Debug)]
 pub struct Record {
+    pub app: std::sync::Arc<str>,
     pub method: http::Method,
     pub host: String,
     pub path: String,
     pub status: StatusCode,
     pub worker: Option<usize>,
+    /// The client's address (the peer, or a trusted proxy's client).
+    pub client: std::net::IpAddr,
     pub request_id: String,
     pub started: Instant,
 }
@@ -50,20 +53,24 @@ impl Record {
             let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
             let _ = writeln!(
                 line,
-                r#"{{"timestamp":"{now}","level":"INFO","message":{},"target":"bext::access","method":{},"host":{},"path":{},"status":{status},"bytes":{bytes},"duration_ms":{duration_ms:.3},"worker":{worker},"request_id":{},"complete":{complete}}}"#,
+                r#"{{"timestamp":"{now}","level":"INFO","message":{},"target":"bext::access","app":{},"method":{},"host":{},"path":{},"status":{status},"bytes":{bytes},"duration_ms":{duration_ms:.3},"worker":{worker},"client":"{}","request_id":{},"complete":{complete}}}"#,
                 s(&format!("{} {} {status}", self.method, self.path)),
+                s(&self.app),
                 s(self.method.as_str()),
                 s(&self.host),
                 s(&self.path),
+                self.client,
                 s(&self.request_id),
             );
         } else {
             let _ = writeln!(
                 line,
-                "{now}  INFO bext::access: {} {} {status} host={} bytes={bytes} duration_ms={duration_ms:.3} worker={worker} request_id={} complete={complete}",
+                "{now}  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={duration_ms:.3} worker={worker} client={} request_id={} complete={complete}",
                 self.method,
                 self.path.escape_debug(),
+                self.app,
                 self.host.escape_debug(),
+                self.client,
                 self.request_id,
             );
         }
@@ -73,6 +80,7 @@ impl Record {
     fn emit_event(&self, bytes: u64, complete: bool) {
         tracing::info!(
             target: "bext::access",
+            app = %self.app,
             method = %self.method,
             host = %self.host,
             path = %self.path,
@@ -80,6 +88,7 @@ impl Record {
             bytes,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             worker = self.worker.map_or(-1, |w| w as i64),
+            client = %self.client,
             request_id = %self.request_id,
             complete,
             "{} {} {}",

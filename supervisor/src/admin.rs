@@ -35,6 +35,8 @@ pub struct Admin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
+    /// Multi-app: which app (needed when the Host names none).
+    app: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
     #[serde(default)]
@@ -53,7 +55,7 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/__bext/metrics") => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
+                self.metrics.render(Some(&self.app)),
             ),
             (&Method::POST, "/__bext/cache/invalidate") if self.purge_token.is_some() => {
                 self.invalidate(req).await
@@ -66,6 +68,17 @@ impl Admin {
     }
 
     fn health(&self) -> Response<Body> {
+        let (healthy, body) = self.health_report();
+        let status = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json(status, &body)
+    }
+
+    /// Whether the app can answer, and the JSON report.
+    pub fn health_report(&self) -> (bool, serde_json::Value) {
         let workers = self.pool.as_ref().map(|p| p.status()).unwrap_or_default();
         let ready = self.pool.as_ref().map_or(0, |p| p.ready_count());
         let healthy = self.pool.is_none() || ready > 0;
@@ -80,16 +93,10 @@ impl Admin {
             "workers": workers,
             "ready": ready,
             "restarts": self.pool.as_ref().map_or(0, |p| p.restarts()),
+            "failures_in_a_row": self.pool.as_ref().map_or(0, |p| p.consecutive_failures()),
             "cache": cache,
         });
-        json(
-            if healthy {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            },
-            &body,
-        )
+        (healthy, body)
     }
 
     async fn invalidate(&self, req: Request<Body>) -> Response<Body> {
@@ -116,6 +123,12 @@ impl Admin {
             Ok(request) => request,
             Err(e) => return bad_request(&format!("invalid purge request: {e}")),
         };
+        if let Some(other) = request.app.as_ref().filter(|a| **a != self.app) {
+            return bad_request(&format!(
+                "this host purges app `{}`, not `{other}`",
+                self.app
+            ));
+        }
         let selector = Selector {
             all: request.all,
             tags: request.tags,

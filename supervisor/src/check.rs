@@ -13,6 +13,20 @@ pub struct Report {
 }
 
 pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
+    if let Some(file) = &args.config {
+        let text =
+            std::fs::read_to_string(file).map_err(|source| crate::config::ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+        if crate::config::platform::is_platform_file(&text) {
+            let mut lines = crate::serve::check(file)?.into_iter();
+            return Ok(Report {
+                config: lines.next().unwrap_or_default(),
+                app: lines.collect::<Vec<_>>().join("\n"),
+            });
+        }
+    }
     let config = load_config(&args.dir, args.config.as_deref())?;
     let config_line = match &config.source {
         Some(path) => format!("{}: ok", path.display()),

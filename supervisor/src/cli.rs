@@ -30,6 +30,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Detect, install, build and serve the app in DIR (single-app mode).
     Run(RunArgs),
+    /// Run many apps behind one listener, routed by Host (multi-app mode).
+    Serve(ServeArgs),
     /// Validate the config (and detect the app) without starting anything.
     Check(CheckArgs),
 }
@@ -58,12 +60,24 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The platform file ([platform] and [apps.NAME] tables).
+    #[arg(long, short)]
+    pub config: PathBuf,
+
+    /// Listen address, overriding [platform] listen.
+    #[arg(long, short)]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The app directory (its bext.config.toml is checked).
     #[arg(default_value = ".")]
     pub dir: PathBuf,
 
-    /// Check this config file instead.
+    /// Check this config file instead: an app's bext.config.toml, or a
+    /// platform file (then every app it names is checked too).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
 }

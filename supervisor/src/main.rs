@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bext::cli::{Cli, Command};
+use bext::cli::{Cli, Command, LogFormat};
+use bext::run::RunError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,27 +23,31 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string(), e.exit_code()),
         },
-        Command::Run(args) => {
-            let log = bext::telemetry::init(cli.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => return fail(&format!("could not start the async runtime: {e}"), 1),
-            };
-            let result = runtime.block_on(bext::run::run(args));
-            if let Err(e) = &result {
-                tracing::error!("{e}");
-            }
-            // Workers and tasks are gone; flush the log before the verdict.
-            drop(runtime);
-            drop(log);
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e.to_string(), e.exit_code()),
-            }
-        }
+        Command::Run(args) => daemon(cli.log_format, bext::run::run(args)),
+        Command::Serve(args) => daemon(cli.log_format, bext::serve::serve(args)),
+    }
+}
+
+/// Runs a long-lived command: logging, the async runtime, and the exit code.
+fn daemon(format: LogFormat, command: impl Future<Output = Result<(), RunError>>) -> ExitCode {
+    let log = bext::telemetry::init(format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("could not start the async runtime: {e}"), 1),
+    };
+    let result = runtime.block_on(command);
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    // Workers and tasks are gone; flush the log before the verdict.
+    drop(runtime);
+    drop(log);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }
 

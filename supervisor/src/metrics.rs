@@ -1,12 +1,14 @@
-//! Prometheus metrics for `/__bext/metrics`.
+//! Prometheus metrics for `/__bext/metrics`: one registry for the whole
+//! process, every series labelled with its `app`.
 //!
-//! Counters that move on every request are plain atomics updated where the
-//! event happens; gauges and counters owned by other parts (cache entries
-//! and bytes, evictions, worker states and restarts) are read at scrape time
-//! by [`Snapshot`].
+//! Counters that move on every request are atomics updated where the event
+//! happens (handed out as [`AppCounters`]); what other parts own (cache
+//! entries and bytes, evictions, worker states, restarts, RSS) is read at
+//! scrape time from the apps registered with [`Metrics::register_app`].
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -18,144 +20,308 @@ use crate::cache::{CacheCounters, IsrCache};
 use crate::pool::Pool;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
+pub struct AppLabel {
+    pub app: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppStatusLabel {
+    pub app: String,
     pub status: u16,
 }
 
-/// One app's metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppWorkerLabel {
+    pub app: String,
+    pub worker: u32,
+}
+
+/// The process's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<StatusLabel, Counter>,
+    requests: Family<AppStatusLabel, Counter>,
+    rate_limited: Family<AppLabel, Counter>,
+    cache: [Family<AppLabel, Counter>; 6],
+    apps: Arc<ArcSwap<Vec<AppSource>>>,
 }
 
-impl Metrics {
-    pub fn new(pool: Option<Arc<Pool>>, cache: Option<Arc<IsrCache>>) -> Self {
-        let mut registry = Registry::with_prefix("bext");
-        let requests = Family::<StatusLabel, Counter>::default();
-        registry.register("requests", "Responses sent, by status", requests.clone());
-        if let Some(cache) = &cache {
-            let CacheCounters {
-                hits,
-                stale,
-                misses,
-                bypasses,
-                coalesced,
-                revalidations,
-            } = cache.counters.clone();
-            registry.register("cache_hits", "Served fresh from the cache", hits);
-            registry.register(
-                "cache_stale",
-                "Served stale from the cache (revalidating, or standing in for a failing app)",
-                stale,
-            );
-            registry.register(
-                "cache_misses",
-                "Fetched from the app (one per fill, however many requests waited for it)",
-                misses,
-            );
-            registry.register(
-                "cache_bypasses",
-                "Not served from or stored in the cache",
-                bypasses,
-            );
-            registry.register(
-                "cache_coalesced",
-                "Misses that waited for another request's fetch",
-                coalesced,
-            );
-            registry.register(
-                "cache_revalidations",
-                "Background revalidations started",
-                revalidations,
-            );
-        }
-        registry.register_collector(Box::new(Snapshot { pool, cache }));
-        Metrics { registry, requests }
-    }
+/// What the scrape reads from one app.
+#[derive(Debug, Clone)]
+pub struct AppSource {
+    pub app: String,
+    pub pool: Option<Arc<Pool>>,
+    pub cache: Option<Arc<IsrCache>>,
+}
 
+/// One app's request-path counters.
+#[derive(Debug, Clone)]
+pub struct AppCounters {
+    app: String,
+    requests: Family<AppStatusLabel, Counter>,
+    pub rate_limited: Counter,
+}
+
+impl AppCounters {
     pub fn count(&self, status: http::StatusCode) {
         self.requests
-            .get_or_create(&StatusLabel {
+            .get_or_create(&AppStatusLabel {
+                app: self.app.clone(),
                 status: status.as_u16(),
             })
             .inc();
     }
+}
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("bext");
+        let requests = Family::<AppStatusLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Responses sent, by app and status",
+            requests.clone(),
+        );
+        let rate_limited = Family::<AppLabel, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by the app's rate limit",
+            rate_limited.clone(),
+        );
+        let cache: [Family<AppLabel, Counter>; 6] = Default::default();
+        let help = [
+            ("cache_hits", "Served fresh from the cache"),
+            (
+                "cache_stale",
+                "Served stale from the cache (revalidating, or standing in for a failing app)",
+            ),
+            (
+                "cache_misses",
+                "Fetched from the app (one per fill, however many requests waited for it)",
+            ),
+            ("cache_bypasses", "Not served from or stored in the cache"),
+            (
+                "cache_coalesced",
+                "Misses that waited for another request's fetch",
+            ),
+            ("cache_revalidations", "Background revalidations started"),
+        ];
+        for ((name, help), family) in help.into_iter().zip(&cache) {
+            registry.register(name, help, family.clone());
+        }
+        let apps = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        registry.register_collector(Box::new(Snapshot {
+            apps: Arc::clone(&apps),
+        }));
+        Metrics {
+            registry,
+            requests,
+            rate_limited,
+            cache,
+            apps,
+        }
+    }
+
+    /// Counters for `app`'s request path.
+    pub fn counters(&self, app: &str) -> AppCounters {
+        AppCounters {
+            app: app.to_string(),
+            requests: self.requests.clone(),
+            rate_limited: self
+                .rate_limited
+                .get_or_create(&AppLabel {
+                    app: app.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    /// Counters for `app`'s cache (shared with the registry).
+    pub fn cache_counters(&self, app: &str) -> CacheCounters {
+        let label = AppLabel {
+            app: app.to_string(),
+        };
+        let c = |i: usize| self.cache[i].get_or_create(&label).clone();
+        CacheCounters {
+            hits: c(0),
+            stale: c(1),
+            misses: c(2),
+            bypasses: c(3),
+            coalesced: c(4),
+            revalidations: c(5),
+        }
+    }
+
+    /// Adds (or replaces) an app whose pool and cache the scrape reads.
+    pub fn register_app(&self, source: &AppSource) {
+        self.apps.rcu(|apps| {
+            let mut apps: Vec<AppSource> = apps
+                .iter()
+                .filter(|a| a.app != source.app)
+                .cloned()
+                .collect();
+            apps.push(source.clone());
+            apps
+        });
+    }
+
+    /// Forgets an app that was removed.
+    pub fn unregister_app(&self, app: &str) {
+        self.apps.rcu(|apps| {
+            apps.iter()
+                .filter(|a| a.app != app)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// The Prometheus text exposition, for every app or for one.
+    pub fn render(&self, only: Option<&str>) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        match only {
+            None => out,
+            Some(app) => {
+                let label = format!("app=\"{app}\"");
+                out.lines()
+                    .filter(|line| {
+                        line.starts_with('#')
+                            || line.contains(&format!("{{{label},"))
+                            || line.contains(&format!("{{{label}}}"))
+                            || line.contains(&format!(",{label},"))
+                            || line.contains(&format!(",{label}}}"))
+                    })
+                    .fold(String::new(), |mut acc, line| {
+                        acc.push_str(line);
+                        acc.push('\n');
+                        acc
+                    })
+            }
+        }
     }
 }
 
 /// Values read from their owners at scrape time.
 #[derive(Debug)]
 struct Snapshot {
-    pool: Option<Arc<Pool>>,
-    cache: Option<Arc<IsrCache>>,
+    apps: Arc<ArcSwap<Vec<AppSource>>>,
 }
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        if let Some(cache) = &self.cache {
-            let stats = cache.stats();
-            gauge(
-                &mut encoder,
-                "cache_entries",
-                "Entries in the cache",
-                stats.entries as i64,
-            )?;
-            gauge(
-                &mut encoder,
-                "cache_bytes",
-                "Bytes held by the cache",
-                stats.bytes as i64,
-            )?;
-            counter(
-                &mut encoder,
-                "cache_evictions",
-                "Entries evicted to stay within max_entries / max_bytes",
-                stats.evictions,
-            )?;
+        let apps = self.apps.load();
+        let label = |a: &AppSource| AppLabel { app: a.app.clone() };
+        let caches: Vec<_> = apps
+            .iter()
+            .filter_map(|a| a.cache.as_ref().map(|c| (label(a), c.stats())))
+            .collect();
+        let pools: Vec<_> = apps
+            .iter()
+            .filter_map(|a| a.pool.as_ref().map(|p| (label(a), p)))
+            .collect();
+
+        gauges(
+            &mut encoder,
+            "cache_entries",
+            "Entries in the cache",
+            caches.iter().map(|(l, s)| (l, s.entries as i64)),
+        )?;
+        gauges(
+            &mut encoder,
+            "cache_bytes",
+            "Bytes held by the cache",
+            caches.iter().map(|(l, s)| (l, s.bytes as i64)),
+        )?;
+        counters(
+            &mut encoder,
+            "cache_evictions",
+            "Entries evicted to stay within max_entries / max_bytes",
+            caches.iter().map(|(l, s)| (l, s.evictions)),
+        )?;
+        counters(
+            &mut encoder,
+            "worker_restarts",
+            "Worker restarts after crashes and recycles",
+            pools.iter().map(|(l, p)| (l, p.restarts())),
+        )?;
+        gauges(
+            &mut encoder,
+            "workers_ready",
+            "Workers ready to take requests",
+            pools.iter().map(|(l, p)| (l, p.ready_count() as i64)),
+        )?;
+        gauges(
+            &mut encoder,
+            "worker_failures_in_a_row",
+            "Consecutive failed starts or crashes (a crash loop backs off while this grows)",
+            pools
+                .iter()
+                .map(|(l, p)| (l, p.consecutive_failures() as i64)),
+        )?;
+        let mut rss = Vec::new();
+        for (label, pool) in &pools {
+            for worker in pool.status() {
+                if let Some(bytes) = worker.pid.and_then(crate::pool::rss_bytes) {
+                    rss.push((
+                        AppWorkerLabel {
+                            app: label.app.clone(),
+                            worker: worker.index as u32,
+                        },
+                        bytes as i64,
+                    ));
+                }
+            }
         }
-        if let Some(pool) = &self.pool {
-            counter(
-                &mut encoder,
-                "worker_restarts",
-                "Worker restarts after crashes and recycles",
-                pool.restarts(),
-            )?;
-            gauge(
-                &mut encoder,
-                "workers_ready",
-                "Workers ready to take requests",
-                pool.ready_count() as i64,
-            )?;
-        }
+        gauges(
+            &mut encoder,
+            "worker_rss_bytes",
+            "Resident memory of each worker process",
+            rss.iter().map(|(l, v)| (l, *v)),
+        )?;
         Ok(())
     }
 }
 
-fn gauge(
+fn gauges<'a, L: EncodeLabelSet + 'a>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    value: i64,
+    values: impl Iterator<Item = (&'a L, i64)>,
 ) -> Result<(), std::fmt::Error> {
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (label, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(label)?)?;
+    }
+    Ok(())
 }
 
-fn counter(
+fn counters<'a, L: EncodeLabelSet + 'a>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    value: u64,
+    values: impl Iterator<Item = (&'a L, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (label, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(label)?)?;
+    }
+    Ok(())
 }

@@ -1,40 +1,51 @@
-//! The wiring module: the only place that knows every layer of the request
-//! path and puts them in order. For one app:
+//! The wiring module: the only place that knows every layer of one app's
+//! request path and puts them in order:
 //!
 //! ```text
-//! listener → request id + access log + metrics → /__bext/ endpoints
-//!          → static files → ISR cache → proxy → worker pool
+//! request id + access log + metrics → /__bext/ endpoints → rate limiter
+//!     → static files → ISR cache → proxy → worker pool
 //! ```
 //!
-//! (The Host router and rate limiter go in front, for multi-app mode.)
+//! In multi-app mode the Host router ([`crate::router`]) picks the app
+//! first; everything after is the app's own.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use ipnet::IpNet;
 
 use crate::access_log::{Logged, Record};
 use crate::admin::{self, Admin};
-use crate::body::{self, Body};
+use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
 use crate::listener::Handler;
-use crate::metrics::Metrics;
+use crate::metrics::AppCounters;
 use crate::proxy::{ClientInfo, ServedBy, headers};
+use crate::ratelimit::{Decision, RateLimiter};
 use crate::statics::{self, Outcome, StaticFiles};
 
 /// Everything that answers requests for one app.
 #[derive(Debug)]
 pub struct AppService {
+    pub app: Arc<str>,
     pub admin: Admin,
-    pub statics: StaticFiles,
+    pub statics: Arc<StaticFiles>,
     /// The way to the app's workers; `None` for a static site.
     pub fill: Option<Arc<dyn Fill>>,
     /// `None` when `[cache.isr] enabled = false`.
     pub cache: Option<Arc<IsrCache>>,
-    pub metrics: Arc<Metrics>,
+    /// `None` without `rate_limit.rpm`.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<[IpNet]>,
+    pub counters: AppCounters,
     pub access_log: bool,
+    /// Requests being answered (a removed app drains until zero).
+    pub inflight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for dyn Fill {
@@ -43,13 +54,54 @@ impl std::fmt::Debug for dyn Fill {
     }
 }
 
+/// Counts a request as in flight until its response body is done.
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl AppService {
-    async fn respond(&self, req: Request<Incoming>, client: &ClientInfo) -> Response<Body> {
-        // bext's own endpoints first: they are never the app's, and never
-        // cached.
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        client: &ClientInfo,
+        client_ip: IpAddr,
+    ) -> Response<Body> {
+        // bext's own endpoints first: never the app's, never cached or
+        // rate-limited.
         if req.uri().path().starts_with(admin::PREFIX) {
             return self.admin.handle(req.map(body::incoming)).await;
         }
+        // The rate limit, before any work is done for the request.
+        let mut allowance = None;
+        if let Some(limiter) = &self.limiter {
+            match limiter.check(client_ip) {
+                Decision::Allowed { remaining } => allowance = Some((limiter, remaining)),
+                Decision::Limited { retry_after } => {
+                    self.counters.rate_limited.inc();
+                    return limiter.refusal(retry_after);
+                }
+            }
+        }
+        let mut response = self.answer(req, client).await;
+        if let Some((limiter, remaining)) = allowance {
+            limiter.annotate(response.headers_mut(), remaining);
+        }
+        response
+    }
+
+    async fn answer(&self, req: Request<Incoming>, client: &ClientInfo) -> Response<Body> {
         // Static files: answered from disk without a worker hop.
         if let Outcome::Response(response) = self.statics.serve(&req) {
             return response;
@@ -67,17 +119,30 @@ impl AppService {
         respond::strip_internal_headers(response.headers_mut());
         response
     }
+
+    /// Requests of this app still being answered.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
 }
 
 impl Handler for AppService {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
+        let guard = InFlight::new(&self.inflight);
+        let trusted_peer = self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let client_ip = headers::client_ip(peer.ip(), req.headers(), &self.trusted_proxies);
         let client = ClientInfo {
             peer,
+            trusted_peer,
             scheme: "http",
             request_id: headers::request_id(req.headers()),
         };
         let record = self.access_log.then(|| Record {
+            app: Arc::clone(&self.app),
             method: req.method().clone(),
             host: req
                 .headers()
@@ -89,20 +154,21 @@ impl Handler for AppService {
             path: req.uri().path().to_string(),
             status: StatusCode::OK,
             worker: None,
+            client: client_ip,
             request_id: client.request_id.clone(),
             started,
         });
-        let mut response = self.respond(req, &client).await;
+        let mut response = self.respond(req, &client, client_ip).await;
         if let Ok(id) = HeaderValue::from_str(&client.request_id) {
             response.headers_mut().insert(headers::X_REQUEST_ID, id);
         }
-        self.metrics.count(response.status());
+        self.counters.count(response.status());
         let worker = response.extensions().get::<ServedBy>().map(|s| s.0);
         let record = record.map(|mut r| {
             r.status = response.status();
             r.worker = worker;
             r
         });
-        response.map(|b| body::boxed(Logged::new(b, record)))
+        response.map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)))
     }
 }

@@ -275,11 +275,16 @@ async fn five_hundred_concurrent_misses_reach_the_app_once_cold_and_once_expired
     assert_eq!(shared, 998.0);
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+/// The value of a metric (with any labels) in a Prometheus exposition.
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse::<f64>().ok())
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once('}')?.1,
+                None => rest,
+            };
+            rest.trim().parse::<f64>().ok()
         })
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test module uses a different subset")]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -101,7 +102,23 @@ impl Bext {
     }
 
     pub fn start(dir: &Path, options: &Options) -> Bext {
-        let (child, log, runtime_dir) = spawn(dir, options);
+        Bext::launch(&[OsStr::new("run"), dir.as_os_str()], options)
+    }
+
+    /// `bext serve --config FILE --listen 127.0.0.1:0 ARGS`.
+    pub fn serve(config: &Path, options: &Options) -> Bext {
+        Bext::launch(
+            &[
+                OsStr::new("serve"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            options,
+        )
+    }
+
+    fn launch(command: &[&OsStr], options: &Options) -> Bext {
+        let (child, log, runtime_dir) = spawn(command, options);
         let mut bext = Bext {
             child: Some(child),
             addr: "127.0.0.1:1".parse().expect("placeholder"),
@@ -178,6 +195,21 @@ impl Bext {
         children(self.pid())
     }
 
+    /// Sends a signal to bext itself.
+    pub fn signal(&self, sig: i32) {
+        signal(self.pid(), sig);
+    }
+
+    /// A GET with an explicit Host header.
+    pub async fn get_host(&self, host: &str, path: &str) -> reqwest::Response {
+        client()
+            .get(self.url(path))
+            .header("host", host)
+            .send()
+            .await
+            .expect("GET")
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = self.pid();
@@ -208,12 +240,12 @@ impl Drop for Bext {
     }
 }
 
-fn spawn(dir: &Path, options: &Options) -> (Child, Arc<LogBook>, tempfile::TempDir) {
+fn spawn(subcommand: &[&OsStr], options: &Options) -> (Child, Arc<LogBook>, tempfile::TempDir) {
     let runtime_dir = tempfile::tempdir().expect("runtime dir");
     let mut command = Command::new(env!("CARGO_BIN_EXE_bext"));
     command
-        .args(["--log-format", "json", "run"])
-        .arg(dir)
+        .args(["--log-format", "json"])
+        .args(subcommand)
         .args(["--listen", "127.0.0.1:0"])
         .args(&options.args)
         .env("PATH", child_path())

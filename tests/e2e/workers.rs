@@ -188,24 +188,18 @@ async fn worker_output_is_tagged_with_app_worker_and_pid() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_worker_over_its_memory_limit_is_recycled_and_the_app_keeps_answering() {
-    let app = temp_app(&[(
-        "bext.config.toml",
-        "[isolate]\nworkers = 1\nmemory_limit = \"120mb\"\n",
-    )]);
-    // The express fixture, with a config of our own.
+/// The express fixture with a config of our own.
+fn express_with(config: &str) -> tempfile::TempDir {
+    let app = temp_app(&[("bext.config.toml", config)]);
     let express = fixture("express");
     for entry in ["server.js", "package.json", "node_modules", "public"] {
         std::os::unix::fs::symlink(express.join(entry), app.path().join(entry)).expect("link");
     }
-    let bext = Bext::run(app.path(), &[]);
-    bext.wait_log(Duration::from_secs(5), |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("--max-old-space-size=120") && m.contains("RSS watchdog"))
-    });
-    let before: serde_json::Value = client()
+    app
+}
+
+async fn pid_of(bext: &Bext) -> u64 {
+    let json: serde_json::Value = client()
         .get(bext.url("/pid"))
         .send()
         .await
@@ -213,32 +207,93 @@ async fn a_worker_over_its_memory_limit_is_recycled_and_the_app_keeps_answering(
         .json()
         .await
         .expect("json");
-    let allocated = client()
-        .get(bext.url("/alloc?mb=160"))
-        .send()
-        .await
-        .expect("alloc");
-    assert_eq!(allocated.status(), 200);
+    json["pid"].as_u64().expect("pid")
+}
 
-    let recycled = bext.wait_log(Duration::from_secs(10), |v| {
-        v["mechanism"] == "rss-watchdog"
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_growing_past_its_memory_limit_is_recycled_gracefully() {
+    let app = express_with("[isolate]\nworkers = 1\nmemory_limit = \"120mb\"\n");
+    let bext = Bext::run(app.path(), &[]);
+    let mechanisms = bext.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("memory limit 120mb"))
     });
-    assert_eq!(recycled["span"]["pid"].as_u64(), before["pid"].as_u64());
-    let old = before["pid"].as_u64().expect("pid") as u32;
+    assert!(
+        mechanisms["message"]
+            .as_str()
+            .expect("text")
+            .contains("--max-old-space-size=120")
+    );
+    let before = pid_of(&bext).await;
+
+    // Grow 10 MB at a time, as a leak would, until the watchdog acts. Every
+    // request succeeds: the replacement starts before the old one drains.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let recycled = loop {
+        let r = client()
+            .get(bext.url("/alloc?mb=10"))
+            .send()
+            .await
+            .expect("alloc");
+        assert_eq!(r.status(), 200, "a request failed while the worker grew");
+        if let Some(line) = bext
+            .logs()
+            .into_iter()
+            .find(|v| v["mechanism"] == "rss-watchdog" && v["rss_mb"].is_u64())
+        {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog never acted:\n{}",
+            bext.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(recycled["span"]["pid"].as_u64(), Some(before));
     wait_for(
         "the old worker to be stopped",
         Duration::from_secs(10),
-        || (!alive(old)).then_some(()),
+        || (!alive(before as u32)).then_some(()),
     );
-    let after: serde_json::Value = client()
-        .get(bext.url("/pid"))
-        .send()
-        .await
-        .expect("pid")
-        .json()
-        .await
-        .expect("json");
-    assert_ne!(after["pid"], before["pid"], "a fresh worker answers");
+    assert_ne!(pid_of(&bext).await, before, "a fresh worker answers");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sudden_spike_past_the_limit_is_stopped_and_the_app_keeps_answering() {
+    let app = express_with("[isolate]\nworkers = 1\nmemory_limit = \"100mb\"\n");
+    let bext = Bext::run(app.path(), &[]);
+    let before = pid_of(&bext).await;
+    // 300 MB at once: past the kernel's hard stop where cgroups exist, past
+    // the watchdog's limit everywhere.
+    let _ = client().get(bext.url("/alloc?mb=300")).send().await;
+    let acted = bext.wait_log(Duration::from_secs(15), |v| {
+        v["mechanism"]
+            .as_str()
+            .is_some_and(|m| m == "rss-watchdog" || m.starts_with("cgroup"))
+            && v["span"]["pid"].as_u64() == Some(before)
+    });
+    let mechanism = acted["mechanism"].as_str().expect("mechanism").to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        if let Ok(r) = client().get(bext.url("/pid")).send().await
+            && r.status() == 200
+            && let Ok(json) = r.json::<serde_json::Value>().await
+            && let Some(pid) = json["pid"].as_u64().filter(|p| *p != before)
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fresh worker after {mechanism} acted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(
+        after, before,
+        "stopped by {mechanism}; a fresh worker answers"
+    );
 }
 
 #[test]

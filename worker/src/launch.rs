@@ -25,6 +25,9 @@ pub struct LaunchSpec<'a> {
     pub env: Vec<(OsString, OsString)>,
     /// Becomes [`LISTEN_FD`] in the child. The caller keeps ownership.
     pub listen_fd: Option<BorrowedFd<'a>>,
+    /// A cgroup's `cgroup.procs` file: the child joins that group before
+    /// it execs, so the app and everything it spawns are in it.
+    pub join_cgroup: Option<std::ffi::CString>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +57,11 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
 
     let supervisor = std::process::id() as libc::pid_t;
     let listen_fd = spec.listen_fd.map(|fd| fd.as_raw_fd());
+    let join_cgroup = spec.join_cgroup.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (prctl, getppid, dup2, fcntl,
-    // _exit); it allocates nothing and takes no locks.
+    // makes async-signal-safe system calls (prctl, getppid, open, write,
+    // close, dup2, fcntl, _exit); it allocates nothing and takes no locks
+    // (the cgroup path was made into a C string before the fork).
     unsafe {
         cmd.pre_exec(move || {
             // Die with the supervisor, whatever killed it.
@@ -66,6 +71,19 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
             // The supervisor may have died before prctl took effect.
             if libc::getppid() != supervisor {
                 libc::_exit(1);
+            }
+            if let Some(procs) = &join_cgroup {
+                // "0" moves the writing process.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
             }
             if let Some(fd) = listen_fd {
                 if fd == LISTEN_FD {
@@ -108,6 +126,7 @@ mod tests {
             cwd: dir.path().to_path_buf(),
             env: vec![],
             listen_fd: Some(listener.as_fd()),
+            join_cgroup: None,
         };
         let child = spawn(&spec).expect("spawn");
         let pid = child.id().expect("pid");

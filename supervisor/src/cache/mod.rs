@@ -101,14 +101,19 @@ enum Outcome {
 }
 
 impl IsrCache<MemoryStore> {
-    pub fn in_memory(settings: IsrConfig, wait_timeout: Duration) -> Self {
+    pub fn in_memory(settings: IsrConfig, wait_timeout: Duration, counters: CacheCounters) -> Self {
         let store = MemoryStore::new(settings.max_entries, settings.max_bytes.bytes());
-        IsrCache::new(store, settings, wait_timeout)
+        IsrCache::new(store, settings, wait_timeout, counters)
     }
 }
 
 impl<S: Store> IsrCache<S> {
-    pub fn new(store: S, settings: IsrConfig, wait_timeout: Duration) -> Self {
+    pub fn new(
+        store: S,
+        settings: IsrConfig,
+        wait_timeout: Duration,
+        counters: CacheCounters,
+    ) -> Self {
         IsrCache {
             store,
             vary_index: moka::sync::Cache::builder()
@@ -122,7 +127,7 @@ impl<S: Store> IsrCache<S> {
             settings,
             wait_timeout,
             purge_epoch: AtomicU64::new(0),
-            counters: CacheCounters::default(),
+            counters,
         }
     }
 

@@ -8,6 +8,7 @@
 //! anything.
 
 mod diag;
+pub mod platform;
 mod raw;
 mod units;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use raw::{Engine, Framework, PathPattern};
-pub use units::MemorySize;
+pub use units::{HumanDuration, MemorySize};
 
 /// The file `bext run DIR` reads from `DIR`, when it exists.
 pub const CONFIG_FILE_NAME: &str = "bext.config.toml";
@@ -115,7 +116,8 @@ pub struct RuntimeConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IsolateConfig {
-    pub workers: NonZeroU32,
+    /// `None`: not set, the mode's default applies ([`IsolateConfig::workers`]).
+    pub workers: Option<NonZeroU32>,
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Duration,
 }
@@ -195,11 +197,18 @@ impl Config {
                 build: runtime.build,
             },
             isolate: IsolateConfig {
-                workers: isolate.workers.unwrap_or_else(default_workers),
+                workers: isolate.workers,
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout_ms.map_or(DEFAULT_START_TIMEOUT, ms),
             },
         }
+    }
+}
+
+impl IsolateConfig {
+    /// Worker processes: as set, else `default`.
+    pub fn workers_or(&self, default: NonZeroU32) -> NonZeroU32 {
+        self.workers.unwrap_or(default)
     }
 }
 

@@ -36,7 +36,8 @@ fn defaults_apply_without_a_file() {
     let config = Config::load_dir(dir.path()).expect("defaults");
     assert_eq!(config.source, None);
     assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
-    assert_eq!(config.isolate.workers, default_workers());
+    assert_eq!(config.isolate.workers, None);
+    assert!(config.isolate.workers_or(default_workers()).get() >= 1);
     assert_eq!(config.isolate.memory_limit, None);
 }
 
@@ -95,7 +96,7 @@ fn memory_limit_reads_as_written_in_the_seed() {
         "[isolate]\nworkers = 3\nmemory_limit = \"256mb\"\n",
     )
     .expect("valid");
-    assert_eq!(config.isolate.workers.get(), 3);
+    assert_eq!(config.isolate.workers.map(|w| w.get()), Some(3));
     assert_eq!(
         config.isolate.memory_limit,
         Some(MemorySize::from_bytes(256 << 20))
@@ -113,7 +114,8 @@ fn every_config_example_parses() {
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("config-examples") {
         let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "toml") && !path.ends_with("platform.toml") {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".toml") && !name.starts_with("platform") {
             Config::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;
         }
@@ -130,4 +132,19 @@ fn the_annotated_example_states_the_real_defaults() {
     assert_eq!(example.isr, defaults.isr);
     assert_eq!(example.runtime, defaults.runtime);
     assert_eq!(example.isolate, defaults.isolate);
+}
+
+#[test]
+fn the_platform_examples_parse_and_one_is_the_seed_exactly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let seed = std::fs::read_to_string(dir.join("platform.toml")).expect("platform.toml");
+    assert_eq!(
+        seed,
+        super::platform::tests::SEED,
+        "config-examples/platform.toml is the seed as written"
+    );
+    for file in ["platform.toml", "platform.annotated.toml"] {
+        super::platform::PlatformConfig::load(&dir.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
 }

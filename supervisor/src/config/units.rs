@@ -145,3 +145,44 @@ mod tests {
         );
     }
 }
+
+/// A human-written duration: `"60s"`, `"5m"`, `"1h30m"`, `"250ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "`{text}` is not a duration ({e}); write it like \"60s\", \"5m\" or \"1h30m\""
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_humans_write_them() {
+        let parse = |s: &str| serde_json::from_value::<HumanDuration>(serde_json::json!(s));
+        assert_eq!(
+            parse("60s").expect("60s").0,
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(
+            parse("1h30m").expect("1h30m").0,
+            std::time::Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse("250ms").expect("ms").0,
+            std::time::Duration::from_millis(250)
+        );
+        let err = parse("60x").expect_err("bad unit").to_string();
+        assert!(err.contains("`60x` is not a duration"), "{err}");
+    }
+}

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use plan::{ENV_DENO, ENV_NODE, LaunchPlan, PlanError};
-pub use supervise::{PoolHandle, start};
+pub use supervise::{PoolHandle, rss_bytes, start};
 
 use crate::config::MemorySize;
 
@@ -48,6 +48,8 @@ pub struct PoolConfig {
     /// Private directory for sockets and generated entry modules.
     pub runtime_dir: PathBuf,
     pub memory_limit: Option<MemorySize>,
+    /// Kernel enforcement of `memory_limit` (cgroups), where available.
+    pub memory: Option<crate::memory::AppMemory>,
     pub start_timeout: Duration,
     pub stop_timeout: Duration,
     /// How long a recycled worker may take to finish its requests.
@@ -151,6 +153,9 @@ pub struct Pool {
     restarts: AtomicU64,
     /// Launches that never became ready.
     failed_starts: AtomicU64,
+    /// Failed starts and crashes since a worker last stayed up for
+    /// [`STABLE_AFTER`]: a crash loop shows as a growing number.
+    failures_in_a_row: AtomicU64,
 }
 
 /// A worker as reported by health checks and logs.
@@ -172,6 +177,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             restarts: AtomicU64::new(0),
             failed_starts: AtomicU64::new(0),
+            failures_in_a_row: AtomicU64::new(0),
         }
     }
 
@@ -247,6 +253,12 @@ impl Pool {
         self.restarts.load(Ordering::Relaxed)
     }
 
+    /// Failed starts and crashes since a worker last stayed up for
+    /// [`STABLE_AFTER`].
+    pub fn consecutive_failures(&self) -> u64 {
+        self.failures_in_a_row.load(Ordering::Relaxed)
+    }
+
     pub fn status(&self) -> Vec<WorkerStatus> {
         self.slots
             .iter()
@@ -271,6 +283,7 @@ impl Pool {
     /// A launch failed before readiness: wakes whoever waits for startup.
     fn start_failed(&self) {
         self.failed_starts.fetch_add(1, Ordering::Relaxed);
+        self.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();
     }
 

@@ -186,6 +186,7 @@ impl LaunchPlan {
             cwd: self.cwd.clone(),
             env,
             listen_fd,
+            join_cgroup: None,
         }
     }
 

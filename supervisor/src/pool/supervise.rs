@@ -30,6 +30,7 @@ use super::{
     Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER, WATCHDOG_INTERVAL,
     Worker, WorkerState, upstream::Upstream,
 };
+use crate::memory::WorkerGroup;
 use crate::output::{self, describe};
 
 /// A running pool and the means to stop it.
@@ -110,17 +111,11 @@ pub fn start(config: PoolConfig) -> PoolHandle {
     }
 }
 
+/// The mechanisms in force are logged by [`crate::memory::AppMemory`] when
+/// there is a limit.
 fn log_memory_mechanism(config: &PoolConfig) {
-    match config.memory_limit {
-        Some(limit) => info!(
-            app = %config.app,
-            memory_limit = %limit,
-            "memory limit enforced by the runtime heap flag (--max-old-space-size={}) \
-             and the RSS watchdog (every {:?}); cgroups are not used in single-app mode",
-            limit.mebibytes(),
-            WATCHDOG_INTERVAL,
-        ),
-        None => info!(app = %config.app, "no memory limit set ([isolate] memory_limit)"),
+    if config.memory_limit.is_none() {
+        info!(app = %config.app, "no memory limit set ([isolate] memory_limit)");
     }
 }
 
@@ -168,6 +163,8 @@ struct Instance {
     pgid: Pid,
     ready: Option<oneshot::Receiver<()>>,
     span: Span,
+    /// The worker's own cgroup, when the kernel enforces memory limits.
+    group: Option<WorkerGroup>,
 }
 
 enum Startup {
@@ -242,6 +239,9 @@ impl Slot {
                 self.pool.publish(self.index, Some(Arc::clone(&instance.worker)));
                 info!(parent: &instance.span, "worker ready");
                 let mut up_since = Instant::now();
+                let stable = tokio::time::sleep(STABLE_AFTER);
+                tokio::pin!(stable);
+                let mut stable_seen = false;
                 let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
                 watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
@@ -254,7 +254,15 @@ impl Slot {
                             // on the slot's socket.
                             kill_group(instance.pgid, Signal::SIGKILL);
                             let status = status.map_or_else(|e| e.to_string(), describe);
+                            if let Some(group) = instance.group.as_ref().filter(|g| g.oom_killed()) {
+                                warn!(
+                                    parent: &instance.span,
+                                    mechanism = group.mechanism(),
+                                    "the kernel killed the worker at its cgroup memory limit"
+                                );
+                            }
                             self.pool.restarts.fetch_add(1, Ordering::Relaxed);
+                            self.pool.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
                             if up_since.elapsed() >= STABLE_AFTER {
                                 backoff = new_backoff();
                             }
@@ -281,6 +289,10 @@ impl Slot {
                             instance = self.recycle(&mut socket, instance).await;
                             up_since = Instant::now();
                         }
+                        _ = &mut stable, if !stable_seen => {
+                            stable_seen = true;
+                            self.pool.failures_in_a_row.store(0, Ordering::Relaxed);
+                        }
                         _ = self.shutdown.cancelled() => {
                             self.pool.publish(self.index, None);
                             self.stop(instance).await;
@@ -301,16 +313,32 @@ impl Slot {
     ) -> Result<Instance, Box<dyn std::error::Error + Send + Sync>> {
         socket.prepare()?;
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let spec = self.config.plan.spec(
+        let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
+        let mut spec = self.config.plan.spec(
             &socket.path,
             socket.listener.as_ref().map(|l| l.as_fd()),
             &token,
             (&self.config.app, self.index),
         );
-        let mut child = bext_worker::spawn(&spec)?;
+        let memory = self.config.memory.as_ref();
+        let mut group = memory.and_then(|m| m.worker_group(&format!("w{}-{id}", self.index)));
+        spec.join_cgroup = group.as_ref().map(|g| g.procs.clone());
+        let mut child = match bext_worker::spawn(&spec) {
+            Ok(child) => child,
+            Err(e) if group.is_some() => {
+                // Joining the cgroup failed: go on without kernel limits.
+                if let Some(memory) = memory {
+                    memory.disable(&e.to_string());
+                }
+                group = None;
+                spec.join_cgroup = None;
+                bext_worker::spawn(&spec)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let pid = child.id().ok_or("the worker exited at once")?;
         let worker = Arc::new(Worker {
-            id: NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             index: self.index,
             pid,
             upstream: Upstream::new(socket.path.clone()),
@@ -346,6 +374,7 @@ impl Slot {
             pgid: Pid::from_raw(pid as i32),
             ready: Some(ready_rx),
             span,
+            group,
         })
     }
 
@@ -492,7 +521,7 @@ fn new_backoff() -> ExponentialBackoff {
 }
 
 /// Resident set size of `pid`, from /proc.
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub fn rss_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;

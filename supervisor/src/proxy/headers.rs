@@ -2,7 +2,9 @@
 //! and the worker learns who the client was from headers bext sets itself
 //! (a client's own `X-Forwarded-*` are replaced, never trusted).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -47,24 +49,59 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Sets the `X-Forwarded-*` headers and `X-Request-Id` for the worker.
+/// The client's address: the socket peer, or, when the peer is a trusted
+/// proxy, the rightmost `X-Forwarded-For` address that is not itself a
+/// trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    if !trusted.iter().any(|net| net.contains(&peer)) {
+        return peer;
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !trusted.iter().any(|net| net.contains(*ip)))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+/// Sets the `X-Forwarded-*` headers and `X-Request-Id` for the worker. A
+/// client's own values are replaced; a trusted proxy's are extended (its
+/// `X-Forwarded-For` gets the peer appended, its `-Proto` and `-Host` stay).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: SocketAddr,
+    trusted_peer: bool,
     scheme: &'static str,
     host: Option<&str>,
     request_id: &str,
 ) {
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+    let peer_ip = peer.ip().to_string();
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(chain) if trusted_peer => format!("{chain}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        Some(v) => {
-            headers.insert(X_FORWARDED_HOST, v);
-        }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
+    if !(trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    }
+    if !(trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
+        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(v) => {
+                headers.insert(X_FORWARDED_HOST, v);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
         }
     }
     // RFC 7239 `Forwarded` from a client is as untrusted as X-Forwarded-*.
@@ -154,6 +191,7 @@ mod tests {
         set_forwarded(
             &mut h,
             "127.0.0.9:5000".parse().expect("addr"),
+            false,
             "http",
             Some("a.example"),
             "rid",
@@ -163,6 +201,41 @@ mod tests {
         assert_eq!(h[X_FORWARDED_HOST], "a.example");
         assert_eq!(h[X_REQUEST_ID], "rid");
         assert!(!h.contains_key(header::FORWARDED));
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_chain_is_believed_and_extended() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.1.1.1"),
+        );
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let proxy: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().expect("ip")
+        );
+        let stranger: IpAddr = "198.51.100.1".parse().expect("ip");
+        assert_eq!(
+            client_ip(stranger, &h, &trusted),
+            stranger,
+            "an untrusted peer's header is ignored"
+        );
+        set_forwarded(
+            &mut h,
+            SocketAddr::new(proxy, 1),
+            true,
+            "http",
+            Some("a"),
+            "rid",
+        );
+        assert_eq!(
+            h[X_FORWARDED_FOR],
+            "6.6.6.6, 203.0.113.7, 10.1.1.1, 10.0.0.2"
+        );
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
     }
 
     #[test]

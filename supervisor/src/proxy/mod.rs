@@ -33,6 +33,8 @@ const MAX_ATTEMPTS: usize = 2;
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
+    /// The peer is a trusted proxy (its forwarding headers are believed).
+    pub trusted_peer: bool,
     pub scheme: &'static str,
     pub request_id: String,
 }
@@ -83,6 +85,7 @@ impl Proxy {
         headers::set_forwarded(
             &mut parts.headers,
             client.peer,
+            client.trusted_peer,
             client.scheme,
             host.as_deref(),
             &client.request_id,
@@ -249,6 +252,7 @@ impl ClientInfo {
     pub fn internal() -> Self {
         ClientInfo {
             peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+            trusted_peer: false,
             scheme: "http",
             request_id: uuid::Uuid::new_v4().simple().to_string(),
         }

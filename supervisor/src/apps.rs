@@ -1,0 +1,387 @@
+//! One app, running: everything `bext run` starts for its directory, and
+//! what `bext serve` starts for each `[apps.NAME]`: detection, the
+//! pre-build hook, install and build, static files, workers, cache, rate
+//! limiter, and the [`AppService`] that answers its requests. Stopping
+//! drains its requests before its workers.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::Admin;
+use crate::app::{self, App};
+use crate::cache::{Fill, IsrCache};
+use crate::config::platform::Hooks;
+use crate::config::{Config, ENV_PURGE_TOKEN, Framework};
+use crate::metrics::{AppSource, Metrics};
+use crate::pool::{self, DEFAULT_STOP_TIMEOUT, LaunchPlan, PoolConfig, PoolHandle};
+use crate::proxy::Proxy;
+use crate::ratelimit::RateLimiter;
+use crate::run::RunError;
+use crate::server::AppService;
+use crate::statics::StaticFiles;
+use crate::{hooks, memory};
+
+/// How often a rate limiter forgets clients back at a full allowance.
+const LIMITER_SWEEP: Duration = Duration::from_secs(60);
+
+/// What to run, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppSettings {
+    /// The app's name (multi-app: its table; single-app: its directory).
+    pub name: Option<String>,
+    pub dir: PathBuf,
+    /// The app's config (in multi-app mode, merged with its platform table).
+    pub config: Config,
+    /// Workers when the config does not say.
+    pub default_workers: NonZeroU32,
+    pub force_build: bool,
+    pub hooks: Option<Hooks>,
+    pub rate_limit: Option<NonZeroU32>,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Where the app's sockets go (a private directory is made inside).
+    pub runtime_base: PathBuf,
+}
+
+impl AppSettings {
+    /// Do `other`'s differences need new workers (or only a new request
+    /// path: domains, limits, cache settings)?
+    pub fn needs_restart(&self, other: &AppSettings) -> bool {
+        self.dir != other.dir
+            || self.config.runtime != other.config.runtime
+            || self.config.isolate != other.config.isolate
+            || self.config.server.static_dir != other.config.server.static_dir
+            || self.default_workers != other.default_workers
+    }
+}
+
+/// A started app.
+#[derive(Debug)]
+pub struct RunningApp {
+    pub name: String,
+    pub framework: Framework,
+    pub settings: AppSettings,
+    /// Swapped when hot settings change; in-flight requests keep the old one.
+    service: ArcSwap<AppService>,
+    statics: Arc<StaticFiles>,
+    pool: Option<PoolHandle>,
+    memory: Option<memory::AppMemory>,
+    _runtime_dir: Option<RuntimeDir>,
+    sweeper: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    app: App,
+}
+
+impl RunningApp {
+    /// Detects, hooks, installs, builds and starts the app.
+    pub async fn start(settings: AppSettings, metrics: Arc<Metrics>) -> Result<Self, RunError> {
+        let mut app = app::detect(&settings.dir, &settings.config)?;
+        if let Some(name) = &settings.name {
+            app.name = name.clone();
+        }
+        info!(
+            app = %app.name,
+            framework = %app.framework,
+            engine = app.engine.map_or("none".to_string(), |e| e.to_string()),
+            dir = %app.dir.display(),
+            "detected {} app '{}' ({})",
+            app.framework,
+            app.name,
+            app.reason
+        );
+        if let Some(hook) = settings
+            .hooks
+            .as_ref()
+            .and_then(|h| h.pre_build.as_ref().map(|c| (c, h.timeout)))
+        {
+            hooks::run(&app.name, "pre_build", hook.0, &app.dir, hook.1).await?;
+        }
+        app::prepare(&app, settings.force_build).await?;
+
+        let mounts = app.mounts();
+        for mount in &mounts {
+            info!(app = %app.name, "serving {} at {}", mount.root.display(), mount.prefix);
+        }
+        let statics = Arc::new(
+            StaticFiles::open(&mounts).map_err(|source| RunError::Static {
+                dir: app.dir.clone(),
+                source,
+            })?,
+        );
+
+        let config = &settings.config;
+        let (pool, memory, runtime_dir) = match app.engine {
+            Some(_) => {
+                let runtime_dir = RuntimeDir::create(&settings.runtime_base, &app.name)?;
+                let adapters =
+                    bext_worker::adapter::install(runtime_dir.path()).map_err(|source| {
+                        RunError::RuntimeDir {
+                            dir: runtime_dir.path().to_path_buf(),
+                            source,
+                        }
+                    })?;
+                let plan = LaunchPlan::new(
+                    &app.start()?,
+                    &app.dir,
+                    adapters,
+                    config.isolate.memory_limit,
+                )?;
+                let memory = config
+                    .isolate
+                    .memory_limit
+                    .map(|limit| memory::AppMemory::new(&app.name, limit));
+                let handle = pool::start(PoolConfig {
+                    app: app.name.clone(),
+                    workers: config.isolate.workers_or(settings.default_workers).get() as usize,
+                    plan,
+                    runtime_dir: runtime_dir.path().to_path_buf(),
+                    memory_limit: config.isolate.memory_limit,
+                    memory: memory.clone(),
+                    start_timeout: config.isolate.start_timeout,
+                    stop_timeout: DEFAULT_STOP_TIMEOUT,
+                    drain_timeout: config.server.shutdown_grace,
+                });
+                let ready = handle.wait_ready(config.isolate.start_timeout).await;
+                if ready == 0 {
+                    error!(app = %app.name, "no worker is ready yet; requests get 503 until one is (restarts continue)");
+                } else {
+                    info!(app = %app.name, ready, "workers ready");
+                }
+                (Some(handle), memory, Some(runtime_dir))
+            }
+            None => (None, None, None),
+        };
+
+        let service = build_service(
+            &app,
+            &settings,
+            Arc::clone(&statics),
+            pool.as_ref(),
+            &metrics,
+            None,
+        );
+        metrics.register_app(&AppSource {
+            app: app.name.clone(),
+            pool: pool.as_ref().map(|h| Arc::clone(&h.pool)),
+            cache: service.cache.clone(),
+        });
+        let sweeper = spawn_sweeper(service.limiter.clone());
+        Ok(RunningApp {
+            name: app.name.clone(),
+            framework: app.framework,
+            settings,
+            service: ArcSwap::from_pointee(service),
+            statics,
+            pool,
+            memory,
+            _runtime_dir: runtime_dir,
+            sweeper,
+            metrics,
+            app,
+        })
+    }
+
+    /// The request path to route to.
+    pub fn service(&self) -> Arc<AppService> {
+        self.service.load_full()
+    }
+
+    /// Applies settings that need no new workers (rate limit, cache
+    /// settings, trusted proxies): a new request path on the same workers.
+    /// The cache keeps its entries unless its settings changed.
+    pub fn apply(&mut self, settings: AppSettings) {
+        let current = self.service.load_full();
+        let keep_cache = settings.config.isr == self.settings.config.isr
+            && settings.config.server.upstream_timeout
+                == self.settings.config.server.upstream_timeout;
+        let cache = keep_cache.then(|| current.cache.clone()).flatten();
+        let service = build_service(
+            &self.app,
+            &settings,
+            Arc::clone(&self.statics),
+            self.pool.as_ref(),
+            &self.metrics,
+            cache,
+        );
+        self.metrics.register_app(&AppSource {
+            app: self.name.clone(),
+            pool: self.pool.as_ref().map(|h| Arc::clone(&h.pool)),
+            cache: service.cache.clone(),
+        });
+        self.sweeper.abort();
+        self.sweeper = spawn_sweeper(service.limiter.clone());
+        self.service.store(Arc::new(service));
+        self.settings = settings;
+    }
+
+    /// Runs `hooks.post_deploy` in the background (the app serves).
+    pub fn post_deploy(&self) {
+        let Some(hooks) = &self.settings.hooks else {
+            return;
+        };
+        let Some(command) = hooks.post_deploy.clone() else {
+            return;
+        };
+        let (name, dir, timeout) = (self.name.clone(), self.app.dir.clone(), hooks.timeout);
+        tokio::spawn(async move {
+            if let Err(e) = hooks::run(&name, "post_deploy", &command, &dir, timeout).await {
+                error!(app = %name, "{e}");
+            }
+        });
+    }
+
+    /// Waits for its requests (already unrouted) up to `grace`, then stops
+    /// its workers.
+    pub async fn stop(self, grace: Duration, kill: &CancellationToken) {
+        let service = self.service.load_full();
+        let deadline = tokio::time::Instant::now() + grace;
+        while service.inflight() > 0
+            && tokio::time::Instant::now() < deadline
+            && !kill.is_cancelled()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if service.inflight() > 0 {
+            warn!(app = %self.name, inflight = service.inflight(), "stopping with requests still in flight");
+        }
+        self.sweeper.abort();
+        if let Some(pool) = self.pool {
+            info!(app = %self.name, "stopping workers");
+            pool.stop(kill).await;
+        }
+        if let Some(memory) = &self.memory {
+            memory.cleanup();
+        }
+        self.metrics.unregister_app(&self.name);
+    }
+}
+
+/// Puts one app's request path together: endpoints, limiter, static files,
+/// cache, proxy.
+fn build_service(
+    app: &App,
+    settings: &AppSettings,
+    statics: Arc<StaticFiles>,
+    pool: Option<&PoolHandle>,
+    metrics: &Arc<Metrics>,
+    cache: Option<Arc<IsrCache>>,
+) -> AppService {
+    let config = &settings.config;
+    let pool = pool.map(|h| Arc::clone(&h.pool));
+    let fill = pool.as_ref().map(|pool| {
+        Arc::new(Proxy::new(
+            Arc::clone(pool),
+            config.server.upstream_timeout,
+            config.server.queue_timeout,
+        )) as Arc<dyn Fill>
+    });
+    // A static site has nothing to cache: its files are served from disk.
+    let cache = cache.or_else(|| {
+        (config.isr.enabled && fill.is_some()).then(|| {
+            Arc::new(IsrCache::in_memory(
+                config.isr.clone(),
+                config.server.upstream_timeout,
+                metrics.cache_counters(&app.name),
+            ))
+        })
+    });
+    let purge_token = std::env::var(ENV_PURGE_TOKEN)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| config.isr.purge_token.clone());
+    AppService {
+        app: Arc::from(app.name.as_str()),
+        admin: Admin {
+            app: app.name.clone(),
+            framework: app.framework.to_string(),
+            pool,
+            cache: cache.clone(),
+            metrics: Arc::clone(metrics),
+            purge_token,
+        },
+        statics,
+        fill,
+        cache,
+        limiter: settings
+            .rate_limit
+            .map(|rpm| Arc::new(RateLimiter::per_minute(rpm))),
+        trusted_proxies: Arc::from(settings.trusted_proxies.as_slice()),
+        counters: metrics.counters(&app.name),
+        access_log: config.server.access_log,
+        inflight: Arc::new(AtomicUsize::new(0)),
+    }
+}
+
+fn spawn_sweeper(limiter: Option<Arc<RateLimiter>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(limiter) = limiter else { return };
+        let mut tick = tokio::time::interval(LIMITER_SWEEP);
+        loop {
+            tick.tick().await;
+            limiter.forget_idle();
+        }
+    })
+}
+
+/// The supervisor's private directory for one app's sockets and adapters,
+/// removed when dropped.
+#[derive(Debug)]
+pub struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create(base: &Path, app: &str) -> Result<Self, RunError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let name: String = app
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(32)
+            .collect();
+        // Unique per start: an app being replaced keeps its own sockets
+        // while its replacement starts.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("bext-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| RunError::RuntimeDir {
+                dir: dir.clone(),
+                source,
+            })?;
+        Ok(RuntimeDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where single-app mode puts runtime directories: `$XDG_RUNTIME_DIR`, or
+/// the system temp dir.
+pub fn default_runtime_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}

@@ -1,0 +1,403 @@
+//! `platform.toml`: multi-app mode (`bext serve --config platform.toml`).
+//!
+//! ```toml
+//! [platform]
+//! listen = "0.0.0.0:443"
+//! data_dir = "/var/lib/bext"
+//! max_apps = 50
+//!
+//! [apps.marketing]
+//! source = "/srv/marketing"
+//! domains = ["example.com", "www.example.com"]
+//! runtime = "nextjs"
+//! [apps.marketing.cache]
+//! default_ttl = "60s"
+//! ```
+//!
+//! Each app's own `bext.config.toml` in its `source` still applies; the
+//! app's table here overrides it. Errors carry file, line, column and key,
+//! like every config error in bext; cross-key mistakes (two apps claiming a
+//! domain, too many apps, an unknown default app) point at the value that
+//! broke the rule.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diag::{self, ConfigError, Diagnostic};
+use super::units::HumanDuration;
+use super::{Config, Framework, MemorySize};
+
+/// Where multi-app mode listens when the file does not say.
+pub const DEFAULT_PLATFORM_LISTEN: &str = "0.0.0.0:80";
+/// Where multi-app mode keeps its state when the file does not say.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/bext";
+/// How many apps one platform may run when the file does not say.
+pub const DEFAULT_MAX_APPS: u32 = 50;
+/// How long a hook may run.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+/// Workers per app in multi-app mode when neither file says: many apps
+/// share one host.
+pub const DEFAULT_PLATFORM_WORKERS: u32 = 1;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlatformFile {
+    platform: Option<RawPlatform>,
+    apps: Option<BTreeMap<String, RawApp>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlatform {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_apps: Option<Spanned<NonZeroU32>>,
+    default_app: Option<Spanned<String>>,
+    trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    admin_networks: Option<Vec<ipnet::IpNet>>,
+    shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    source: Spanned<PathBuf>,
+    #[serde(default)]
+    domains: Vec<Spanned<String>>,
+    runtime: Option<Framework>,
+    cache: Option<RawAppCache>,
+    rate_limit: Option<RawRateLimit>,
+    isolate: Option<RawAppIsolate>,
+    deploy: Option<RawDeploy>,
+    hooks: Option<RawHooks>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppCache {
+    enabled: Option<bool>,
+    default_ttl: Option<HumanDuration>,
+    default_swr: Option<HumanDuration>,
+    stale_if_error: Option<HumanDuration>,
+    max_entries: Option<NonZeroU64>,
+    max_bytes: Option<MemorySize>,
+    max_entry_bytes: Option<MemorySize>,
+    purge_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rpm: Option<NonZeroU32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppIsolate {
+    workers: Option<NonZeroU32>,
+    memory_limit: Option<MemorySize>,
+    start_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    keep_versions: Option<NonZeroU32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    pre_build: Option<String>,
+    post_deploy: Option<String>,
+    timeout: Option<HumanDuration>,
+}
+
+/// The validated platform.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlatformConfig {
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_apps: u32,
+    /// The app for hosts no domain matches (else: 404).
+    pub default_app: Option<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Peers allowed on `/__bext/platform/*`.
+    pub admin_networks: Vec<ipnet::IpNet>,
+    pub shutdown_grace: Option<Duration>,
+    /// In file order (sorted by name).
+    pub apps: Vec<AppEntry>,
+}
+
+/// One `[apps.NAME]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppEntry {
+    pub name: String,
+    /// Absolute (relative paths are relative to platform.toml's directory).
+    pub source: PathBuf,
+    /// Lowercase; `*.` prefix for wildcards.
+    pub domains: Vec<String>,
+    pub runtime: Option<Framework>,
+    pub cache: AppCacheOverrides,
+    /// Requests per minute per client IP; `None`: no limit.
+    pub rate_limit_rpm: Option<NonZeroU32>,
+    pub workers: Option<NonZeroU32>,
+    pub memory_limit: Option<MemorySize>,
+    pub start_timeout: Option<Duration>,
+    pub keep_versions: Option<NonZeroU32>,
+    pub hooks: Hooks,
+}
+
+/// `[apps.NAME.cache]`: overrides of the app's `[cache.isr]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppCacheOverrides {
+    pub enabled: Option<bool>,
+    pub default_ttl: Option<Duration>,
+    pub default_swr: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<MemorySize>,
+    pub max_entry_bytes: Option<MemorySize>,
+    pub purge_token: Option<String>,
+}
+
+/// `[apps.NAME.hooks]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hooks {
+    /// Run (`sh -c`, cwd = the app's source) before the app's build.
+    pub pre_build: Option<String>,
+    /// Run once the app serves.
+    pub post_deploy: Option<String>,
+    pub timeout: Duration,
+}
+
+impl PlatformConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawPlatformFile = diag::deserialize(path, text)?;
+        let invalid = |offset: usize, key: String, message: String| {
+            ConfigError::Invalid(Box::new(Diagnostic::at(
+                path,
+                text,
+                offset,
+                Some(key),
+                message,
+            )))
+        };
+        let platform = raw.platform.unwrap_or_default();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let max_apps = platform
+            .max_apps
+            .as_ref()
+            .map_or(DEFAULT_MAX_APPS, |m| m.get_ref().get());
+
+        let mut apps = Vec::new();
+        let mut claimed: HashMap<String, String> = HashMap::new();
+        for (name, app) in raw.apps.unwrap_or_default() {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(invalid(
+                    app.source.span().start,
+                    format!("apps.{name}"),
+                    "an app name may use only letters, digits, `-` and `_`".to_string(),
+                ));
+            }
+            if apps.len() as u32 >= max_apps {
+                return Err(invalid(
+                    app.source.span().start,
+                    format!("apps.{name}"),
+                    format!("more apps than [platform] max_apps = {max_apps} allows"),
+                ));
+            }
+            let mut domains = Vec::new();
+            for (i, domain) in app.domains.iter().enumerate() {
+                let key = format!("apps.{name}.domains[{i}]");
+                let normalized = normalize_domain(domain.get_ref())
+                    .map_err(|why| invalid(domain.span().start, key.clone(), why))?;
+                if let Some(other) = claimed.insert(normalized.clone(), name.clone()) {
+                    let message = if other == name {
+                        format!("domain `{normalized}` is listed twice")
+                    } else {
+                        format!(
+                            "domain `{normalized}` is claimed by both apps `{other}` and `{name}`"
+                        )
+                    };
+                    return Err(invalid(domain.span().start, key, message));
+                }
+                domains.push(normalized);
+            }
+            let source = app.source.into_inner();
+            let source = if source.is_absolute() {
+                source
+            } else {
+                base.join(source)
+            };
+            let cache = app.cache.unwrap_or_default();
+            let isolate = app.isolate.unwrap_or_default();
+            let hooks = app.hooks.unwrap_or_default();
+            apps.push(AppEntry {
+                name,
+                source,
+                domains,
+                runtime: app.runtime,
+                cache: AppCacheOverrides {
+                    enabled: cache.enabled,
+                    default_ttl: cache.default_ttl.map(|d| d.0),
+                    default_swr: cache.default_swr.map(|d| d.0),
+                    stale_if_error: cache.stale_if_error.map(|d| d.0),
+                    max_entries: cache.max_entries.map(NonZeroU64::get),
+                    max_bytes: cache.max_bytes,
+                    max_entry_bytes: cache.max_entry_bytes,
+                    purge_token: cache.purge_token.filter(|t| !t.is_empty()),
+                },
+                rate_limit_rpm: app.rate_limit.and_then(|r| r.rpm),
+                workers: isolate.workers,
+                memory_limit: isolate.memory_limit,
+                start_timeout: isolate.start_timeout.map(|d| d.0),
+                keep_versions: app.deploy.and_then(|d| d.keep_versions),
+                hooks: Hooks {
+                    pre_build: hooks.pre_build.filter(|h| !h.trim().is_empty()),
+                    post_deploy: hooks.post_deploy.filter(|h| !h.trim().is_empty()),
+                    timeout: hooks.timeout.map_or(DEFAULT_HOOK_TIMEOUT, |d| d.0),
+                },
+            });
+        }
+        if let Some(default) = &platform.default_app
+            && !apps.iter().any(|a| a.name == *default.get_ref())
+        {
+            return Err(invalid(
+                default.span().start,
+                "platform.default_app".to_string(),
+                format!("no app is named `{}`", default.get_ref()),
+            ));
+        }
+        let loopback: Vec<ipnet::IpNet> = ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        Ok(PlatformConfig {
+            source: path.to_path_buf(),
+            listen: platform
+                .listen
+                .unwrap_or_else(|| DEFAULT_PLATFORM_LISTEN.parse().expect("valid default")),
+            data_dir: platform
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            max_apps,
+            default_app: platform.default_app.map(Spanned::into_inner),
+            trusted_proxies: platform.trusted_proxies.unwrap_or_default(),
+            admin_networks: platform.admin_networks.unwrap_or(loopback),
+            shutdown_grace: platform.shutdown_grace.map(|d| d.0),
+            apps,
+        })
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppEntry> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+impl AppEntry {
+    /// The app's own `bext.config.toml` with this table's settings on top.
+    pub fn merged_config(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load_dir(&self.source)?;
+        if let Some(framework) = self.runtime {
+            config.runtime.framework = Some(framework);
+        }
+        let isr = &mut config.isr;
+        let c = &self.cache;
+        if let Some(v) = c.enabled {
+            isr.enabled = v;
+        }
+        if let Some(v) = c.default_ttl {
+            isr.default_ttl = v;
+        }
+        if let Some(v) = c.default_swr {
+            isr.default_swr = v;
+        }
+        if let Some(v) = c.stale_if_error {
+            isr.stale_if_error = v;
+        }
+        if let Some(v) = c.max_entries {
+            isr.max_entries = v;
+        }
+        if let Some(v) = c.max_bytes {
+            isr.max_bytes = v;
+        }
+        if let Some(v) = c.max_entry_bytes {
+            isr.max_entry_bytes = v;
+        }
+        if let Some(v) = &c.purge_token {
+            isr.purge_token = Some(v.clone());
+        }
+        if let Some(v) = self.workers {
+            config.isolate.workers = Some(v);
+        }
+        if let Some(v) = self.memory_limit {
+            config.isolate.memory_limit = Some(v);
+        }
+        if let Some(v) = self.start_timeout {
+            config.isolate.start_timeout = v;
+        }
+        Ok(config)
+    }
+}
+
+/// `Example.COM.` → `example.com`; `*.example.com` stays a wildcard.
+fn normalize_domain(domain: &str) -> Result<String, String> {
+    let lower = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wildcard, rest) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid = !rest.is_empty()
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid {
+        return Err(format!(
+            "`{domain}` is not a domain name (letters, digits and `-` between dots; `*.` for a wildcard; no port)"
+        ));
+    }
+    Ok(if wildcard {
+        format!("*.{rest}")
+    } else {
+        rest.to_string()
+    })
+}
+
+/// Does this file look like a platform file (a `[platform]` or `[apps]`
+/// table) rather than an app's `bext.config.toml`?
+pub fn is_platform_file(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text)
+        .map(|t| t.contains_key("platform") || t.contains_key("apps"))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+#[path = "platform_tests.rs"]
+pub(crate) mod tests;

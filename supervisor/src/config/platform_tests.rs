@@ -1,0 +1,158 @@
+use std::path::Path;
+
+use super::*;
+
+/// The multi-app example of the deployment-modes page, as written.
+pub(crate) const SEED: &str = r#"[platform]
+listen = "0.0.0.0:443"
+data_dir = "/var/lib/bext"
+max_apps = 50
+[apps.marketing]
+source = "/srv/marketing"
+domains = ["example.com", "www.example.com"]
+runtime = "nextjs"
+[apps.marketing.cache]
+default_ttl = "60s"
+max_entries = 10000
+[apps.blog]
+source = "/srv/blog"
+domains = ["blog.example.com"]
+runtime = "hono"
+[apps.blog.cache]
+default_ttl = "300s"
+[apps.api]
+source = "/srv/api"
+domains = ["api.example.com"]
+runtime = "express"
+"#;
+
+fn diag(text: &str) -> Diagnostic {
+    match PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), text) {
+        Err(ConfigError::Invalid(d)) => *d,
+        other => panic!("expected a diagnostic, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_seed_platform_file_parses_as_written() {
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), SEED).expect("valid");
+    assert_eq!(config.listen, "0.0.0.0:443".parse().expect("addr"));
+    assert_eq!(config.data_dir, Path::new("/var/lib/bext"));
+    assert_eq!(config.max_apps, 50);
+    let names: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["api", "blog", "marketing"]);
+    let marketing = config.app("marketing").expect("marketing");
+    assert_eq!(marketing.domains, ["example.com", "www.example.com"]);
+    assert_eq!(marketing.runtime, Some(Framework::Nextjs));
+    assert_eq!(marketing.cache.default_ttl, Some(Duration::from_secs(60)));
+    assert_eq!(marketing.cache.max_entries, Some(10_000));
+    assert_eq!(
+        config.app("blog").expect("blog").cache.default_ttl,
+        Some(Duration::from_secs(300))
+    );
+    assert_eq!(
+        config.app("api").expect("api").runtime,
+        Some(Framework::Express)
+    );
+}
+
+#[test]
+fn every_per_app_key_of_the_seed_table_is_accepted() {
+    let text = r#"
+[apps.shop]
+source = "shop"
+domains = ["Shop.Example.COM.", "*.shop.example.com"]
+[apps.shop.rate_limit]
+rpm = 600
+[apps.shop.isolate]
+workers = 2
+memory_limit = "256mb"
+[apps.shop.deploy]
+keep_versions = 5
+[apps.shop.hooks]
+pre_build = "npm run lint"
+post_deploy = "echo deployed"
+timeout = "2m"
+"#;
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), text).expect("valid");
+    let shop = config.app("shop").expect("shop");
+    assert_eq!(
+        shop.source,
+        Path::new("/etc/bext/shop"),
+        "relative to the file"
+    );
+    assert_eq!(shop.domains, ["shop.example.com", "*.shop.example.com"]);
+    assert_eq!(shop.rate_limit_rpm.map(|r| r.get()), Some(600));
+    assert_eq!(shop.workers.map(|w| w.get()), Some(2));
+    assert_eq!(shop.memory_limit, Some(MemorySize::from_bytes(256 << 20)));
+    assert_eq!(shop.keep_versions.map(|k| k.get()), Some(5));
+    assert_eq!(shop.hooks.pre_build.as_deref(), Some("npm run lint"));
+    assert_eq!(shop.hooks.timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn two_apps_claiming_one_domain_is_an_error_naming_both() {
+    let d = diag(
+        "[apps.a]\nsource = \"/a\"\ndomains = [\"x.com\"]\n[apps.b]\nsource = \"/b\"\ndomains = [\"y.com\", \"X.com\"]\n",
+    );
+    assert_eq!((d.line, d.column), (6, 21));
+    assert_eq!(d.key.as_deref(), Some("apps.b.domains[1]"));
+    assert_eq!(
+        d.message,
+        "domain `x.com` is claimed by both apps `a` and `b`"
+    );
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_located() {
+    let d = diag("[apps.a]\nsource = \"/a\"\n[apps.a.cache]\ndefault_tll = \"60s\"\n");
+    assert_eq!((d.line, d.column), (4, 1));
+    assert_eq!(d.key.as_deref(), Some("apps.a.cache.default_tll"));
+    assert_eq!(d.suggestion.as_deref(), Some("default_ttl"));
+
+    let d = diag("[apps.a]\nsource = \"/a\"\n[apps.a.cache]\ndefault_ttl = \"60 parsecs\"\n");
+    assert_eq!(
+        (d.line, d.column, d.key.as_deref()),
+        (4, 15, Some("apps.a.cache.default_ttl"))
+    );
+    assert!(d.message.contains("is not a duration"), "{}", d.message);
+
+    let d = diag("[apps.a]\nsource = \"/a\"\n[apps.a.isolate]\nmemory_limit = \"256mib!\"\n");
+    assert_eq!(d.key.as_deref(), Some("apps.a.isolate.memory_limit"));
+
+    let d = diag("[platfrom]\nlisten = \"0.0.0.0:80\"\n");
+    assert_eq!(d.suggestion.as_deref(), Some("platform"));
+
+    let d = diag("[apps.a]\nsource = \"/a\"\ndomains = [\"exa mple.com\"]\n");
+    assert_eq!((d.line, d.column), (3, 12));
+
+    let d = diag("[apps.a]\ndomains = [\"a.com\"]\n");
+    assert!(
+        d.message.contains("missing field `source`"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn max_apps_is_enforced() {
+    let d =
+        diag("[platform]\nmax_apps = 1\n[apps.a]\nsource = \"/a\"\n[apps.b]\nsource = \"/b\"\n");
+    assert_eq!(d.line, 6);
+    assert_eq!(d.message, "more apps than [platform] max_apps = 1 allows");
+}
+
+#[test]
+fn the_default_app_must_exist() {
+    let d = diag("[platform]\ndefault_app = \"nope\"\n[apps.a]\nsource = \"/a\"\n");
+    assert_eq!(
+        (d.line, d.key.as_deref()),
+        (2, Some("platform.default_app"))
+    );
+}
+
+#[test]
+fn platform_files_are_told_apart_from_app_configs() {
+    assert!(is_platform_file(SEED));
+    assert!(!is_platform_file("[server]\nlisten = \"0.0.0.0:1\"\n"));
+}

@@ -1,0 +1,447 @@
+//! `bext serve --config platform.toml`: many apps behind one listener.
+//!
+//! The platform owns the running apps and the route table; requests see an
+//! immutable snapshot of the routes ([`RouteTable`]) swapped whole by
+//! reloads. SIGHUP reloads `platform.toml`: added apps start, removed apps
+//! are unrouted, drained and stopped, apps whose domains, limits or cache
+//! settings changed get a new request path on the same workers, apps whose
+//! source, runtime or isolation changed get new workers; a file that does
+//! not validate changes nothing. One app failing to start (hook, install,
+//! build) is logged and skipped; the others serve.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::apps::{AppSettings, RunningApp};
+use crate::body::{self, Body};
+use crate::cli::ServeArgs;
+use crate::config::platform::PlatformConfig;
+use crate::config::{ConfigError, DEFAULT_SHUTDOWN_GRACE};
+use crate::listener::{Handler, Shutdown};
+use crate::metrics::Metrics;
+use crate::router::{self, RouteTable};
+use crate::run::RunError;
+use crate::server::AppService;
+
+/// Workers per app in multi-app mode when neither the app's config nor
+/// its platform table says.
+pub use crate::config::platform::DEFAULT_PLATFORM_WORKERS;
+
+/// The request side of the platform: routes, and what `/__bext/platform/`
+/// reports on.
+#[derive(Debug)]
+pub struct PlatformService {
+    routes: ArcSwap<RouteTable<AppService>>,
+    /// Every app by name (for purges naming their app in the body).
+    apps: ArcSwap<BTreeMap<String, Arc<AppService>>>,
+    metrics: Arc<Metrics>,
+    admin_networks: ArcSwap<Vec<IpNet>>,
+}
+
+impl PlatformService {
+    fn publish(&self, apps: &BTreeMap<String, RunningApp>, config: &PlatformConfig) {
+        let services: BTreeMap<String, Arc<AppService>> = apps
+            .iter()
+            .map(|(name, app)| (name.clone(), app.service()))
+            .collect();
+        let routes = config
+            .apps
+            .iter()
+            .filter(|a| services.contains_key(&a.name))
+            .flat_map(|a| {
+                let service = &services[&a.name];
+                a.domains
+                    .iter()
+                    .map(move |d| (d.clone(), Arc::clone(service)))
+            });
+        let default = config
+            .default_app
+            .as_ref()
+            .and_then(|d| services.get(d))
+            .cloned();
+        let table = RouteTable::new(routes, default);
+        info!(
+            apps = services.len(),
+            routes = table.len(),
+            "routes published"
+        );
+        self.routes.store(Arc::new(table));
+        self.apps.store(Arc::new(services));
+        self.admin_networks
+            .store(Arc::new(config.admin_networks.clone()));
+    }
+
+    async fn platform_admin(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if !self
+            .admin_networks
+            .load()
+            .iter()
+            .any(|n| n.contains(&peer.ip()))
+        {
+            return text(StatusCode::FORBIDDEN, "forbidden\n");
+        }
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/__bext/platform/metrics") => {
+                let mut response = Response::new(body::full(self.metrics.render(None)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            (&Method::GET, "/__bext/platform/health") => {
+                let apps = self.apps.load();
+                let report: serde_json::Map<String, serde_json::Value> = apps
+                    .iter()
+                    .map(|(name, service)| (name.clone(), service.admin.health_report().1))
+                    .collect();
+                let healthy = apps.values().all(|s| s.admin.health_report().0);
+                let body = serde_json::json!({
+                    "status": if healthy { "ok" } else { "degraded" },
+                    "apps": report,
+                });
+                let mut response = Response::new(body::full(body.to_string()));
+                *response.status_mut() = if healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    /// A purge on a host no app serves: the body names the app.
+    async fn purge_by_body(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, incoming) = req.into_parts();
+        let Ok(collected) = http_body_util::Limited::new(incoming, 64 * 1024)
+            .collect()
+            .await
+        else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "the body must be JSON of at most 64 KiB\n",
+            );
+        };
+        let bytes: Bytes = collected.to_bytes();
+        let app = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("app").and_then(|a| a.as_str()).map(str::to_string));
+        let Some(service) = app.and_then(|a| self.apps.load().get(&a).cloned()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no app serves this host; name one with \"app\" in the body\n",
+            );
+        };
+        let req = Request::from_parts(parts, body::full(bytes));
+        service.admin.handle(req).await
+    }
+}
+
+impl Handler for PlatformService {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.uri().path().starts_with("/__bext/platform/") {
+            return self.platform_admin(req, peer).await;
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("")
+            .to_string();
+        let service = self.routes.load().route(&host).cloned();
+        match service {
+            Some(service) => service.handle(req, peer).await,
+            None if req.method() == Method::POST
+                && req.uri().path() == "/__bext/cache/invalidate" =>
+            {
+                self.purge_by_body(req).await
+            }
+            None => {
+                tracing::debug!(host = %router::normalize(&host), "no app for host");
+                text(
+                    StatusCode::NOT_FOUND,
+                    "no app is configured for this host\n",
+                )
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, message: &'static str) -> Response<Body> {
+    let mut response = Response::new(body::full(message));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The apps of a platform file, as settings.
+fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>, ConfigError> {
+    let runtime_base = config.data_dir.join("run");
+    let mut all = BTreeMap::new();
+    for entry in &config.apps {
+        let mut app_config = entry.merged_config()?;
+        app_config.server.listen = config.listen;
+        if let Some(grace) = config.shutdown_grace {
+            app_config.server.shutdown_grace = grace;
+        }
+        all.insert(
+            entry.name.clone(),
+            AppSettings {
+                name: Some(entry.name.clone()),
+                dir: entry.source.clone(),
+                config: app_config,
+                default_workers: std::num::NonZeroU32::new(DEFAULT_PLATFORM_WORKERS)
+                    .expect("non-zero"),
+                force_build: false,
+                hooks: Some(entry.hooks.clone()),
+                rate_limit: entry.rate_limit_rpm,
+                trusted_proxies: config.trusted_proxies.clone(),
+                runtime_base: runtime_base.clone(),
+            },
+        );
+    }
+    Ok(all)
+}
+
+/// Starts every app concurrently; one that fails is logged and left out.
+async fn start_apps(
+    wanted: BTreeMap<String, AppSettings>,
+    metrics: &Arc<Metrics>,
+) -> BTreeMap<String, RunningApp> {
+    let starts = wanted.into_iter().map(|(name, settings)| {
+        let metrics = Arc::clone(metrics);
+        async move { (name, RunningApp::start(settings, metrics).await) }
+    });
+    let mut started = BTreeMap::new();
+    for (name, result) in futures_util::future::join_all(starts).await {
+        match result {
+            Ok(app) => {
+                started.insert(name, app);
+            }
+            Err(e) => error!(app = %name, "app not started: {e}"),
+        }
+    }
+    started
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
+    let mut config = PlatformConfig::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    std::fs::create_dir_all(config.data_dir.join("run")).map_err(|source| {
+        RunError::RuntimeDir {
+            dir: config.data_dir.clone(),
+            source,
+        }
+    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let metrics = Arc::new(Metrics::new());
+    let mut apps = start_apps(settings_for(&config)?, &metrics).await;
+
+    let platform = Arc::new(PlatformService {
+        routes: ArcSwap::from_pointee(RouteTable::new([], None)),
+        apps: ArcSwap::from_pointee(BTreeMap::new()),
+        metrics: Arc::clone(&metrics),
+        admin_networks: ArcSwap::from_pointee(config.admin_networks.clone()),
+    });
+    platform.publish(&apps, &config);
+    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    info!(%addr, apps = apps.len(), "listening on http://{addr}");
+    for app in apps.values() {
+        app.post_deploy();
+    }
+
+    let shutdown = Shutdown::default();
+    let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    let serving = {
+        let (platform, shutdown) = (Arc::clone(&platform), shutdown.clone());
+        tokio::spawn(
+            async move { crate::listener::serve(listener, platform, &shutdown, grace).await },
+        )
+    };
+    let mut serving = std::pin::pin!(async { serving.await.unwrap_or(false) });
+
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("could not install signal handlers");
+        return Ok(());
+    };
+    let config_path = args.config.clone();
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!(config = %config_path.display(), "SIGHUP: reloading");
+                match reload(&config_path, &config, args.listen.is_some(), &mut apps, &platform, &metrics, &shutdown).await {
+                    Ok(new) => config = new,
+                    Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
+                }
+            }
+            _ = term.recv() => { info!("SIGTERM: shutting down gracefully (send it again to stop at once)"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down gracefully (send it again to stop at once)"); break; }
+            _ = &mut serving => { warn!("the listener stopped"); break; }
+        }
+    }
+    shutdown.graceful.cancel();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: stopping at once");
+        shutdown.immediate.cancel();
+    });
+    let _ = serving.await;
+    let kill = tokio_util::sync::CancellationToken::new();
+    let stops = apps.into_values().map(|app| {
+        let kill = kill.clone();
+        async move { app.stop(Duration::ZERO, &kill).await }
+    });
+    futures_util::future::join_all(stops).await;
+    crate::memory::release();
+    info!("bye");
+    Ok(())
+}
+
+/// Applies a changed platform file, or refuses it whole.
+async fn reload(
+    path: &Path,
+    current: &PlatformConfig,
+    listen_overridden: bool,
+    apps: &mut BTreeMap<String, RunningApp>,
+    platform: &Arc<PlatformService>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<PlatformConfig, ConfigError> {
+    let mut new = PlatformConfig::load(path)?;
+    if listen_overridden {
+        new.listen = current.listen;
+    }
+    if new.listen != current.listen {
+        warn!(old = %current.listen, new = %new.listen, "[platform] listen changed; restart bext to apply it");
+        new.listen = current.listen;
+    }
+    let mut wanted = settings_for(&new)?;
+
+    // Start what is new, and replacements for apps that need new workers.
+    let mut to_start = BTreeMap::new();
+    for (name, settings) in &wanted {
+        match apps.get(name) {
+            None => {
+                info!(app = %name, "reload: new app");
+                to_start.insert(name.clone(), settings.clone());
+            }
+            Some(running) if running.settings.needs_restart(settings) => {
+                info!(app = %name, "reload: app changed; starting new workers");
+                to_start.insert(name.clone(), settings.clone());
+            }
+            _ => {}
+        }
+    }
+    let mut started = start_apps(to_start, metrics).await;
+    let mut retired = Vec::new();
+    for (name, running) in std::mem::take(apps) {
+        match (wanted.remove(&name), started.remove(&name)) {
+            // Removed from the file.
+            (None, _) => {
+                info!(app = %name, "reload: app removed; draining");
+                retired.push(running);
+            }
+            // Replaced by new workers.
+            (Some(_), Some(replacement)) => {
+                retired.push(running);
+                apps.insert(name, replacement);
+            }
+            // Same workers, maybe a new request path.
+            (Some(settings), None) => {
+                let mut running = running;
+                if running.settings != settings {
+                    if running.settings.needs_restart(&settings) {
+                        warn!(app = %name, "reload: the app's new workers did not start; it keeps its old ones");
+                    } else {
+                        info!(app = %name, "reload: applying new domains, limits or cache settings");
+                        running.apply(settings);
+                    }
+                }
+                apps.insert(name, running);
+            }
+        }
+    }
+    let fresh: Vec<String> = started.keys().cloned().collect();
+    for (name, app) in started {
+        apps.insert(name, app);
+    }
+    platform.publish(apps, &new);
+    for name in fresh {
+        if let Some(app) = apps.get(&name) {
+            app.post_deploy();
+        }
+    }
+    let grace = new.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    for app in retired {
+        let kill = shutdown.immediate.clone();
+        tokio::spawn(async move { app.stop(grace, &kill).await });
+    }
+    Ok(new)
+}
+
+/// `bext check` of a platform file: the file, then every app's own config.
+pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
+    let config = PlatformConfig::load(path)?;
+    let mut lines = vec![format!(
+        "{}: ok ({} apps)",
+        path.display(),
+        config.apps.len()
+    )];
+    for entry in &config.apps {
+        let merged = entry.merged_config()?;
+        let app = crate::app::detect(&entry.source, &merged)?;
+        lines.push(format!(
+            "app '{}': {} ({}), domains {}",
+            entry.name,
+            app.framework,
+            app.reason,
+            entry.domains.join(", ")
+        ));
+    }
+    Ok(lines)
+}
+
+/// The directory where sockets go.
+pub fn runtime_base(config: &PlatformConfig) -> PathBuf {
+    config.data_dir.join("run")
+}

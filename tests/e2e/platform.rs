@@ -1,0 +1,605 @@
+//! Multi-app mode, end to end (issue #4): `bext serve --config
+//! platform.toml` with real fixture apps behind one port.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cache::metric;
+use crate::support::{Bext, Options, alive, bext_command, client, fixture, repo_root, signal};
+
+/// A platform file in a temp dir; `/var/lib/bext` becomes the temp dir.
+struct Platform {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Platform {
+    fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("platform.toml");
+        let platform = Platform { dir, file };
+        platform.write(text);
+        platform
+    }
+
+    fn write(&self, text: &str) {
+        let data = self.dir.path().join("data");
+        std::fs::write(
+            &self.file,
+            text.replace("/var/lib/bext", data.to_str().expect("utf8")),
+        )
+        .expect("write");
+    }
+
+    fn serve(&self, env: &[(&str, &str)]) -> Bext {
+        Bext::serve(
+            &self.file,
+            &Options {
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ready_timeout: Duration::from_secs(120),
+                ..Options::default()
+            },
+        )
+    }
+}
+
+fn path_of(name: &str) -> String {
+    fixture(name).to_str().expect("utf8").to_string()
+}
+
+async fn text(bext: &Bext, host: &str, path: &str) -> (u16, String) {
+    let response = bext.get_host(host, path).await;
+    (
+        response.status().as_u16(),
+        response.text().await.expect("body"),
+    )
+}
+
+async fn platform_health(bext: &Bext) -> Value {
+    client()
+        .get(bext.url("/__bext/platform/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json")
+}
+
+fn worker_pids(health: &Value, app: &str) -> Vec<u64> {
+    health["apps"][app]["workers"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["pid"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_platform_file_serves_its_three_apps_by_host() {
+    // The deployment-modes example exactly as written, with its source
+    // dirs pointing at the real fixture apps.
+    let seed =
+        std::fs::read_to_string(repo_root().join("config-examples/platform.toml")).expect("seed");
+    let file = seed
+        .replace("/srv/marketing", &path_of("next"))
+        .replace("/srv/blog", &path_of("hono"))
+        .replace("/srv/api", &path_of("express"));
+    let platform = Platform::new(&file);
+    let bext = platform.serve(&[]);
+
+    let (status, page) = text(&bext, "example.com", "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("bext Next.js fixture"), "{page}");
+    assert!(
+        text(&bext, "WWW.Example.com:443", "/")
+            .await
+            .1
+            .contains("bext Next.js fixture")
+    );
+    assert_eq!(
+        text(&bext, "blog.example.com", "/").await,
+        (200, "Hello Hono!".to_string())
+    );
+    assert_eq!(
+        text(&bext, "api.example.com", "/").await,
+        (200, "hello from express".to_string())
+    );
+    let (status, _) = text(&bext, "unknown.example.org", "/").await;
+    assert_eq!(status, 404, "a host no app claims");
+
+    // The seed's cache settings reach the apps; every app has its own
+    // health, and the platform reports all three.
+    let isr = bext.get_host("example.com", "/isr").await;
+    assert!(isr.headers().get("x-bext-cache").is_some());
+    let health = platform_health(&bext).await;
+    assert_eq!(health["status"], "ok", "{health}");
+    for app in ["marketing", "blog", "api"] {
+        assert_eq!(health["apps"][app]["ready"], 1, "{app}: {health}");
+    }
+    let own: Value = bext
+        .get_host("blog.example.com", "/__bext/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(own["app"], "blog");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wildcards_and_the_default_app_route_as_documented() {
+    let platform = Platform::new(&format!(
+        r#"[platform]
+data_dir = "/var/lib/bext"
+default_app = "fallback"
+[apps.tenants]
+source = "{origin}"
+domains = ["*.tenants.test"]
+[apps.exact]
+source = "{hono}"
+domains = ["special.tenants.test"]
+[apps.fallback]
+source = "{static_site}"
+domains = ["static.test"]
+"#,
+        origin = path_of("origin"),
+        hono = path_of("hono"),
+        static_site = path_of("static"),
+    ));
+    let bext = platform.serve(&[]);
+    let pid_json = |host: &'static str| {
+        let bext = &bext;
+        async move { text(bext, host, "/pid").await }
+    };
+    assert_eq!(
+        pid_json("a.tenants.test").await.0,
+        200,
+        "wildcard, one label"
+    );
+    assert_eq!(
+        pid_json("x.y.tenants.test").await.0,
+        200,
+        "wildcard, two labels"
+    );
+    assert_eq!(
+        text(&bext, "special.tenants.test", "/").await.1,
+        "Hello Hono!",
+        "exact beats wildcard"
+    );
+    let (status, page) = text(&bext, "nobody.example", "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("hello from static"), "the default app");
+    assert!(
+        text(&bext, "tenants.test", "/")
+            .await
+            .1
+            .contains("hello from static"),
+        "a wildcard needs a label in front"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoints() {
+    let platform = Platform::new(&format!(
+        r#"[platform]
+data_dir = "/var/lib/bext"
+trusted_proxies = ["127.0.0.0/8"]
+[apps.limited]
+source = "{origin}"
+domains = ["limited.test"]
+[apps.limited.rate_limit]
+rpm = 5
+[apps.free]
+source = "{hono}"
+domains = ["free.test"]
+"#,
+        origin = path_of("origin"),
+        hono = path_of("hono"),
+    ));
+    let bext = platform.serve(&[]);
+    let http = client();
+    let from = |ip: &'static str| {
+        http.get(bext.url("/pid"))
+            .header("host", "limited.test")
+            .header("x-forwarded-for", ip)
+            .send()
+    };
+    for expected_remaining in (0..5).rev() {
+        let r = from("203.0.113.1").await.expect("GET");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-limit"], "5");
+        assert_eq!(
+            r.headers()["ratelimit-remaining"],
+            expected_remaining.to_string()
+        );
+    }
+    let refused = from("203.0.113.1").await.expect("GET");
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("secs");
+    assert!((1..=60).contains(&retry), "retry after {retry}");
+    assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    // Another client (behind the trusted proxy), another app, and bext's
+    // own endpoints are not limited.
+    assert_eq!(from("203.0.113.2").await.expect("GET").status(), 200);
+    assert_eq!(text(&bext, "free.test", "/").await.0, 200);
+    let health = http
+        .get(bext.url("/__bext/health"))
+        .header("host", "limited.test")
+        .header("x-forwarded-for", "203.0.113.1")
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    let metrics = bext
+        .get_host("limited.test", "/__bext/metrics")
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    assert!(metric(&metrics, "bext_rate_limited_total") >= 1.0);
+    assert!(
+        !metrics.contains("app=\"free\""),
+        "an app's metrics are its own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_app_has_its_own_cache_namespace_and_purge() {
+    let platform = Platform::new(&format!(
+        r#"[platform]
+data_dir = "/var/lib/bext"
+[apps.one]
+source = "{origin}"
+domains = ["one.test"]
+[apps.two]
+source = "{origin}"
+domains = ["two.test"]
+"#,
+        origin = path_of("origin"),
+    ));
+    let bext = platform.serve(&[("BEXT_PURGE_TOKEN", "t0ken")]);
+    let page = "/page/shared?cc=max-age=600&tags=news";
+    let state = |host: &'static str| {
+        let bext = &bext;
+        async move {
+            bext.get_host(host, page).await.headers()["x-bext-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_string()
+        }
+    };
+    assert_eq!(state("one.test").await, "MISS");
+    assert_eq!(
+        state("two.test").await,
+        "MISS",
+        "the same path caches separately per app"
+    );
+    assert_eq!(state("one.test").await, "HIT");
+    assert_eq!(state("two.test").await, "HIT");
+
+    // Purge app one's tag through its host: app two keeps its entry.
+    let purged: Value = client()
+        .post(bext.url("/__bext/cache/invalidate"))
+        .header("host", "one.test")
+        .header("authorization", "Bearer t0ken")
+        .body(r#"{"tags":["news"]}"#)
+        .send()
+        .await
+        .expect("purge")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(purged["purged"], 1);
+    assert_eq!(state("one.test").await, "MISS");
+    assert_eq!(state("two.test").await, "HIT");
+
+    // Or name the app in the body, on a host no app serves.
+    let by_body = client()
+        .post(bext.url("/__bext/cache/invalidate"))
+        .header("host", "admin.internal")
+        .header("authorization", "Bearer t0ken")
+        .body(r#"{"app":"two","all":true}"#)
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(by_body.status(), 200);
+    assert_eq!(state("two.test").await, "MISS");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_run_around_the_build_and_a_failing_one_stops_only_its_app() {
+    let marker = tempfile::tempdir().expect("tempdir");
+    let pre = marker.path().join("pre-build.txt");
+    let post = marker.path().join("post-deploy.txt");
+    let platform = Platform::new(&format!(
+        r#"[platform]
+data_dir = "/var/lib/bext"
+[apps.good]
+source = "{origin}"
+domains = ["good.test"]
+[apps.good.hooks]
+pre_build = "echo \"$BEXT_APP $BEXT_HOOK $(pwd)\" > {pre}"
+post_deploy = "echo deployed > {post}"
+[apps.broken]
+source = "{hono}"
+domains = ["broken.test"]
+[apps.broken.hooks]
+pre_build = "echo failing on purpose; exit 3"
+"#,
+        origin = path_of("origin"),
+        hono = path_of("hono"),
+        pre = pre.display(),
+        post = post.display(),
+    ));
+    let bext = platform.serve(&[]);
+    let pre_text = std::fs::read_to_string(&pre).expect("pre_build ran before the app started");
+    assert_eq!(
+        pre_text.trim(),
+        format!("good pre_build {}", path_of("origin"))
+    );
+    crate::support::wait_for("post_deploy", Duration::from_secs(10), || {
+        post.exists().then_some(())
+    });
+    assert_eq!(text(&bext, "good.test", "/pid").await.0, 200);
+    assert_eq!(
+        text(&bext, "broken.test", "/").await.0,
+        404,
+        "the broken app is not served"
+    );
+    let logs = bext.logs();
+    assert!(
+        logs.iter()
+            .any(|v| v["message"] == "failing on purpose" && v["span"]["app"] == "broken")
+    );
+    assert!(
+        logs.iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("hooks.pre_build of app 'broken' failed (exit status 3)"))),
+        "{}",
+        bext.log_text()
+    );
+}
+
+/// GETs `url` (with `host`) from `concurrency` tasks until `stop`;
+/// returns the latencies of successes and the failures.
+async fn load(
+    url: String,
+    host: &'static str,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Duration>, Vec<String>) {
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (url, stop, http) = (url.clone(), stop.clone(), client());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (Vec::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match http.get(&url).header("host", host).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        ok.push(started.elapsed());
+                    }
+                    Ok(r) => failed.push(format!("status {}", r.status())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for task in tasks {
+        let (o, f) = task.await.expect("load task");
+        ok.extend(o);
+        failed.extend(f);
+    }
+    (ok, failed)
+}
+
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_app_crash_looping_and_flooded_does_not_touch_another() {
+    let platform = Platform::new(&format!(
+        r#"[platform]
+data_dir = "/var/lib/bext"
+[apps.victim]
+source = "{express}"
+domains = ["a.test"]
+[apps.victim.rate_limit]
+rpm = 60
+[apps.bystander]
+source = "{hono}"
+domains = ["b.test"]
+"#,
+        express = path_of("express"),
+        hono = path_of("hono"),
+    ));
+    let bext = platform.serve(&[]);
+    let window = Duration::from_secs(3);
+
+    // Baseline: app B alone under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let baseline = tokio::spawn(load(bext.url("/"), "b.test", 4, stop.clone()));
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut base_ok, base_failed) = baseline.await.expect("baseline");
+    assert!(base_failed.is_empty(), "{base_failed:?}");
+    let base_p99 = p99(&mut base_ok);
+
+    // Same load on B while A crash-loops (its workers killed every 200 ms)
+    // and is flooded far past its rate limit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let measured = tokio::spawn(load(bext.url("/"), "b.test", 4, stop.clone()));
+    let flood = tokio::spawn(load(bext.url("/"), "a.test", 4, stop.clone()));
+    let deadline = Instant::now() + window;
+    let mut kills = 0;
+    while Instant::now() < deadline {
+        for pid in worker_pids(&platform_health(&bext).await, "victim") {
+            if alive(pid as u32) {
+                signal(pid as u32, libc::SIGKILL);
+                kills += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, failed) = measured.await.expect("measured");
+    let (_, flooded) = flood.await.expect("flood");
+    let chaos_p99 = p99(&mut ok);
+
+    assert!(kills >= 2, "app A was killed {kills} times");
+    assert!(
+        flooded.iter().any(|f| f.contains("429")),
+        "app A was rate-limited"
+    );
+    assert!(
+        failed.is_empty(),
+        "app B saw {} errors: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        chaos_p99 <= base_p99 * 2 + Duration::from_millis(2),
+        "app B's p99 went from {base_p99:?} to {chaos_p99:?}"
+    );
+    let health = platform_health(&bext).await;
+    assert!(
+        health["apps"]["victim"]["failures_in_a_row"]
+            .as_u64()
+            .expect("failures")
+            >= 1,
+        "{health}"
+    );
+    assert_eq!(health["apps"]["bystander"]["restarts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_adds_removes_and_reroutes_without_failing_an_unchanged_app() {
+    let config = |apps: &str| format!("[platform]\ndata_dir = \"/var/lib/bext\"\n{apps}");
+    let unchanged = format!(
+        "[apps.steady]\nsource = \"{}\"\ndomains = [\"steady.test\"]\n",
+        path_of("express")
+    );
+    let platform = Platform::new(&config(&format!(
+        "{unchanged}[apps.leaving]\nsource = \"{hono}\"\ndomains = [\"leaving.test\"]\n[apps.moving]\nsource = \"{origin}\"\ndomains = [\"old.test\"]\n",
+        hono = path_of("hono"),
+        origin = path_of("origin"),
+    )));
+    let bext = platform.serve(&[]);
+    let before = platform_health(&bext).await;
+    let steady_pids = worker_pids(&before, "steady");
+    let moving_pids = worker_pids(&before, "moving");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let steady_load = tokio::spawn(load(bext.url("/"), "steady.test", 4, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    platform.write(&config(&format!(
+        "{unchanged}[apps.moving]\nsource = \"{origin}\"\ndomains = [\"new.test\"]\n[apps.arriving]\nsource = \"{static_site}\"\ndomains = [\"arriving.test\"]\n",
+        origin = path_of("origin"),
+        static_site = path_of("static"),
+    )));
+    bext.signal(libc::SIGHUP);
+    bext.wait_log(Duration::from_secs(60), |v| {
+        v["message"] == "routes published" && v["apps"] == 3
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = steady_load.await.expect("load");
+    assert!(
+        failed.is_empty(),
+        "the unchanged app failed {} requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok.len() > 50, "it was under load ({} requests)", ok.len());
+
+    assert!(
+        text(&bext, "arriving.test", "/")
+            .await
+            .1
+            .contains("hello from static"),
+        "added"
+    );
+    assert_eq!(text(&bext, "leaving.test", "/").await.0, 404, "removed");
+    assert_eq!(
+        text(&bext, "new.test", "/pid").await.0,
+        200,
+        "domain changed"
+    );
+    assert_eq!(
+        text(&bext, "old.test", "/pid").await.0,
+        404,
+        "old domain gone"
+    );
+    let after = platform_health(&bext).await;
+    assert_eq!(
+        worker_pids(&after, "steady"),
+        steady_pids,
+        "unchanged app kept its workers"
+    );
+    assert_eq!(
+        worker_pids(&after, "moving"),
+        moving_pids,
+        "a domain change keeps the workers"
+    );
+    assert!(after["apps"]["leaving"].is_null());
+
+    // A broken file changes nothing.
+    platform
+        .write("[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.steady]\nsourse = \"/nowhere\"\n");
+    bext.signal(libc::SIGHUP);
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"].as_str().is_some_and(|m| {
+            m.starts_with("reload refused") && m.contains("did you mean `source`?")
+        })
+    });
+    assert_eq!(text(&bext, "steady.test", "/").await.0, 200);
+    assert!(
+        text(&bext, "arriving.test", "/")
+            .await
+            .1
+            .contains("hello from static")
+    );
+}
+
+#[test]
+fn platform_config_mistakes_are_located_by_check_and_serve() {
+    let platform = Platform::new(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.a]\nsource = \"/a\"\ndomains = [\"x.test\"]\n[apps.b]\nsource = \"/b\"\ndomains = [\"X.test\"]\n",
+    );
+    let file = platform.file.to_str().expect("utf8");
+    for args in [
+        vec!["check", "--config", file],
+        vec!["serve", "--config", file],
+    ] {
+        let (code, _, stderr) = bext_command(&args);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{file}:8:12: key `apps.b.domains[0]`: domain `x.test` is claimed by both apps `a` and `b`")),
+            "{stderr}"
+        );
+    }
+    platform.write("[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.a]\nsource = \"/a\"\n[apps.a.cache]\ndefault_ttl = \"soon\"\n");
+    let (code, _, stderr) = bext_command(&["check", "--config", file]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains(&format!(
+            "{file}:6:15: key `apps.a.cache.default_ttl`: `soon` is not a duration"
+        )),
+        "{stderr}"
+    );
+}
