@@ -12,7 +12,7 @@ HONO="$ROOT/tests/fixtures/hono"
 
 start_bext addr "$HONO" "$WORK/bext.log" --workers 1
 bext_pid=${PIDS[-1]}
-sock="$(ls "$WORK"/bext-*-hono/w0.*.sock)"
+sock="$(ls "$WORK"/bext-*-hono-*/w0.*.sock)"
 node_pid="$(cat /proc/"$bext_pid"/task/*/children | awk '{print $1; exit}')"
 
 port="$(free_port)"

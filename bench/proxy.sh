@@ -41,7 +41,7 @@ wait_until 30 grep -q ready-token "$WORK/direct.log"
 
 # 2. bext with one worker.
 start_bext bext_addr "$HONO" "$WORK/bext-hono.log" --workers 1
-sock="$(ls "$WORK"/bext-*-hono/w0.*.sock)"
+sock="$(ls "$WORK"/bext-*-hono-*/w0.*.sock)"
 
 # 3. nginx in front of the same worker socket.
 nginx_port="$(free_port)"
