@@ -47,29 +47,46 @@ impl Record {
         let mut line = Vec::with_capacity(320);
         let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
         let status = self.status.as_u16();
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let micros = self.started.elapsed().as_micros();
         let worker = self.worker.map_or(-1, |w| w as i64);
         if json {
-            let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
-            let _ = writeln!(
-                line,
-                r#"{{"timestamp":"{now}","level":"INFO","message":{},"target":"bext::access","app":{},"method":{},"host":{},"path":{},"status":{status},"bytes":{bytes},"duration_ms":{duration_ms:.3},"worker":{worker},"client":"{}","request_id":{},"complete":{complete}}}"#,
-                s(&format!("{} {} {status}", self.method, self.path)),
-                s(&self.app),
-                s(self.method.as_str()),
-                s(&self.host),
-                s(&self.path),
-                self.client,
-                s(&self.request_id),
+            // Strings go through serde_json straight into the line (escaped,
+            // no intermediate allocation).
+            fn put(line: &mut Vec<u8>, v: &impl serde::Serialize) {
+                let _ = serde_json::to_writer(line, v);
+            }
+            let _ = write!(line, r#"{{"timestamp":"{now}","level":"INFO","message":"#);
+            put(
+                &mut line,
+                &format_args!("{} {} {status}", self.method, self.path),
             );
+            line.extend_from_slice(br#","target":"bext::access","app":"#);
+            put(&mut line, &&*self.app);
+            line.extend_from_slice(br#","method":"#);
+            put(&mut line, &self.method.as_str());
+            line.extend_from_slice(br#","host":"#);
+            put(&mut line, &self.host.as_str());
+            line.extend_from_slice(br#","path":"#);
+            put(&mut line, &self.path.as_str());
+            let _ = write!(
+                line,
+                r#","status":{status},"bytes":{bytes},"duration_ms":{}.{:03},"worker":{worker},"client":"{}","request_id":"#,
+                micros / 1000,
+                micros % 1000,
+                self.client,
+            );
+            put(&mut line, &self.request_id.as_str());
+            let _ = writeln!(line, r#","complete":{complete}}}"#);
         } else {
             let _ = writeln!(
                 line,
-                "{now}  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={duration_ms:.3} worker={worker} client={} request_id={} complete={complete}",
+                "{now}  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={}.{:03} worker={worker} client={} request_id={} complete={complete}",
                 self.method,
                 self.path.escape_debug(),
                 self.app,
                 self.host.escape_debug(),
+                micros / 1000,
+                micros % 1000,
                 self.client,
                 self.request_id,
             );
@@ -161,5 +178,38 @@ impl http_body::Body for Logged {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_line_is_valid_json_with_escaped_fields() {
+        let record = Record {
+            app: "blog".into(),
+            method: http::Method::GET,
+            host: "example.com".into(),
+            path: "/a\"b\\c\u{1}é".into(),
+            status: StatusCode::NOT_FOUND,
+            worker: Some(1),
+            client: "10.0.0.7".parse().expect("ip"),
+            request_id: "r-1".into(),
+            started: Instant::now() - std::time::Duration::from_micros(1_234_567),
+        };
+        let line = record.format(42, true, true);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("one JSON object");
+        assert_eq!(v["message"], "GET /a\"b\\c\u{1}é 404");
+        assert_eq!(v["path"], "/a\"b\\c\u{1}é");
+        assert_eq!(v["app"], "blog");
+        assert_eq!(v["status"], 404);
+        assert_eq!(v["bytes"], 42);
+        assert_eq!(v["worker"], 1);
+        assert_eq!(v["client"], "10.0.0.7");
+        assert_eq!(v["complete"], true);
+        let ms = v["duration_ms"].as_f64().expect("number");
+        assert!((1234.567..1300.0).contains(&ms), "{ms}");
     }
 }

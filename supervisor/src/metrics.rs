@@ -6,7 +6,7 @@
 //! entries and bytes, evictions, worker states, restarts, RSS) is read at
 //! scrape time from the apps registered with [`Metrics::register_app`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
@@ -59,17 +59,27 @@ pub struct AppSource {
 pub struct AppCounters {
     app: String,
     requests: Family<AppStatusLabel, Counter>,
+    /// The `requests` counter of each status 100–599, looked up in the
+    /// family once (a lookup allocates the label and takes a lock).
+    by_status: Arc<[OnceLock<Counter>]>,
     pub rate_limited: Counter,
 }
 
 impl AppCounters {
     pub fn count(&self, status: http::StatusCode) {
-        self.requests
-            .get_or_create(&AppStatusLabel {
-                app: self.app.clone(),
-                status: status.as_u16(),
-            })
-            .inc();
+        let code = status.as_u16();
+        let lookup = || {
+            self.requests
+                .get_or_create(&AppStatusLabel {
+                    app: self.app.clone(),
+                    status: code,
+                })
+                .clone()
+        };
+        match self.by_status.get(usize::from(code).wrapping_sub(100)) {
+            Some(slot) => slot.get_or_init(lookup).inc(),
+            None => lookup().inc(),
+        };
     }
 }
 
@@ -133,6 +143,7 @@ impl Metrics {
         AppCounters {
             app: app.to_string(),
             requests: self.requests.clone(),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
             rate_limited: self
                 .rate_limited
                 .get_or_create(&AppLabel {

@@ -73,11 +73,10 @@ fn fill_request(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    if let Ok(capability) =
-        HeaderValue::from_str(&format!("{}=\"Surrogate/1.0\"", policy::SURROGATE_TARGET))
-    {
-        headers.insert("surrogate-capability", capability);
-    }
+    headers.insert(
+        "surrogate-capability",
+        HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
+    );
     if let Some(previous) = previous.filter(|p| p.status.is_success()) {
         if let Some(etag) = previous.headers.get(header::ETAG) {
             headers.insert(header::IF_NONE_MATCH, etag.clone());
@@ -134,10 +133,21 @@ impl<S: Store> IsrCache<S> {
             previous.as_deref(),
         );
         let fetched = self
-            .fetch_and_store(fill_req, fill, primary, rule, previous.clone())
+            .fetch_and_store(
+                fill_req,
+                client.headers(),
+                fill,
+                primary,
+                rule,
+                previous.clone(),
+            )
             .await;
         let fallback =
             previous.filter(|p| p.freshness(SystemTime::now()) == Freshness::StaleIfError);
+        // Only a leader records "not storable": a request that got here
+        // because the record exists, or that waited for a leader who made
+        // it, need not write it again (writes cost more than reads).
+        let leading = lead.is_some();
         if let Some(lead) = lead {
             lead.finish(match &fetched {
                 Fetched::Stored(object, _) => Outcome::Stored(Arc::clone(object)),
@@ -160,7 +170,9 @@ impl<S: Store> IsrCache<S> {
             }
             Fetched::NotStored(mut response, reason) => {
                 self.counters.bypasses.inc();
-                self.pass.insert(key.to_string(), reason);
+                if leading {
+                    self.pass.insert(key.to_string(), reason);
+                }
                 let status = response.status();
                 respond::mark(response.headers_mut(), Served::NotStored(status, reason));
                 if head {
@@ -215,6 +227,7 @@ impl<S: Store> IsrCache<S> {
             req.extensions().clone(),
             Some(stale),
         );
+        let client_headers = req.headers().clone();
         let (cache, fill, primary, stale) = (
             Arc::clone(self),
             Arc::clone(fill),
@@ -223,7 +236,14 @@ impl<S: Store> IsrCache<S> {
         );
         tokio::spawn(async move {
             let fetched = cache
-                .fetch_and_store(fill_req, &fill, &primary, rule.as_ref(), Some(stale))
+                .fetch_and_store(
+                    fill_req,
+                    &client_headers,
+                    &fill,
+                    &primary,
+                    rule.as_ref(),
+                    Some(stale),
+                )
                 .await;
             match fetched {
                 Fetched::Stored(object, _) => lead.finish(Outcome::Stored(object)),
@@ -239,21 +259,23 @@ impl<S: Store> IsrCache<S> {
         });
     }
 
-    /// Fetches through `fill` and stores the answer if the policy allows.
+    /// Fetches `req` (a [`fill_request`]) through `fill` and stores the
+    /// answer if the policy allows; the variant is keyed on the headers of
+    /// the client request it was made for.
     async fn fetch_and_store(
         &self,
         req: Request<Body>,
+        request_headers: &HeaderMap,
         fill: &Arc<dyn Fill>,
         primary: &str,
         rule: Option<&RouteRule>,
         previous: Option<Arc<Object>>,
     ) -> Fetched {
         let epoch = self.purge_epoch.load(Ordering::Relaxed);
-        let request_headers = req.headers().clone();
-        let path = req.uri().path().to_string();
+        let uri = req.uri().clone();
         let has_auth = request_headers.contains_key(header::AUTHORIZATION);
-        let conditional = request_headers.contains_key(header::IF_NONE_MATCH)
-            || request_headers.contains_key(header::IF_MODIFIED_SINCE);
+        let conditional = req.headers().contains_key(header::IF_NONE_MATCH)
+            || req.headers().contains_key(header::IF_MODIFIED_SINCE);
         let mut response = fill.fetch(req).await;
         if response.status().is_server_error() {
             return Fetched::Failed(response);
@@ -315,7 +337,7 @@ impl<S: Store> IsrCache<S> {
                 return Fetched::NotStored(Response::from_parts(parts, body), "too-large");
             }
             Collected::Broken(e) => {
-                tracing::warn!(%path, "the app's response broke off: {e}");
+                tracing::warn!(path = %uri.path(), "the app's response broke off: {e}");
                 let mut failed = Response::new(body::full("502 bad gateway\n"));
                 *failed.status_mut() = StatusCode::BAD_GATEWAY;
                 return Fetched::Failed(failed);
@@ -340,8 +362,8 @@ impl<S: Store> IsrCache<S> {
         }
         respond::unmark(&mut parts.headers);
         let names = key::vary_names(&parts.headers);
-        let vary = key::vary_values(&request_headers, &names);
-        let full_key = key::full(primary, &request_headers, &names);
+        let vary = key::vary_values(request_headers, &names);
+        let full_key = key::full(primary, request_headers, &names);
         let object = Arc::new(Object::new(
             parts.status,
             parts.headers,
@@ -349,7 +371,7 @@ impl<S: Store> IsrCache<S> {
             initial_age,
             lifetime,
             tags,
-            (path, primary.to_string()),
+            (uri.path().to_string(), primary.to_string()),
             vary,
             shared_with_auth,
         ));

@@ -79,6 +79,9 @@ fn merge(existing: Option<u64>, new: Option<u64>) -> Option<u64> {
 /// The token bext announces in `Surrogate-Capability` and honours in
 /// targeted `Surrogate-Control` directives (`max-age=60;bext`).
 pub const SURROGATE_TARGET: &str = "bext";
+/// What bext announces to apps in `Surrogate-Capability` (Edge Architecture
+/// Specification 1.0): it understands `Surrogate-Control` targeted at it.
+pub const SURROGATE_CAPABILITY: &str = "bext=\"Surrogate/1.0\"";
 
 /// `Surrogate-Control` (Edge Architecture 1.0): directives for surrogates
 /// such as bext, which take precedence over `Cache-Control` and `Expires`.
@@ -567,5 +570,13 @@ mod tests {
             panic!("stored")
         };
         assert_eq!(lifetime.ttl, Duration::from_secs(100));
+    }
+}
+
+#[cfg(test)]
+mod surrogate_tests {
+    #[test]
+    fn the_capability_names_the_target() {
+        assert!(super::SURROGATE_CAPABILITY.starts_with(&format!("{}=", super::SURROGATE_TARGET)));
     }
 }
