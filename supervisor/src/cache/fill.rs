@@ -170,7 +170,9 @@ impl<S: Store> IsrCache<S> {
             }
             Fetched::NotStored(mut response, reason) => {
                 self.counters.bypasses.inc();
-                if leading {
+                // Not for a request with credentials: the verdict may be
+                // about them, and must not make the key pass for others.
+                if leading && !client.headers().contains_key(header::AUTHORIZATION) {
                     self.pass.insert(key.to_string(), reason);
                 }
                 let status = response.status();

@@ -49,9 +49,10 @@ pub trait Fill: Send + Sync + 'static {
     fn fetch(&self, req: Request<Body>) -> BoxFuture<Response<Body>>;
 }
 
-/// How long "not storable" is remembered for a key, so later requests skip
-/// coalescing and go straight to the app (Varnish's hit-for-miss: their
-/// answers are still stored if they can be).
+/// How long "not storable" is remembered for a key: later requests go
+/// straight to the app, uncoalesced and unstored (Varnish's hit-for-pass).
+/// A page that turns cacheable is stored at most this much later; a purge
+/// forgets every such marker at once.
 pub const PASS_MEMORY: Duration = Duration::from_secs(10);
 
 /// Response headers that carry purge tags; never sent to clients.
@@ -183,13 +184,19 @@ impl<S: Store> IsrCache<S> {
         // From here on `cached`, if any, is a stale copy: it makes the fill
         // conditional, and may stand in if the app fails.
         let previous = cached;
-        // Recently not storable: fetch without waiting on anyone (a burst
-        // on a dynamic page must not queue behind one request), but still
-        // store the answer if it can be.
-        if self.pass.contains_key(&key) {
-            return self
-                .miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
-                .await;
+        // Recently not storable (hit-for-pass, as Varnish calls it): a burst
+        // on a dynamic page must not queue behind one request, nor pay for
+        // a fill it cannot store. With no stored copy to stand in, pass the
+        // request through as it is; with one, fill (it may be stored again,
+        // or stand in if the app fails).
+        if let Some(reason) = self.pass.get(&key) {
+            return match previous {
+                None => self.pass_through(req, fill, reason).await,
+                Some(_) => {
+                    self.miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
+                        .await
+                }
+            };
         }
 
         match self.join(&key) {
