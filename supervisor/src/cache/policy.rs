@@ -395,6 +395,11 @@ mod tests {
     }
 
     #[test]
+    fn the_capability_names_the_target() {
+        assert!(SURROGATE_CAPABILITY.starts_with(&format!("{SURROGATE_TARGET}=")));
+    }
+
+    #[test]
     fn surrogate_control_wins_over_cache_control() {
         let stored = verdict(&[
             ("cache-control", "no-store"),
@@ -570,13 +575,5 @@ mod tests {
             panic!("stored")
         };
         assert_eq!(lifetime.ttl, Duration::from_secs(100));
-    }
-}
-
-#[cfg(test)]
-mod surrogate_tests {
-    #[test]
-    fn the_capability_names_the_target() {
-        assert!(super::SURROGATE_CAPABILITY.starts_with(&format!("{}=", super::SURROGATE_TARGET)));
     }
 }
