@@ -101,6 +101,9 @@ warm "http://127.0.0.1:$next_port/isr" x-nextjs-cache HIT
 warm "http://$bext_next/isr" x-bext-cache HIT
 results+=("$(run_wrk "next start alone, /isr" "http://127.0.0.1:$next_port/isr")")
 results+=("$(run_wrk "bext in front of Next, /isr" "http://$bext_next/isr")")
+# Where bext's time per hit goes: the kernel's share bounds what any
+# user-space work could reach on one core.
+read -r hit_rps hit_user hit_sys < <(cpu_per_request "${PIDS[-1]}" "http://$bext_next/isr")
 
 
 echo "## Cache hits: bext vs nginx proxy_cache vs Varnish ($(date -u +%Y-%m-%d))"
@@ -118,3 +121,4 @@ for size in "1 KiB" "32 KiB"; do
   echo "- $size: bext / nginx = **$(ratio "$b" "$(rps_of "nginx proxy_cache, $size")")** (target ≥ 1.2), bext / Varnish = **$(ratio "$b" "$(rps_of "Varnish, $size")")** (target ≥ 1.0)"
 done
 echo "- Next ISR page: bext / next start = **$(ratio "$(rps_of "bext in front of Next, /isr")" "$(rps_of "next start alone, /isr")")** (target ≥ 50)"
+echo "- CPU per ISR hit (bext, all threads, a second run at $hit_rps req/s): user $hit_user µs, system $hit_sys µs. With no user-space work at all, one core would serve at most $(python3 -c "print(round(1e6 / $hit_sys))") req/s = **$(python3 -c "print(round(1e6 / $hit_sys / $(rps_of "next start alone, /isr"), 1))" )× next start**."

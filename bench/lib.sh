@@ -49,7 +49,7 @@ wait_until() {
 # called in a subshell, so the PID is recorded for cleanup.)
 start_bext() {
   local var="$1" app="$2" log="$3"; shift 3
-  TOKIO_WORKER_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
+  BEXT_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
     taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" run "$app" --listen 127.0.0.1:0 "$@" \
     2>"$log" >/dev/null &
   PIDS+=($!)
@@ -71,6 +71,24 @@ run_wrk() {
   p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
   errors="$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")"
   echo "$name|$rps|$p50|$p99|${errors:-none}"
+}
+
+# cpu_per_request PID URL: one wrk run against URL (after a warm-up);
+# prints "REQ/S USER_US SYS_US": the user and system CPU microseconds PID
+# (all its threads) spent per request, from /proc.
+cpu_per_request() {
+  local pid="$1" url="$2" out u0 s0 u1 s1
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1 || true
+  read -r u0 s0 < <(awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$pid"/task/*/stat)
+  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")"
+  read -r u1 s1 < <(awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$pid"/task/*/stat)
+  python3 - "$(awk '/^Requests\/sec/ {print $2}' <<<"$out")" "${DURATION%s}" "$(getconf CLK_TCK)" \
+    "$((u1 - u0))" "$((s1 - s0))" <<'PY'
+import sys
+rps, secs, hz, user, system = map(float, sys.argv[1:])
+reqs = rps * secs
+print(f"{rps:.0f} {user * 1e6 / hz / reqs:.2f} {system * 1e6 / hz / reqs:.2f}")
+PY
 }
 
 # results_table: the results array as a Markdown table.
@@ -100,7 +118,7 @@ ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
 machine_info() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r)"
-  echo "- bext: $("$ROOT/target/release/bext" --version) (release build), tokio worker threads: 1"
+  echo "- bext: $("$ROOT/target/release/bext" --version) (release build), serving threads: 1 (BEXT_THREADS=1)"
   echo "- $(nginx -v 2>&1), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), node $(node --version)"
   echo "- wrk: 1 thread pinned to CPU $CLIENT_CPU, $CONNECTIONS connections, $DURATION per run (after a 1 s warm-up); servers pinned to CPU $SERVER_CPU"
 }

@@ -19,7 +19,7 @@ EXPRESS="$ROOT/tests/fixtures/express"
 # to its address.
 start_serve() {
   local var="$1" config="$2" log="$3"
-  TOKIO_WORKER_THREADS=1 BEXT_LOG_FORMAT=json \
+  BEXT_THREADS=1 BEXT_LOG_FORMAT=json \
     taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" serve --config "$config" --listen 127.0.0.1:0 \
     2>"$log" >/dev/null &
   PIDS+=($!)

@@ -6,23 +6,25 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 
 use crate::body::{Body, BoxError};
 
 /// What the access log says about one request, filled in along the way.
+/// Its parts are the request's own (shared, not copied).
 #[derive(Debug)]
 pub struct Record {
     pub app: std::sync::Arc<str>,
     pub method: http::Method,
-    pub host: String,
-    pub path: String,
+    /// The `Host` header (or, for HTTP/2, the URI's authority).
+    pub host: Option<HeaderValue>,
+    pub uri: Uri,
     pub status: StatusCode,
     pub worker: Option<usize>,
-    /// The client's address (the peer, or a trusted proxy's client).
-    pub client: std::net::IpAddr,
-    pub request_id: String,
+    /// The client's address as text (the peer, or a trusted proxy's client).
+    pub client: HeaderValue,
+    pub request_id: HeaderValue,
     pub started: Instant,
 }
 
@@ -37,58 +39,75 @@ impl Record {
         }
     }
 
+    fn host(&self) -> &[u8] {
+        match &self.host {
+            Some(host) => host.as_bytes(),
+            None => self.uri.host().unwrap_or("").as_bytes(),
+        }
+    }
+
     /// The line `tracing`'s formatter would write for [`emit_event`], built
     /// directly: this runs for every request, and the generic formatter
     /// costs several times more.
     ///
     /// [`emit_event`]: Self::emit_event
     fn format(&self, bytes: u64, complete: bool, json: bool) -> Vec<u8> {
-        use std::io::Write;
         let mut line = Vec::with_capacity(320);
-        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
         let status = self.status.as_u16();
         let micros = self.started.elapsed().as_micros();
+        let mut num = itoa::Buffer::new();
         let worker = self.worker.map_or(-1, |w| w as i64);
+        let path = self.uri.path().as_bytes();
         if json {
-            // Strings go through serde_json straight into the line (escaped,
-            // no intermediate allocation).
-            fn put(line: &mut Vec<u8>, v: &impl serde::Serialize) {
-                let _ = serde_json::to_writer(line, v);
-            }
-            let _ = write!(line, r#"{{"timestamp":"{now}","level":"INFO","message":"#);
-            put(
-                &mut line,
-                &format_args!("{} {} {status}", self.method, self.path),
-            );
-            line.extend_from_slice(br#","target":"bext::access","app":"#);
-            put(&mut line, &&*self.app);
-            line.extend_from_slice(br#","method":"#);
-            put(&mut line, &self.method.as_str());
-            line.extend_from_slice(br#","host":"#);
-            put(&mut line, &self.host.as_str());
-            line.extend_from_slice(br#","path":"#);
-            put(&mut line, &self.path.as_str());
-            let _ = write!(
-                line,
-                r#","status":{status},"bytes":{bytes},"duration_ms":{}.{:03},"worker":{worker},"client":"{}","request_id":"#,
-                micros / 1000,
-                micros % 1000,
-                self.client,
-            );
-            put(&mut line, &self.request_id.as_str());
-            let _ = writeln!(line, r#","complete":{complete}}}"#);
+            line.extend_from_slice(br#"{"timestamp":""#);
+            timestamp(&mut line);
+            line.extend_from_slice(br#"","level":"INFO","message":""#);
+            json_text(&mut line, self.method.as_str().as_bytes());
+            line.push(b' ');
+            json_text(&mut line, path);
+            line.push(b' ');
+            line.extend_from_slice(num.format(status).as_bytes());
+            line.extend_from_slice(br#"","target":"bext::access","app":""#);
+            json_text(&mut line, self.app.as_bytes());
+            line.extend_from_slice(br#"","method":""#);
+            json_text(&mut line, self.method.as_str().as_bytes());
+            line.extend_from_slice(br#"","host":""#);
+            json_text(&mut line, self.host());
+            line.extend_from_slice(br#"","path":""#);
+            json_text(&mut line, path);
+            line.extend_from_slice(br#"","status":"#);
+            line.extend_from_slice(num.format(status).as_bytes());
+            line.extend_from_slice(br#","bytes":"#);
+            line.extend_from_slice(num.format(bytes).as_bytes());
+            line.extend_from_slice(br#","duration_ms":"#);
+            millis(&mut line, micros);
+            line.extend_from_slice(br#","worker":"#);
+            line.extend_from_slice(num.format(worker).as_bytes());
+            line.extend_from_slice(br#","client":""#);
+            json_text(&mut line, self.client.as_bytes());
+            line.extend_from_slice(br#"","request_id":""#);
+            json_text(&mut line, self.request_id.as_bytes());
+            line.extend_from_slice(if complete {
+                b"\",\"complete\":true}\n"
+            } else {
+                b"\",\"complete\":false}\n"
+            });
         } else {
+            use std::io::Write;
+            timestamp(&mut line);
+            let mut duration = Vec::with_capacity(12);
+            millis(&mut duration, micros);
+            let text = |b: &[u8]| String::from_utf8_lossy(b).escape_debug().to_string();
             let _ = writeln!(
                 line,
-                "{now}  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={}.{:03} worker={worker} client={} request_id={} complete={complete}",
+                "  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={} worker={worker} client={} request_id={} complete={complete}",
                 self.method,
-                self.path.escape_debug(),
+                text(path),
                 self.app,
-                self.host.escape_debug(),
-                micros / 1000,
-                micros % 1000,
-                self.client,
-                self.request_id,
+                text(self.host()),
+                String::from_utf8_lossy(&duration),
+                text(self.client.as_bytes()),
+                text(self.request_id.as_bytes()),
             );
         }
         line
@@ -99,21 +118,87 @@ impl Record {
             target: "bext::access",
             app = %self.app,
             method = %self.method,
-            host = %self.host,
-            path = %self.path,
+            host = %String::from_utf8_lossy(self.host()),
+            path = %self.uri.path(),
             status = self.status.as_u16(),
             bytes,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             worker = self.worker.map_or(-1, |w| w as i64),
-            client = %self.client,
-            request_id = %self.request_id,
+            client = %String::from_utf8_lossy(self.client.as_bytes()),
+            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
             complete,
             "{} {} {}",
             self.method,
-            self.path,
+            self.uri.path(),
             self.status.as_u16(),
         );
     }
+}
+
+/// Appends the time now as RFC 3339 with microseconds, in UTC. The
+/// date-and-seconds part is formatted once per second per thread.
+fn timestamp(line: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+    }
+    let now = SystemTime::now();
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != since.as_secs() {
+            // "YYYY-MM-DDTHH:MM:SSZ": the part before the Z.
+            let full = humantime::format_rfc3339_seconds(now).to_string();
+            if let Some(prefix) = full.as_bytes().get(..19) {
+                cached.1.copy_from_slice(prefix);
+                cached.0 = since.as_secs();
+            }
+        }
+        line.extend_from_slice(&cached.1);
+    });
+    line.push(b'.');
+    padded(line, u64::from(since.subsec_micros()), 6);
+    line.push(b'Z');
+}
+
+/// Appends microseconds as milliseconds with three decimals.
+fn millis(line: &mut Vec<u8>, micros: u128) {
+    let micros = u64::try_from(micros).unwrap_or(u64::MAX);
+    line.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    line.push(b'.');
+    padded(line, micros % 1000, 3);
+}
+
+/// Appends `n` zero-padded to `width` digits.
+fn padded(line: &mut Vec<u8>, n: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n);
+    line.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    line.extend_from_slice(digits.as_bytes());
+}
+
+/// Appends `text` escaped for the inside of a JSON string. Plain printable
+/// ASCII (nearly every path, host and id) is copied as it is; anything
+/// else goes through `serde_json` (invalid UTF-8 replaced).
+fn json_text(line: &mut Vec<u8>, text: &[u8]) {
+    if text
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        line.extend_from_slice(text);
+        return;
+    }
+    let quoted = serde_json::to_string(&String::from_utf8_lossy(text)).unwrap_or_default();
+    line.extend_from_slice(
+        quoted
+            .trim_start_matches('"')
+            .trim_end_matches('"')
+            .as_bytes(),
+    );
 }
 
 pin_project_lite::pin_project! {
@@ -190,19 +275,32 @@ mod tests {
         let record = Record {
             app: "blog".into(),
             method: http::Method::GET,
-            host: "example.com".into(),
-            path: "/a\"b\\c\u{1}é".into(),
+            host: Some(HeaderValue::from_bytes("exämple.com".as_bytes()).expect("obs-text")),
+            uri: Uri::from_static("/a\"b\\c"),
             status: StatusCode::NOT_FOUND,
             worker: Some(1),
-            client: "10.0.0.7".parse().expect("ip"),
-            request_id: "r-1".into(),
+            client: HeaderValue::from_static("10.0.0.7"),
+            request_id: HeaderValue::from_static("r-1"),
             started: Instant::now() - std::time::Duration::from_micros(1_234_567),
         };
         let line = record.format(42, true, true);
         assert_eq!(line.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&line).expect("one JSON object");
-        assert_eq!(v["message"], "GET /a\"b\\c\u{1}é 404");
-        assert_eq!(v["path"], "/a\"b\\c\u{1}é");
+        assert_eq!(v["message"], "GET /a\"b\\c 404");
+        assert_eq!(v["path"], "/a\"b\\c");
+        assert_eq!(v["host"], "exämple.com");
+        assert_eq!(v["request_id"], "r-1");
+        let timestamp = v["timestamp"].as_str().expect("timestamp");
+        let parsed = humantime::parse_rfc3339(timestamp).expect("RFC 3339");
+        let age = std::time::SystemTime::now()
+            .duration_since(parsed)
+            .expect("not in the future");
+        assert!(age < std::time::Duration::from_secs(60), "{timestamp}");
+        assert_eq!(
+            timestamp.len(),
+            "2026-01-01T00:00:00.000000Z".len(),
+            "{timestamp}"
+        );
         assert_eq!(v["app"], "blog");
         assert_eq!(v["status"], 404);
         assert_eq!(v["bytes"], 42);

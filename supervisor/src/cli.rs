@@ -1,7 +1,7 @@
 //! Command-line interface: `bext run`, `bext check`.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,6 +14,11 @@ pub struct Cli {
     /// Log format: pretty on a terminal, JSON otherwise (auto), or forced.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "BEXT_LOG_FORMAT")]
     pub log_format: LogFormat,
+
+    /// Threads serving requests, each with its own event loop (default: the
+    /// CPUs bext may run on).
+    #[arg(long, global = true, env = "BEXT_THREADS")]
+    pub threads: Option<NonZeroUsize>,
 
     #[command(subcommand)]
     pub command: Command,

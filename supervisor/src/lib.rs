@@ -3,8 +3,9 @@
 //! The request path runs one way — [`listener`] → [`server`] (request id,
 //! access log) → [`statics`] → [`proxy`] → [`pool`] — and only [`server`]
 //! knows all of it. [`app`] and [`config`] describe what to run; [`run`] is
-//! the lifecycle of `bext run`. See DESIGN.md for where the cache, router,
-//! rate limiter and control plane slot in.
+//! the lifecycle of `bext run`. [`shards`] runs the request path on one
+//! event loop per CPU. See DESIGN.md for where the cache, router, rate
+//! limiter and control plane slot in.
 
 pub mod access_log;
 pub mod admin;
@@ -27,5 +28,6 @@ pub mod router;
 pub mod run;
 pub mod serve;
 pub mod server;
+pub mod shards;
 pub mod statics;
 pub mod telemetry;

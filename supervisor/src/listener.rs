@@ -6,10 +6,13 @@
 //! each request to a [`Handler`] and knows nothing of what happens next.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,9 +20,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::body::Body;
+use crate::shards::Shards;
 
 /// A client has this long to send its request headers (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,8 +37,25 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(
         self: Arc<Self>,
         req: http::Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static;
+}
+
+/// The other end of a client connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The address's IP as text, made once per connection (it goes into
+    /// `X-Forwarded-For` and the access log of every request).
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("-"));
+        Peer { addr, ip }
+    }
 }
 
 /// When to stop serving.
@@ -46,15 +67,18 @@ pub struct Shutdown {
     pub immediate: CancellationToken,
 }
 
-/// Serves `listener` until `shutdown.graceful` is cancelled, then drains:
-/// in-flight requests get up to `grace` (or until `shutdown.immediate`) to
-/// finish. Returns whether every connection finished in time.
+/// Serves `listener` on every shard until `shutdown.graceful` is
+/// cancelled, then drains: in-flight requests get up to `grace` (or until
+/// `shutdown.immediate`) to finish. Returns whether every connection
+/// finished in time; an error only when the listener cannot be shared with
+/// the shards.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: &Shutdown,
     grace: Duration,
-) -> bool {
+    shards: &Shards,
+) -> io::Result<bool> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -66,41 +90,39 @@ pub async fn serve<H: Handler>(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
-    let graceful = GracefulShutdown::new();
+    let graceful = Arc::new(GracefulShutdown::new());
 
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = Arc::clone(&handler);
-                let service = service_fn(move |req| {
-                    let handler = Arc::clone(&handler);
-                    async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        // Resets and early closes are the client's business.
-                        debug!(%peer, "connection ended: {e}");
-                    }
-                });
+    // Every shard accepts on the same socket: whichever is free first takes
+    // the next connection, and serves it to the end on its own thread.
+    let listener = listener.into_std()?;
+    let mut acceptors = Vec::with_capacity(shards.handles().len());
+    for shard in shards.handles() {
+        let (listener, builder, handler, graceful, stop) = (
+            listener.try_clone()?,
+            builder.clone(),
+            Arc::clone(&handler),
+            Arc::clone(&graceful),
+            shutdown.graceful.clone(),
+        );
+        acceptors.push(shard.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => accept(listener, &builder, &handler, &graceful, &stop).await,
+                Err(e) => error!("a shard could not take the listener: {e}"),
             }
-            _ = shutdown.graceful.cancelled() => break,
+        }));
+    }
+    for acceptor in acceptors {
+        if let Err(e) = acceptor.await {
+            error!("a shard's accept loop failed: {e}");
         }
     }
     drop(listener);
     info!("stopped accepting; draining in-flight requests (up to {grace:?})");
-    tokio::select! {
+    // The accept loops are done, so this is the last reference.
+    let Some(graceful) = Arc::into_inner(graceful) else {
+        return Ok(false);
+    };
+    Ok(tokio::select! {
         drained = tokio::time::timeout(grace, graceful.shutdown()) => {
             if drained.is_err() {
                 warn!("grace period over with requests still in flight");
@@ -111,5 +133,47 @@ pub async fn serve<H: Handler>(
             warn!("not waiting for in-flight requests");
             false
         }
+    })
+}
+
+/// One shard's accept loop: serves each connection on this shard until
+/// `stop`.
+async fn accept<H: Handler>(
+    listener: TcpListener,
+    builder: &auto::Builder<TokioExecutor>,
+    handler: &Arc<H>,
+    graceful: &GracefulShutdown,
+    stop: &CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = Arc::clone(handler);
+        let client = Peer::new(peer);
+        let service = service_fn(move |req| {
+            let (handler, client) = (Arc::clone(&handler), client.clone());
+            async move { Ok::<_, Infallible>(handler.handle(req, client).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                // Resets and early closes are the client's business.
+                debug!(%peer, "connection ended: {e}");
+            }
+        });
     }
 }

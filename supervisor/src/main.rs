@@ -1,11 +1,13 @@
 //! The `bext` binary: arguments → telemetry → command → exit code.
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use bext::cli::{Cli, Command, LogFormat};
 use bext::run::RunError;
+use bext::shards::Shards;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,22 +25,39 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string(), e.exit_code()),
         },
-        Command::Run(args) => daemon(cli.log_format, bext::run::run(args)),
-        Command::Serve(args) => daemon(cli.log_format, bext::serve::serve(args)),
+        Command::Run(args) => daemon(cli.log_format, cli.threads, |shards| {
+            bext::run::run(args, shards)
+        }),
+        Command::Serve(args) => daemon(cli.log_format, cli.threads, |shards| {
+            bext::serve::serve(args, shards)
+        }),
     }
 }
 
-/// Runs a long-lived command: logging, the async runtime, and the exit code.
-fn daemon(format: LogFormat, command: impl Future<Output = Result<(), RunError>>) -> ExitCode {
+/// Runs a long-lived command: logging, the runtimes, and the exit code.
+/// Requests are served by the shards ([`bext::shards`]); the main thread's
+/// runtime supervises.
+fn daemon<F>(
+    format: LogFormat,
+    threads: Option<NonZeroUsize>,
+    command: impl FnOnce(Shards) -> F,
+) -> ExitCode
+where
+    F: Future<Output = Result<(), RunError>>,
+{
     let log = bext::telemetry::init(format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("could not start the async runtime: {e}"), 1),
     };
-    let result = runtime.block_on(command);
+    let shards = match Shards::start(threads.unwrap_or_else(bext::shards::default_count)) {
+        Ok(shards) => shards,
+        Err(e) => return fail(&format!("could not start the serving threads: {e}"), 1),
+    };
+    let result = runtime.block_on(command(shards));
     if let Err(e) = &result {
         tracing::error!("{e}");
     }

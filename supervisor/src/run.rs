@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::listener::Shutdown;
 use crate::metrics::Metrics;
 use crate::pool::PlanError;
+use crate::shards::Shards;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -65,7 +66,7 @@ pub fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config, ConfigErro
     }
 }
 
-pub async fn run(args: RunArgs) -> Result<(), RunError> {
+pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     let mut config = load_config(&args.dir, args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
@@ -99,11 +100,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         addr: app.settings.config.server.listen,
         source,
     })?;
-    info!(app = %app.name, %addr, "listening on http://{addr}");
+    info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
 
     let shutdown = Shutdown::default();
     tokio::spawn(watch_signals(shutdown.clone()));
-    crate::listener::serve(listener, app.service(), &shutdown, grace).await;
+    let served = crate::listener::serve(listener, app.service(), &shutdown, grace, &shards).await;
+    if let Err(source) = served {
+        app.stop(grace, &shutdown.immediate).await;
+        return Err(RunError::Listen { addr, source });
+    }
     app.stop(grace, &shutdown.immediate).await;
     crate::memory::release();
     info!("bye");

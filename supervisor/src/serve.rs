@@ -30,11 +30,12 @@ use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
 use crate::config::{ConfigError, DEFAULT_SHUTDOWN_GRACE};
-use crate::listener::{Handler, Shutdown};
+use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::router::{self, RouteTable};
 use crate::run::RunError;
 use crate::server::AppService;
+use crate::shards::Shards;
 
 /// Workers per app in multi-app mode when neither the app's config nor
 /// its platform table says.
@@ -157,27 +158,20 @@ impl PlatformService {
 }
 
 impl Handler for PlatformService {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         if req.uri().path().starts_with("/__bext/platform/") {
-            return self.platform_admin(req, peer).await;
+            return Box::pin(self.platform_admin(req, peer.addr)).await;
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("")
-            .to_string();
-        let service = self.routes.load().route(&host).cloned();
+        let service = self.routes.load().route(host_of(&req)).cloned();
         match service {
             Some(service) => service.handle(req, peer).await,
             None if req.method() == Method::POST
                 && req.uri().path() == "/__bext/cache/invalidate" =>
             {
-                self.purge_by_body(req).await
+                Box::pin(self.purge_by_body(req)).await
             }
             None => {
-                tracing::debug!(host = %router::normalize(&host), "no app for host");
+                tracing::debug!(host = %router::normalize(host_of(&req)), "no app for host");
                 text(
                     StatusCode::NOT_FOUND,
                     "no app is configured for this host\n",
@@ -185,6 +179,15 @@ impl Handler for PlatformService {
             }
         }
     }
+}
+
+/// The host a request names: `Host`, or an HTTP/2 request's authority.
+fn host_of<B>(req: &Request<B>) -> &str {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
 }
 
 fn text(status: StatusCode, message: &'static str) -> Response<Body> {
@@ -247,7 +250,7 @@ async fn start_apps(
     started
 }
 
-pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
+pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let mut config = PlatformConfig::load(&args.config)?;
     if let Some(listen) = args.listen {
         config.listen = listen;
@@ -278,7 +281,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         addr: config.listen,
         source,
     })?;
-    info!(%addr, apps = apps.len(), "listening on http://{addr}");
+    info!(%addr, apps = apps.len(), threads = shards.handles().len(), "listening on http://{addr}");
     for app in apps.values() {
         app.post_deploy();
     }
@@ -287,11 +290,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let serving = {
         let (platform, shutdown) = (Arc::clone(&platform), shutdown.clone());
-        tokio::spawn(
-            async move { crate::listener::serve(listener, platform, &shutdown, grace).await },
-        )
+        async move {
+            let served =
+                crate::listener::serve(listener, platform, &shutdown, grace, &shards).await;
+            if let Err(e) = &served {
+                error!("could not serve on {addr}: {e}");
+            }
+            served.unwrap_or(false)
+        }
     };
-    let mut serving = std::pin::pin!(async { serving.await.unwrap_or(false) });
+    let mut serving = std::pin::pin!(serving);
 
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),

@@ -9,7 +9,7 @@
 //! In multi-app mode the Host router ([`crate::router`]) picks the app
 //! first; everything after is the app's own.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -22,7 +22,7 @@ use crate::access_log::{Logged, Record};
 use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
-use crate::listener::Handler;
+use crate::listener::{Handler, Peer};
 use crate::metrics::AppCounters;
 use crate::proxy::{ClientInfo, ServedBy, headers};
 use crate::ratelimit::{Decision, RateLimiter};
@@ -81,7 +81,10 @@ impl AppService {
         // bext's own endpoints first: never the app's, never cached or
         // rate-limited.
         if req.uri().path().starts_with(admin::PREFIX) {
-            return self.admin.handle(req.map(body::incoming)).await;
+            // Boxed, as every rarely taken path here: a request's future
+            // is moved whole on every request, so it stays as small as
+            // the common path needs.
+            return Box::pin(self.admin.handle(req.map(body::incoming))).await;
         }
         // The rate limit, before any work is done for the request.
         let mut allowance = None;
@@ -127,46 +130,48 @@ impl AppService {
 }
 
 impl Handler for AppService {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
+        let peer_ip = peer.addr.ip();
         let trusted_peer = self
             .trusted_proxies
             .iter()
-            .any(|net| net.contains(&peer.ip()));
-        let client_ip = headers::client_ip(peer.ip(), req.headers(), &self.trusted_proxies);
+            .any(|net| net.contains(&peer_ip));
+        let client_ip = headers::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
+        let record = self.access_log.then(|| Record {
+            app: Arc::clone(&self.app),
+            method: req.method().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+            uri: req.uri().clone(),
+            status: StatusCode::OK,
+            worker: None,
+            client: if client_ip == peer_ip {
+                peer.ip.clone()
+            } else {
+                HeaderValue::from_str(&client_ip.to_string())
+                    .unwrap_or_else(|_| HeaderValue::from_static("-"))
+            },
+            request_id: HeaderValue::from_static(""),
+            started,
+        });
         let client = ClientInfo {
             peer,
             trusted_peer,
             scheme: "http",
             request_id: headers::request_id(req.headers()),
         };
-        let record = self.access_log.then(|| Record {
-            app: Arc::clone(&self.app),
-            method: req.method().clone(),
-            host: req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().host())
-                .unwrap_or("")
-                .to_string(),
-            path: req.uri().path().to_string(),
-            status: StatusCode::OK,
-            worker: None,
-            client: client_ip,
-            request_id: client.request_id.clone(),
-            started,
-        });
+        let request_id = client.request_id.clone();
         let mut response = self.respond(req, &client, client_ip).await;
-        if let Ok(id) = HeaderValue::from_str(&client.request_id) {
-            response.headers_mut().insert(headers::X_REQUEST_ID, id);
-        }
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID, request_id.clone());
         self.counters.count(response.status());
         let worker = response.extensions().get::<ServedBy>().map(|s| s.0);
         let record = record.map(|mut r| {
             r.status = response.status();
             r.worker = worker;
+            r.request_id = request_id;
             r
         });
         response.map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)))

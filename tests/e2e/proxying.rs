@@ -51,6 +51,43 @@ async fn the_worker_sees_forwarded_headers_and_never_hop_by_hop_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn requests_are_served_by_the_number_of_threads_asked_for() {
+    let bext = Bext::run(&fixture("hono"), &["--workers", "1", "--threads", "3"]);
+    let line = bext.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening on"))
+    });
+    assert_eq!(line["threads"], 3);
+    let shards: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", bext.pid()))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("bext-shard-"))
+        .collect();
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    // Many connections at once, each answered whichever thread took it.
+    let answers = futures_util::future::join_all((0..60).map(|_| {
+        let url = bext.url("/");
+        async move {
+            // A client each: a connection each.
+            let response = client().get(url).send().await.expect("GET /");
+            (
+                response.status().as_u16(),
+                response.text().await.expect("body"),
+            )
+        }
+    }))
+    .await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, body)| *status == 200 && body == "Hello Hono!"),
+        "{answers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn h2c_prior_knowledge_is_served() {
     let bext = Bext::run(&fixture("hono"), &["--workers", "1"]);
     let h2 = reqwest::Client::builder()

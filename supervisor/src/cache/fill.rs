@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
+use super::Pass;
 use super::object::{Freshness, Object};
 use super::policy::{self, Verdict};
 use super::respond::{self, Served};
@@ -142,6 +143,7 @@ impl<S: Store> IsrCache<S> {
                 previous.clone(),
             )
             .await;
+        let with_copy = previous.is_some();
         let fallback =
             previous.filter(|p| p.freshness(SystemTime::now()) == Freshness::StaleIfError);
         // Only a leader records "not storable": a request that got here
@@ -173,7 +175,8 @@ impl<S: Store> IsrCache<S> {
                 // Not for a request with credentials: the verdict may be
                 // about them, and must not make the key pass for others.
                 if leading && !client.headers().contains_key(header::AUTHORIZATION) {
-                    self.pass.insert(key.to_string(), reason);
+                    self.pass
+                        .insert(key.to_string(), Pass { reason, with_copy });
                 }
                 let status = response.status();
                 respond::mark(response.headers_mut(), Served::NotStored(status, reason));
@@ -384,7 +387,9 @@ impl<S: Store> IsrCache<S> {
         }
         self.vary_index
             .insert(primary.to_string(), Arc::from(names));
-        self.store.insert(full_key, Arc::clone(&object)).await;
+        self.store
+            .insert(full_key.into_owned(), Arc::clone(&object))
+            .await;
         Fetched::Stored(object, parts.extensions)
     }
 }

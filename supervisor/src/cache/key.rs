@@ -4,6 +4,8 @@
 //! `next-router-segment-prefetch`). `Accept-Encoding` is not part of the key:
 //! bext asks workers for identity bodies, so every variant is the same bytes.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 
 /// `host` + path + query; the host lowercased, without port or trailing dot.
@@ -21,9 +23,8 @@ pub fn primary<B>(req: &Request<B>) -> String {
     let host = host.trim_end_matches('.');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut key = String::with_capacity(host.len() + target.len() + 1);
-    for c in host.chars() {
-        key.push(c.to_ascii_lowercase());
-    }
+    key.push_str(host);
+    key.make_ascii_lowercase();
     key.push(' ');
     key.push_str(target);
     key
@@ -56,9 +57,9 @@ pub fn vary_values(
 }
 
 /// The full key: primary plus the varied header values.
-pub fn full(primary: &str, headers: &HeaderMap, names: &[HeaderName]) -> String {
+pub fn full<'a>(primary: &'a str, headers: &HeaderMap, names: &[HeaderName]) -> Cow<'a, str> {
     if names.is_empty() {
-        return primary.to_string();
+        return Cow::Borrowed(primary);
     }
     let mut key = String::with_capacity(primary.len() + 32);
     key.push_str(primary);
@@ -72,7 +73,7 @@ pub fn full(primary: &str, headers: &HeaderMap, names: &[HeaderName]) -> String 
             key.push('\u{0}');
         }
     }
-    key
+    Cow::Owned(key)
 }
 
 #[cfg(test)]

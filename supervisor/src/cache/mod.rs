@@ -74,8 +74,8 @@ pub struct IsrCache<S: Store = MemoryStore> {
     store: S,
     /// The `Vary` names last seen per primary key.
     vary_index: moka::sync::Cache<String, Arc<[HeaderName]>>,
-    /// Keys whose responses were not storable, recently, and why.
-    pass: moka::sync::Cache<String, &'static str>,
+    /// Keys whose responses were not storable, recently.
+    pass: moka::sync::Cache<String, Pass>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
     settings: IsrConfig,
     /// How long a request waits for another request's fill.
@@ -92,6 +92,17 @@ impl<S: Store> std::fmt::Debug for IsrCache<S> {
             .field("stats", &self.store.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// A "recently not storable" record.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// Why (for `Cache-Status`).
+    reason: &'static str,
+    /// A stored copy existed when it was written (it may stand in if the
+    /// app fails). Without one, the store need not be asked: storing for
+    /// the key removes the record.
+    with_copy: bool,
 }
 
 /// What a fill left for those who waited on it.
@@ -159,12 +170,23 @@ impl<S: Store> IsrCache<S> {
             .get(&primary)
             .unwrap_or_else(|| Arc::from([]));
         let key = key::full(&primary, req.headers(), &names);
+        let key: &str = &key;
+        // Recently not storable, with nothing stored to stand in (as for
+        // every request to a dynamic page): straight through.
+        let pass = self.pass.get(key);
+        if let Some(Pass {
+            reason,
+            with_copy: false,
+        }) = pass
+        {
+            return self.pass_through(req, fill, reason).await;
+        }
         let has_auth = req.headers().contains_key(header::AUTHORIZATION);
         let now = SystemTime::now();
 
         let cached = self
             .store
-            .get(&key)
+            .get(key)
             .await
             .filter(|o| o.matches(req.headers()) && (!has_auth || o.shared_with_auth));
         if let Some(object) = &cached {
@@ -175,7 +197,7 @@ impl<S: Store> IsrCache<S> {
                 }
                 Freshness::Stale => {
                     self.counters.stale.inc();
-                    self.revalidate(&key, &primary, &req, rule, fill, object);
+                    self.revalidate(key, &primary, &req, rule, fill, object);
                     return respond::serve(&req, object, Served::StaleWhileRevalidate, now);
                 }
                 Freshness::StaleIfError | Freshness::Dead => {}
@@ -189,20 +211,21 @@ impl<S: Store> IsrCache<S> {
         // a fill it cannot store. With no stored copy to stand in, pass the
         // request through as it is; with one, fill (it may be stored again,
         // or stand in if the app fails).
-        if let Some(reason) = self.pass.get(&key) {
+        if let Some(Pass { reason, .. }) = pass {
             return match previous {
                 None => self.pass_through(req, fill, reason).await,
                 Some(_) => {
-                    self.miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
+                    Box::pin(self.miss(req, key, &primary, rule.as_ref(), fill, previous, None))
                         .await
                 }
             };
         }
 
-        match self.join(&key) {
+        match self.join(key) {
             Join::Wait(rx) => {
                 self.counters.coalesced.inc();
-                let waited = tokio::time::timeout(self.wait_timeout, wait_outcome(rx)).await;
+                let waited =
+                    Box::pin(tokio::time::timeout(self.wait_timeout, wait_outcome(rx))).await;
                 if let Ok(Some(Outcome::Stored(object))) = waited
                     && object.matches(req.headers())
                     && (!has_auth || object.shared_with_auth)
@@ -216,19 +239,18 @@ impl<S: Store> IsrCache<S> {
                 }
                 // Nothing to share (not storable, another variant, failed):
                 // this request fills for itself.
-                self.miss(req, &key, &primary, rule.as_ref(), fill, previous, None)
-                    .await
+                Box::pin(self.miss(req, key, &primary, rule.as_ref(), fill, previous, None)).await
             }
             Join::Lead(lead) => {
-                self.miss(
+                Box::pin(self.miss(
                     req,
-                    &key,
+                    key,
                     &primary,
                     rule.as_ref(),
                     fill,
                     previous,
                     Some(lead),
-                )
+                ))
                 .await
             }
         }
@@ -268,7 +290,7 @@ impl<S: Store> IsrCache<S> {
                 primaries,
                 ..Selector::default()
             };
-            let invalidated = self.store.purge(&selector, false).await;
+            let invalidated = Box::pin(self.store.purge(&selector, false)).await;
             if invalidated > 0 {
                 tracing::debug!(invalidated, "invalidated after an unsafe request");
             }

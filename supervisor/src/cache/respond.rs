@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::TAG_HEADERS;
@@ -90,42 +91,56 @@ pub fn mark(headers: &mut HeaderMap, served: Served) {
 }
 
 fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
-    let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
-    let (label, status) = match served {
-        Served::Hit => ("HIT", format!("bext; hit{ttl}")),
-        Served::StaleWhileRevalidate => (
-            "STALE",
-            format!("bext; hit{ttl}; detail=stale-while-revalidate"),
-        ),
-        Served::StaleIfError(s) => (
-            "STALE",
-            format!(
-                "bext; fwd=stale; fwd-status={}{ttl}; detail=stale-if-error",
-                s.as_u16()
-            ),
-        ),
-        Served::Miss { collapsed } => (
-            "MISS",
-            format!(
-                "bext; fwd=uri-miss; stored{ttl}{}",
-                if collapsed { "; collapsed" } else { "" }
-            ),
-        ),
-        Served::NotStored(s, reason) => (
-            "BYPASS",
-            format!(
+    use std::fmt::Write as _;
+    // Written into one buffer that becomes the header value without a copy
+    // (this runs on every cached answer).
+    let mut status = String::with_capacity(80);
+    let label = match served {
+        Served::Hit => {
+            status.push_str("bext; hit");
+            "HIT"
+        }
+        Served::StaleWhileRevalidate => {
+            status.push_str("bext; hit");
+            "STALE"
+        }
+        Served::StaleIfError(s) => {
+            let _ = write!(status, "bext; fwd=stale; fwd-status={}", s.as_u16());
+            "STALE"
+        }
+        Served::Miss { .. } => {
+            status.push_str("bext; fwd=uri-miss; stored");
+            "MISS"
+        }
+        Served::NotStored(s, reason) => {
+            let _ = write!(
+                status,
                 "bext; fwd=uri-miss; fwd-status={}; detail={reason}",
                 s.as_u16()
-            ),
-        ),
-        Served::Failed(s) => (
-            "MISS",
-            format!("bext; fwd=uri-miss; fwd-status={}", s.as_u16()),
-        ),
-        Served::Bypass(reason) => ("BYPASS", format!("bext; fwd=bypass; detail={reason}")),
+            );
+            "BYPASS"
+        }
+        Served::Failed(s) => {
+            let _ = write!(status, "bext; fwd=uri-miss; fwd-status={}", s.as_u16());
+            "MISS"
+        }
+        Served::Bypass(reason) => {
+            status.push_str("bext; fwd=bypass; detail=");
+            status.push_str(reason);
+            "BYPASS"
+        }
     };
+    if let Some(ttl) = ttl {
+        let _ = write!(status, "; ttl={ttl}");
+    }
+    match served {
+        Served::StaleWhileRevalidate => status.push_str("; detail=stale-while-revalidate"),
+        Served::StaleIfError(_) => status.push_str("; detail=stale-if-error"),
+        Served::Miss { collapsed: true } => status.push_str("; collapsed"),
+        _ => {}
+    }
     headers.insert(X_BEXT_CACHE, HeaderValue::from_static(label));
-    if let Ok(value) = HeaderValue::from_str(&status) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(status)) {
         headers.insert(CACHE_STATUS, value);
     }
 }
@@ -139,6 +154,14 @@ pub fn unmark(headers: &mut HeaderMap) {
 /// Removes what is meant for bext alone: the purge-tag headers and
 /// `Surrogate-Control`.
 pub fn strip_internal_headers(headers: &mut HeaderMap) {
+    let internal = |name: &HeaderName| {
+        TAG_HEADERS.contains(&name.as_str()) || name.as_str() == "surrogate-control"
+    };
+    // Usually there is none: one pass over the names instead of a lookup
+    // for each.
+    if !headers.keys().any(internal) {
+        return;
+    }
     for name in TAG_HEADERS {
         headers.remove(name);
     }

@@ -8,6 +8,10 @@
 //! is driven by its own task, which notices a worker closing an idle
 //! connection; a sender returns to the pool only once its response body has
 //! been read to the end.
+//!
+//! Idle connections are kept per shard ([`crate::shards`]): a connection's
+//! task runs on the shard that opened it, so it is only handed to requests
+//! on that shard, and a request never wakes another thread.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -28,7 +32,7 @@ use crate::body::{Body, BoxError};
 /// Idle upstream connections older than this are not reused: Node closes
 /// idle connections after its `keepAliveTimeout` (5 s by default).
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-/// Idle connections kept per worker.
+/// Idle connections kept per worker and shard.
 pub const UPSTREAM_MAX_IDLE: usize = 256;
 
 /// Why a request could not be sent to the worker.
@@ -65,7 +69,8 @@ pub struct Upstream {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections, one list per shard (slot: [`slot`]).
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 #[derive(Debug)]
@@ -79,7 +84,9 @@ impl Upstream {
         Upstream {
             inner: Arc::new(Inner {
                 path,
-                idle: Mutex::new(Vec::new()),
+                idle: (0..=crate::shards::default_count().get())
+                    .map(|_| Mutex::new(Vec::new()))
+                    .collect(),
             }),
         }
     }
@@ -91,8 +98,9 @@ impl Upstream {
     /// Sends `req` on a pooled (or new) connection; resolves with the
     /// response head.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let slot = self.inner.slot();
         let mut sender = loop {
-            match self.checkout() {
+            match self.checkout(slot) {
                 // A connection whose last response just ended may need a
                 // moment to become ready; a closed one errors at once.
                 Some(mut sender) => {
@@ -100,7 +108,9 @@ impl Upstream {
                         break sender;
                     }
                 }
-                None => break self.connect().await?,
+                // Boxed: the common case, a pooled connection, should not
+                // carry a connect's state in every request's future.
+                None => break Box::pin(self.connect()).await?,
             }
         };
         let response = sender
@@ -115,19 +125,22 @@ impl Upstream {
             body,
             sender: reusable.then_some(sender),
             pool: Arc::clone(&self.inner),
+            slot,
         };
         if http_body::Body::is_end_stream(&body.body)
             && let Some(sender) = body.sender.take()
         {
             // Nothing to read (204, 304, empty): reusable now.
-            self.inner.checkin(sender);
+            self.inner.checkin(slot, sender);
         }
         Ok(Response::from_parts(parts, body))
     }
 
     /// An idle connection that is still open and fresh, if any.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+    fn checkout(&self, slot: usize) -> Option<SendRequest<Body>> {
+        let mut idle = self.inner.idle[slot]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         while let Some(entry) = idle.pop() {
             if !entry.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT {
                 return Some(entry.sender);
@@ -160,11 +173,16 @@ impl Upstream {
 }
 
 impl Inner {
-    fn checkin(&self, sender: SendRequest<Body>) {
+    /// The calling shard's idle list (more shards than slots share them).
+    fn slot(&self) -> usize {
+        crate::shards::current() % self.idle.len()
+    }
+
+    fn checkin(&self, slot: usize, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < UPSTREAM_MAX_IDLE {
             idle.push(Idle {
                 sender,
@@ -183,6 +201,8 @@ pin_project_lite::pin_project! {
         body: Incoming,
         sender: Option<SendRequest<Body>>,
         pool: Arc<Inner>,
+        // The idle list it came from.
+        slot: usize,
     }
 }
 
@@ -206,7 +226,7 @@ impl http_body::Body for UpstreamBody {
             Poll::Pending => false,
         };
         if finished && let Some(sender) = this.sender.take() {
-            this.pool.checkin(sender);
+            this.pool.checkin(*this.slot, sender);
         }
         polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
     }

@@ -2,9 +2,12 @@
 //! and the worker learns who the client was from headers bext sets itself
 //! (a client's own `X-Forwarded-*` are replaced, never trusted).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
+use bytes::Bytes;
 use ipnet::IpNet;
+
+use crate::listener::Peer;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -29,22 +32,49 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Removes hop-by-hop headers and every header the `Connection` header
 /// names. With `upgrade`, keeps `Upgrade` and sets `Connection: upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        if upgrade && *name == header::UPGRADE {
-            continue;
+    // One pass over the names (comparisons, no hashing) finds which are
+    // present; only those are looked up to be removed. Most requests carry
+    // none; Node's responses carry `Connection` and `Keep-Alive`.
+    let mut present = [false; 8]; // as HOP_BY_HOP; [0] is Connection
+    let mut has_upgrade = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        } else if name == header::UPGRADE {
+            has_upgrade = true;
         }
-        headers.remove(name);
+    }
+    // Other headers `Connection` names (`close`, `keep-alive` and the
+    // standard ones need no lookup).
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for name in &named {
+        if !(upgrade && *name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for (hop, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(hop);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if has_upgrade {
         headers.remove(header::UPGRADE);
     }
 }
@@ -77,27 +107,25 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 /// `X-Forwarded-For` gets the peer appended, its `-Proto` and `-Host` stay).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &Peer,
     trusted_peer: bool,
     scheme: &'static str,
-    host: Option<&str>,
-    request_id: &str,
+    host: Option<&HeaderValue>,
+    request_id: &HeaderValue,
 ) {
-    let peer_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(chain) if trusted_peer => format!("{chain}, {peer_ip}"),
-        _ => peer_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    let chain = headers
+        .get(X_FORWARDED_FOR)
+        .filter(|_| trusted_peer)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|chain| HeaderValue::from_str(&format!("{chain}, {}", peer.addr.ip())).ok());
+    headers.insert(X_FORWARDED_FOR, chain.unwrap_or_else(|| peer.ip.clone()));
     if !(trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
     if !(trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
-        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        match host {
             Some(v) => {
-                headers.insert(X_FORWARDED_HOST, v);
+                headers.insert(X_FORWARDED_HOST, v.clone());
             }
             None => {
                 headers.remove(X_FORWARDED_HOST);
@@ -106,24 +134,31 @@ pub fn set_forwarded(
     }
     // RFC 7239 `Forwarded` from a client is as untrusted as X-Forwarded-*.
     headers.remove(header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
 /// The client's `X-Request-Id` if it is sane (1–128 characters of
 /// `[A-Za-z0-9._:-]`), else a fresh one.
-pub fn request_id(headers: &HeaderMap) -> String {
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
-                && v.bytes()
+                && v.as_bytes()
+                    .iter()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
         })
-        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string)
+        .cloned()
+        .unwrap_or_else(new_request_id)
+}
+
+/// A fresh request id: a random UUID as 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(id.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Is this a WebSocket upgrade request (HTTP/1.1 `Upgrade: websocket`)?
@@ -190,11 +225,11 @@ mod tests {
         h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
         set_forwarded(
             &mut h,
-            "127.0.0.9:5000".parse().expect("addr"),
+            &Peer::new("127.0.0.9:5000".parse().expect("addr")),
             false,
             "http",
-            Some("a.example"),
-            "rid",
+            Some(&HeaderValue::from_static("a.example")),
+            &HeaderValue::from_static("rid"),
         );
         assert_eq!(h[X_FORWARDED_FOR], "127.0.0.9");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
@@ -225,11 +260,11 @@ mod tests {
         );
         set_forwarded(
             &mut h,
-            SocketAddr::new(proxy, 1),
+            &Peer::new(std::net::SocketAddr::new(proxy, 1)),
             true,
             "http",
-            Some("a"),
-            "rid",
+            Some(&HeaderValue::from_static("a")),
+            &HeaderValue::from_static("rid"),
         );
         assert_eq!(
             h[X_FORWARDED_FOR],
@@ -246,6 +281,7 @@ mod tests {
         h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
         let generated = request_id(&h);
         assert_eq!(generated.len(), 32);
-        assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(generated.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_ne!(generated, request_id(&h), "fresh ids differ");
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
@@ -23,6 +23,7 @@ pub use error::ProxyError;
 
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{BoxFuture, Fill};
+use crate::listener::Peer;
 use crate::pool::upstream::UpstreamBody;
 use crate::pool::{Lease, Pool};
 
@@ -32,11 +33,18 @@ const MAX_ATTEMPTS: usize = 2;
 /// Who is asking, as the proxy needs to tell the worker.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// The peer is a trusted proxy (its forwarding headers are believed).
     pub trusted_peer: bool,
     pub scheme: &'static str,
-    pub request_id: String,
+    pub request_id: HeaderValue,
+}
+
+impl ClientInfo {
+    /// The request id as text (always visible ASCII).
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
 }
 
 /// Forwards requests to one app's workers.
@@ -74,28 +82,30 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
-        // The worker sees an HTTP/1.1 request with the client's Host.
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        // The worker sees an HTTP/1.1 request with the client's Host (an
+        // HTTP/2 client sends it as the `:authority`).
+        let host = match parts.headers.get(header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => {
+                let host = parts
+                    .uri
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+                if let Some(host) = &host {
+                    parts.headers.insert(header::HOST, host.clone());
+                }
+                host
+            }
+        };
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         headers::set_forwarded(
             &mut parts.headers,
-            client.peer,
+            &client.peer,
             client.trusted_peer,
             client.scheme,
-            host.as_deref(),
+            host.as_ref(),
             &client.request_id,
         );
-        if let Some(host) = host
-            .as_deref()
-            .and_then(|h| http::HeaderValue::from_str(h).ok())
-        {
-            parts.headers.insert(header::HOST, host);
-        }
         // Origin-form (`/path?query`), as a server expects from a client;
         // the bytes are shared with the client's request, not copied.
         let uri = Uri::from(
@@ -123,7 +133,10 @@ impl Proxy {
                 // at all: waiting would only add to the failure.
                 Some((failed, error)) => match self.pool.try_acquire(Some(failed)) {
                     Some(lease) => {
-                        warn!(request_id = %client.request_id, "{error}; retrying on another worker");
+                        warn!(
+                            request_id = client.request_id(),
+                            "{error}; retrying on another worker"
+                        );
                         lease
                     }
                     None => return Err(error),
@@ -227,13 +240,12 @@ pub struct ServedBy(pub usize);
 /// revalidations carry the triggering request's); failures come back as the
 /// proxy's error responses.
 impl Fill for Proxy {
-    fn fetch(&self, req: Request<Body>) -> BoxFuture<Response<Body>> {
+    fn fetch(&self, mut req: Request<Body>) -> BoxFuture<Response<Body>> {
         let proxy = self.clone();
         Box::pin(async move {
             let client = req
-                .extensions()
-                .get::<ClientInfo>()
-                .cloned()
+                .extensions_mut()
+                .remove::<ClientInfo>()
                 .unwrap_or_else(ClientInfo::internal);
             match proxy.forward(req, &client).await {
                 Ok(forwarded) => {
@@ -241,7 +253,7 @@ impl Fill for Proxy {
                     response.extensions_mut().insert(ServedBy(forwarded.worker));
                     response
                 }
-                Err(e) => e.into_response(&client.request_id),
+                Err(e) => e.into_response(client.request_id()),
             }
         })
     }
@@ -251,10 +263,10 @@ impl ClientInfo {
     /// A request bext makes on its own behalf.
     pub fn internal() -> Self {
         ClientInfo {
-            peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer: Peer::new(SocketAddr::from(([127, 0, 0, 1], 0))),
             trusted_peer: false,
             scheme: "http",
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            request_id: headers::new_request_id(),
         }
     }
 }
