@@ -185,10 +185,16 @@ fn padded(line: &mut Vec<u8>, n: u64, width: usize) {
 /// ASCII (nearly every path, host and id) is copied as it is; anything
 /// else goes through `serde_json` (invalid UTF-8 replaced).
 fn json_text(line: &mut Vec<u8>, text: &[u8]) {
-    if text
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    const PLAIN: [bool; 256] = {
+        let mut plain = [false; 256];
+        let mut b = 0x20;
+        while b < 0x7f {
+            plain[b] = b != b'"' as usize && b != b'\\' as usize;
+            b += 1;
+        }
+        plain
+    };
+    if text.iter().all(|&b| PLAIN[usize::from(b)]) {
         line.extend_from_slice(text);
         return;
     }

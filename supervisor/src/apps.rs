@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::Admin;
 use crate::app::{self, App};
-use crate::cache::{Fill, IsrCache};
+use crate::cache::IsrCache;
 use crate::config::platform::Hooks;
 use crate::config::{Config, ENV_PURGE_TOKEN, Framework};
 use crate::metrics::{AppSource, Metrics};
@@ -275,16 +275,16 @@ fn build_service(
 ) -> AppService {
     let config = &settings.config;
     let pool = pool.map(|h| Arc::clone(&h.pool));
-    let fill = pool.as_ref().map(|pool| {
-        Arc::new(Proxy::new(
+    let proxy = pool.as_ref().map(|pool| {
+        Proxy::new(
             Arc::clone(pool),
             config.server.upstream_timeout,
             config.server.queue_timeout,
-        )) as Arc<dyn Fill>
+        )
     });
     // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
-        (config.isr.enabled && fill.is_some()).then(|| {
+        (config.isr.enabled && proxy.is_some()).then(|| {
             Arc::new(IsrCache::in_memory(
                 config.isr.clone(),
                 config.server.upstream_timeout,
@@ -307,7 +307,7 @@ fn build_service(
             purge_token,
         },
         statics,
-        fill,
+        proxy,
         cache,
         limiter: settings
             .rate_limit

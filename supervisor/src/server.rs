@@ -24,7 +24,7 @@ use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
 use crate::listener::{Handler, Peer};
 use crate::metrics::AppCounters;
-use crate::proxy::{ClientInfo, ServedBy, headers};
+use crate::proxy::{ClientFill, ClientInfo, Proxy, headers};
 use crate::ratelimit::{Decision, RateLimiter};
 use crate::statics::{self, Outcome, StaticFiles};
 
@@ -35,7 +35,7 @@ pub struct AppService {
     pub admin: Admin,
     pub statics: Arc<StaticFiles>,
     /// The way to the app's workers; `None` for a static site.
-    pub fill: Option<Arc<dyn Fill>>,
+    pub proxy: Option<Proxy>,
     /// `None` when `[cache.isr] enabled = false`.
     pub cache: Option<Arc<IsrCache>>,
     /// `None` without `rate_limit.rpm`.
@@ -46,12 +46,6 @@ pub struct AppService {
     pub access_log: bool,
     /// Requests being answered (a removed app drains until zero).
     pub inflight: Arc<AtomicUsize>,
-}
-
-impl std::fmt::Debug for dyn Fill {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Fill")
-    }
 }
 
 /// Counts a request as in flight until its response body is done.
@@ -72,19 +66,24 @@ impl Drop for InFlight {
 }
 
 impl AppService {
+    /// The response, and which worker gave it (none for bext's own
+    /// answers and cache hits).
     async fn respond(
         &self,
         req: Request<Incoming>,
-        client: &ClientInfo,
+        client: ClientInfo,
         client_ip: IpAddr,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Option<usize>) {
         // bext's own endpoints first: never the app's, never cached or
         // rate-limited.
         if req.uri().path().starts_with(admin::PREFIX) {
             // Boxed, as every rarely taken path here: a request's future
             // is moved whole on every request, so it stays as small as
             // the common path needs.
-            return Box::pin(self.admin.handle(req.map(body::incoming))).await;
+            return (
+                Box::pin(self.admin.handle(req.map(body::incoming))).await,
+                None,
+            );
         }
         // The rate limit, before any work is done for the request.
         let mut allowance = None;
@@ -93,34 +92,38 @@ impl AppService {
                 Decision::Allowed { remaining } => allowance = Some((limiter, remaining)),
                 Decision::Limited { retry_after } => {
                     self.counters.rate_limited.inc();
-                    return limiter.refusal(retry_after);
+                    return (limiter.refusal(retry_after), None);
                 }
             }
         }
-        let mut response = self.answer(req, client).await;
+        let (mut response, worker) = self.answer(req, client).await;
         if let Some((limiter, remaining)) = allowance {
             limiter.annotate(response.headers_mut(), remaining);
         }
-        response
+        (response, worker)
     }
 
-    async fn answer(&self, req: Request<Incoming>, client: &ClientInfo) -> Response<Body> {
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> (Response<Body>, Option<usize>) {
         // Static files: answered from disk without a worker hop.
         if let Outcome::Response(response) = self.statics.serve(&req) {
-            return response;
+            return (response, None);
         }
-        let Some(fill) = &self.fill else {
-            return statics::plain(StatusCode::NOT_FOUND, "not found\n");
+        let Some(proxy) = &self.proxy else {
+            return (statics::plain(StatusCode::NOT_FOUND, "not found\n"), None);
         };
-        let mut req = req.map(body::incoming);
-        req.extensions_mut().insert(client.clone());
+        let fill = ClientFill::new(proxy.clone(), client);
+        let req = req.map(body::incoming);
         // The cache in front of the workers; it reaches them through `fill`.
         let mut response = match &self.cache {
-            Some(cache) => cache.handle(req, fill).await,
+            Some(cache) => cache.handle(req, &fill).await,
             None => fill.fetch(req).await,
         };
         respond::strip_internal_headers(response.headers_mut());
-        response
+        (response, fill.served_by())
     }
 
     /// Requests of this app still being answered.
@@ -162,12 +165,11 @@ impl Handler for AppService {
             request_id: headers::request_id(req.headers()),
         };
         let request_id = client.request_id.clone();
-        let mut response = self.respond(req, &client, client_ip).await;
+        let (mut response, worker) = self.respond(req, client, client_ip).await;
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id.clone());
         self.counters.count(response.status());
-        let worker = response.extensions().get::<ServedBy>().map(|s| s.0);
         let record = record.map(|mut r| {
             r.status = response.status();
             r.worker = worker;

@@ -627,3 +627,43 @@ async fn a_page_found_not_storable_is_passed_through_as_the_client_sent_it() {
     assert!(status.contains("fwd=bypass"), "{status}");
     assert!(body.contains("render 2 accept-encoding=gzip"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_gets_one_access_log_line_naming_its_worker() {
+    let (_dir, bext) = origin("");
+    let path = "/page/logged?cc=public,max-age=60&size=300";
+    let mut seen = Vec::new();
+    for expected in ["MISS", "HIT"] {
+        let response = client().get(bext.url(path)).send().await.expect("GET");
+        assert_eq!(cache_state(&response), expected);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        let body = response.bytes().await.expect("body");
+        let line = bext.wait_log(Duration::from_secs(5), |v| {
+            v["target"] == "bext::access" && v["request_id"] == id.as_str()
+        });
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["path"], "/page/logged", "{line}");
+        assert_eq!(line["host"], bext.addr.to_string(), "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["bytes"], body.len(), "{line}");
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+        assert_eq!(line["complete"], true, "{line}");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+        assert!(
+            humantime::parse_rfc3339(line["timestamp"].as_str().expect("timestamp")).is_ok(),
+            "{line}"
+        );
+        seen.push(line["worker"].as_i64().expect("worker"));
+    }
+    // The miss was answered by worker 0; the hit by no worker at all.
+    assert_eq!(seen, [0, -1]);
+    let lines = bext
+        .logs()
+        .into_iter()
+        .filter(|v| v["target"] == "bext::access" && v["path"] == "/page/logged")
+        .count();
+    assert_eq!(lines, 2, "one line per request");
+}

@@ -114,13 +114,13 @@ impl<S: Store> IsrCache<S> {
         clippy::too_many_arguments,
         reason = "the request's facets, computed once by the caller"
     )]
-    pub(super) async fn miss(
+    pub(super) async fn miss<F: Fill>(
         self: &Arc<Self>,
         req: Request<Body>,
         key: &str,
         primary: &str,
         rule: Option<&RouteRule>,
-        fill: &Arc<dyn Fill>,
+        fill: &F,
         previous: Option<Arc<Object>>,
         lead: Option<Lead<S>>,
     ) -> Response<Body> {
@@ -212,13 +212,13 @@ impl<S: Store> IsrCache<S> {
 
     /// Starts one background revalidation of a stale entry, unless a fill
     /// for its key is already running.
-    pub(super) fn revalidate(
+    pub(super) fn revalidate<F: Fill>(
         self: &Arc<Self>,
         key: &str,
         primary: &str,
         req: &Request<Body>,
         rule: Option<RouteRule>,
-        fill: &Arc<dyn Fill>,
+        fill: &F,
         stale: &Arc<Object>,
     ) {
         let Some(lead) = self.lead_if_idle(key) else {
@@ -235,7 +235,7 @@ impl<S: Store> IsrCache<S> {
         let client_headers = req.headers().clone();
         let (cache, fill, primary, stale) = (
             Arc::clone(self),
-            Arc::clone(fill),
+            fill.clone(),
             primary.to_string(),
             Arc::clone(stale),
         );
@@ -267,11 +267,11 @@ impl<S: Store> IsrCache<S> {
     /// Fetches `req` (a [`fill_request`]) through `fill` and stores the
     /// answer if the policy allows; the variant is keyed on the headers of
     /// the client request it was made for.
-    async fn fetch_and_store(
+    async fn fetch_and_store<F: Fill>(
         &self,
         req: Request<Body>,
         request_headers: &HeaderMap,
-        fill: &Arc<dyn Fill>,
+        fill: &F,
         primary: &str,
         rule: Option<&RouteRule>,
         previous: Option<Arc<Object>>,

@@ -22,7 +22,6 @@ pub mod respond;
 pub mod store;
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -39,14 +38,12 @@ use store::{Selector, Store};
 
 pub use store::MemoryStore;
 
-/// A boxed, sendable future.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// How the cache reaches the app. Failures come back as responses (502,
-/// 503, 504 from bext, or the app's own 5xx): the cache treats any 5xx as
-/// the app failing.
-pub trait Fill: Send + Sync + 'static {
-    fn fetch(&self, req: Request<Body>) -> BoxFuture<Response<Body>>;
+/// How the cache reaches the app, for one client request. Failures come
+/// back as responses (502, 503, 504 from bext, or the app's own 5xx): the
+/// cache treats any 5xx as the app failing. A background revalidation runs
+/// on a clone.
+pub trait Fill: Clone + Send + Sync + 'static {
+    fn fetch(&self, req: Request<Body>) -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// How long "not storable" is remembered for a key: later requests go
@@ -155,11 +152,7 @@ impl<S: Store> IsrCache<S> {
     }
 
     /// Answers `req` from the cache, or through `fill`.
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Body>,
-        fill: &Arc<dyn Fill>,
-    ) -> Response<Body> {
+    pub async fn handle<F: Fill>(self: &Arc<Self>, req: Request<Body>, fill: &F) -> Response<Body> {
         let rule = self.rule_for(req.uri().path()).cloned();
         if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
             return self.pass_through(req, fill, reason).await;
@@ -259,10 +252,10 @@ impl<S: Store> IsrCache<S> {
     /// Forwards without storing. A successful unsafe request (POST, PUT,
     /// DELETE…) invalidates what is stored for its URL and for the URLs its
     /// `Location` and `Content-Location` name (RFC 9111 §4.4).
-    async fn pass_through(
+    async fn pass_through<F: Fill>(
         &self,
         req: Request<Body>,
-        fill: &Arc<dyn Fill>,
+        fill: &F,
         reason: &'static str,
     ) -> Response<Body> {
         self.counters.bypasses.inc();

@@ -45,25 +45,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     // Other headers `Connection` names (`close`, `keep-alive` and the
-    // standard ones need no lookup).
-    let named: Vec<HeaderName> = if present[0] {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
-            })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect()
-    } else {
-        Vec::new()
+    // standard ones need no lookup; a lone `keep-alive`, as Node sends on
+    // every response, needs no parsing).
+    let simple = |v: &HeaderValue| {
+        v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+            || v.as_bytes().eq_ignore_ascii_case(b"close")
     };
+    let named: Vec<HeaderName> =
+        if present[0] && !headers.get_all(header::CONNECTION).iter().all(simple) {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|token| {
+                    !token.eq_ignore_ascii_case("close")
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
+                })
+                .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
     for name in &named {
         if !(upgrade && *name == header::UPGRADE) {
             headers.remove(name);
@@ -118,6 +124,8 @@ pub fn set_forwarded(
         .filter(|_| trusted_peer)
         .and_then(|v| v.to_str().ok())
         .and_then(|chain| HeaderValue::from_str(&format!("{chain}, {}", peer.addr.ip())).ok());
+    // Up to five more headers: room for them at once.
+    headers.reserve(5);
     headers.insert(X_FORWARDED_FOR, chain.unwrap_or_else(|| peer.ip.clone()));
     if !(trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));

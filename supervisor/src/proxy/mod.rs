@@ -12,6 +12,7 @@ pub mod headers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
@@ -22,7 +23,7 @@ use tracing::{debug, warn};
 pub use error::ProxyError;
 
 use crate::body::{self, Body, WithGuard};
-use crate::cache::{BoxFuture, Fill};
+use crate::cache::Fill;
 use crate::listener::Peer;
 use crate::pool::upstream::UpstreamBody;
 use crate::pool::{Lease, Pool};
@@ -230,32 +231,50 @@ async fn tunnel(
     drop(lease);
 }
 
-/// Which worker answered, in the response's extensions (for the access
-/// log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServedBy(pub usize);
+/// One client request's way to the workers: the proxy and who is asking.
+/// The cache fills through it ([`Fill`]); it remembers which worker
+/// answered, for the access log. A clone (a background revalidation) starts
+/// with no worker recorded.
+#[derive(Debug)]
+pub struct ClientFill {
+    proxy: Proxy,
+    client: ClientInfo,
+    served_by: AtomicUsize,
+}
 
-/// The cache fills misses through the proxy. Who the client is comes in the
-/// request's extensions ([`ClientInfo`], set by the server; background
-/// revalidations carry the triggering request's); failures come back as the
-/// proxy's error responses.
-impl Fill for Proxy {
-    fn fetch(&self, mut req: Request<Body>) -> BoxFuture<Response<Body>> {
-        let proxy = self.clone();
-        Box::pin(async move {
-            let client = req
-                .extensions_mut()
-                .remove::<ClientInfo>()
-                .unwrap_or_else(ClientInfo::internal);
-            match proxy.forward(req, &client).await {
-                Ok(forwarded) => {
-                    let mut response = forwarded.response;
-                    response.extensions_mut().insert(ServedBy(forwarded.worker));
-                    response
-                }
-                Err(e) => e.into_response(client.request_id()),
+const NO_WORKER: usize = usize::MAX;
+
+impl ClientFill {
+    pub fn new(proxy: Proxy, client: ClientInfo) -> Self {
+        ClientFill {
+            proxy,
+            client,
+            served_by: AtomicUsize::new(NO_WORKER),
+        }
+    }
+
+    /// The worker that answered this request's last fetch, if any.
+    pub fn served_by(&self) -> Option<usize> {
+        Some(self.served_by.load(Ordering::Relaxed)).filter(|&w| w != NO_WORKER)
+    }
+}
+
+impl Clone for ClientFill {
+    fn clone(&self) -> Self {
+        ClientFill::new(self.proxy.clone(), self.client.clone())
+    }
+}
+
+/// Failures come back as the proxy's error responses.
+impl Fill for ClientFill {
+    async fn fetch(&self, req: Request<Body>) -> Response<Body> {
+        match self.proxy.forward(req, &self.client).await {
+            Ok(forwarded) => {
+                self.served_by.store(forwarded.worker, Ordering::Relaxed);
+                forwarded.response
             }
-        })
+            Err(e) => e.into_response(self.client.request_id()),
+        }
     }
 }
 
