@@ -10,12 +10,12 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
-use super::Pass;
 use super::object::{Freshness, Object};
 use super::policy::{self, Verdict};
 use super::respond::{self, Served};
 use super::store::Store;
 use super::{Fill, IsrCache, Lead, Outcome, key};
+use super::{PASS_MEMORY, Pass, UrlInfo};
 use crate::body::{self, Body};
 use crate::config::RouteRule;
 
@@ -175,8 +175,7 @@ impl<S: Store> IsrCache<S> {
                 // Not for a request with credentials: the verdict may be
                 // about them, and must not make the key pass for others.
                 if leading && !client.headers().contains_key(header::AUTHORIZATION) {
-                    self.pass
-                        .insert(key.to_string(), Pass { reason, with_copy });
+                    self.remember_pass(key, primary, Pass { reason, with_copy });
                 }
                 let status = response.status();
                 respond::mark(response.headers_mut(), Served::NotStored(status, reason));
@@ -208,6 +207,24 @@ impl<S: Store> IsrCache<S> {
                 }
             },
         }
+    }
+
+    /// Records that `key` was found not storable (hit-for-pass): in the
+    /// URL's index entry when the response did not vary, else by full key.
+    fn remember_pass(&self, key: &str, primary: &str, pass: Pass) {
+        if key != primary {
+            self.pass.insert(key.to_string(), pass);
+            return;
+        }
+        let until = std::time::Instant::now() + PASS_MEMORY;
+        let epoch = self.purge_epoch.load(Ordering::Relaxed);
+        self.index.insert(
+            primary.to_string(),
+            Arc::new(UrlInfo {
+                vary: Arc::from([]),
+                pass: Some((pass, until, epoch)),
+            }),
+        );
     }
 
     /// Starts one background revalidation of a stale entry, unless a fill
@@ -385,8 +402,13 @@ impl<S: Store> IsrCache<S> {
             // predate it.
             object.soft_purge();
         }
-        self.vary_index
-            .insert(primary.to_string(), Arc::from(names));
+        self.index.insert(
+            primary.to_string(),
+            Arc::new(UrlInfo {
+                vary: Arc::from(names),
+                pass: None,
+            }),
+        );
         self.store
             .insert(full_key.into_owned(), Arc::clone(&object))
             .await;

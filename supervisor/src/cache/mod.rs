@@ -24,7 +24,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, header};
 use prometheus_client::metrics::counter::Counter;
@@ -69,9 +69,10 @@ pub struct CacheCounters {
 /// One app's cache.
 pub struct IsrCache<S: Store = MemoryStore> {
     store: S,
-    /// The `Vary` names last seen per primary key.
-    vary_index: moka::sync::Cache<String, Arc<[HeaderName]>>,
-    /// Keys whose responses were not storable, recently.
+    /// What is known per primary key (one lookup per request).
+    index: moka::sync::Cache<String, Arc<UrlInfo>>,
+    /// Keys of varied responses that were not storable, recently (those of
+    /// unvaried ones are in `index`).
     pass: moka::sync::Cache<String, Pass>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
     settings: IsrConfig,
@@ -89,6 +90,16 @@ impl<S: Store> std::fmt::Debug for IsrCache<S> {
             .field("stats", &self.store.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// What the cache knows of one URL (primary key).
+#[derive(Debug, Default)]
+struct UrlInfo {
+    /// The `Vary` names of its last stored response.
+    vary: Arc<[HeaderName]>,
+    /// For an unvaried URL: recently not storable, until when, as of which
+    /// purge epoch (a purge forgets it).
+    pass: Option<(Pass, Instant, u64)>,
 }
 
 /// A "recently not storable" record.
@@ -125,7 +136,7 @@ impl<S: Store> IsrCache<S> {
     ) -> Self {
         IsrCache {
             store,
-            vary_index: moka::sync::Cache::builder()
+            index: moka::sync::Cache::builder()
                 .max_capacity(settings.max_entries)
                 .build(),
             pass: moka::sync::Cache::builder()
@@ -158,15 +169,20 @@ impl<S: Store> IsrCache<S> {
             return self.pass_through(req, fill, reason).await;
         }
         let primary = key::primary(&req);
-        let names = self
-            .vary_index
-            .get(&primary)
-            .unwrap_or_else(|| Arc::from([]));
-        let key = key::full(&primary, req.headers(), &names);
+        let info = self.index.get(&primary).unwrap_or_default();
+        let key = key::full(&primary, req.headers(), &info.vary);
         let key: &str = &key;
         // Recently not storable, with nothing stored to stand in (as for
         // every request to a dynamic page): straight through.
-        let pass = self.pass.get(key);
+        let pass = if info.vary.is_empty() {
+            info.pass
+                .filter(|&(_, until, epoch)| {
+                    Instant::now() < until && epoch == self.purge_epoch.load(Ordering::Relaxed)
+                })
+                .map(|(pass, _, _)| pass)
+        } else {
+            self.pass.get(key)
+        };
         if let Some(Pass {
             reason,
             with_copy: false,
@@ -296,9 +312,10 @@ impl<S: Store> IsrCache<S> {
     /// Drops (hard) or marks stale (soft) every entry the selector names.
     pub async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
         self.purge_epoch.fetch_add(1, Ordering::Relaxed);
+        // (The epoch bump also forgets the markers kept in `index`.)
         self.pass.invalidate_all();
         if selector.all && !soft {
-            self.vary_index.invalidate_all();
+            self.index.invalidate_all();
         }
         self.store.purge(selector, soft).await
     }
