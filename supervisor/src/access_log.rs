@@ -1,6 +1,7 @@
 //! One access-log line per request, written when the response body is done
 //! (or abandoned), so it carries the real byte count and duration.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -59,22 +60,26 @@ impl Record {
         let worker = self.worker.map_or(-1, |w| w as i64);
         let path = self.uri.path().as_bytes();
         if json {
+            // The method (an HTTP token), the request id (checked or made by
+            // bext) and the client's address need no escaping; the path is
+            // escaped once for its two places.
+            let path_json = json_text(path);
             line.extend_from_slice(br#"{"timestamp":""#);
             timestamp(&mut line);
             line.extend_from_slice(br#"","level":"INFO","message":""#);
-            json_text(&mut line, self.method.as_str().as_bytes());
+            line.extend_from_slice(self.method.as_str().as_bytes());
             line.push(b' ');
-            json_text(&mut line, path);
+            line.extend_from_slice(&path_json);
             line.push(b' ');
             line.extend_from_slice(num.format(status).as_bytes());
             line.extend_from_slice(br#"","target":"bext::access","app":""#);
-            json_text(&mut line, self.app.as_bytes());
+            line.extend_from_slice(&json_text(self.app.as_bytes()));
             line.extend_from_slice(br#"","method":""#);
-            json_text(&mut line, self.method.as_str().as_bytes());
+            line.extend_from_slice(self.method.as_str().as_bytes());
             line.extend_from_slice(br#"","host":""#);
-            json_text(&mut line, self.host());
+            line.extend_from_slice(&json_text(self.host()));
             line.extend_from_slice(br#"","path":""#);
-            json_text(&mut line, path);
+            line.extend_from_slice(&path_json);
             line.extend_from_slice(br#"","status":"#);
             line.extend_from_slice(num.format(status).as_bytes());
             line.extend_from_slice(br#","bytes":"#);
@@ -84,9 +89,9 @@ impl Record {
             line.extend_from_slice(br#","worker":"#);
             line.extend_from_slice(num.format(worker).as_bytes());
             line.extend_from_slice(br#","client":""#);
-            json_text(&mut line, self.client.as_bytes());
+            line.extend_from_slice(self.client.as_bytes());
             line.extend_from_slice(br#"","request_id":""#);
-            json_text(&mut line, self.request_id.as_bytes());
+            line.extend_from_slice(self.request_id.as_bytes());
             line.extend_from_slice(if complete {
                 b"\",\"complete\":true}\n"
             } else {
@@ -181,10 +186,10 @@ fn padded(line: &mut Vec<u8>, n: u64, width: usize) {
     line.extend_from_slice(digits.as_bytes());
 }
 
-/// Appends `text` escaped for the inside of a JSON string. Plain printable
-/// ASCII (nearly every path, host and id) is copied as it is; anything
-/// else goes through `serde_json` (invalid UTF-8 replaced).
-fn json_text(line: &mut Vec<u8>, text: &[u8]) {
+/// `text` escaped for the inside of a JSON string. Plain printable ASCII
+/// (nearly every path, host and app name) is used as it is; anything else
+/// goes through `serde_json` (invalid UTF-8 replaced).
+fn json_text(text: &[u8]) -> Cow<'_, [u8]> {
     const PLAIN: [bool; 256] = {
         let mut plain = [false; 256];
         let mut b = 0x20;
@@ -195,16 +200,11 @@ fn json_text(line: &mut Vec<u8>, text: &[u8]) {
         plain
     };
     if text.iter().all(|&b| PLAIN[usize::from(b)]) {
-        line.extend_from_slice(text);
-        return;
+        return Cow::Borrowed(text);
     }
     let quoted = serde_json::to_string(&String::from_utf8_lossy(text)).unwrap_or_default();
-    line.extend_from_slice(
-        quoted
-            .trim_start_matches('"')
-            .trim_end_matches('"')
-            .as_bytes(),
-    );
+    let inside = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"'));
+    Cow::Owned(inside.unwrap_or_default().as_bytes().to_vec())
 }
 
 pin_project_lite::pin_project! {
@@ -281,7 +281,7 @@ mod tests {
         let record = Record {
             app: "blog".into(),
             method: http::Method::GET,
-            host: Some(HeaderValue::from_bytes("exämple.com".as_bytes()).expect("obs-text")),
+            host: Some(HeaderValue::from_bytes("exämple.com\"".as_bytes()).expect("obs-text")),
             uri: Uri::from_static("/a\"b\\c"),
             status: StatusCode::NOT_FOUND,
             worker: Some(1),
@@ -294,7 +294,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&line).expect("one JSON object");
         assert_eq!(v["message"], "GET /a\"b\\c 404");
         assert_eq!(v["path"], "/a\"b\\c");
-        assert_eq!(v["host"], "exämple.com");
+        assert_eq!(v["host"], "exämple.com\"");
         assert_eq!(v["request_id"], "r-1");
         let timestamp = v["timestamp"].as_str().expect("timestamp");
         let parsed = humantime::parse_rfc3339(timestamp).expect("RFC 3339");

@@ -94,6 +94,11 @@ fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
     use std::fmt::Write as _;
     // Written into one buffer that becomes the header value without a copy
     // (this runs on every cached answer).
+    if let Served::Bypass(reason) = served {
+        headers.insert(X_BEXT_CACHE, HeaderValue::from_static("BYPASS"));
+        headers.insert(CACHE_STATUS, bypass_status(reason));
+        return;
+    }
     let mut status = String::with_capacity(80);
     let label = match served {
         Served::Hit => {
@@ -124,11 +129,7 @@ fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
             let _ = write!(status, "bext; fwd=uri-miss; fwd-status={}", s.as_u16());
             "MISS"
         }
-        Served::Bypass(reason) => {
-            status.push_str("bext; fwd=bypass; detail=");
-            status.push_str(reason);
-            "BYPASS"
-        }
+        Served::Bypass(_) => "BYPASS",
     };
     if let Some(ttl) = ttl {
         let _ = write!(status, "; ttl={ttl}");
@@ -143,6 +144,27 @@ fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(status)) {
         headers.insert(CACHE_STATUS, value);
     }
+}
+
+/// `Cache-Status` of a request that bypassed the cache (every request to a
+/// dynamic page): made once per reason per thread, then shared.
+fn bypass_status(reason: &'static str) -> HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static MADE: RefCell<Vec<(&'static str, HeaderValue)>> = const { RefCell::new(Vec::new()) };
+    }
+    MADE.with(|made| {
+        let mut made = made.borrow_mut();
+        if let Some((_, value)) = made.iter().find(|(r, _)| *r == reason) {
+            return value.clone();
+        }
+        let value = HeaderValue::from_maybe_shared(Bytes::from(format!(
+            "bext; fwd=bypass; detail={reason}"
+        )))
+        .unwrap_or_else(|_| HeaderValue::from_static("bext; fwd=bypass"));
+        made.push((reason, value.clone()));
+        value
+    })
 }
 
 /// Removes what a stored response must not carry from an earlier cache.
