@@ -32,7 +32,7 @@ demo: build
 	./target/release/bext run $(DEMO_APP) --listen $(DEMO_LISTEN)
 
 bench-deps:
-	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux
+	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux valgrind
 
 BENCHES ?= proxy cache platform
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind (exact
+# and repeatable, unlike CPU time on this shared machine): bext as `bext run`
+# serves it (ISR cache and access log on), bext without the cache, bext
+# without the cache and the access log, and nginx in front of the same Hono
+# worker socket. Each runs under valgrind with instrumentation switched on
+# only for one wrk run (after a warm-up); the count covers every thread of
+# the process.
+#
+# Usage: bench/proxy-instructions.sh     (BENCH_DURATION=8s by default)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need wrk nginx valgrind callgrind_control callgrind_annotate
+DURATION="${BENCH_DURATION:-8s}"
+HONO="$ROOT/tests/fixtures/hono"
+
+printf '[cache.isr]\nenabled = false\n' >"$WORK/nocache.toml"
+printf '[server]\naccess_log = false\n[cache.isr]\nenabled = false\n' >"$WORK/bare.toml"
+
+# measure NAME PID URL: instructions per request of PID during one wrk run.
+measure() {
+  local name="$1" pid="$2" url="$3" out requests total
+  wait_until 120 curl -sf "$url"
+  wrk -t1 -c10 -d2s "$url" >/dev/null
+  callgrind_control -i on "$pid" >/dev/null
+  out="$(wrk -t1 -c10 -d"$DURATION" "$url")"
+  callgrind_control -i off "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null
+  requests="$(awk '/requests in/ {print $1}' <<<"$out")"
+  wait_until 30 test -s "$WORK/$name.cg.1"
+  total="$(callgrind_annotate "$WORK/$name.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
+  echo "| $name | $requests | $((total / requests)) |"
+}
+
+# bext_under_callgrind NAME [ARGS...]: starts bext under callgrind; sets
+# CG_PID and CG_ADDR.
+bext_under_callgrind() {
+  local name="$1"; shift
+  BEXT_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" --instr-atstart=no \
+    "$ROOT/target/release/bext" run "$HONO" --listen 127.0.0.1:0 --workers 1 "$@" \
+    2>"$WORK/$name.log" >/dev/null &
+  CG_PID=$!
+  PIDS+=("$CG_PID")
+  wait_until 120 grep -q '"listening on' "$WORK/$name.log"
+  CG_ADDR="$(grep -m1 '"listening on' "$WORK/$name.log" | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
+}
+
+rows=()
+bext_under_callgrind bext
+rows+=("$(measure bext "$CG_PID" "http://$CG_ADDR/")")
+sock="$(ls "$WORK"/bext-*-hono-*/w0.*.sock)"
+
+# nginx in front of the worker socket of the bext still running.
+port="$(free_port)"
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<NGINX
+user root; worker_processes 1; daemon off; master_process off;
+pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $WORK/nginx/access.log;
+  upstream hono { server unix:$sock; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://hono; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$http_host; proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id;
+    }
+  }
+}
+NGINX
+valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx.cg" --instr-atstart=no \
+  nginx -c "$WORK/nginx/nginx.conf" 2>"$WORK/nginx.valgrind.log" &
+PIDS+=($!)
+rows+=("$(measure nginx "${PIDS[-1]}" "http://127.0.0.1:$port/")")
+
+bext_under_callgrind bext-nocache --config "$WORK/nocache.toml"
+rows+=("$(measure bext-nocache "$CG_PID" "http://$CG_ADDR/")")
+bext_under_callgrind bext-bare --config "$WORK/bare.toml"
+rows+=("$(measure bext-bare "$CG_PID" "http://$CG_ADDR/")")
+
+echo "## Instructions per proxied request ($(date -u +%Y-%m-%d))"
+echo
+machine_info | grep -v "^- wrk:"
+echo "- $(valgrind --version); wrk: 1 thread, 10 connections, $DURATION, not pinned (callgrind serialises the server anyway)"
+echo "- command: \`BENCH_DURATION=$DURATION bench/proxy-instructions.sh\`"
+echo
+echo "| server | requests counted | user-space instructions / request |"
+echo "|---|---:|---:|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "bext-nocache: \`[cache.isr] enabled = false\`; bext-bare: also \`[server] access_log = false\`."
