@@ -310,6 +310,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         return Ok(());
     };
     let config_path = args.config.clone();
+    let mut listener_stopped = false;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -321,7 +322,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             }
             _ = term.recv() => { info!("SIGTERM: shutting down gracefully (send it again to stop at once)"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down gracefully (send it again to stop at once)"); break; }
-            _ = &mut serving => { warn!("the listener stopped"); break; }
+            _ = &mut serving => { warn!("the listener stopped"); listener_stopped = true; break; }
         }
     }
     shutdown.graceful.cancel();
@@ -333,7 +334,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         warn!("second signal: stopping at once");
         shutdown.immediate.cancel();
     });
-    let _ = serving.await;
+    if !listener_stopped {
+        serving.await;
+    }
     let kill = tokio_util::sync::CancellationToken::new();
     let stops = apps.into_values().map(|app| {
         let kill = kill.clone();

@@ -15,7 +15,7 @@ async fn the_worker_sees_forwarded_headers_and_never_hop_by_hop_ones() {
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-proto", "https")
         .header("x-request-id", "client-chosen-id.42")
-        .header("connection", "keep-alive, x-private")
+        .header("connection", "keep-alive, x-private, host")
         .header("x-private", "must not pass")
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .send()

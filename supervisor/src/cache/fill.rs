@@ -212,7 +212,10 @@ impl<S: Store> IsrCache<S> {
     /// Records that `key` was found not storable (hit-for-pass): in the
     /// URL's index entry when the response did not vary, else by full key.
     fn remember_pass(&self, key: &str, primary: &str, pass: Pass) {
-        if key != primary {
+        // A response stored meanwhile may have given the URL Vary names:
+        // those must stay (the marker then goes by full key, where no
+        // lookup of the unvaried key will find it, as it should not).
+        if key != primary || self.index.get(primary).is_some_and(|i| !i.vary.is_empty()) {
             self.pass.insert(key.to_string(), pass);
             return;
         }

@@ -102,6 +102,27 @@ struct UrlInfo {
     pass: Option<(Pass, Instant, u64)>,
 }
 
+/// An index entry that only holds a hit-for-pass marker goes when the
+/// marker does (it must not crowd out the Vary names of stored URLs); one
+/// with Vary names stays until evicted.
+struct PassExpiry;
+
+impl moka::Expiry<String, Arc<UrlInfo>> for PassExpiry {
+    fn expire_after_create(&self, _: &String, info: &Arc<UrlInfo>, _: Instant) -> Option<Duration> {
+        info.pass.map(|_| PASS_MEMORY)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        info: &Arc<UrlInfo>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        info.pass.map(|_| PASS_MEMORY)
+    }
+}
+
 /// A "recently not storable" record.
 #[derive(Debug, Clone, Copy)]
 struct Pass {
@@ -138,6 +159,7 @@ impl<S: Store> IsrCache<S> {
             store,
             index: moka::sync::Cache::builder()
                 .max_capacity(settings.max_entries)
+                .expire_after(PassExpiry)
                 .build(),
             pass: moka::sync::Cache::builder()
                 .max_capacity(settings.max_entries)

@@ -84,21 +84,20 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
 
         // The worker sees an HTTP/1.1 request with the client's Host (an
-        // HTTP/2 client sends it as the `:authority`).
-        let host = match parts.headers.get(header::HOST) {
-            Some(host) => Some(host.clone()),
-            None => {
-                let host = parts
-                    .uri
-                    .authority()
-                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
-                if let Some(host) = &host {
-                    parts.headers.insert(header::HOST, host.clone());
-                }
-                host
-            }
-        };
+        // HTTP/2 client sends it as the `:authority`), whatever the client's
+        // `Connection` header names.
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        });
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if let Some(host) = &host
+            && !parts.headers.contains_key(header::HOST)
+        {
+            parts.headers.insert(header::HOST, host.clone());
+        }
         headers::set_forwarded(
             &mut parts.headers,
             &client.peer,
