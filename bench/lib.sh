@@ -73,15 +73,18 @@ run_wrk() {
   echo "$name|$rps|$p50|$p99|${errors:-none}"
 }
 
+# ticks PID: user and system clock ticks of every thread of PID.
+ticks() { awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$1"/task/*/stat; }
+
 # cpu_per_request PID URL: one wrk run against URL (after a warm-up);
 # prints "REQ/S USER_US SYS_US": the user and system CPU microseconds PID
 # (all its threads) spent per request, from /proc.
 cpu_per_request() {
   local pid="$1" url="$2" out u0 s0 u1 s1
   taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1 || true
-  read -r u0 s0 < <(awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$pid"/task/*/stat)
+  read -r u0 s0 < <(ticks "$pid")
   out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")"
-  read -r u1 s1 < <(awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$pid"/task/*/stat)
+  read -r u1 s1 < <(ticks "$pid")
   python3 - "$(awk '/^Requests\/sec/ {print $2}' <<<"$out")" "${DURATION%s}" "$(getconf CLK_TCK)" \
     "$((u1 - u0))" "$((s1 - s0))" <<'PY'
 import sys
@@ -89,6 +92,45 @@ rps, secs, hz, user, system = map(float, sys.argv[1:])
 reqs = rps * secs
 print(f"{rps:.0f} {user * 1e6 / hz / reqs:.2f} {system * 1e6 / hz / reqs:.2f}")
 PY
+}
+
+# nginx_proxy_location: the directives of nginx's proxied location, setting
+# the same headers bext sets (for the same work on both sides).
+nginx_proxy_location() {
+  cat <<'NGINX'
+      proxy_pass http://hono;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id;
+NGINX
+}
+
+# write_nginx_proxy_conf SOCK PORT [MAIN DIRECTIVES]: $WORK/nginx/nginx.conf
+# for one nginx worker on 127.0.0.1:PORT proxying to the worker socket SOCK
+# (upstream keep-alive, access log to a file).
+write_nginx_proxy_conf() {
+  local sock="$1" port="$2" main="${3:-}"
+  mkdir -p "$WORK/nginx"
+  cat >"$WORK/nginx/nginx.conf" <<NGINX
+user root; worker_processes 1; daemon off; $main
+pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $WORK/nginx/access.log;
+  upstream hono { server unix:$sock; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+$(nginx_proxy_location)
+    }
+  }
+}
+NGINX
 }
 
 # results_table: the results array as a Markdown table.

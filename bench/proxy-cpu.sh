@@ -16,32 +16,12 @@ sock="$(ls "$WORK"/bext-*-hono-*/w0.*.sock)"
 node_pid="$(cat /proc/"$bext_pid"/task/*/children | awk '{print $1; exit}')"
 
 port="$(free_port)"
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<NGINX
-user root; worker_processes 1; daemon off;
-pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log $WORK/nginx/access.log;
-  upstream hono { server unix:$sock; keepalive 64; }
-  server {
-    listen 127.0.0.1:$port;
-    location / {
-      proxy_pass http://hono; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$http_host; proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id;
-    }
-  }
-}
-NGINX
+write_nginx_proxy_conf "$sock" "$port"
 taskset -c "$SERVER_CPU" nginx -c "$WORK/nginx/nginx.conf" &
 PIDS+=($!)
 wait_until 10 curl -sf "http://127.0.0.1:$port/"
 nginx_worker="$(pgrep -P "${PIDS[-1]}" nginx)"
 
-# user and system clock ticks of every thread of a process
-ticks() { awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$1"/task/*/stat; }
 
 echo "## CPU per proxied request ($(date -u +%Y-%m-%d))"
 echo

@@ -52,25 +52,7 @@ sock="$(ls "$WORK"/bext-*-hono-*/w0.*.sock)"
 
 # nginx in front of the worker socket of the bext still running.
 port="$(free_port)"
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<NGINX
-user root; worker_processes 1; daemon off; master_process off;
-pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log $WORK/nginx/access.log;
-  upstream hono { server unix:$sock; keepalive 64; }
-  server {
-    listen 127.0.0.1:$port;
-    location / {
-      proxy_pass http://hono; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$http_host; proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id;
-    }
-  }
-}
-NGINX
+write_nginx_proxy_conf "$sock" "$port" "master_process off;"
 valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx.cg" --instr-atstart=no \
   nginx -c "$WORK/nginx/nginx.conf" 2>"$WORK/nginx.valgrind.log" &
 PIDS+=($!)

@@ -65,16 +65,7 @@ http {
   server {
     listen 127.0.0.1:$nginx_port;
     location / {
-      proxy_pass http://hono;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      # The same headers bext sets, for the same work on both sides.
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$request_id;
-      add_header X-Request-Id \$request_id;
+$(nginx_proxy_location)
     }
   }
   server {
