@@ -9,6 +9,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod apps;
 pub mod body;

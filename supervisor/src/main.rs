@@ -77,6 +77,6 @@ fn fail(message: &str, code: u8) -> ExitCode {
 
 // The request path allocates small, short-lived buffers and header maps on
 // every request; mimalloc's per-thread free lists make them cheap (measured
-// in bench/RESULTS.md).
+// in bench/RESULTS.md). See `bext::alloc` for why it has its own entry.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: bext::alloc::Allocator = bext::alloc::Allocator;
