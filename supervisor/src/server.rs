@@ -122,6 +122,8 @@ impl AppService {
             Some(cache) => cache.handle(req, &fill).await,
             None => fill.fetch(req).await,
         };
+        // Purge tags and Surrogate-Control are for bext, never for clients:
+        // this is the one place every answer from the app passes.
         respond::strip_internal_headers(response.headers_mut());
         (response, fill.served_by())
     }

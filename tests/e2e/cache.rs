@@ -360,7 +360,16 @@ async fn purges_by_tag_path_prefix_and_all_hard_and_soft_behind_a_token() {
             headers.get("x-cache-tags").is_none() && headers.get("surrogate-key").is_none(),
             "tag headers stay inside"
         );
-        assert_eq!(get(&bext, page).await.0, "HIT");
+        let (state, headers, _) = get(&bext, page).await;
+        assert_eq!(state, "HIT");
+        assert!(headers.get("x-cache-tags").is_none() && headers.get("surrogate-key").is_none());
+    }
+    // Nor do they leave with a page that is not stored: not on the miss
+    // that finds it out, nor on the passes after it (hit-for-pass).
+    for expected in ["BYPASS", "BYPASS", "BYPASS"] {
+        let (state, headers, _) = get(&bext, "/page/d?cc=no-store&tags=t3").await;
+        assert_eq!(state, expected);
+        assert!(headers.get("x-cache-tags").is_none(), "{headers:?}");
     }
     let purge = |body: &'static str, token: Option<&'static str>| {
         let url = bext.url("/__bext/cache/invalidate");

@@ -326,7 +326,7 @@ impl<S: Store> IsrCache<S> {
                 tracing::debug!(invalidated, "invalidated after an unsafe request");
             }
         }
-        respond::strip_internal_headers(response.headers_mut());
+        // (Purge tags are stripped by the caller, from every answer.)
         respond::mark(response.headers_mut(), Served::Bypass(reason));
         response
     }

@@ -185,6 +185,11 @@ impl Pool {
         &self.app
     }
 
+    /// How many workers the app runs (`isolate.workers`), ready or not.
+    pub fn size(&self) -> usize {
+        self.slots.len()
+    }
+
     /// The least-busy ready worker, other than `exclude`, at once.
     pub fn try_acquire(&self, exclude: Option<u64>) -> Option<Lease> {
         let n = self.slots.len();

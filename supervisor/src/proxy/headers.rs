@@ -38,11 +38,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let mut present = [false; 8]; // as HOP_BY_HOP; [0] is Connection
     let mut has_upgrade = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[i] = true;
-        } else if name == header::UPGRADE {
-            has_upgrade = true;
-        }
+        // By length first: most names are ruled out without a comparison.
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "proxy-authenticate" => 3,
+            "proxy-authorization" => 4,
+            "te" => 5,
+            "trailer" => 6,
+            "transfer-encoding" => 7,
+            "upgrade" => {
+                has_upgrade = true;
+                continue;
+            }
+            _ => continue,
+        };
+        present[i] = true;
     }
     // Other headers `Connection` names (`close`, `keep-alive` and the
     // standard ones need no lookup; a lone `keep-alive`, as Node sends on
@@ -119,29 +131,45 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
-    let chain = headers
-        .get(X_FORWARDED_FOR)
-        .filter(|_| trusted_peer)
+    // Which forwarding headers the client sent: one pass over the names
+    // (most requests carry none) instead of a lookup for each.
+    let (mut has_for, mut has_proto, mut has_host, mut has_forwarded) =
+        (false, false, false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "x-forwarded-for" => has_for = true,
+            "x-forwarded-proto" => has_proto = true,
+            "x-forwarded-host" => has_host = true,
+            "forwarded" => has_forwarded = true,
+            _ => {}
+        }
+    }
+    let chain = (trusted_peer && has_for)
+        .then(|| headers.get(X_FORWARDED_FOR))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|chain| HeaderValue::from_str(&format!("{chain}, {}", peer.addr.ip())).ok());
     // Up to five more headers: room for them at once.
     headers.reserve(5);
     headers.insert(X_FORWARDED_FOR, chain.unwrap_or_else(|| peer.ip.clone()));
-    if !(trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
+    if !(trusted_peer && has_proto) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
-    if !(trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
+    if !(trusted_peer && has_host) {
         match host {
             Some(v) => {
                 headers.insert(X_FORWARDED_HOST, v.clone());
             }
-            None => {
+            None if has_host => {
                 headers.remove(X_FORWARDED_HOST);
             }
+            None => {}
         }
     }
     // RFC 7239 `Forwarded` from a client is as untrusted as X-Forwarded-*.
-    headers.remove(header::FORWARDED);
+    if has_forwarded {
+        headers.remove(header::FORWARDED);
+    }
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
@@ -209,6 +237,21 @@ mod tests {
     }
 
     #[test]
+    fn each_hop_by_hop_header_is_dropped_on_its_own() {
+        for hop in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(hop.clone(), HeaderValue::from_static("x"));
+            h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            strip_hop_by_hop(&mut h, false);
+            assert!(!h.contains_key(hop), "{hop} kept");
+            assert!(
+                h.contains_key(header::ACCEPT),
+                "{hop}: the other header went too"
+            );
+        }
+    }
+
+    #[test]
     fn upgrades_keep_their_upgrade_header() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -244,6 +287,20 @@ mod tests {
         assert_eq!(h[X_FORWARDED_HOST], "a.example");
         assert_eq!(h[X_REQUEST_ID], "rid");
         assert!(!h.contains_key(header::FORWARDED));
+
+        // Without a Host to forward, a client's own X-Forwarded-Host goes.
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        set_forwarded(
+            &mut h,
+            &Peer::new("127.0.0.9:5000".parse().expect("addr")),
+            false,
+            "http",
+            None,
+            &HeaderValue::from_static("rid"),
+        );
+        assert!(!h.contains_key(X_FORWARDED_HOST));
+        assert_eq!(h[X_FORWARDED_FOR], "127.0.0.9");
     }
 
     #[test]

@@ -108,17 +108,26 @@ impl Proxy {
         );
         // Origin-form (`/path?query`), as a server expects from a client;
         // the bytes are shared with the client's request, not copied.
-        let uri = Uri::from(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        let retry_allowed =
-            http_body::Body::is_end_stream(&body) && is_idempotent(&parts.method) && !upgrade;
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = Uri::from(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+        }
+        parts.version = Version::HTTP_11;
+        // Nothing the client's connection attached is meant for the worker's.
+        parts.extensions.clear();
+        // A bodiless idempotent request may be sent again to another worker
+        // (if the app has one) when this one fails it: keep a copy for that.
+        let retry_allowed = http_body::Body::is_end_stream(&body)
+            && is_idempotent(&parts.method)
+            && !upgrade
+            && self.pool.size() > 1;
+        let mut req = Request::from_parts(parts, body);
 
-        let mut body = Some(body);
         let mut retrying = None;
         let mut attempt = 0;
         loop {
@@ -143,22 +152,11 @@ impl Proxy {
                 },
             };
             let worker = lease.worker().index;
-            let mut upstream = Request::new(body.take().unwrap_or_else(body::empty));
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri.clone();
-            *upstream.version_mut() = Version::HTTP_11;
-            // Keep a copy only while another attempt may need it.
-            *upstream.headers_mut() = if retry_allowed && attempt < MAX_ATTEMPTS {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
+            let again = (retry_allowed && attempt < MAX_ATTEMPTS).then(|| bodiless_copy(&req));
 
-            let sent = tokio::time::timeout(
-                self.upstream_timeout,
-                lease.worker().upstream().send(upstream),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout(self.upstream_timeout, lease.worker().upstream().send(req))
+                    .await;
             let error = match sent {
                 Err(_) => ProxyError::Timeout {
                     worker,
@@ -172,13 +170,26 @@ impl Proxy {
                 }
                 Ok(Err(e)) => ProxyError::from_upstream(worker, e),
             };
-            if retry_allowed && error.retryable() && attempt < MAX_ATTEMPTS {
+            if let Some(again) = again
+                && error.retryable()
+            {
+                req = again;
                 retrying = Some((lease.worker().id, error));
                 continue;
             }
             return Err(error);
         }
     }
+}
+
+/// `req` again, for another attempt (its body was empty).
+fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 fn is_idempotent(method: &Method) -> bool {
