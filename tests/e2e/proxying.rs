@@ -117,6 +117,28 @@ async fn upstream_failures_map_to_502_and_504_and_serving_goes_on() {
     assert_eq!(hung.status(), 504);
     assert_eq!(hung.text().await.expect("body"), "504 gateway timeout\n");
 
+    // The timeout is a timer per upstream connection, moved to each
+    // request's deadline: a pooled connection that sat idle past its last
+    // deadline still serves (its old deadline must not fire), and a hung
+    // request on it still times out, no sooner than the timeout.
+    let get_root = || async {
+        let response = http.get(bext.url("/")).send().await.expect("GET /");
+        response.status()
+    };
+    assert_eq!(get_root().await, 200);
+    assert_eq!(get_root().await, 200);
+    // Idle longer than the timeout: the scenario under test, not a wait.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get_root().await, 200);
+    let started = std::time::Instant::now();
+    let hung = http.get(bext.url("/hang")).send().await.expect("GET /hang");
+    assert_eq!(hung.status(), 504);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "timed out early: {:?}",
+        started.elapsed()
+    );
+
     // A POST is never retried: the worker died mid-request → 502.
     let died = http
         .post(bext.url("/die"))

@@ -25,7 +25,7 @@ pub use error::ProxyError;
 use crate::body::{self, Body, WithGuard};
 use crate::cache::Fill;
 use crate::listener::Peer;
-use crate::pool::upstream::UpstreamBody;
+use crate::pool::upstream::{UpstreamBody, UpstreamError};
 use crate::pool::{Lease, Pool};
 
 /// Attempts per request: the first worker, then one other.
@@ -154,21 +154,20 @@ impl Proxy {
             let worker = lease.worker().index;
             let again = (retry_allowed && attempt < MAX_ATTEMPTS).then(|| bodiless_copy(&req));
 
-            let sent =
-                tokio::time::timeout(self.upstream_timeout, lease.worker().upstream().send(req))
-                    .await;
+            let sent = lease
+                .worker()
+                .upstream()
+                .send(req, self.upstream_timeout)
+                .await;
             let error = match sent {
-                Err(_) => ProxyError::Timeout {
-                    worker,
-                    timeout: self.upstream_timeout,
-                },
-                Ok(Ok(response)) => {
+                Ok(response) => {
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
                         worker,
                     });
                 }
-                Ok(Err(e)) => ProxyError::from_upstream(worker, e),
+                Err(UpstreamError::Timeout(timeout)) => ProxyError::Timeout { worker, timeout },
+                Err(e) => ProxyError::from_upstream(worker, e),
             };
             if let Some(again) = again
                 && error.retryable()
