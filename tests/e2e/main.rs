@@ -14,4 +14,5 @@ mod proxying;
 mod shutdown;
 mod statics;
 mod streaming;
+mod worker_http;
 mod workers;

@@ -9,6 +9,7 @@
 //! swapping the slot's current worker. The pool knows nothing about HTTP
 //! beyond owning each worker's upstream connection pool ([`upstream`]).
 
+pub mod h1;
 mod plan;
 mod supervise;
 pub mod upstream;

@@ -1,17 +1,22 @@
 //! Pooled HTTP/1.1 keep-alive connections to one worker's Unix socket.
 //!
-//! A small pool of `hyper::client::conn::http1` senders rather than
-//! `hyper_util`'s general-purpose client: there is exactly one destination
-//! per pool, so none of its per-request key hashing, lazy connectors or
-//! checkout futures are needed (measured: about a microsecond of CPU per
-//! proxied request on this machine, see bench/RESULTS.md). Each connection
-//! is driven by its own task, which notices a worker closing an idle
-//! connection; a sender returns to the pool only once its response body has
-//! been read to the end.
+//! bext speaks HTTP/1.1 to its workers itself ([`super::h1`]) instead of
+//! through hyper's client: there is exactly one destination per pool, and a
+//! request is written, and its response head read, by the task that serves
+//! the client, with no connection task, channel or oneshot between them
+//! (measured with bench/proxy-instructions.sh: 37.9k → 29.3k user-space
+//! instructions per proxied request, see bench/RESULTS.md). A connection returns
+//! to the pool once its response body has been read to the end; a body
+//! dropped half-way closes it.
 //!
-//! Idle connections are kept per shard ([`crate::shards`]): a connection's
-//! task runs on the shard that opened it, so it is only handed to requests
-//! on that shard, and a request never wakes another thread.
+//! Idle connections are kept per shard ([`crate::shards`]), newest last: a
+//! request takes the most recently used one, so few stay warm, and one that
+//! sat idle longer than [`UPSTREAM_IDLE_TIMEOUT`] is never reused (Node
+//! closes idle connections after 5 s). A connection the worker closed while
+//! it sat idle is noticed when it is taken, from the readiness the runtime
+//! already has, without a system call; if the worker closes it just as it
+//! is reused, a bodiless idempotent request is sent again once on a new
+//! connection, as nginx does with its cached upstream connections.
 //!
 //! The upstream timeout is one timer per connection, moved to each new
 //! request's deadline: a later deadline on a timer that has not fired is
@@ -20,21 +25,23 @@
 //! bench/proxy-instructions.sh: 250 fewer instructions per proxied
 //! request).
 
+use std::collections::VecDeque;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Sleep;
 
+use super::h1::{self, ChunkedDecoder, Decoded, ParseError, RequestFraming, ResponseFraming};
 use crate::body::{Body, BoxError};
 
 /// Idle upstream connections older than this are not reused: Node closes
@@ -42,20 +49,25 @@ use crate::body::{Body, BoxError};
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle connections kept per worker and shard.
 pub const UPSTREAM_MAX_IDLE: usize = 256;
+/// Room for a response head (grown as needed up to [`h1::MAX_HEAD`]).
+const HEAD_READ: usize = 8 * 1024;
+/// Reads of a response body ask for at least this much room.
+const BODY_READ: usize = 32 * 1024;
 
 /// Why a request could not be sent to the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("could not connect to {}: {source}", path.display())]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("could not start HTTP on {}: {source}", path.display())]
-    Handshake { path: PathBuf, source: hyper::Error },
-    /// The request failed before a response head arrived.
+    Connect { path: PathBuf, source: io::Error },
+    /// The connection failed before a complete response head arrived.
     #[error("the connection failed before a response: {0}")]
-    Send(#[source] hyper::Error),
+    Send(#[source] io::Error),
+    /// The worker's response could not be parsed.
+    #[error("invalid response: {0}")]
+    Invalid(#[source] ParseError),
+    /// The client's request body failed while it was being sent.
+    #[error("the request body failed: {0}")]
+    RequestBody(#[source] BoxError),
     /// No response head arrived in time.
     #[error("no response within {0:?}")]
     Timeout(Duration),
@@ -64,10 +76,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The worker surely never saw the request.
     pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
-        )
+        matches!(self, UpstreamError::Connect { .. })
     }
 }
 
@@ -80,8 +89,9 @@ pub struct Upstream {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    /// Idle connections, one list per shard (slot: [`slot`]).
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Idle connections, one list per shard (slot: [`Inner::slot`]),
+    /// oldest first.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
 }
 
 #[derive(Debug)]
@@ -90,11 +100,18 @@ struct Idle {
     since: Instant,
 }
 
-/// One open connection: its sender, and its timer for the request on it.
+/// One open connection.
 #[derive(Debug)]
 struct Conn {
-    sender: SendRequest<Body>,
+    io: UnixStream,
+    /// Bytes read and not used yet.
+    buf: BytesMut,
+    /// The request head being sent.
+    head: BytesMut,
+    /// The deadline of the request on it.
     timer: Pin<Box<Sleep>>,
+    /// It has served a response before.
+    reused: bool,
 }
 
 impl Upstream {
@@ -103,7 +120,7 @@ impl Upstream {
             inner: Arc::new(Inner {
                 path,
                 idle: (0..=crate::shards::default_count().get())
-                    .map(|_| Mutex::new(Vec::new()))
+                    .map(|_| Mutex::new(VecDeque::new()))
                     .collect(),
             }),
         }
@@ -122,92 +139,210 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let slot = self.inner.slot();
-        let mut conn = loop {
-            match self.checkout(slot) {
-                // A connection whose last response just ended may need a
-                // moment to become ready; a closed one errors at once.
-                Some(mut conn) => {
-                    conn.timer.as_mut().reset(deadline);
-                    let ready = tokio::select! {
-                        biased;
-                        ready = conn.sender.ready() => ready.is_ok(),
-                        () = conn.timer.as_mut() => return Err(UpstreamError::Timeout(timeout)),
-                    };
-                    if ready {
-                        break conn;
-                    }
+        let (parts, mut body) = req.into_parts();
+        let framing = RequestFraming::for_body(
+            http_body::Body::is_end_stream(&body),
+            http_body::Body::size_hint(&body).exact(),
+        );
+        let mut conn = match self.inner.checkout(slot) {
+            Some(conn) => conn,
+            None => self.connect(deadline, timeout).await?,
+        };
+        conn.timer.as_mut().reset(deadline);
+        conn.head.clear();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        h1::encode_request(
+            &parts.method,
+            target,
+            &parts.headers,
+            framing,
+            &mut conn.head,
+        );
+
+        let head = loop {
+            let Conn {
+                io,
+                buf,
+                head,
+                timer,
+                reused,
+            } = &mut conn;
+            let exchanged = tokio::select! {
+                biased;
+                exchanged = exchange(io, buf, head, &mut body, framing, &parts.method) => exchanged,
+                () = timer.as_mut() => return Err(UpstreamError::Timeout(timeout)),
+            };
+            match exchanged {
+                Ok(head) => break head,
+                // The worker closed a kept-alive connection just as it was
+                // reused; it cannot have acted on the request.
+                Err(Failure::Unanswered(e))
+                    if *reused && framing == RequestFraming::Empty && resendable(&parts.method) =>
+                {
+                    tracing::debug!("reused upstream connection was closed ({e}); sending again");
+                    let mut fresh = self.connect(deadline, timeout).await?;
+                    fresh.head = std::mem::take(&mut conn.head);
+                    conn = fresh;
                 }
-                // Boxed: the common case, a pooled connection, should not
-                // carry a connect's state in every request's future.
-                None => {
-                    break tokio::time::timeout_at(deadline, Box::pin(self.connect(deadline)))
-                        .await
-                        .map_err(|_| UpstreamError::Timeout(timeout))??;
-                }
+                Err(Failure::Unanswered(e)) => return Err(UpstreamError::Send(e)),
+                Err(Failure::Other(e)) => return Err(e),
             }
         };
-        let response = tokio::select! {
-            biased;
-            sent = conn.sender.send_request(req) => sent.map_err(UpstreamError::Send)?,
-            () = conn.timer.as_mut() => return Err(UpstreamError::Timeout(timeout)),
+
+        let reading = match head.framing {
+            ResponseFraming::Empty | ResponseFraming::Length(0) => Reading::Done,
+            ResponseFraming::Length(len) => Reading::Length(len),
+            ResponseFraming::Chunked => Reading::Chunked(ChunkedDecoder::default()),
+            ResponseFraming::Close => Reading::Close,
+            ResponseFraming::Upgrade => Reading::Upgrade,
         };
-        // An upgraded connection belongs to the tunnel (the upgrade handle
-        // stays in the response's extensions).
-        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
-        let (parts, body) = response.into_parts();
         let mut body = UpstreamBody {
-            body,
-            conn: reusable.then_some(conn),
+            conn: Some(conn),
+            reading,
+            keep_alive: head.keep_alive,
             pool: Arc::clone(&self.inner),
             slot,
         };
-        if http_body::Body::is_end_stream(&body.body)
-            && let Some(conn) = body.conn.take()
-        {
-            // Nothing to read (204, 304, empty): reusable now.
-            self.inner.checkin(slot, conn);
+        if matches!(body.reading, Reading::Done) {
+            // Nothing to read (204, 304, HEAD, empty): reusable now.
+            body.finish();
         }
-        Ok(Response::from_parts(parts, body))
-    }
-
-    /// An idle connection that is still open and fresh, if any.
-    fn checkout(&self, slot: usize) -> Option<Conn> {
-        let mut idle = self.inner.idle[slot]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        while let Some(entry) = idle.pop() {
-            if !entry.conn.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT {
-                return Some(entry.conn);
-            }
-        }
-        None
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
     }
 
     /// A new connection, its timer set to `deadline`.
-    async fn connect(&self, deadline: tokio::time::Instant) -> Result<Conn, UpstreamError> {
+    async fn connect(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Conn, UpstreamError> {
         let path = &self.inner.path;
-        let stream = UnixStream::connect(path)
+        let io = tokio::time::timeout_at(deadline, UnixStream::connect(path))
             .await
+            .map_err(|_| UpstreamError::Timeout(timeout))?
             .map_err(|source| UpstreamError::Connect {
                 path: path.clone(),
                 source,
             })?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                path: path.clone(),
-                source,
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!("upstream connection ended: {e}");
-            }
-        });
         Ok(Conn {
-            sender,
+            io,
+            buf: BytesMut::with_capacity(HEAD_READ),
+            head: BytesMut::new(),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            reused: false,
         })
     }
+}
+
+/// May a request be sent again after the worker closed the connection
+/// under it? (RFC 9110 §9.2.2 idempotent methods; bodiless ones only.)
+fn resendable(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// How an exchange failed.
+enum Failure {
+    /// The connection failed before a byte of the response arrived.
+    Unanswered(io::Error),
+    Other(UpstreamError),
+}
+
+/// Writes the request (`head`, then `body`) and reads the response head.
+async fn exchange(
+    io: &mut UnixStream,
+    buf: &mut BytesMut,
+    head: &[u8],
+    body: &mut Body,
+    framing: RequestFraming,
+    method: &Method,
+) -> Result<h1::ResponseHead, Failure> {
+    io.write_all(head).await.map_err(Failure::Unanswered)?;
+    // A worker may answer without reading the whole body (a 413, say) and
+    // close: its answer is still read, and the connection not reused.
+    let mut unsent = None;
+    if framing != RequestFraming::Empty {
+        match send_body(io, body, framing).await {
+            Ok(()) => {}
+            Err(UpstreamError::Send(e)) => unsent = Some(e),
+            Err(e) => return Err(Failure::Other(e)),
+        }
+    }
+    let mut received = false;
+    loop {
+        if received {
+            match h1::parse_response(buf, method) {
+                Ok(Some(head)) if head.is_interim() => continue,
+                Ok(Some(mut head)) => {
+                    head.keep_alive &= unsent.is_none();
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Failure::Other(UpstreamError::Invalid(e))),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(HEAD_READ);
+        }
+        let read = io.read_buf(buf).await;
+        let failure = match read {
+            Ok(0) => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the worker closed the connection",
+            ),
+            Ok(_) => {
+                received = true;
+                continue;
+            }
+            Err(e) => e,
+        };
+        let failure = unsent.unwrap_or(failure);
+        return Err(if received {
+            Failure::Other(UpstreamError::Send(failure))
+        } else {
+            Failure::Unanswered(failure)
+        });
+    }
+}
+
+/// Streams a request body with the given framing; trailers are dropped.
+async fn send_body(
+    io: &mut UnixStream,
+    body: &mut Body,
+    framing: RequestFraming,
+) -> Result<(), UpstreamError> {
+    let chunked = framing == RequestFraming::Chunked;
+    let mut size_line = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(UpstreamError::RequestBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            size_line.clear();
+            h1::encode_chunk_size(data.len(), &mut size_line);
+            let mut out = Buf::chain(Buf::chain(&size_line[..], data), &b"\r\n"[..]);
+            io.write_all_buf(&mut out).await
+        } else {
+            io.write_all(&data).await
+        }
+        .map_err(UpstreamError::Send)?;
+    }
+    if chunked {
+        io.write_all(h1::LAST_CHUNK)
+            .await
+            .map_err(UpstreamError::Send)?;
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -216,31 +351,105 @@ impl Inner {
         crate::shards::current() % self.idle.len()
     }
 
-    fn checkin(&self, slot: usize, conn: Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
+    /// The most recently used idle connection, if it is fresh and open.
+    fn checkout(&self, slot: usize) -> Option<Conn> {
         let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(mut entry) = idle.pop_back() {
+            if entry.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
+            if entry.conn.is_open() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, slot: usize, mut conn: Conn) {
+        conn.reused = true;
+        let now = Instant::now();
+        let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        while idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= UPSTREAM_IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
         if idle.len() < UPSTREAM_MAX_IDLE {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since: now });
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A worker's response body; gives its connection back to the pool once
-    /// read to the end (a body dropped half-way closes the connection).
-    #[derive(Debug)]
-    pub struct UpstreamBody {
-        #[pin]
-        body: Incoming,
-        conn: Option<Conn>,
-        pool: Arc<Inner>,
-        // The idle list it came from.
-        slot: usize,
+impl Conn {
+    /// Not closed by the worker while idle, as far as the runtime knows:
+    /// the readiness it has already seen, no system call unless the socket
+    /// became readable (which an idle connection only does when closed).
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(())) => matches!(
+                self.io.try_read(&mut [0; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+            Poll::Ready(Err(_)) => false,
+        }
+    }
+}
+
+/// Where a response body stands.
+#[derive(Debug)]
+enum Reading {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Close,
+    Done,
+    /// The connection belongs to an upgraded protocol.
+    Upgrade,
+}
+
+/// A worker's response body; gives its connection back to the pool once
+/// read to the end (a body dropped half-way closes the connection).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    conn: Option<Conn>,
+    reading: Reading,
+    keep_alive: bool,
+    pool: Arc<Inner>,
+    /// The idle list it came from.
+    slot: usize,
+}
+
+impl UpstreamBody {
+    /// For an accepted upgrade (101): the connection, and whatever the
+    /// worker already sent on it after the head.
+    pub fn into_upgraded(mut self) -> Option<(UnixStream, BytesMut)> {
+        match self.reading {
+            Reading::Upgrade => self.conn.take().map(|conn| (conn.io, conn.buf)),
+            _ => None,
+        }
+    }
+
+    /// The body is complete: the connection goes back to the pool if it
+    /// can carry another request.
+    fn finish(&mut self) {
+        self.reading = Reading::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            self.pool.checkin(self.slot, conn);
+        }
+    }
+
+    /// The body failed: the connection is closed.
+    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.reading = Reading::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error.into())))
     }
 }
 
@@ -249,31 +458,71 @@ impl http_body::Body for UpstreamBody {
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        let polled = this.body.as_mut().poll_frame(cx);
-        let finished = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => http_body::Body::is_end_stream(&*this.body),
-            Poll::Ready(Some(Err(_))) => {
-                this.conn.take();
-                false
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let data = match &mut this.reading {
+                Reading::Length(left) => (!conn.buf.is_empty()).then(|| {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.buf.len());
+                    *left -= take as u64;
+                    conn.buf.split_to(take).freeze()
+                }),
+                Reading::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(data)) => Some(data),
+                    Ok(Decoded::Incomplete) => None,
+                    Ok(Decoded::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.fail(e),
+                },
+                Reading::Close => (!conn.buf.is_empty()).then(|| conn.buf.split().freeze()),
+                Reading::Done | Reading::Upgrade => return Poll::Ready(None),
+            };
+            if let Some(data) = data {
+                if matches!(this.reading, Reading::Length(0)) {
+                    this.finish();
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
-            Poll::Pending => false,
-        };
-        if finished && let Some(conn) = this.conn.take() {
-            this.pool.checkin(*this.slot, conn);
+            if conn.buf.capacity() - conn.buf.len() < 4096 {
+                conn.buf.reserve(BODY_READ);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if matches!(this.reading, Reading::Close) => {
+                    this.reading = Reading::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the worker closed the connection before the body ended",
+                    ));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(e),
+            }
         }
-        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        matches!(self.reading, Reading::Done | Reading::Length(0))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.reading {
+            Reading::Length(len) => SizeHint::with_exact(len),
+            Reading::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }

@@ -29,18 +29,32 @@ pub enum ProxyError {
         worker: usize,
         source: UpstreamError,
     },
+    #[error("worker {worker} sent an invalid response: {}", chain(source))]
+    Invalid {
+        worker: usize,
+        source: UpstreamError,
+    },
+    #[error(
+        "the client's request body failed on its way to worker {worker}: {}",
+        chain(source)
+    )]
+    RequestBody {
+        worker: usize,
+        source: UpstreamError,
+    },
     #[error("worker {worker} did not answer within {timeout:?}")]
     Timeout { worker: usize, timeout: Duration },
 }
 
 impl ProxyError {
-    /// Classifies a failure to get a response head from `worker`. Every
-    /// such failure happened before the worker answered.
+    /// Classifies a failure to get a response head from `worker`.
     pub fn from_upstream(worker: usize, source: UpstreamError) -> Self {
-        if source.is_connect() {
-            ProxyError::Connect { worker, source }
-        } else {
-            ProxyError::Closed { worker, source }
+        match source {
+            UpstreamError::Connect { .. } => ProxyError::Connect { worker, source },
+            UpstreamError::Invalid(_) => ProxyError::Invalid { worker, source },
+            UpstreamError::RequestBody(_) => ProxyError::RequestBody { worker, source },
+            UpstreamError::Timeout(timeout) => ProxyError::Timeout { worker, timeout },
+            UpstreamError::Send(_) => ProxyError::Closed { worker, source },
         }
     }
 
@@ -54,7 +68,10 @@ impl ProxyError {
         match self {
             ProxyError::NoReadyWorker(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect { .. } | ProxyError::Closed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::Connect { .. } | ProxyError::Closed { .. } | ProxyError::Invalid { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -69,6 +86,7 @@ impl ProxyError {
         let text = match status {
             StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable: no worker is ready\n",
             StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
+            StatusCode::BAD_REQUEST => "400 bad request: the request body was cut short\n",
             _ => "502 bad gateway\n",
         };
         let mut response = Response::new(body::full(text));

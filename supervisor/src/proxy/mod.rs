@@ -25,7 +25,7 @@ pub use error::ProxyError;
 use crate::body::{self, Body, WithGuard};
 use crate::cache::Fill;
 use crate::listener::Peer;
-use crate::pool::upstream::{UpstreamBody, UpstreamError};
+use crate::pool::upstream::UpstreamBody;
 use crate::pool::{Lease, Pool};
 
 /// Attempts per request: the first worker, then one other.
@@ -166,7 +166,6 @@ impl Proxy {
                         worker,
                     });
                 }
-                Err(UpstreamError::Timeout(timeout)) => ProxyError::Timeout { worker, timeout },
                 Err(e) => ProxyError::from_upstream(worker, e),
             };
             if let Some(again) = again
@@ -198,42 +197,49 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Cleans the worker's response and ties the lease to its body (or, for an
-/// accepted upgrade, to the tunnel).
+/// Ties the lease to the worker's response body (or, for an accepted
+/// upgrade, to the tunnel). Hop-by-hop headers were already left out when
+/// the response head was read ([`crate::pool`]), except `Upgrade` on a 101.
 fn finish(
     mut response: Response<UpstreamBody>,
     lease: Lease,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(
-        response.headers_mut(),
-        switching && client_upgrade.is_some(),
-    );
-    if switching && let Some(client_upgrade) = client_upgrade {
-        let worker_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, worker_upgrade, lease));
-        return response.map(|_| body::empty());
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return response.map(|upstream| body::boxed(WithGuard::new(upstream, lease)));
     }
-    response.map(|upstream| body::boxed(WithGuard::new(upstream, lease)))
+    headers::strip_hop_by_hop(response.headers_mut(), client_upgrade.is_some());
+    let (parts, upstream) = response.into_parts();
+    if let Some(client_upgrade) = client_upgrade
+        && let Some((worker, early)) = upstream.into_upgraded()
+    {
+        tokio::spawn(tunnel(client_upgrade, worker, early, lease));
+    }
+    Response::from_parts(parts, body::empty())
 }
 
-/// Copies bytes both ways between the upgraded client and worker
-/// connections until either side closes.
+/// Copies bytes both ways between the upgraded client connection and the
+/// worker's until either side closes; `early` is what the worker sent right
+/// after its 101.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    worker: hyper::upgrade::OnUpgrade,
+    mut worker: tokio::net::UnixStream,
+    early: bytes::BytesMut,
     lease: Lease,
 ) {
-    let (client, worker) = match tokio::try_join!(client, worker) {
-        Ok(pair) => pair,
+    let mut client = match client.await {
+        Ok(client) => TokioIo::new(client),
         Err(e) => {
             debug!("upgrade failed: {e}");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut worker = TokioIo::new(worker);
+    if !early.is_empty()
+        && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await
+    {
+        debug!("tunnel closed: {e}");
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut worker).await {
         debug!("tunnel closed: {e}");
     }

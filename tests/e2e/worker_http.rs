@@ -1,0 +1,252 @@
+//! How bext speaks HTTP/1.1 to its workers (`supervisor/src/pool/h1.rs`):
+//! request and response framing, interim responses, connections a worker
+//! closes or cannot keep, and responses that are not HTTP at all. The worker
+//! is a Node server that writes raw bytes, written for the purpose, so every byte on the wire
+//! is the test's choice.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Bext, client, temp_app};
+
+/// A Node server that reads request heads (and `Content-Length` bodies)
+/// itself and answers each path with hand-written bytes. It is an
+/// `http.Server` (the one kind bext's adapter puts on the worker socket)
+/// with Node's HTTP parser taken off its connections. Every answer says
+/// `Cache-Control: no-store`, so the cache stays out of it.
+const RAW_SERVER: &str = r#"
+const http = require('http');
+const ok = (body, extra = '') =>
+  `HTTP/1.1 200 OK\r\nCache-Control: no-store\r\n${extra}Content-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+const answers = {
+  // What the worker received: method, target, headers, body length.
+  '/echo': (s, req) => s.write(ok(JSON.stringify(req))),
+  // Requests seen on this connection so far.
+  '/count': (s, req, n) => s.write(ok(String(n))),
+  '/head': (s, req) => s.write(req.method === 'HEAD'
+    ? 'HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 5\r\n\r\n'
+    : ok('hello')),
+  '/http10': (s) => s.write('HTTP/1.0 200 OK\r\nCache-Control: no-store\r\nContent-Length: 7\r\n\r\nold one'),
+  '/close-delimited': (s) => {
+    s.write('HTTP/1.1 200 OK\r\nCache-Control: no-store\r\n\r\npart one, ');
+    setTimeout(() => s.end('part two'), 50);
+  },
+  '/chunked': (s) => {
+    const pieces = ['HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n',
+      'Trailer: x-sum\r\n\r\n5;ext=1\r', '\nhel', 'lo\r\n7\r\n, world\r\n0\r\nx-s', 'um: 12\r\n\r\n'];
+    const next = () => { if (pieces.length) { s.write(pieces.shift()); setTimeout(next, 10); } };
+    next();
+  },
+  '/hints': (s) => s.write('HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n' + ok('ok')),
+  '/private': (s) => s.write(ok('', 'Connection: x-private\r\nX-Private: secret\r\nX-Public: yes\r\n')),
+  '/garbage': (s) => s.write('SPEAK FRIEND AND ENTER\r\n\r\n'),
+  '/short': (s) => s.end('HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 100\r\n\r\nonly nine'),
+  // Answers the first request on a connection; closes it, unanswered, on
+  // any later one (as a worker whose keep-alive timeout just ran out).
+  '/once': (s, req, n) => n === 1 ? s.write(ok('once')) : s.destroy(),
+};
+const server = http.createServer();
+server.removeAllListeners('connection');
+server.on('connection', (s) => {
+  let buf = Buffer.alloc(0);
+  let n = 0;
+  s.on('error', () => {});
+  s.on('data', (data) => {
+    buf = Buffer.concat([buf, data]);
+    for (;;) {
+      const end = buf.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      const lines = buf.subarray(0, end).toString('latin1').split('\r\n');
+      const [method, target] = lines[0].split(' ');
+      const headers = {};
+      for (const line of lines.slice(1)) {
+        const i = line.indexOf(':');
+        headers[line.slice(0, i).toLowerCase()] = line.slice(i + 1).trim();
+      }
+      const length = Number(headers['content-length'] || 0);
+      if (buf.length < end + 4 + length) return;
+      const body = buf.subarray(end + 4, end + 4 + length).toString('latin1');
+      buf = buf.subarray(end + 4 + length);
+      n += 1;
+      (answers[target.split('?')[0]] || ((s) => s.write(ok('raw server'))))(s, { method, target, headers, body }, n);
+    }
+  });
+});
+server.listen(process.env.PORT || 3000, () => console.log('raw server up'));
+"#;
+
+/// bext in front of the raw server: one worker (no retries on another one
+/// hide anything) and one serving thread (one idle-connection list).
+fn raw_worker() -> (tempfile::TempDir, Bext) {
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", RAW_SERVER),
+        (
+            "bext.config.toml",
+            "[server]\nupstream_timeout_ms = 5000\n[isolate]\nworkers = 1\n",
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &["--threads", "1"]);
+    (app, bext)
+}
+
+async fn get(bext: &Bext, path: &str) -> (u16, String) {
+    let response = client()
+        .get(bext.url(path))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// Requests the worker has seen on the connection this one arrived on.
+async fn count(bext: &Bext) -> u32 {
+    let (status, body) = get(bext, "/count").await;
+    assert_eq!(status, 200);
+    body.parse().expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_are_framed_as_rfc_9112_says_and_connections_reused_only_when_safe() {
+    let (_app, bext) = raw_worker();
+    let http = client();
+
+    // A kept-alive connection is reused.
+    let first = count(&bext).await;
+    assert_eq!(count(&bext).await, first + 1, "the connection was reused");
+
+    // Chunked, with an extension and trailers, split at awkward places.
+    assert_eq!(get(&bext, "/chunked").await, (200, "hello, world".into()));
+    // The chunked body ended where it should: the connection carries on.
+    assert!(count(&bext).await > 1, "reused after a chunked body");
+
+    // A HEAD response has a Content-Length and no body. (The first HEAD
+    // goes to the worker as a GET, to fill the cache, and its unread body
+    // costs that connection; once the cache knows the page is not
+    // storable, HEAD passes through as HEAD.)
+    for _ in 0..2 {
+        let head = http.head(bext.url("/head")).send().await.expect("HEAD");
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers()["content-length"], "5");
+    }
+    assert!(count(&bext).await > 1, "reused after a HEAD response");
+
+    // An interim 103 is skipped; the final answer arrives.
+    assert_eq!(get(&bext, "/hints").await, (200, "ok".into()));
+
+    // A body delimited by the worker closing the connection: all of it
+    // arrives, and that connection is never used again.
+    assert_eq!(
+        get(&bext, "/close-delimited").await,
+        (200, "part one, part two".into())
+    );
+    assert_eq!(count(&bext).await, 1, "a new connection after a close");
+
+    // HTTP/1.0 without keep-alive: answered, then not reused.
+    assert_eq!(get(&bext, "/http10").await, (200, "old one".into()));
+    assert_eq!(count(&bext).await, 1, "a new connection after HTTP/1.0");
+
+    // Headers named by Connection are hop-by-hop too.
+    let private = http.get(bext.url("/private")).send().await.expect("GET");
+    assert_eq!(private.status(), 200);
+    assert!(private.headers().get("x-private").is_none());
+    assert_eq!(private.headers()["x-public"], "yes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_are_framed_from_what_the_client_sent() {
+    let (_app, bext) = raw_worker();
+    let echo = |method: reqwest::Method, body: Option<&'static str>| {
+        let bext = &bext;
+        async move {
+            let mut request = client().request(method, bext.url("/echo"));
+            if let Some(body) = body {
+                request = request.body(body);
+            }
+            let response = request.send().await.expect("request");
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.expect("json")
+        }
+    };
+    let seen = echo(reqwest::Method::POST, Some("abc")).await;
+    assert_eq!(seen["headers"]["content-length"], "3");
+    assert!(seen["headers"]["transfer-encoding"].is_null());
+    assert_eq!(seen["body"], "abc");
+    let seen = echo(reqwest::Method::PUT, None).await;
+    assert_eq!(
+        seen["headers"]["content-length"], "0",
+        "PUT says it is empty"
+    );
+    let seen = echo(reqwest::Method::GET, None).await;
+    assert!(seen["headers"]["content-length"].is_null(), "{seen}");
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let (_app, bext) = raw_worker();
+    let addr = bext.url("").trim_start_matches("http://").to_string();
+    let mut stream = TcpStream::connect(&addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\
+              Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        )
+        .expect("write head");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("interim");
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    stream.write_all(b"hello").expect("write body");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("response");
+    assert!(rest.contains("HTTP/1.1 200 OK"), "{rest}");
+    assert!(rest.contains(r#""body":"hello""#), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_closed_as_it_is_reused_is_retried_once_for_idempotent_requests() {
+    let (_app, bext) = raw_worker();
+    // The first request opens a connection; the second reuses it, the
+    // worker closes it unanswered, and bext sends the GET again on a new
+    // one (one worker: there is no other worker to retry on).
+    assert_eq!(get(&bext, "/once").await, (200, "once".into()));
+    assert_eq!(get(&bext, "/once").await, (200, "once".into()));
+    // A POST is not sent twice: 502.
+    let post = client().post(bext.url("/once")).send().await.expect("POST");
+    assert_eq!(post.status(), 502);
+    // And serving goes on.
+    assert_eq!(get(&bext, "/once").await, (200, "once".into()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_responses_are_502_or_a_cut_body_and_serving_goes_on() {
+    let (_app, bext) = raw_worker();
+    assert_eq!(
+        get(&bext, "/garbage").await,
+        (502, "502 bad gateway\n".into())
+    );
+    bext.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("sent an invalid response"))
+    });
+
+    // A body shorter than its Content-Length: the client's response is cut
+    // off, not completed with something else.
+    // (The head may or may not reach the client before the cut.)
+    if let Ok(short) = client().get(bext.url("/short")).send().await {
+        assert_eq!(short.status(), 200);
+        assert!(short.bytes().await.is_err(), "the body must fail");
+    }
+
+    assert_eq!(get(&bext, "/").await, (200, "raw server".into()));
+}
