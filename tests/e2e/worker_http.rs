@@ -250,3 +250,49 @@ async fn broken_responses_are_502_or_a_cut_body_and_serving_goes_on() {
 
     assert_eq!(get(&bext, "/").await, (200, "raw server".into()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_a_worker_closes_while_idle_are_closed_by_bext_too() {
+    // Node closes kept-alive connections idle for `keepAliveTimeout`.
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "const server = require('http').createServer((req, res) => \
+             setTimeout(() => res.end('ok'), 50));\n\
+             server.keepAliveTimeout = 300;\n\
+             server.listen(3000);\n",
+        ),
+        ("bext.config.toml", "[isolate]\nworkers = 1\n"),
+    ]);
+    let bext = Bext::run(app.path(), &[]);
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", bext.pid()))
+            .expect("fds")
+            .filter_map(Result::ok)
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    };
+    let before = sockets();
+    {
+        let http = client();
+        let answers =
+            futures_util::future::join_all((0..20).map(|_| http.get(bext.url("/")).send())).await;
+        for answer in answers {
+            assert_eq!(answer.expect("GET").status(), 200);
+        }
+        // Concurrent requests each needed a connection to the worker.
+        assert!(sockets() >= before + 10, "{} vs {before}", sockets());
+    }
+    // The client has gone, and the worker closes its side of the idle
+    // connections after 300 ms: bext's side must not linger (CLOSE_WAIT)
+    // until some later request happens to look at them.
+    crate::support::wait_for(
+        "idle upstream sockets closed",
+        Duration::from_secs(5),
+        || (sockets() <= before).then_some(()),
+    );
+}

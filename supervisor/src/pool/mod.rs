@@ -32,6 +32,9 @@ use crate::config::MemorySize;
 pub const MAX_WAITING: usize = 1024;
 /// How long a stopping worker gets between SIGTERM and SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often each worker's idle upstream connections are checked, to close
+/// those the worker closed or that are too old to reuse.
+pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the memory watchdog reads each worker's RSS.
 pub const WATCHDOG_INTERVAL: Duration = Duration::from_millis(500);
 /// A worker that served this long before crashing restarts without delay.

@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use super::{
-    Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER, WATCHDOG_INTERVAL,
-    Worker, WorkerState, upstream::Upstream,
+    IDLE_SWEEP_INTERVAL, Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER,
+    WATCHDOG_INTERVAL, Worker, WorkerState, upstream::Upstream,
 };
 use crate::memory::WorkerGroup;
 use crate::output::{self, describe};
@@ -244,6 +244,8 @@ impl Slot {
                 let mut stable_seen = false;
                 let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
                 watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut idle_sweep = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+                idle_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
                 loop {
                     tokio::select! {
@@ -289,6 +291,7 @@ impl Slot {
                             instance = self.recycle(&mut socket, instance).await;
                             up_since = Instant::now();
                         }
+                        _ = idle_sweep.tick() => instance.worker.upstream().close_idle(),
                         _ = &mut stable, if !stable_seen => {
                             stable_seen = true;
                             self.pool.failures_in_a_row.store(0, Ordering::Relaxed);

@@ -16,7 +16,10 @@
 //! it sat idle is noticed when it is taken, from the readiness the runtime
 //! already has, without a system call; if the worker closes it just as it
 //! is reused, a bodiless idempotent request is sent again once on a new
-//! connection, as nginx does with its cached upstream connections.
+//! connection, as nginx does with its cached upstream connections. Every
+//! second the worker's supervisor closes idle connections that are too old
+//! or that the worker closed ([`Upstream::close_idle`]), so none lingers
+//! half-closed while an app is quiet.
 //!
 //! The upstream timeout is one timer per connection, moved to each new
 //! request's deadline: a later deadline on a timer that has not fired is
@@ -345,6 +348,43 @@ async fn send_body(
     Ok(())
 }
 
+impl Upstream {
+    /// Closes idle connections that are too old to be reused or that the
+    /// worker has closed; called every [`super::IDLE_SWEEP_INTERVAL`] by
+    /// the worker's supervisor, so that a quiet app's connections do not
+    /// linger half-closed until its next request.
+    pub fn close_idle(&self) {
+        let now = Instant::now();
+        for slot in &self.inner.idle {
+            let closing: Vec<Idle> = {
+                let mut idle = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.is_empty() {
+                    continue;
+                }
+                let (keep, close): (VecDeque<Idle>, VecDeque<Idle>) =
+                    std::mem::take(&mut *idle).into_iter().partition(|entry| {
+                        now.duration_since(entry.since) < UPSTREAM_IDLE_TIMEOUT
+                            && entry.conn.is_open()
+                    });
+                *idle = keep;
+                close.into()
+            };
+            // Closed outside the lock the request path takes.
+            drop(closing);
+        }
+    }
+
+    /// Idle connections, all slots together.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.inner
+            .idle
+            .iter()
+            .map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
 impl Inner {
     /// The calling shard's idle list (more shards than slots share them).
     fn slot(&self) -> usize {
@@ -354,7 +394,7 @@ impl Inner {
     /// The most recently used idle connection, if it is fresh and open.
     fn checkout(&self, slot: usize) -> Option<Conn> {
         let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(mut entry) = idle.pop_back() {
+        while let Some(entry) = idle.pop_back() {
             if entry.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT {
                 // The rest are older still.
                 idle.clear();
@@ -387,7 +427,7 @@ impl Conn {
     /// Not closed by the worker while idle, as far as the runtime knows:
     /// the readiness it has already seen, no system call unless the socket
     /// became readable (which an idle connection only does when closed).
-    fn is_open(&mut self) -> bool {
+    fn is_open(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self.io.poll_read_ready(&mut cx) {
             Poll::Pending => true,
@@ -523,6 +563,68 @@ impl http_body::Body for UpstreamBody {
             Reading::Length(len) => SizeHint::with_exact(len),
             Reading::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixListener;
+
+    /// A worker that answers one request per connection with `ok` and
+    /// keeps the connection open until told to close it.
+    async fn one_answer_worker(listener: UnixListener, close: tokio::sync::oneshot::Receiver<()>) {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.expect("read");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .expect("write");
+        let _ = close.await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_pooled_and_closed_once_the_worker_closes_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let (close, closed) = tokio::sync::oneshot::channel();
+        let worker = tokio::spawn(one_answer_worker(listener, closed));
+        let upstream = Upstream::new(path);
+
+        let request = Request::get("/")
+            .body(crate::body::empty())
+            .expect("request");
+        let response = upstream
+            .send(request, Duration::from_secs(5))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        assert_eq!(upstream.idle_count(), 1, "read to the end: pooled");
+
+        upstream.close_idle();
+        assert_eq!(upstream.idle_count(), 1, "open and fresh: kept");
+
+        close.send(()).expect("worker waiting");
+        worker.await.expect("worker");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream.idle_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection stayed pooled"
+            );
+            // Lets the runtime see the socket's hang-up.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            upstream.close_idle();
         }
     }
 }
