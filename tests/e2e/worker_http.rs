@@ -43,6 +43,7 @@ const answers = {
   '/hints': (s) => s.write('HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n' + ok('ok')),
   '/private': (s) => s.write(ok('', 'Connection: x-private\r\nX-Private: secret\r\nX-Public: yes\r\n')),
   '/garbage': (s) => s.write('SPEAK FRIEND AND ENTER\r\n\r\n'),
+  '/switch': (s) => s.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'),
   '/short': (s) => s.end('HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 100\r\n\r\nonly nine'),
   // Answers the first request on a connection; closes it, unanswered, on
   // any later one (as a worker whose keep-alive timeout just ran out).
@@ -65,6 +66,11 @@ server.on('connection', (s) => {
       for (const line of lines.slice(1)) {
         const i = line.indexOf(':');
         headers[line.slice(0, i).toLowerCase()] = line.slice(i + 1).trim();
+      }
+      if (target === '/reject') {
+        // Answers on the head, reads none of the body, and closes.
+        s.end('HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large');
+        return;
       }
       const length = Number(headers['content-length'] || 0);
       if (buf.length < end + 4 + length) return;
@@ -213,7 +219,7 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_connection_closed_as_it_is_reused_is_retried_once_for_idempotent_requests() {
+async fn a_connection_closed_as_it_is_reused_is_retried_once_for_safe_requests() {
     let (_app, bext) = raw_worker();
     // The first request opens a connection; the second reuses it, the
     // worker closes it unanswered, and bext sends the GET again on a new
@@ -239,6 +245,12 @@ async fn broken_responses_are_502_or_a_cut_body_and_serving_goes_on() {
             .as_str()
             .is_some_and(|m| m.contains("sent an invalid response"))
     });
+
+    // A 101 to a request that asked for no upgrade.
+    assert_eq!(
+        get(&bext, "/switch").await,
+        (502, "502 bad gateway\n".into())
+    );
 
     // A body shorter than its Content-Length: the client's response is cut
     // off, not completed with something else.
@@ -295,4 +307,74 @@ async fn connections_a_worker_closes_while_idle_are_closed_by_bext_too() {
         Duration::from_secs(5),
         || (sockets() <= before).then_some(()),
     );
+}
+
+#[test]
+fn a_worker_may_answer_before_reading_the_body() {
+    let (_app, bext) = raw_worker();
+    let addr = bext.url("").trim_start_matches("http://").to_string();
+    let mut stream = TcpStream::connect(&addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"POST /reject HTTP/1.1\r\nHost: test\r\nContent-Length: 4000000\r\n\r\n")
+        .expect("write head");
+    // Part of the body; the rest never comes, and is not needed.
+    stream.write_all(&[b'x'; 65536]).expect("write some body");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    assert_eq!(line, "HTTP/1.1 413 Payload Too Large\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_streams_the_body_back_as_it_reads_it_does_not_stall() {
+    // `req.pipe(res)`: the worker answers with the first bytes of the body
+    // and reads the rest only as fast as its answer is read.
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "require('http').createServer((req, res) => req.pipe(res)).listen(3000);\n",
+        ),
+        (
+            "bext.config.toml",
+            "[server]\nupstream_timeout_ms = 5000\n[isolate]\nworkers = 1\n",
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &[]);
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 256; // 16 MiB: far beyond every socket buffer
+    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    let sent = futures_util::stream::iter(
+        (0..CHUNKS).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let response = client()
+        .post(bext.url("/"))
+        .body(reqwest::Body::wrap_stream(sent))
+        .send()
+        .await
+        .expect("the answer starts before the upload ends");
+    assert_eq!(response.status(), 200);
+    let mut received = 0usize;
+    let mut stream = response.bytes_stream();
+    let read_all = async {
+        while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
+            let piece = piece.expect("body");
+            for (i, byte) in piece.iter().enumerate() {
+                assert_eq!(
+                    *byte,
+                    ((received + i) % CHUNK % 251) as u8,
+                    "byte {}",
+                    received + i
+                );
+            }
+            received += piece.len();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_all)
+        .await
+        .expect("the echo stalled");
+    assert_eq!(received, CHUNK * CHUNKS);
 }

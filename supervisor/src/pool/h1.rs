@@ -36,6 +36,8 @@ pub enum ParseError {
     ContentLength,
     #[error("malformed chunked body")]
     Chunk,
+    #[error("101 Switching Protocols to a request that asked for no upgrade")]
+    UnrequestedUpgrade,
 }
 
 /// How a request body is sent.
@@ -100,9 +102,9 @@ pub fn encode_request(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the size line of one chunk of `len` bytes.
-pub fn encode_chunk_size(len: usize, out: &mut BytesMut) {
-    out.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+/// The size line of one chunk of `len` bytes.
+pub fn chunk_size_line(len: usize) -> Bytes {
+    Bytes::from(format!("{len:x}\r\n"))
 }
 
 /// The end of a chunked body (no trailers).
@@ -199,9 +201,12 @@ pub fn parse_response(
                 continue;
             }
             "content-length" => {
-                let value = std::str::from_utf8(h.value)
+                // Digits only: `u64::from_str` also takes a leading `+`.
+                let digits = h.value.trim_ascii();
+                let value = std::str::from_utf8(digits)
                     .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
                     .ok_or(ParseError::ContentLength)?;
                 if content_length.is_some_and(|seen| seen != value) {
                     return Err(ParseError::ContentLength);
@@ -259,8 +264,11 @@ pub fn parse_response(
     } else {
         ResponseFraming::Close
     };
-    // HTTP/1.0 closes after each response unless it says otherwise.
-    let close = said_close || (version == Version::HTTP_10 && !said_keep_alive);
+    // HTTP/1.0 closes after each response unless it says otherwise; framing
+    // that RFC 9112 §6.1 calls faulty (Transfer-Encoding beside
+    // Content-Length, or in HTTP/1.0) is read, and the connection not reused.
+    let faulty = chunked.is_some() && (content_length.is_some() || version == Version::HTTP_10);
+    let close = said_close || faulty || (version == Version::HTTP_10 && !said_keep_alive);
     let keep_alive = !close && !matches!(framing, ResponseFraming::Close);
     Ok(Some(ResponseHead {
         status,
@@ -304,6 +312,12 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ParseError> {
         loop {
             match *self {
+                // httparse reads a size line with no digits as 0 (the
+                // last chunk), which would end a broken body early.
+                ChunkedDecoder::Size if buf.is_empty() => return Ok(Decoded::Incomplete),
+                ChunkedDecoder::Size if !buf[0].is_ascii_hexdigit() => {
+                    return Err(ParseError::Chunk);
+                }
                 ChunkedDecoder::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
@@ -466,7 +480,14 @@ mod tests {
         assert_eq!(chunked.framing, ResponseFraming::Chunked);
         assert!(!chunked.headers.contains_key(header::CONTENT_LENGTH));
         assert!(!chunked.headers.contains_key(header::TRANSFER_ENCODING));
-        assert!(chunked.keep_alive);
+        assert!(!chunked.keep_alive, "faulty framing: not reused");
+        let plain_chunked = complete("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(plain_chunked.keep_alive);
+        let old_chunked = complete(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(old_chunked.framing, ResponseFraming::Chunked);
+        assert!(!old_chunked.keep_alive, "chunked in HTTP/1.0: not reused");
 
         let gzip_only = complete("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
         assert_eq!(gzip_only.framing, ResponseFraming::Close);
@@ -517,6 +538,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
         ] {
             assert_eq!(
                 head(text, &Method::GET).err(),
@@ -572,7 +595,14 @@ mod tests {
 
     #[test]
     fn malformed_chunks_are_errors() {
-        for wire in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"fffffffffffffffff\r\n"] {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"fffffffffffffffff\r\n",
+            // No digits is not a last chunk.
+            b"5\r\nhello\r\n\r\n5\r\nworld\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n;x\r\n0\r\n\r\n",
+        ] {
             let mut buf = BytesMut::from(wire);
             let mut decoder = ChunkedDecoder::default();
             let mut result = decoder.decode(&mut buf);

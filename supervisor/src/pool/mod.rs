@@ -9,6 +9,7 @@
 //! swapping the slot's current worker. The pool knows nothing about HTTP
 //! beyond owning each worker's upstream connection pool ([`upstream`]).
 
+mod exchange;
 pub mod h1;
 mod plan;
 mod supervise;

@@ -5,8 +5,9 @@
 //! request is written, and its response head read, by the task that serves
 //! the client, with no connection task, channel or oneshot between them
 //! (measured with bench/proxy-instructions.sh: 37.9k → 29.3k user-space
-//! instructions per proxied request, see bench/RESULTS.md). A connection returns
-//! to the pool once its response body has been read to the end; a body
+//! instructions per proxied request, see bench/RESULTS.md). The request
+//! body goes out while the response comes in ([`super::exchange`]). A
+//! connection returns to the pool once both are complete; a response body
 //! dropped half-way closes it.
 //!
 //! Idle connections are kept per shard ([`crate::shards`]), newest last: a
@@ -14,12 +15,14 @@
 //! sat idle longer than [`UPSTREAM_IDLE_TIMEOUT`] is never reused (Node
 //! closes idle connections after 5 s). A connection the worker closed while
 //! it sat idle is noticed when it is taken, from the readiness the runtime
-//! already has, without a system call; if the worker closes it just as it
-//! is reused, a bodiless idempotent request is sent again once on a new
-//! connection, as nginx does with its cached upstream connections. Every
-//! second the worker's supervisor closes idle connections that are too old
-//! or that the worker closed ([`Upstream::close_idle`]), so none lingers
-//! half-closed while an app is quiet.
+//! already has (usually without a system call). If the worker closes it
+//! just as it is reused, the request is sent again once on a new
+//! connection, as nginx does with its cached upstream connections: any
+//! request if the worker received none of it, a bodiless safe one (GET,
+//! HEAD, OPTIONS, TRACE) if it may have. Every second the worker's
+//! supervisor closes idle connections that are too old or that the worker
+//! closed ([`Upstream::close_idle`]), so none lingers half-closed while an
+//! app is quiet.
 //!
 //! The upstream timeout is one timer per connection, moved to each new
 //! request's deadline: a later deadline on a timer that has not fired is
@@ -36,15 +39,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Request, Response};
-use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::BytesMut;
+use http::{Method, Request, Response, header};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::time::Sleep;
 
-use super::h1::{self, ChunkedDecoder, Decoded, ParseError, RequestFraming, ResponseFraming};
+pub use super::exchange::UpstreamBody;
+use super::exchange::{PumpError, Reading, RequestPump};
+use super::h1::{self, ChunkedDecoder, ParseError, RequestFraming, ResponseFraming};
 use crate::body::{Body, BoxError};
 
 /// Idle upstream connections older than this are not reused: Node closes
@@ -54,17 +57,18 @@ pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const UPSTREAM_MAX_IDLE: usize = 256;
 /// Room for a response head (grown as needed up to [`h1::MAX_HEAD`]).
 const HEAD_READ: usize = 8 * 1024;
-/// Reads of a response body ask for at least this much room.
-const BODY_READ: usize = 32 * 1024;
 
 /// Why a request could not be sent to the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("could not connect to {}: {source}", path.display())]
     Connect { path: PathBuf, source: io::Error },
-    /// The connection failed before a complete response head arrived.
+    /// The connection failed before any of a response arrived.
     #[error("the connection failed before a response: {0}")]
     Send(#[source] io::Error),
+    /// The connection failed in the middle of a response head.
+    #[error("the connection failed in the middle of a response: {0}")]
+    Incomplete(#[source] io::Error),
     /// The worker's response could not be parsed.
     #[error("invalid response: {0}")]
     Invalid(#[source] ParseError),
@@ -90,7 +94,7 @@ pub struct Upstream {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(super) struct Inner {
     path: PathBuf,
     /// Idle connections, one list per shard (slot: [`Inner::slot`]),
     /// oldest first.
@@ -105,10 +109,10 @@ struct Idle {
 
 /// One open connection.
 #[derive(Debug)]
-struct Conn {
-    io: UnixStream,
+pub(super) struct Conn {
+    pub(super) io: UnixStream,
     /// Bytes read and not used yet.
-    buf: BytesMut,
+    pub(super) buf: BytesMut,
     /// The request head being sent.
     head: BytesMut,
     /// The deadline of the request on it.
@@ -142,11 +146,12 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let slot = self.inner.slot();
-        let (parts, mut body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let framing = RequestFraming::for_body(
             http_body::Body::is_end_stream(&body),
             http_body::Body::size_hint(&body).exact(),
         );
+        let mut pump = (framing != RequestFraming::Empty).then(|| RequestPump::new(body, framing));
         let mut conn = match self.inner.checkout(slot) {
             Some(conn) => conn,
             None => self.connect(deadline, timeout).await?,
@@ -172,25 +177,36 @@ impl Upstream {
             } = &mut conn;
             let exchanged = tokio::select! {
                 biased;
-                exchanged = exchange(io, buf, head, &mut body, framing, &parts.method) => exchanged,
+                exchanged = exchange(io, buf, head, &mut pump, &parts.method) => exchanged,
                 () = timer.as_mut() => return Err(UpstreamError::Timeout(timeout)),
+            };
+            let resend = match &exchanged {
+                // The worker closed a kept-alive connection just as it was
+                // reused. Nothing was delivered: any request may go again.
+                Err(Failure::NotDelivered(_)) => *reused,
+                // Delivered, and closed with no answer: most likely unread,
+                // but only a request that is safe to repeat goes again.
+                Err(Failure::Unanswered(_)) => *reused && pump.is_none() && parts.method.is_safe(),
+                _ => false,
             };
             match exchanged {
                 Ok(head) => break head,
-                // The worker closed a kept-alive connection just as it was
-                // reused; it cannot have acted on the request.
-                Err(Failure::Unanswered(e))
-                    if *reused && framing == RequestFraming::Empty && resendable(&parts.method) =>
-                {
+                Err(Failure::NotDelivered(e) | Failure::Unanswered(e)) if resend => {
                     tracing::debug!("reused upstream connection was closed ({e}); sending again");
                     let mut fresh = self.connect(deadline, timeout).await?;
                     fresh.head = std::mem::take(&mut conn.head);
                     conn = fresh;
                 }
-                Err(Failure::Unanswered(e)) => return Err(UpstreamError::Send(e)),
+                Err(Failure::NotDelivered(e) | Failure::Unanswered(e)) => {
+                    return Err(UpstreamError::Send(e));
+                }
                 Err(Failure::Other(e)) => return Err(e),
             }
         };
+        if head.framing == ResponseFraming::Upgrade && !parts.headers.contains_key(header::UPGRADE)
+        {
+            return Err(UpstreamError::Invalid(ParseError::UnrequestedUpgrade));
+        }
 
         let reading = match head.framing {
             ResponseFraming::Empty | ResponseFraming::Length(0) => Reading::Done,
@@ -203,6 +219,9 @@ impl Upstream {
             conn: Some(conn),
             reading,
             keep_alive: head.keep_alive,
+            // The worker answered before it had all of the request body:
+            // the rest goes out as the response is read.
+            pump: pump.filter(|pump| !pump.is_finished()),
             pool: Arc::clone(&self.inner),
             slot,
         };
@@ -241,111 +260,82 @@ impl Upstream {
     }
 }
 
-/// May a request be sent again after the worker closed the connection
-/// under it? (RFC 9110 §9.2.2 idempotent methods; bodiless ones only.)
-fn resendable(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// How an exchange failed.
 enum Failure {
-    /// The connection failed before a byte of the response arrived.
+    /// The request head could not be written: the worker saw nothing.
+    NotDelivered(io::Error),
+    /// The request was written; the connection failed before a byte of
+    /// the response arrived.
     Unanswered(io::Error),
     Other(UpstreamError),
 }
 
-/// Writes the request (`head`, then `body`) and reads the response head.
+/// Writes the request head, then the body while reading the response head,
+/// until the response head (after any interim 1xx) has arrived.
 async fn exchange(
     io: &mut UnixStream,
     buf: &mut BytesMut,
     head: &[u8],
-    body: &mut Body,
-    framing: RequestFraming,
+    pump: &mut Option<RequestPump>,
     method: &Method,
 ) -> Result<h1::ResponseHead, Failure> {
-    io.write_all(head).await.map_err(Failure::Unanswered)?;
+    io.write_all(head).await.map_err(Failure::NotDelivered)?;
     // A worker may answer without reading the whole body (a 413, say) and
-    // close: its answer is still read, and the connection not reused.
-    let mut unsent = None;
-    if framing != RequestFraming::Empty {
-        match send_body(io, body, framing).await {
-            Ok(()) => {}
-            Err(UpstreamError::Send(e)) => unsent = Some(e),
-            Err(e) => return Err(Failure::Other(e)),
-        }
-    }
+    // close its end: its answer is still read, and the connection not reused.
+    let mut unsent: Option<io::Error> = None;
     let mut received = false;
-    loop {
-        if received {
-            match h1::parse_response(buf, method) {
-                Ok(Some(head)) if head.is_interim() => continue,
-                Ok(Some(mut head)) => {
-                    head.keep_alive &= unsent.is_none();
-                    return Ok(head);
+    std::future::poll_fn(|cx| {
+        if unsent.is_none()
+            && let Some(pump) = pump.as_mut()
+        {
+            match pump.poll_send(io, cx) {
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Err(PumpError::Write(e))) => unsent = Some(e),
+                Poll::Ready(Err(PumpError::Body(e))) => {
+                    return Poll::Ready(Err(Failure::Other(UpstreamError::RequestBody(e))));
                 }
-                Ok(None) => {}
-                Err(e) => return Err(Failure::Other(UpstreamError::Invalid(e))),
+                Poll::Ready(Err(PumpError::Length)) => {
+                    return Poll::Ready(Err(Failure::Other(UpstreamError::RequestBody(
+                        "the request body's length differs from its Content-Length".into(),
+                    ))));
+                }
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(HEAD_READ);
-        }
-        let read = io.read_buf(buf).await;
-        let failure = match read {
-            Ok(0) => io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the worker closed the connection",
-            ),
-            Ok(_) => {
-                received = true;
-                continue;
+        loop {
+            if received {
+                match h1::parse_response(buf, method) {
+                    Ok(Some(head)) if head.is_interim() => continue,
+                    Ok(Some(mut head)) => {
+                        head.keep_alive &= unsent.is_none();
+                        return Poll::Ready(Ok(head));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(Failure::Other(UpstreamError::Invalid(e)))),
+                }
             }
-            Err(e) => e,
-        };
-        let failure = unsent.unwrap_or(failure);
-        return Err(if received {
-            Failure::Other(UpstreamError::Send(failure))
-        } else {
-            Failure::Unanswered(failure)
-        });
-    }
-}
-
-/// Streams a request body with the given framing; trailers are dropped.
-async fn send_body(
-    io: &mut UnixStream,
-    body: &mut Body,
-    framing: RequestFraming,
-) -> Result<(), UpstreamError> {
-    let chunked = framing == RequestFraming::Chunked;
-    let mut size_line = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(UpstreamError::RequestBody)?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(HEAD_READ);
+            }
+            let failure = match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the worker closed the connection",
+                ),
+                Poll::Ready(Ok(_)) => {
+                    received = true;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => e,
+            };
+            return Poll::Ready(Err(if received {
+                Failure::Other(UpstreamError::Incomplete(failure))
+            } else {
+                Failure::Unanswered(unsent.take().unwrap_or(failure))
+            }));
         }
-        if chunked {
-            size_line.clear();
-            h1::encode_chunk_size(data.len(), &mut size_line);
-            let mut out = Buf::chain(Buf::chain(&size_line[..], data), &b"\r\n"[..]);
-            io.write_all_buf(&mut out).await
-        } else {
-            io.write_all(&data).await
-        }
-        .map_err(UpstreamError::Send)?;
-    }
-    if chunked {
-        io.write_all(h1::LAST_CHUNK)
-            .await
-            .map_err(UpstreamError::Send)?;
-    }
-    Ok(())
+    })
+    .await
 }
 
 impl Upstream {
@@ -407,7 +397,7 @@ impl Inner {
         None
     }
 
-    fn checkin(&self, slot: usize, mut conn: Conn) {
+    pub(super) fn checkin(&self, slot: usize, mut conn: Conn) {
         conn.reused = true;
         let now = Instant::now();
         let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
@@ -425,8 +415,9 @@ impl Inner {
 
 impl Conn {
     /// Not closed by the worker while idle, as far as the runtime knows:
-    /// the readiness it has already seen, no system call unless the socket
-    /// became readable (which an idle connection only does when closed).
+    /// from the readiness it has already seen, with a system call only if
+    /// the socket is, or may be, readable (an idle connection becomes
+    /// readable only when the worker closes it).
     fn is_open(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self.io.poll_read_ready(&mut cx) {
@@ -440,136 +431,10 @@ impl Conn {
     }
 }
 
-/// Where a response body stands.
-#[derive(Debug)]
-enum Reading {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    Close,
-    Done,
-    /// The connection belongs to an upgraded protocol.
-    Upgrade,
-}
-
-/// A worker's response body; gives its connection back to the pool once
-/// read to the end (a body dropped half-way closes the connection).
-#[derive(Debug)]
-pub struct UpstreamBody {
-    conn: Option<Conn>,
-    reading: Reading,
-    keep_alive: bool,
-    pool: Arc<Inner>,
-    /// The idle list it came from.
-    slot: usize,
-}
-
-impl UpstreamBody {
-    /// For an accepted upgrade (101): the connection, and whatever the
-    /// worker already sent on it after the head.
-    pub fn into_upgraded(mut self) -> Option<(UnixStream, BytesMut)> {
-        match self.reading {
-            Reading::Upgrade => self.conn.take().map(|conn| (conn.io, conn.buf)),
-            _ => None,
-        }
-    }
-
-    /// The body is complete: the connection goes back to the pool if it
-    /// can carry another request.
-    fn finish(&mut self) {
-        self.reading = Reading::Done;
-        if let Some(conn) = self.conn.take()
-            && self.keep_alive
-            && conn.buf.is_empty()
-        {
-            self.pool.checkin(self.slot, conn);
-        }
-    }
-
-    /// The body failed: the connection is closed.
-    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.reading = Reading::Done;
-        self.conn = None;
-        Poll::Ready(Some(Err(error.into())))
-    }
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let data = match &mut this.reading {
-                Reading::Length(left) => (!conn.buf.is_empty()).then(|| {
-                    let take = usize::try_from(*left)
-                        .unwrap_or(usize::MAX)
-                        .min(conn.buf.len());
-                    *left -= take as u64;
-                    conn.buf.split_to(take).freeze()
-                }),
-                Reading::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
-                    Ok(Decoded::Data(data)) => Some(data),
-                    Ok(Decoded::Incomplete) => None,
-                    Ok(Decoded::End) => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Err(e) => return this.fail(e),
-                },
-                Reading::Close => (!conn.buf.is_empty()).then(|| conn.buf.split().freeze()),
-                Reading::Done | Reading::Upgrade => return Poll::Ready(None),
-            };
-            if let Some(data) = data {
-                if matches!(this.reading, Reading::Length(0)) {
-                    this.finish();
-                }
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
-            if conn.buf.capacity() - conn.buf.len() < 4096 {
-                conn.buf.reserve(BODY_READ);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) if matches!(this.reading, Reading::Close) => {
-                    this.reading = Reading::Done;
-                    this.conn = None;
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(Ok(0)) => {
-                    return this.fail(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the worker closed the connection before the body ended",
-                    ));
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(e),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.reading, Reading::Done | Reading::Length(0))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.reading {
-            Reading::Length(len) => SizeHint::with_exact(len),
-            Reading::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
     use tokio::net::UnixListener;
 

@@ -51,7 +51,9 @@ impl ProxyError {
     pub fn from_upstream(worker: usize, source: UpstreamError) -> Self {
         match source {
             UpstreamError::Connect { .. } => ProxyError::Connect { worker, source },
-            UpstreamError::Invalid(_) => ProxyError::Invalid { worker, source },
+            UpstreamError::Invalid(_) | UpstreamError::Incomplete(_) => {
+                ProxyError::Invalid { worker, source }
+            }
             UpstreamError::RequestBody(_) => ProxyError::RequestBody { worker, source },
             UpstreamError::Timeout(timeout) => ProxyError::Timeout { worker, timeout },
             UpstreamError::Send(_) => ProxyError::Closed { worker, source },

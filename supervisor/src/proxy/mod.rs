@@ -1,7 +1,7 @@
 //! Forwarding a request to one of the app's workers and streaming the answer
 //! back: request and response bodies are never buffered (SSE and large
 //! uploads flow through), WebSocket upgrades become a byte tunnel, and a
-//! bodiless idempotent request that met a dead worker is retried once on
+//! bodiless safe request (GET, HEAD, OPTIONS, TRACE) that met a dead worker is retried once on
 //! another one, as nginx's `proxy_next_upstream` does.
 //!
 //! Talks to [`crate::pool`] only; knows nothing of static files, and of the
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
@@ -120,10 +120,12 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         // Nothing the client's connection attached is meant for the worker's.
         parts.extensions.clear();
-        // A bodiless idempotent request may be sent again to another worker
+        // A bodiless safe request may be sent again to another worker
         // (if the app has one) when this one fails it: keep a copy for that.
         let retry_allowed = http_body::Body::is_end_stream(&body)
-            && is_idempotent(&parts.method)
+            // Safe methods (GET, HEAD, OPTIONS, TRACE), as the upstream
+            // pool's own resend on a fresh connection.
+            && parts.method.is_safe()
             && !upgrade
             && self.pool.size() > 1;
         let mut req = Request::from_parts(parts, body);
@@ -188,13 +190,6 @@ fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     copy
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
 }
 
 /// Ties the lease to the worker's response body (or, for an accepted
