@@ -4,7 +4,7 @@
 //! through hyper's client: there is exactly one destination per pool, and a
 //! request is written, and its response head read, by the task that serves
 //! the client, with no connection task, channel or oneshot between them
-//! (measured with bench/proxy-instructions.sh: 37.9k → 29.3k user-space
+//! (measured with bench/proxy-instructions.sh: 37.9k → 29.4k user-space
 //! instructions per proxied request, see bench/RESULTS.md). The request
 //! body goes out while the response comes in ([`super::exchange`]). A
 //! connection returns to the pool once both are complete; a response body
