@@ -586,19 +586,27 @@ async fn the_cache_keeps_its_entry_and_byte_bounds_under_ten_times_more_entries(
     assert!(entries <= 50.0, "{entries} entries");
     assert!(evictions >= 400.0, "{evictions} evictions");
 
-    // 20× max_bytes of 40 KiB pages (40 MB through a 2 MB cache). The RSS
-    // bound leaves room for the allocator's retained pages and per-entry
-    // bookkeeping, and is far below what an unbounded cache would hold.
-    let before = rss(bext.pid());
-    insert(1000, 40 * 1024, "big").await;
-    let (entries, bytes, _) = stats().await;
-    assert!(bytes <= 2.0 * 1024.0 * 1024.0, "{bytes} bytes");
-    assert!(entries <= 50.0, "{entries} entries");
-    let growth = rss(bext.pid()).saturating_sub(before);
+    // 20× max_bytes of 40 KiB pages (40 MB through a 2 MB cache), twice.
+    // The first pass grows RSS by what the allocator keeps for itself
+    // (8–23 MB observed: mimalloc commits memory in large slices and keeps
+    // them), which is noise around one bound; the second pass must add
+    // little. An unbounded cache would grow by 40 MB on each.
+    const MB: u64 = 1024 * 1024;
+    let mut readings = vec![rss(bext.pid())];
+    for prefix in ["big", "more"] {
+        insert(1000, 40 * 1024, prefix).await;
+        let (entries, bytes, _) = stats().await;
+        assert!(bytes <= 2.0 * MB as f64, "{bytes} bytes");
+        assert!(entries <= 50.0, "{entries} entries");
+        readings.push(rss(bext.pid()));
+    }
+    let first_growth = readings[1].saturating_sub(readings[0]);
+    let second_growth = readings[2].saturating_sub(readings[1]);
     assert!(
-        growth < 16 * 1024 * 1024,
-        "RSS grew {} KiB for a 2 MB cache after 40 MB went through",
-        growth / 1024
+        first_growth < 32 * MB && second_growth < 12 * MB,
+        "RSS grew {} KiB, then {} KiB, for a 2 MB cache as 40 MB went through twice",
+        first_growth / 1024,
+        second_growth / 1024
     );
 }
 
