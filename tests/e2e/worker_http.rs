@@ -109,6 +109,16 @@ async fn get(bext: &Bext, path: &str) -> (u16, String) {
     (status, response.text().await.expect("body"))
 }
 
+/// A raw TCP connection to bext, for exchanges an HTTP client would not
+/// make.
+fn connect(bext: &Bext) -> TcpStream {
+    let stream = TcpStream::connect(bext.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+}
+
 /// Requests the worker has seen on the connection this one arrived on.
 async fn count(bext: &Bext) -> u32 {
     let (status, body) = get(bext, "/count").await;
@@ -196,11 +206,7 @@ async fn request_bodies_are_framed_from_what_the_client_sent() {
 #[test]
 fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let (_app, bext) = raw_worker();
-    let addr = bext.url("").trim_start_matches("http://").to_string();
-    let mut stream = TcpStream::connect(&addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut stream = connect(&bext);
     stream
         .write_all(
             b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\
@@ -312,11 +318,7 @@ async fn connections_a_worker_closes_while_idle_are_closed_by_bext_too() {
 #[test]
 fn a_worker_may_answer_before_reading_the_body() {
     let (_app, bext) = raw_worker();
-    let addr = bext.url("").trim_start_matches("http://").to_string();
-    let mut stream = TcpStream::connect(&addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut stream = connect(&bext);
     stream
         .write_all(b"POST /reject HTTP/1.1\r\nHost: test\r\nContent-Length: 4000000\r\n\r\n")
         .expect("write head");
