@@ -380,3 +380,79 @@ async fn a_worker_that_streams_the_body_back_as_it_reads_it_does_not_stall() {
         .expect("the echo stalled");
     assert_eq!(received, CHUNK * CHUNKS);
 }
+
+/// A worker that echoes its request body as it reads it, or hashes it and
+/// answers at the end, with a short upstream timeout.
+fn echo_worker(upstream_timeout_ms: u64) -> (tempfile::TempDir, Bext) {
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "require('http').createServer((req, res) => {\n\
+               if (req.url === '/count') {\n\
+                 let n = 0;\n\
+                 req.on('data', (c) => { n += c.length; });\n\
+                 return req.on('end', () => res.end(String(n)));\n\
+               }\n\
+               req.pipe(res);\n\
+             }).listen(3000);\n",
+        ),
+        (
+            "bext.config.toml",
+            &format!(
+                "[server]\nupstream_timeout_ms = {upstream_timeout_ms}\n[isolate]\nworkers = 1\n"
+            ),
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &[]);
+    (app, bext)
+}
+
+#[test]
+fn a_stalled_upload_to_a_worker_that_already_answered_is_cut_off() {
+    let (_app, bext) = echo_worker(500);
+    let mut stream = connect(&bext);
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000\r\n\r\n")
+        .expect("write head");
+    stream.write_all(&[b'x'; 100_000]).expect("write some body");
+    // The client now stalls, and the worker waits for the rest: after the
+    // timeout with no progress either way, bext gives up on the exchange
+    // and closes the client's connection (its read timeout is 10 s).
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    assert_eq!(line, "HTTP/1.1 200 OK\r\n");
+    let mut rest = Vec::new();
+    let ended = reader.read_to_end(&mut rest);
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection must be closed, not left hanging: {ended:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_that_keeps_moving_outlasts_the_upstream_timeout() {
+    // 20 pieces 100 ms apart: 2 s of upload, four times the timeout, which
+    // counts from the last progress while the body goes out.
+    let (_app, bext) = echo_worker(500);
+    let pieces = futures_util::stream::unfold(0, |i| async move {
+        if i == 20 {
+            return None;
+        }
+        // A slow client is the scenario under test, not a wait.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok::<_, std::io::Error>(vec![b'x'; 1000]), i + 1))
+    });
+    let response = client()
+        .post(bext.url("/count"))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "20000");
+}

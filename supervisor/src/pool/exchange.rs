@@ -10,15 +10,18 @@
 //! the response body as it is read.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 
 use super::h1::{self, ChunkedDecoder, Decoded, RequestFraming};
 use super::upstream::{Conn, Inner};
@@ -49,6 +52,8 @@ pub(super) struct RequestPump {
     out: VecDeque<Bytes>,
     /// The body has ended (its last bytes may still be in `out`).
     ended: bool,
+    /// Bytes written so far, framing included.
+    sent: u64,
 }
 
 impl RequestPump {
@@ -62,7 +67,13 @@ impl RequestPump {
             },
             out: VecDeque::new(),
             ended: false,
+            sent: 0,
         }
+    }
+
+    /// Bytes written so far (progress, for the inactivity timer).
+    pub(super) fn sent(&self) -> u64 {
+        self.sent
     }
 
     /// Every byte of the body has been written.
@@ -93,6 +104,7 @@ impl RequestPump {
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Write(e))),
                 };
+                self.sent += written as u64;
                 while written > 0 {
                     let Some(front) = self.out.front_mut() else {
                         break;
@@ -142,6 +154,16 @@ impl RequestPump {
                     } else {
                         self.out.push_back(data);
                     }
+                    // Ended as soon as it is known to be, not when the
+                    // client's next frame says so (an HTTP/2 END_STREAM may
+                    // come later): the connection is reusable once the
+                    // response ends.
+                    if self.left == Some(0) || self.body.is_end_stream() {
+                        if self.chunked {
+                            self.out.push_back(Bytes::from_static(h1::LAST_CHUNK));
+                        }
+                        self.ended = true;
+                    }
                 }
             }
         }
@@ -169,6 +191,9 @@ pub struct UpstreamBody {
     pub(super) keep_alive: bool,
     /// The rest of the request body, when the worker answered first.
     pub(super) pump: Option<RequestPump>,
+    /// While `pump` runs, the longest time without progress either way
+    /// (on the connection's timer).
+    pub(super) timeout: Duration,
     pub(super) pool: Arc<Inner>,
     /// The idle list it came from.
     pub(super) slot: usize,
@@ -221,7 +246,12 @@ impl http_body::Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             if let Some(pump) = this.pump.as_mut() {
-                match pump.poll_send(&mut conn.io, cx) {
+                let before = pump.sent();
+                let polled = pump.poll_send(&mut conn.io, cx);
+                if pump.sent() > before {
+                    conn.timer.as_mut().reset(Instant::now() + this.timeout);
+                }
+                match polled {
                     Poll::Pending => {}
                     Poll::Ready(Ok(())) => this.pump = None,
                     // The worker has answered; the rest of the request is
@@ -253,6 +283,9 @@ impl http_body::Body for UpstreamBody {
                 Reading::Done | Reading::Upgrade => return Poll::Ready(None),
             };
             if let Some(data) = data {
+                if this.pump.is_some() {
+                    conn.timer.as_mut().reset(Instant::now() + this.timeout);
+                }
                 if matches!(this.reading, Reading::Length(0)) {
                     this.finish();
                 }
@@ -262,6 +295,14 @@ impl http_body::Body for UpstreamBody {
                 conn.buf.reserve(BODY_READ);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                // Stuck both ways for too long: a client that stopped
+                // sending to a worker that waits for it.
+                Poll::Pending if this.pump.is_some() && conn.timer.as_mut().poll(cx).is_ready() => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no progress either way for {:?}", this.timeout),
+                    ));
+                }
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) if matches!(this.reading, Reading::Close) => {
                     this.reading = Reading::Done;
@@ -339,5 +380,33 @@ mod tests {
         // Less than declared: the worker would wait for the rest.
         let (outcome, _) = pump(&["hello"], RequestFraming::Length(7)).await;
         assert_eq!(outcome, Err("Length".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_body_ends_when_its_declared_length_is_sent() {
+        // The client's end of stream may come later, or never: the pump is
+        // done (and the connection reusable) once the bytes are out.
+        let (mut ours, mut theirs) = UnixStream::pair().expect("pair");
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+                b"hello",
+            )))]),
+            futures_util::stream::pending(),
+        );
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames));
+        let mut pump = RequestPump::new(body, RequestFraming::Length(5));
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            std::future::poll_fn(|cx| pump.poll_send(&mut ours, cx)),
+        )
+        .await
+        .expect("finished without waiting for the end of stream");
+        assert!(outcome.is_ok());
+        assert!(pump.is_finished());
+        assert_eq!(pump.sent(), 5);
+        drop(ours);
+        let mut wire = Vec::new();
+        theirs.read_to_end(&mut wire).await.expect("read");
+        assert_eq!(wire, b"hello");
     }
 }

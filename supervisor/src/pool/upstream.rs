@@ -32,16 +32,17 @@
 //! request).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::{Method, Request, Response, header};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
 use tokio::time::Sleep;
 
@@ -116,7 +117,7 @@ pub(super) struct Conn {
     /// The request head being sent.
     head: BytesMut,
     /// The deadline of the request on it.
-    timer: Pin<Box<Sleep>>,
+    pub(super) timer: Pin<Box<Sleep>>,
     /// It has served a response before.
     reused: bool,
 }
@@ -175,18 +176,25 @@ impl Upstream {
                 timer,
                 reused,
             } = &mut conn;
-            let exchanged = tokio::select! {
-                biased;
-                exchanged = exchange(io, buf, head, &mut pump, &parts.method) => exchanged,
-                () = timer.as_mut() => return Err(UpstreamError::Timeout(timeout)),
-            };
+            let exchanged = exchange(
+                io,
+                buf,
+                head,
+                &mut pump,
+                &parts.method,
+                timer.as_mut(),
+                timeout,
+            )
+            .await;
             let resend = match &exchanged {
                 // The worker closed a kept-alive connection just as it was
                 // reused. Nothing was delivered: any request may go again.
                 Err(Failure::NotDelivered(_)) => *reused,
                 // Delivered, and closed with no answer: most likely unread,
                 // but only a request that is safe to repeat goes again.
-                Err(Failure::Unanswered(_)) => *reused && pump.is_none() && parts.method.is_safe(),
+                Err(Failure::Unanswered(_)) => {
+                    *reused && framing == RequestFraming::Empty && parts.method.is_safe()
+                }
                 _ => false,
             };
             match exchanged {
@@ -215,13 +223,20 @@ impl Upstream {
             ResponseFraming::Close => Reading::Close,
             ResponseFraming::Upgrade => Reading::Upgrade,
         };
+        // The worker answered before it had all of the request body: the
+        // rest goes out as the response is read, on an inactivity timer.
+        let pump = pump.filter(|pump| !pump.is_finished());
+        if pump.is_some() {
+            conn.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + timeout);
+        }
         let mut body = UpstreamBody {
             conn: Some(conn),
             reading,
             keep_alive: head.keep_alive,
-            // The worker answered before it had all of the request body:
-            // the rest goes out as the response is read.
-            pump: pump.filter(|pump| !pump.is_finished()),
+            pump,
+            timeout,
             pool: Arc::clone(&self.inner),
             slot,
         };
@@ -271,26 +286,49 @@ enum Failure {
 }
 
 /// Writes the request head, then the body while reading the response head,
-/// until the response head (after any interim 1xx) has arrived.
+/// until the response head (after any interim 1xx) has arrived, or `timer`
+/// fires. While the request body is being written, the deadline runs from
+/// its last progress, as nginx's `proxy_send_timeout` does: a long upload
+/// that keeps moving is not cut off.
 async fn exchange(
     io: &mut UnixStream,
     buf: &mut BytesMut,
     head: &[u8],
     pump: &mut Option<RequestPump>,
     method: &Method,
+    mut timer: Pin<&mut Sleep>,
+    timeout: Duration,
 ) -> Result<h1::ResponseHead, Failure> {
-    io.write_all(head).await.map_err(Failure::NotDelivered)?;
+    let mut written = 0;
     // A worker may answer without reading the whole body (a 413, say) and
     // close its end: its answer is still read, and the connection not reused.
     let mut unsent: Option<io::Error> = None;
     let mut received = false;
     std::future::poll_fn(|cx| {
-        if unsent.is_none()
-            && let Some(pump) = pump.as_mut()
-        {
-            match pump.poll_send(io, cx) {
+        while written < head.len() {
+            match Pin::new(&mut *io).poll_write(cx, &head[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Failure::NotDelivered(
+                        io::ErrorKind::WriteZero.into(),
+                    )));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::NotDelivered(e))),
+                Poll::Pending => return unless_expired(&mut timer, cx, timeout),
+            }
+        }
+        if let Some(sending) = pump.as_mut() {
+            let before = sending.sent();
+            let polled = sending.poll_send(io, cx);
+            if sending.sent() > before {
+                timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            match polled {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
-                Poll::Ready(Err(PumpError::Write(e))) => unsent = Some(e),
+                Poll::Ready(Err(PumpError::Write(e))) => {
+                    unsent = Some(e);
+                    *pump = None;
+                }
                 Poll::Ready(Err(PumpError::Body(e))) => {
                     return Poll::Ready(Err(Failure::Other(UpstreamError::RequestBody(e))));
                 }
@@ -317,7 +355,7 @@ async fn exchange(
                 buf.reserve(HEAD_READ);
             }
             let failure = match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return unless_expired(&mut timer, cx, timeout),
                 Poll::Ready(Ok(0)) => io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the worker closed the connection",
@@ -336,6 +374,18 @@ async fn exchange(
         }
     })
     .await
+}
+
+/// `Pending`, unless the exchange's timer has fired.
+fn unless_expired(
+    timer: &mut Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+    timeout: Duration,
+) -> Poll<Result<h1::ResponseHead, Failure>> {
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(Failure::Other(UpstreamError::Timeout(timeout)))),
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 impl Upstream {
@@ -415,19 +465,15 @@ impl Inner {
 
 impl Conn {
     /// Not closed by the worker while idle, as far as the runtime knows:
-    /// from the readiness it has already seen, with a system call only if
-    /// the socket is, or may be, readable (an idle connection becomes
-    /// readable only when the worker closes it).
+    /// an idle connection becomes readable only when the worker closes it
+    /// (or sends what nobody asked for). `try_read` answers from the
+    /// readiness the runtime has already seen, without a system call, when
+    /// the socket is not known to be readable.
     fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Ok(())) => matches!(
-                self.io.try_read(&mut [0; 1]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
-            Poll::Ready(Err(_)) => false,
-        }
+        matches!(
+            self.io.try_read(&mut [0; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 }
 
@@ -435,7 +481,7 @@ impl Conn {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
 
     /// A worker that answers one request per connection with `ok` and
