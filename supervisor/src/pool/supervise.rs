@@ -442,6 +442,9 @@ impl Slot {
         self.pool.restarts.fetch_add(1, Ordering::Relaxed);
         info!(parent: &new.span, "replacement worker ready; draining pid {}", old.worker.pid);
         old.worker.set_state(WorkerState::Draining);
+        // Requests still on the old worker finish; their connections are
+        // closed rather than kept for requests that will not come.
+        old.worker.upstream().close();
         let old_socket = std::mem::replace(socket, fresh);
         let drain_timeout = self.config.drain_timeout;
         let stop_timeout = self.config.stop_timeout;
@@ -483,6 +486,9 @@ async fn stop_instance(mut instance: Instance, timeout: Duration, kill: &Cancell
     let span = instance.span.clone();
     async move {
         instance.worker.set_state(WorkerState::Stopped);
+        // A graceful worker (Next's `server.close()`) waits for every open
+        // connection to end; bext's idle ones must not hold it up.
+        instance.worker.upstream().close();
         kill_group(instance.pgid, Signal::SIGTERM);
         let waited = tokio::select! {
             waited = tokio::time::timeout(timeout, instance.child.wait()) => waited.ok(),

@@ -36,6 +36,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -97,6 +98,8 @@ pub struct Upstream {
 #[derive(Debug)]
 pub(super) struct Inner {
     path: PathBuf,
+    /// The worker is going away: connections are no longer kept.
+    closing: AtomicBool,
     /// Idle connections, one list per shard (slot: [`Inner::slot`]),
     /// oldest first.
     idle: Box<[Mutex<VecDeque<Idle>>]>,
@@ -127,6 +130,7 @@ impl Upstream {
         Upstream {
             inner: Arc::new(Inner {
                 path,
+                closing: AtomicBool::new(false),
                 idle: (0..=crate::shards::default_count().get())
                     .map(|_| Mutex::new(VecDeque::new()))
                     .collect(),
@@ -414,6 +418,16 @@ impl Upstream {
         }
     }
 
+    /// The worker is draining or stopping: closes the idle connections,
+    /// and those of requests still running as they end.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        for slot in &self.inner.idle {
+            let closing = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(closing);
+        }
+    }
+
     /// Idle connections, all slots together.
     #[cfg(test)]
     fn idle_count(&self) -> usize {
@@ -448,6 +462,9 @@ impl Inner {
     }
 
     pub(super) fn checkin(&self, slot: usize, mut conn: Conn) {
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
         conn.reused = true;
         let now = Instant::now();
         let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
@@ -537,5 +554,56 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             upstream.close_idle();
         }
+    }
+
+    #[tokio::test]
+    async fn a_closing_pool_keeps_no_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        // Answers every request on every connection, and keeps them open.
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    loop {
+                        let mut seen = Vec::new();
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match socket.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        socket
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await
+                            .expect("write");
+                    }
+                });
+            }
+        });
+        let upstream = Upstream::new(path);
+        let get = || async {
+            let request = Request::get("/")
+                .body(crate::body::empty())
+                .expect("request");
+            upstream
+                .send(request, Duration::from_secs(5))
+                .await
+                .expect("response")
+        };
+
+        // Two responses at once, on two connections.
+        let done = get().await;
+        let running = get().await;
+        let done = done.into_body().collect().await.expect("body");
+        assert_eq!(&done.to_bytes()[..], b"ok");
+        assert_eq!(upstream.idle_count(), 1);
+        // The worker starts stopping while the other is still being read.
+        upstream.close();
+        assert_eq!(upstream.idle_count(), 0, "idle ones closed at once");
+        running.into_body().collect().await.expect("body");
+        assert_eq!(upstream.idle_count(), 0, "finished ones not kept");
     }
 }
