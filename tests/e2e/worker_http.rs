@@ -410,7 +410,9 @@ fn echo_worker(upstream_timeout_ms: u64) -> (tempfile::TempDir, Bext) {
 
 #[test]
 fn a_stalled_upload_to_a_worker_that_already_answered_is_cut_off() {
-    let (_app, bext) = echo_worker(500);
+    // 2 s: a freshly started worker must send its head within the timeout
+    // of the last body byte, even on a busy machine.
+    let (_app, bext) = echo_worker(2000);
     let mut stream = connect(&bext);
     stream
         .write_all(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000\r\n\r\n")
@@ -418,7 +420,7 @@ fn a_stalled_upload_to_a_worker_that_already_answered_is_cut_off() {
     stream.write_all(&[b'x'; 100_000]).expect("write some body");
     // The client now stalls, and the worker waits for the rest: after the
     // timeout with no progress either way, bext gives up on the exchange
-    // and closes the client's connection (its read timeout is 10 s).
+    // and closes the client's connection (the test's read timeout is 10 s).
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).expect("status line");
@@ -436,11 +438,11 @@ fn a_stalled_upload_to_a_worker_that_already_answered_is_cut_off() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_that_keeps_moving_outlasts_the_upstream_timeout() {
-    // 20 pieces 100 ms apart: 2 s of upload, four times the timeout, which
+    // 30 pieces 100 ms apart: 3 s of upload, three times the timeout, which
     // counts from the last progress while the body goes out.
-    let (_app, bext) = echo_worker(500);
+    let (_app, bext) = echo_worker(1000);
     let pieces = futures_util::stream::unfold(0, |i| async move {
-        if i == 20 {
+        if i == 30 {
             return None;
         }
         // A slow client is the scenario under test, not a wait.
@@ -454,5 +456,5 @@ async fn an_upload_that_keeps_moving_outlasts_the_upstream_timeout() {
         .await
         .expect("POST");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.expect("body"), "20000");
+    assert_eq!(response.text().await.expect("body"), "30000");
 }

@@ -462,12 +462,13 @@ impl Inner {
     }
 
     pub(super) fn checkin(&self, slot: usize, mut conn: Conn) {
-        if self.closing.load(Ordering::Relaxed) {
-            return;
-        }
         conn.reused = true;
         let now = Instant::now();
         let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: `close` sets it before it empties the lists.
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
         while idle
             .front()
             .is_some_and(|oldest| now.duration_since(oldest.since) >= UPSTREAM_IDLE_TIMEOUT)
