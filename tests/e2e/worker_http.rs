@@ -84,19 +84,24 @@ server.on('connection', (s) => {
 server.listen(process.env.PORT || 3000, () => console.log('raw server up'));
 "#;
 
-/// bext in front of the raw server: one worker (no retries on another one
-/// hide anything) and one serving thread (one idle-connection list).
-fn raw_worker() -> (tempfile::TempDir, Bext) {
+/// `bext run ARGS` in front of a one-file Node app with one worker (no
+/// retries on another one hide anything) and the given upstream timeout.
+fn node_app(server_js: &str, upstream_timeout_ms: u64, args: &[&str]) -> (tempfile::TempDir, Bext) {
+    let config =
+        format!("[server]\nupstream_timeout_ms = {upstream_timeout_ms}\n[isolate]\nworkers = 1\n");
     let app = temp_app(&[
         ("package.json", r#"{"main":"server.js"}"#),
-        ("server.js", RAW_SERVER),
-        (
-            "bext.config.toml",
-            "[server]\nupstream_timeout_ms = 5000\n[isolate]\nworkers = 1\n",
-        ),
+        ("server.js", server_js),
+        ("bext.config.toml", &config),
     ]);
-    let bext = Bext::run(app.path(), &["--threads", "1"]);
+    let bext = Bext::run(app.path(), args);
     (app, bext)
+}
+
+/// bext in front of the raw server, with one serving thread (one
+/// idle-connection list).
+fn raw_worker() -> (tempfile::TempDir, Bext) {
+    node_app(RAW_SERVER, 5000, &["--threads", "1"])
 }
 
 async fn get(bext: &Bext, path: &str) -> (u16, String) {
@@ -272,18 +277,14 @@ async fn broken_responses_are_502_or_a_cut_body_and_serving_goes_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_a_worker_closes_while_idle_are_closed_by_bext_too() {
     // Node closes kept-alive connections idle for `keepAliveTimeout`.
-    let app = temp_app(&[
-        ("package.json", r#"{"main":"server.js"}"#),
-        (
-            "server.js",
-            "const server = require('http').createServer((req, res) => \
-             setTimeout(() => res.end('ok'), 50));\n\
-             server.keepAliveTimeout = 300;\n\
-             server.listen(3000);\n",
-        ),
-        ("bext.config.toml", "[isolate]\nworkers = 1\n"),
-    ]);
-    let bext = Bext::run(app.path(), &[]);
+    let (_app, bext) = node_app(
+        "const server = require('http').createServer((req, res) => \
+         setTimeout(() => res.end('ok'), 50));\n\
+         server.keepAliveTimeout = 300;\n\
+         server.listen(3000);\n",
+        60_000,
+        &[],
+    );
     let sockets = || {
         std::fs::read_dir(format!("/proc/{}/fd", bext.pid()))
             .expect("fds")
@@ -334,18 +335,7 @@ fn a_worker_may_answer_before_reading_the_body() {
 async fn a_worker_that_streams_the_body_back_as_it_reads_it_does_not_stall() {
     // `req.pipe(res)`: the worker answers with the first bytes of the body
     // and reads the rest only as fast as its answer is read.
-    let app = temp_app(&[
-        ("package.json", r#"{"main":"server.js"}"#),
-        (
-            "server.js",
-            "require('http').createServer((req, res) => req.pipe(res)).listen(3000);\n",
-        ),
-        (
-            "bext.config.toml",
-            "[server]\nupstream_timeout_ms = 5000\n[isolate]\nworkers = 1\n",
-        ),
-    ]);
-    let bext = Bext::run(app.path(), &[]);
+    let (_app, bext) = echo_worker(5000);
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 256; // 16 MiB: far beyond every socket buffer
     let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
@@ -381,31 +371,21 @@ async fn a_worker_that_streams_the_body_back_as_it_reads_it_does_not_stall() {
     assert_eq!(received, CHUNK * CHUNKS);
 }
 
-/// A worker that echoes its request body as it reads it, or hashes it and
-/// answers at the end, with a short upstream timeout.
+/// A worker that echoes its request body as it reads it (`req.pipe(res)`),
+/// or at `/count` answers with its length at the end.
 fn echo_worker(upstream_timeout_ms: u64) -> (tempfile::TempDir, Bext) {
-    let app = temp_app(&[
-        ("package.json", r#"{"main":"server.js"}"#),
-        (
-            "server.js",
-            "require('http').createServer((req, res) => {\n\
-               if (req.url === '/count') {\n\
-                 let n = 0;\n\
-                 req.on('data', (c) => { n += c.length; });\n\
-                 return req.on('end', () => res.end(String(n)));\n\
-               }\n\
-               req.pipe(res);\n\
-             }).listen(3000);\n",
-        ),
-        (
-            "bext.config.toml",
-            &format!(
-                "[server]\nupstream_timeout_ms = {upstream_timeout_ms}\n[isolate]\nworkers = 1\n"
-            ),
-        ),
-    ]);
-    let bext = Bext::run(app.path(), &[]);
-    (app, bext)
+    node_app(
+        "require('http').createServer((req, res) => {\n\
+           if (req.url === '/count') {\n\
+             let n = 0;\n\
+             req.on('data', (c) => { n += c.length; });\n\
+             return req.on('end', () => res.end(String(n)));\n\
+           }\n\
+           req.pipe(res);\n\
+         }).listen(3000);\n",
+        upstream_timeout_ms,
+        &[],
+    )
 }
 
 #[test]

@@ -223,11 +223,16 @@ impl UpstreamBody {
         self.pump = None;
     }
 
-    /// The body failed: the connection is closed.
-    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The exchange is over and its connection cannot be reused: closed.
+    fn close(&mut self) {
         self.reading = Reading::Done;
         self.conn = None;
         self.pump = None;
+    }
+
+    /// The body failed: the connection is closed.
+    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.close();
         Poll::Ready(Some(Err(error.into())))
     }
 }
@@ -305,9 +310,7 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) if matches!(this.reading, Reading::Close) => {
-                    this.reading = Reading::Done;
-                    this.conn = None;
-                    this.pump = None;
+                    this.close();
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Ok(0)) => {

@@ -10,7 +10,9 @@
 //! decides framing, as RFC 9112 §6 says, and decodes chunked bodies.
 //!
 //! Hop-by-hop response headers (RFC 9110 §7.6.1) are dropped while the head
-//! is parsed, so the proxy need not look for them again.
+//! is parsed, so the proxy need not look for them again; the names are
+//! those of `proxy::headers::HOP_BY_HOP`, which strips requests (matched
+//! here inline, in the one pass over the header lines).
 
 use std::mem::MaybeUninit;
 

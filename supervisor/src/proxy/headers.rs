@@ -12,7 +12,8 @@ use crate::listener::Peer;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
-/// `Proxy-Connection`).
+/// `Proxy-Connection`). Worker responses drop the same names while they are
+/// parsed (`pool::h1::parse_response`).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
