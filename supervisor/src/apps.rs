@@ -19,7 +19,7 @@ use crate::admin::Admin;
 use crate::app::{self, App};
 use crate::cache::IsrCache;
 use crate::config::platform::Hooks;
-use crate::config::{Config, ENV_PURGE_TOKEN, Framework};
+use crate::config::{Config, Framework};
 use crate::metrics::{AppSource, Metrics};
 use crate::pool::{self, DEFAULT_STOP_TIMEOUT, LaunchPlan, PoolConfig, PoolHandle};
 use crate::proxy::Proxy;
@@ -48,6 +48,10 @@ pub struct AppSettings {
     pub trusted_proxies: Vec<IpNet>,
     /// Where the app's sockets go (a private directory is made inside).
     pub runtime_base: PathBuf,
+    /// A purge token that wins over the config's (single-app mode:
+    /// `BEXT_PURGE_TOKEN`). Multi-app mode has none: each app's token is
+    /// its own, so a token for one app purges no other.
+    pub purge_token_override: Option<String>,
 }
 
 impl AppSettings {
@@ -60,6 +64,17 @@ impl AppSettings {
             || self.config.server.static_dir != other.config.server.static_dir
             || self.default_workers != other.default_workers
     }
+}
+
+/// When a started app is good enough to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// A first start: serve as soon as bext listens; a crashing app gets
+    /// 503s while its restarts continue.
+    AnyReady,
+    /// Workers that replace running ones: all of them must be ready, or the
+    /// start fails and the old ones keep serving.
+    AllReady,
 }
 
 /// A started app.
@@ -80,8 +95,15 @@ pub struct RunningApp {
 }
 
 impl RunningApp {
-    /// Detects, hooks, installs, builds and starts the app.
-    pub async fn start(settings: AppSettings, metrics: Arc<Metrics>) -> Result<Self, RunError> {
+    /// Detects, hooks, installs, builds and starts the app. With `Gate::AllReady`
+    /// (workers that are to replace running ones), it is an error unless
+    /// every worker becomes ready within `isolate.start_timeout`: the
+    /// caller keeps the old ones.
+    pub async fn start(
+        settings: AppSettings,
+        metrics: Arc<Metrics>,
+        gate: Gate,
+    ) -> Result<Self, RunError> {
         let mut app = app::detect(&settings.dir, &settings.config)?;
         if let Some(name) = &settings.name {
             app.name = name.clone();
@@ -101,7 +123,7 @@ impl RunningApp {
             .as_ref()
             .and_then(|h| h.pre_build.as_ref().map(|c| (c, h.timeout)))
         {
-            hooks::run(&app.name, "pre_build", hook.0, &app.dir, hook.1).await?;
+            hooks::run(&app.name, "pre_build", hook.0, &app.dir, &app.env, hook.1).await?;
         }
         app::prepare(&app, settings.force_build).await?;
 
@@ -132,6 +154,7 @@ impl RunningApp {
                     &app.dir,
                     adapters,
                     config.isolate.memory_limit,
+                    app.env.clone(),
                 )?;
                 let memory = config
                     .isolate
@@ -148,11 +171,37 @@ impl RunningApp {
                     stop_timeout: DEFAULT_STOP_TIMEOUT,
                     drain_timeout: config.server.shutdown_grace,
                 });
-                let ready = handle.wait_ready(config.isolate.start_timeout).await;
-                if ready == 0 {
-                    error!(app = %app.name, "no worker is ready yet; requests get 503 until one is (restarts continue)");
-                } else {
-                    info!(app = %app.name, ready, "workers ready");
+                match gate {
+                    Gate::AnyReady => {
+                        let ready = handle.wait_ready(config.isolate.start_timeout).await;
+                        if ready == 0 {
+                            error!(app = %app.name, "no worker is ready yet; requests get 503 until one is (restarts continue)");
+                        } else {
+                            info!(app = %app.name, ready, "workers ready");
+                        }
+                    }
+                    Gate::AllReady => {
+                        if !handle.wait_all_ready(config.isolate.start_timeout).await {
+                            let ready = handle.pool.ready_count();
+                            let workers = handle.pool.size();
+                            let cause = handle.last_failure().unwrap_or_else(|| {
+                                format!("not ready within {:?}", config.isolate.start_timeout)
+                            });
+                            let kill = CancellationToken::new();
+                            kill.cancel();
+                            handle.stop(&kill).await;
+                            if let Some(memory) = &memory {
+                                memory.cleanup();
+                            }
+                            return Err(RunError::NotReady {
+                                app: app.name.clone(),
+                                ready,
+                                workers,
+                                cause,
+                            });
+                        }
+                        info!(app = %app.name, ready = handle.pool.size(), "workers ready");
+                    }
                 }
                 (Some(handle), memory, Some(runtime_dir))
             }
@@ -230,8 +279,9 @@ impl RunningApp {
             return;
         };
         let (name, dir, timeout) = (self.name.clone(), self.app.dir.clone(), hooks.timeout);
+        let env = self.app.env.clone();
         tokio::spawn(async move {
-            if let Err(e) = hooks::run(&name, "post_deploy", &command, &dir, timeout).await {
+            if let Err(e) = hooks::run(&name, "post_deploy", &command, &dir, &env, timeout).await {
                 error!(app = %name, "{e}");
             }
         });
@@ -292,9 +342,9 @@ fn build_service(
             ))
         })
     });
-    let purge_token = std::env::var(ENV_PURGE_TOKEN)
-        .ok()
-        .filter(|t| !t.is_empty())
+    let purge_token = settings
+        .purge_token_override
+        .clone()
         .or_else(|| config.isr.purge_token.clone());
     AppService {
         app: Arc::from(app.name.as_str()),

@@ -5,6 +5,7 @@
 //! decoded lossily (a stray byte cannot stop the stream).
 
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncRead;
@@ -43,6 +44,71 @@ where
         }
         .in_current_span(),
     )
+}
+
+/// How long output is still read once a command has exited: a process it
+/// left behind outside its group may hold the pipes open forever.
+pub const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// How a command run by [`run_to_end`] ended.
+#[derive(Debug)]
+pub enum Finished {
+    Exited(ExitStatus),
+    TimedOut,
+    WaitFailed(std::io::Error),
+}
+
+/// Runs a launched child, the leader of its own process group (see
+/// `bext_worker::spawn`), to completion: its output goes to the log line by
+/// line (in the caller's span), its whole group is killed at `timeout`, and
+/// once it has exited, whatever it left running in its group is killed too
+/// and its output is read for at most [`OUTPUT_DRAIN`] more. A build or hook
+/// can neither hang bext nor leave processes behind.
+pub async fn run_to_end(mut child: tokio::process::Child, timeout: Duration) -> Finished {
+    use nix::sys::signal::{Signal, killpg};
+    /// Kills the group if the run is abandoned (its future dropped, say by
+    /// a shutdown during a build).
+    struct Group(Option<nix::unistd::Pid>);
+    impl Group {
+        fn kill(&self) {
+            if let Some(pgid) = self.0 {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+    impl Drop for Group {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+    let mut group = Group(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
+    let out = child
+        .stdout
+        .take()
+        .map(|s| forward(s, |line| tracing::info!("{line}")));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| forward(s, |line| tracing::info!("{line}")));
+    let finished = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => Finished::Exited(status),
+        Ok(Err(e)) => Finished::WaitFailed(e),
+        Err(_) => {
+            group.kill();
+            let _ = child.wait().await;
+            Finished::TimedOut
+        }
+    };
+    // The leader is gone; its group must not outlive it.
+    group.kill();
+    group.0 = None;
+    for task in [out, err].into_iter().flatten() {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(OUTPUT_DRAIN, task).await.is_err() {
+            abort.abort();
+        }
+    }
+    finished
 }
 
 /// "exit status 1" / "killed by signal 9".

@@ -9,9 +9,9 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::app::{BuildError, DetectError, StartError};
-use crate::apps::{AppSettings, RunningApp, default_runtime_base};
+use crate::apps::{AppSettings, Gate, RunningApp, default_runtime_base};
 use crate::cli::RunArgs;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ENV_PURGE_TOKEN};
 use crate::listener::Shutdown;
 use crate::metrics::Metrics;
 use crate::pool::PlanError;
@@ -41,6 +41,13 @@ pub enum RunError {
     },
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    #[error("the new workers of app '{app}' did not become ready ({ready} of {workers}): {cause}")]
+    NotReady {
+        app: String,
+        ready: usize,
+        workers: usize,
+        cause: String,
+    },
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -92,9 +99,22 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         rate_limit: None,
         trusted_proxies: vec![],
         runtime_base: default_runtime_base(),
+        purge_token_override: std::env::var(ENV_PURGE_TOKEN)
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     let metrics = Arc::new(Metrics::new());
-    let app = RunningApp::start(settings, metrics).await?;
+    // Signals are handled from here on, the build included: a SIGTERM
+    // during `next build` stops it (and everything it started) and exits.
+    let shutdown = Shutdown::default();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let app = tokio::select! {
+        app = RunningApp::start(settings, metrics, Gate::AnyReady) => app?,
+        _ = shutdown.graceful.cancelled() => {
+            info!("stopped before the app was started");
+            return Ok(());
+        }
+    };
 
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: app.settings.config.server.listen,
@@ -102,8 +122,6 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     })?;
     info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
 
-    let shutdown = Shutdown::default();
-    tokio::spawn(watch_signals(shutdown.clone()));
     let served = crate::listener::serve(listener, app.service(), &shutdown, grace, &shards).await;
     if let Err(source) = served {
         app.stop(grace, &shutdown.immediate).await;

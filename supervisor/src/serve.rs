@@ -25,11 +25,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::apps::{AppSettings, RunningApp};
+use crate::apps::{AppSettings, Gate, RunningApp};
 use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
-use crate::config::{ConfigError, DEFAULT_SHUTDOWN_GRACE};
+use crate::config::{ConfigError, DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::router::{self, RouteTable};
@@ -223,28 +223,33 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
                 rate_limit: entry.rate_limit_rpm,
                 trusted_proxies: config.trusted_proxies.clone(),
                 runtime_base: runtime_base.clone(),
+                purge_token_override: None,
             },
         );
     }
     Ok(all)
 }
 
-/// Starts every app concurrently; one that fails is logged and left out.
+/// Starts every app concurrently; one that fails is logged and left out
+/// (a replacement that fails leaves the app on its old workers).
 async fn start_apps(
-    wanted: BTreeMap<String, AppSettings>,
+    wanted: BTreeMap<String, (AppSettings, Gate)>,
     metrics: &Arc<Metrics>,
 ) -> BTreeMap<String, RunningApp> {
-    let starts = wanted.into_iter().map(|(name, settings)| {
+    let starts = wanted.into_iter().map(|(name, (settings, gate))| {
         let metrics = Arc::clone(metrics);
-        async move { (name, RunningApp::start(settings, metrics).await) }
+        async move { (name, gate, RunningApp::start(settings, metrics, gate).await) }
     });
     let mut started = BTreeMap::new();
-    for (name, result) in futures_util::future::join_all(starts).await {
-        match result {
-            Ok(app) => {
+    for (name, gate, result) in futures_util::future::join_all(starts).await {
+        match (result, gate) {
+            (Ok(app), _) => {
                 started.insert(name, app);
             }
-            Err(e) => error!(app = %name, "app not started: {e}"),
+            (Err(e), Gate::AnyReady) => error!(app = %name, "app not started: {e}"),
+            (Err(e), Gate::AllReady) => {
+                error!(app = %name, "{e}; the app keeps serving on its old workers");
+            }
         }
     }
     started
@@ -268,7 +273,31 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             source,
         })?;
     let metrics = Arc::new(Metrics::new());
-    let mut apps = start_apps(settings_for(&config)?, &metrics).await;
+    if std::env::var_os(ENV_PURGE_TOKEN).is_some() {
+        warn!(
+            "{ENV_PURGE_TOKEN} is ignored in multi-app mode (one token would purge every app); \
+             give each app its own: [apps.NAME.cache] purge_token"
+        );
+    }
+    // Signals are handled from here on: a SIGTERM during the first builds
+    // stops them and exits, a SIGHUP waits for them.
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("could not install signal handlers");
+        return Ok(());
+    };
+    let first = settings_for(&config)?
+        .into_iter()
+        .map(|(name, settings)| (name, (settings, Gate::AnyReady)))
+        .collect();
+    let mut apps = tokio::select! {
+        apps = start_apps(first, &metrics) => apps,
+        _ = term.recv() => { info!("SIGTERM: stopping before the apps were started"); return Ok(()); }
+        _ = int.recv() => { info!("SIGINT: stopping before the apps were started"); return Ok(()); }
+    };
 
     let platform = Arc::new(PlatformService {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
@@ -301,23 +330,22 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     };
     let mut serving = std::pin::pin!(serving);
 
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("could not install signal handlers");
-        return Ok(());
-    };
     let config_path = args.config.clone();
     let mut listener_stopped = false;
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 info!(config = %config_path.display(), "SIGHUP: reloading");
-                match reload(&config_path, &config, args.listen.is_some(), &mut apps, &platform, &metrics, &shutdown).await {
-                    Ok(new) => config = new,
-                    Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
+                // A reload may build and start apps for a while; a SIGTERM
+                // abandons it (nothing is swapped until its starts are done).
+                let reloading = reload(&config_path, &config, args.listen.is_some(), &mut apps, &platform, &metrics, &shutdown);
+                tokio::select! {
+                    reloaded = reloading => match reloaded {
+                        Ok(new) => config = new,
+                        Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
+                    },
+                    _ = term.recv() => { info!("SIGTERM during a reload: abandoning it, shutting down"); break; }
+                    _ = int.recv() => { info!("SIGINT during a reload: abandoning it, shutting down"); break; }
                 }
             }
             _ = term.recv() => { info!("SIGTERM: shutting down gracefully (send it again to stop at once)"); break; }
@@ -374,11 +402,11 @@ async fn reload(
         match apps.get(name) {
             None => {
                 info!(app = %name, "reload: new app");
-                to_start.insert(name.clone(), settings.clone());
+                to_start.insert(name.clone(), (settings.clone(), Gate::AnyReady));
             }
             Some(running) if running.settings.needs_restart(settings) => {
-                info!(app = %name, "reload: app changed; starting new workers");
-                to_start.insert(name.clone(), settings.clone());
+                info!(app = %name, "reload: app changed; starting new workers (the old ones serve until all are ready)");
+                to_start.insert(name.clone(), (settings.clone(), Gate::AllReady));
             }
             _ => {}
         }
@@ -402,7 +430,7 @@ async fn reload(
                 let mut running = running;
                 if running.settings != settings {
                     if running.settings.needs_restart(&settings) {
-                        warn!(app = %name, "reload: the app's new workers did not start; it keeps its old ones");
+                        // Logged with its cause by start_apps.
                     } else {
                         info!(app = %name, "reload: applying new domains, limits or cache settings");
                         running.apply(settings);

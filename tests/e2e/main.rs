@@ -9,6 +9,7 @@ mod support;
 mod apps;
 mod cache;
 mod errors;
+mod hardening;
 mod platform;
 mod proxying;
 mod shutdown;

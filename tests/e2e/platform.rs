@@ -260,13 +260,19 @@ data_dir = "/var/lib/bext"
 [apps.one]
 source = "{origin}"
 domains = ["one.test"]
+[apps.one.cache]
+purge_token = "t0ken"
 [apps.two]
 source = "{origin}"
 domains = ["two.test"]
+[apps.two.cache]
+purge_token = "tw0"
 "#,
         origin = path_of("origin"),
     ));
-    let bext = platform.serve(&[("BEXT_PURGE_TOKEN", "t0ken")]);
+    // The supervisor's own token is not a key to every app (issue 11,
+    // fault 3): it is ignored in multi-app mode.
+    let bext = platform.serve(&[("BEXT_PURGE_TOKEN", "platform-wide")]);
     let page = "/page/shared?cc=max-age=600&tags=news";
     let state = |host: &'static str| {
         let bext = &bext;
@@ -302,13 +308,28 @@ domains = ["two.test"]
     assert_eq!(state("one.test").await, "MISS");
     assert_eq!(state("two.test").await, "HIT");
 
-    // Or name the app in the body, on a host no app serves.
-    let by_body = client()
-        .post(bext.url("/__bext/cache/invalidate"))
-        .header("host", "admin.internal")
-        .header("authorization", "Bearer t0ken")
-        .body(r#"{"app":"two","all":true}"#)
-        .send()
+    // App one's token purges nothing of app two's, by host or by body, and
+    // neither does the supervisor's environment token.
+    let purge = |host: &'static str, token: &'static str, body: &'static str| {
+        client()
+            .post(bext.url("/__bext/cache/invalidate"))
+            .header("host", host)
+            .header("authorization", format!("Bearer {token}"))
+            .body(body)
+            .send()
+    };
+    for (host, token, body) in [
+        ("two.test", "t0ken", r#"{"all":true}"#),
+        ("admin.internal", "t0ken", r#"{"app":"two","all":true}"#),
+        ("two.test", "platform-wide", r#"{"all":true}"#),
+    ] {
+        let refused = purge(host, token, body).await.expect("purge");
+        assert_eq!(refused.status(), 401, "{host} {token} {body}");
+    }
+    assert_eq!(state("two.test").await, "HIT");
+
+    // Its own token, naming the app in the body on a host no app serves.
+    let by_body = purge("admin.internal", "tw0", r#"{"app":"two","all":true}"#)
         .await
         .expect("purge");
     assert_eq!(by_body.status(), 200);
@@ -573,6 +594,73 @@ async fn sighup_adds_removes_and_reroutes_without_failing_an_unchanged_app() {
             .await
             .1
             .contains("hello from static")
+    );
+}
+
+/// Issue 11, fault 1: a reload that points an app at a build whose workers
+/// crash leaves the app serving on its old workers, without one failed
+/// request, and says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_reload_onto_a_crashing_build_keeps_the_old_workers() {
+    let good = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+    ]);
+    let broken = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "console.error('broken build: missing module'); process.exit(3);",
+        ),
+    ]);
+    let config = |source: &std::path::Path| {
+        format!(
+            "[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.site]\nsource = \"{}\"\ndomains = [\"site.test\"]\n",
+            source.display()
+        )
+    };
+    let platform = Platform::new(&config(good.path()));
+    let bext = platform.serve(&[]);
+    let before = worker_pids(&platform_health(&bext).await, "site");
+    assert_eq!(before.len(), 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(load(bext.url("/"), "site.test", 2, stop.clone()));
+    platform.write(&config(broken.path()));
+    bext.signal(libc::SIGHUP);
+    let failure = bext.wait_log(Duration::from_secs(60), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("keeps serving on its old workers"))
+    });
+    let message = failure["message"].as_str().expect("message");
+    assert!(
+        message.contains("exit status 3"),
+        "the cause is logged: {message}"
+    );
+    // Published after the failed start: still the old workers.
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "routes published"
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = traffic.await.expect("load");
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the reload: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok.len() > 20, "it was under load ({} requests)", ok.len());
+    let health = platform_health(&bext).await;
+    assert_eq!(
+        worker_pids(&health, "site"),
+        before,
+        "the old worker serves"
+    );
+    assert_eq!(
+        text(&bext, "site.test", "/").await,
+        (200, "plain node".into())
     );
 }
 

@@ -117,6 +117,22 @@ impl Bext {
         )
     }
 
+    /// `bext run DIR ARGS` without waiting for it to listen (for tests of
+    /// what happens before).
+    pub fn run_unready(dir: &Path, args: &[&str]) -> Bext {
+        let options = Options {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Options::default()
+        };
+        let (child, log, runtime_dir) = spawn(&[OsStr::new("run"), dir.as_os_str()], &options);
+        Bext {
+            child: Some(child),
+            addr: "127.0.0.1:1".parse().expect("placeholder"),
+            log,
+            runtime_dir,
+        }
+    }
+
     fn launch(command: &[&OsStr], options: &Options) -> Bext {
         let (child, log, runtime_dir) = spawn(command, options);
         let mut bext = Bext {

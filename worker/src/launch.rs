@@ -21,7 +21,8 @@ pub struct LaunchSpec<'a> {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub cwd: PathBuf,
-    /// Added to (or overriding) the supervisor's environment.
+    /// The child's whole environment (later entries win): nothing of the
+    /// supervisor's reaches it unless listed here (see [`crate::env`]).
     pub env: Vec<(OsString, OsString)>,
     /// Becomes [`LISTEN_FD`] in the child. The caller keeps ownership.
     pub listen_fd: Option<BorrowedFd<'a>>,
@@ -46,6 +47,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
+        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -117,14 +119,16 @@ mod tests {
         let listener = crate::socket::bind(&dir.path().join("t.sock")).expect("bind");
         let spec = LaunchSpec {
             program: "/bin/sh".into(),
-            // Prints the child's pgid and the type of fd 3.
+            // Prints the child's pgid, the type of fd 3, and a variable of
+            // this process's environment that the spec does not list.
             args: vec![
                 "-c".into(),
-                "ps -o pgid= -p $$; if [ -S /proc/self/fd/3 ]; then echo socket; else echo none; fi"
+                "ps -o pgid= -p $$; if [ -S /proc/self/fd/3 ]; then echo socket; else echo none; fi; \
+                 echo \"${CARGO_MANIFEST_DIR-unset}\""
                     .into(),
             ],
             cwd: dir.path().to_path_buf(),
-            env: vec![],
+            env: crate::env::from_supervisor(false),
             listen_fd: Some(listener.as_fd()),
             join_cgroup: None,
         };
@@ -142,5 +146,14 @@ mod tests {
             .expect("pgid");
         assert_eq!(pgid, pid, "the worker leads its own process group");
         assert_eq!(lines.next(), Some("socket"), "fd 3 is the listening socket");
+        assert!(
+            std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+            "cargo sets it"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("unset"),
+            "the supervisor's environment is not inherited"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! * [`launch`] forks and execs a worker: its own process group, a
 //!   parent-death signal, the supervisor-owned listening socket handed over as
-//!   an inherited file descriptor, a clean environment for the runtime.
+//!   an inherited file descriptor, a clean environment for the runtime
+//!   ([`env`] says what it holds).
 //! * [`socket`] creates and removes the Unix sockets the supervisor owns.
 //! * [`adapter`] holds the small JavaScript adapters that make an unmodified
 //!   app's `listen(port)` / `Deno.serve({port})` serve on that socket and
@@ -13,6 +14,7 @@
 //! decides when to launch and stop; this crate only knows how.
 
 pub mod adapter;
+pub mod env;
 pub mod launch;
 pub mod socket;
 

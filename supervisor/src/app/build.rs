@@ -4,12 +4,24 @@
 //! span carrying the app name, so a long `next build` is visible live. A
 //! failed step stops bext with a one-line cause.
 
-use std::process::Stdio;
+use std::time::Duration;
 
 use tracing::{Instrument, info, info_span};
 
 use super::{App, DetectError, Step};
-use crate::output::{self, describe};
+use crate::output::{self, Finished, describe};
+
+/// How long one install or build step may run before it is killed (with
+/// everything it started).
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn describe_ok(status: std::process::ExitStatus) -> Result<(), String> {
+    if status.success() {
+        Ok(())
+    } else {
+        Err(describe(status))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -19,7 +31,7 @@ pub enum BuildError {
     Spawn {
         app: String,
         step: String,
-        source: std::io::Error,
+        source: bext_worker::LaunchError,
     },
     #[error("`{step}` failed for app '{app}' ({status}); its output is above")]
     Failed {
@@ -45,50 +57,47 @@ async fn run(app: &App, phase: &'static str, step: &Step) -> Result<(), BuildErr
     let span = info_span!("build", app = %app.name, phase);
     async {
         info!("running `{step}` in {}", app.dir.display());
-        let mut command = tokio::process::Command::new(&step.program);
-        command
-            .args(&step.args)
-            .current_dir(&app.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("NEXT_TELEMETRY_DISABLED", "1")
-            .kill_on_drop(true);
+        // The clean environment of the app's processes (bext_worker::env),
+        // with the package manager's settings, and the app's own variables.
+        let mut env = bext_worker::env::from_supervisor(true);
         if phase == "install" {
             // A production NODE_ENV would make npm skip the devDependencies
             // the build needs.
-            command.env_remove("NODE_ENV");
+            env.retain(|(k, _)| k != "NODE_ENV");
         }
-        let mut child = command.spawn().map_err(|source| BuildError::Spawn {
+        env.extend(app.env.iter().map(|(k, v)| (k.into(), v.into())));
+        env.push(("NEXT_TELEMETRY_DISABLED".into(), "1".into()));
+        let spec = bext_worker::LaunchSpec {
+            program: step.program.clone().into(),
+            args: step.args.iter().map(Into::into).collect(),
+            cwd: app.dir.clone(),
+            env,
+            listen_fd: None,
+            join_cgroup: None,
+        };
+        let child = bext_worker::spawn(&spec).map_err(|source| BuildError::Spawn {
             app: app.name.clone(),
             step: step.to_string(),
             source,
         })?;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|out| output::forward(out, |line| info!("{line}")));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|err| output::forward(err, |line| info!("{line}")));
-        let status = child.wait().await.map_err(|source| BuildError::Spawn {
-            app: app.name.clone(),
-            step: step.to_string(),
-            source,
-        })?;
-        for task in [stdout, stderr].into_iter().flatten() {
-            let _ = task.await;
-        }
-        if status.success() {
-            info!("`{step}` done");
-            Ok(())
-        } else {
-            Err(BuildError::Failed {
+        let status = match output::run_to_end(child, BUILD_TIMEOUT).await {
+            Finished::Exited(status) => describe_ok(status),
+            Finished::TimedOut => Err(format!(
+                "killed after {}",
+                humantime::format_duration(BUILD_TIMEOUT)
+            )),
+            Finished::WaitFailed(e) => Err(e.to_string()),
+        };
+        match status {
+            Ok(()) => {
+                info!("`{step}` done");
+                Ok(())
+            }
+            Err(status) => Err(BuildError::Failed {
                 app: app.name.clone(),
                 step: step.to_string(),
-                status: describe(status),
-            })
+                status,
+            }),
         }
     }
     .instrument(span)

@@ -33,6 +33,8 @@ pub struct App {
     pub(crate) deno_config: Option<Value>,
     pub(crate) start_override: Option<String>,
     pub(crate) build_override: Option<String>,
+    /// The app's own environment (`[runtime] env`), for its processes.
+    pub env: Vec<(String, String)>,
     pub(crate) static_dir: Option<PathBuf>,
 }
 
@@ -191,6 +193,12 @@ pub fn detect(dir: &Path, config: &Config) -> Result<App, DetectError> {
         deno_config,
         start_override: runtime.start.clone(),
         build_override: runtime.build.clone(),
+        env: runtime
+            .env
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         static_dir: config.server.static_dir.clone(),
     })
 }

@@ -98,7 +98,8 @@ impl Object {
 
     /// Current age (RFC 9111 §4.2.3, simplified: arrival age plus time here).
     pub fn age(&self, now: SystemTime) -> Duration {
-        self.initial_age + now.duration_since(self.stored_at).unwrap_or_default()
+        self.initial_age
+            .saturating_add(now.duration_since(self.stored_at).unwrap_or_default())
     }
 
     /// How long it has been stale (zero while fresh).
@@ -126,8 +127,9 @@ impl Object {
     /// Seconds of freshness left (negative once stale), for `Cache-Status`.
     pub fn ttl_left(&self, now: SystemTime) -> i64 {
         match self.staleness(now) {
-            Some(stale) => -(stale.as_secs() as i64),
-            None => (self.lifetime.ttl.saturating_sub(self.age(now))).as_secs() as i64,
+            Some(stale) => -i64::try_from(stale.as_secs()).unwrap_or(i64::MAX),
+            None => i64::try_from(self.lifetime.ttl.saturating_sub(self.age(now)).as_secs())
+                .unwrap_or(i64::MAX),
         }
     }
 
@@ -144,7 +146,9 @@ impl Object {
         } else {
             Duration::ZERO
         };
-        (l.ttl + l.swr.max(l.stale_if_error).max(keep)).saturating_sub(self.initial_age)
+        l.ttl
+            .saturating_add(l.swr.max(l.stale_if_error).max(keep))
+            .saturating_sub(self.initial_age)
     }
 
     /// Marks it stale from now on (soft purge). True if it was not already.
@@ -209,6 +213,23 @@ mod tests {
         assert_eq!(o.freshness(at(45)), Freshness::StaleIfError);
         assert_eq!(o.freshness(at(80)), Freshness::Dead);
         assert_eq!(o.keep_for(), Duration::from_secs(70));
+    }
+
+    /// Issue 11, fault 2: lifetimes at the edge of what a header or a config
+    /// can name neither panic nor wrap into a negative ttl.
+    #[test]
+    fn huge_lifetimes_saturate() {
+        let o = object(u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        let now = o.stored_at + Duration::from_secs(1);
+        assert!(
+            o.keep_for() < Duration::from_secs(1),
+            "arrived as old as it lives"
+        );
+        assert!(o.ttl_left(now) <= 0);
+        let o = object(u64::MAX, u64::MAX, 0, 0);
+        assert_eq!(o.freshness(now), Freshness::Fresh);
+        assert!(o.ttl_left(now) > 0, "{}", o.ttl_left(now));
+        assert!(o.keep_for() >= Duration::from_secs(u64::MAX / 2));
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl CacheControl {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+                let seconds = || arg.and_then(delta_seconds);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     "no-cache" => match arg {
@@ -113,8 +113,8 @@ impl SurrogateControl {
                     any = true;
                 } else if let Some(seconds) = lower.strip_prefix("max-age=") {
                     // Strict: `max-age = 60` is not a directive.
-                    if let Ok(seconds) = seconds.parse::<u64>() {
-                        sc.max_age = Some(seconds.min(MAX_DELTA_SECONDS));
+                    if let Some(seconds) = delta_seconds(seconds) {
+                        sc.max_age = Some(seconds);
                         any = true;
                     }
                 }
@@ -125,7 +125,20 @@ impl SurrogateControl {
 }
 
 /// RFC 9111 §1.2.2: larger delta-seconds are this.
-const MAX_DELTA_SECONDS: u64 = 2_147_483_648;
+pub const MAX_DELTA_SECONDS: u64 = 2_147_483_648;
+
+/// A delta-seconds value (RFC 9111 §1.2.2): one or more digits, capped at
+/// [`MAX_DELTA_SECONDS`] however many there are; anything else (a sign, a
+/// fraction, a unit, nothing) is not one.
+pub fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        text.parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |s| s.min(MAX_DELTA_SECONDS)),
+    )
+}
 
 /// How long a stored response lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,13 +336,9 @@ pub fn upstream_age(headers: &HeaderMap) -> Duration {
             Duration::ZERO
         };
     };
-    match value.to_str().ok().map(str::trim) {
-        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Duration::from_secs(
-            v.parse::<u64>()
-                .unwrap_or(MAX_DELTA_SECONDS)
-                .min(MAX_DELTA_SECONDS),
-        ),
-        _ => UNKNOWN_AGE,
+    match value.to_str().ok().map(str::trim).and_then(delta_seconds) {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => UNKNOWN_AGE,
     }
 }
 
@@ -364,6 +373,50 @@ mod tests {
             &settings(),
             SystemTime::now(),
         )
+    }
+
+    /// Issue 11, fault 2: `max-age=18446744073709551615` (and larger) is
+    /// 2^31 seconds, not a panic or a negative ttl.
+    #[test]
+    fn delta_seconds_are_capped_at_two_to_the_31() {
+        for value in [
+            "public, max-age=18446744073709551615",
+            "public, max-age=99999999999999999999999999",
+            "public, s-maxage=18446744073709551615",
+        ] {
+            let v = response_verdict(
+                StatusCode::OK,
+                &headers(&[("cache-control", value)]),
+                false,
+                None,
+                &settings(),
+                SystemTime::now(),
+            );
+            let Verdict::Store { lifetime, .. } = v else {
+                panic!("{value}: not stored: {v:?}")
+            };
+            assert_eq!(
+                lifetime.ttl,
+                Duration::from_secs(MAX_DELTA_SECONDS),
+                "{value}"
+            );
+        }
+        let cc = CacheControl::parse(&headers(&[(
+            "cache-control",
+            "stale-while-revalidate=18446744073709551616, stale-if-error=-1, max-age=1.5",
+        )]));
+        assert_eq!(cc.stale_while_revalidate, Some(MAX_DELTA_SECONDS));
+        assert_eq!(cc.stale_if_error, None);
+        assert_eq!(cc.max_age, None);
+        assert_eq!(
+            upstream_age(&headers(&[("age", "184467440737095516150")])),
+            Duration::from_secs(MAX_DELTA_SECONDS)
+        );
+        let sc = SurrogateControl::parse(&headers(&[(
+            "surrogate-control",
+            "max-age=18446744073709551616",
+        )]));
+        assert_eq!(sc.and_then(|s| s.max_age), Some(MAX_DELTA_SECONDS));
     }
 
     #[test]

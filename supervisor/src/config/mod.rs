@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use raw::{Engine, Framework, PathPattern};
-pub use units::{HumanDuration, MemorySize};
+pub use units::{EnvVars, HumanDuration, MAX_CONFIG_DURATION, MemorySize, Millis};
 
 /// The file `bext run DIR` reads from `DIR`, when it exists.
 pub const CONFIG_FILE_NAME: &str = "bext.config.toml";
@@ -112,6 +112,9 @@ pub struct RuntimeConfig {
     pub start: Option<String>,
     /// Replaces the detected build command (run with `sh -c`).
     pub build: Option<String>,
+    /// The app's own environment variables, for its workers, build and
+    /// hooks (on top of the few bext passes on; see `bext_worker::env`).
+    pub env: EnvVars,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -153,7 +156,7 @@ impl Config {
         let isr = raw.cache.unwrap_or_default().isr.unwrap_or_default();
         let runtime = raw.runtime.unwrap_or_default();
         let isolate = raw.isolate.unwrap_or_default();
-        let ms = Duration::from_millis;
+        let ms = |m: Millis| m.0;
         Config {
             source,
             server: ServerConfig {
@@ -195,6 +198,7 @@ impl Config {
                 engine: runtime.engine,
                 start: runtime.start,
                 build: runtime.build,
+                env: runtime.env.unwrap_or_default(),
             },
             isolate: IsolateConfig {
                 workers: isolate.workers,

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diag::{self, ConfigError, Diagnostic};
-use super::units::HumanDuration;
+use super::units::{EnvVars, HumanDuration};
 use super::{Config, Framework, MemorySize};
 
 /// Where multi-app mode listens when the file does not say.
@@ -76,6 +76,7 @@ struct RawApp {
     isolate: Option<RawAppIsolate>,
     deploy: Option<RawDeploy>,
     hooks: Option<RawHooks>,
+    env: Option<EnvVars>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +155,8 @@ pub struct AppEntry {
     pub start_timeout: Option<Duration>,
     pub keep_versions: Option<NonZeroU32>,
     pub hooks: Hooks,
+    /// `[apps.NAME.env]`: on top of the app's own `[runtime] env`.
+    pub env: EnvVars,
 }
 
 /// `[apps.NAME.cache]`: overrides of the app's `[cache.isr]`.
@@ -273,6 +276,7 @@ impl PlatformConfig {
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout.map(|d| d.0),
                 keep_versions: app.deploy.and_then(|d| d.keep_versions),
+                env: app.env.unwrap_or_default(),
                 hooks: Hooks {
                     pre_build: hooks.pre_build.filter(|h| !h.trim().is_empty()),
                     post_deploy: hooks.post_deploy.filter(|h| !h.trim().is_empty()),
@@ -357,6 +361,11 @@ impl AppEntry {
         if let Some(v) = self.start_timeout {
             config.isolate.start_timeout = v;
         }
+        config
+            .runtime
+            .env
+            .0
+            .extend(self.env.0.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(config)
     }
 }

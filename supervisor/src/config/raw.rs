@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::MemorySize;
+use super::{EnvVars, MemorySize, Millis};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,9 +26,9 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<SocketAddr>,
     pub(super) static_dir: Option<PathBuf>,
-    pub(super) upstream_timeout_ms: Option<u64>,
-    pub(super) queue_timeout_ms: Option<u64>,
-    pub(super) shutdown_grace_ms: Option<u64>,
+    pub(super) upstream_timeout_ms: Option<Millis>,
+    pub(super) queue_timeout_ms: Option<Millis>,
+    pub(super) shutdown_grace_ms: Option<Millis>,
     pub(super) access_log: Option<bool>,
 }
 
@@ -42,9 +42,9 @@ pub(super) struct RawCache {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIsr {
     pub(super) enabled: Option<bool>,
-    pub(super) default_ttl_ms: Option<u64>,
-    pub(super) default_swr_ms: Option<u64>,
-    pub(super) stale_if_error_ms: Option<u64>,
+    pub(super) default_ttl_ms: Option<Millis>,
+    pub(super) default_swr_ms: Option<Millis>,
+    pub(super) stale_if_error_ms: Option<Millis>,
     pub(super) max_entries: Option<NonZeroU64>,
     pub(super) max_bytes: Option<MemorySize>,
     pub(super) max_entry_bytes: Option<MemorySize>,
@@ -56,9 +56,9 @@ pub(super) struct RawIsr {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRouteRule {
     pub(super) path: PathPattern,
-    pub(super) ttl_ms: Option<u64>,
-    pub(super) swr_ms: Option<u64>,
-    pub(super) stale_if_error_ms: Option<u64>,
+    pub(super) ttl_ms: Option<Millis>,
+    pub(super) swr_ms: Option<Millis>,
+    pub(super) stale_if_error_ms: Option<Millis>,
     pub(super) cache: Option<bool>,
 }
 
@@ -103,6 +103,7 @@ pub(super) struct RawRuntime {
     pub(super) engine: Option<Engine>,
     pub(super) start: Option<String>,
     pub(super) build: Option<String>,
+    pub(super) env: Option<EnvVars>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,7 +111,7 @@ pub(super) struct RawRuntime {
 pub(super) struct RawIsolate {
     pub(super) workers: Option<NonZeroU32>,
     pub(super) memory_limit: Option<MemorySize>,
-    pub(super) start_timeout_ms: Option<u64>,
+    pub(super) start_timeout_ms: Option<Millis>,
 }
 
 /// The kinds of app bext knows how to run.

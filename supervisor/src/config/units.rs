@@ -146,6 +146,24 @@ mod tests {
     }
 }
 
+/// The longest duration a config may name: 2^31 seconds (about 68 years),
+/// the bound RFC 9111 §1.2.2 sets for delta-seconds. Anything longer is a
+/// typo, and bounding it keeps every deadline computed from config
+/// (`now + timeout`) far from overflowing.
+pub const MAX_CONFIG_DURATION: std::time::Duration = std::time::Duration::from_secs(1 << 31);
+
+fn bounded<E: de::Error>(
+    duration: std::time::Duration,
+    text: &str,
+) -> Result<std::time::Duration, E> {
+    if duration > MAX_CONFIG_DURATION {
+        return Err(E::custom(format!(
+            "`{text}` is too long; a duration may be at most 2147483648 s (about 68 years)"
+        )));
+    }
+    Ok(duration)
+}
+
 /// A human-written duration: `"60s"`, `"5m"`, `"1h30m"`, `"250ms"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub std::time::Duration);
@@ -153,13 +171,24 @@ pub struct HumanDuration(pub std::time::Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                de::Error::custom(format!(
-                    "`{text}` is not a duration ({e}); write it like \"60s\", \"5m\" or \"1h30m\""
-                ))
-            })
+        let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+            de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write it like \"60s\", \"5m\" or \"1h30m\""
+            ))
+        })?;
+        bounded(duration, &text).map(HumanDuration)
+    }
+}
+
+/// A duration written as whole milliseconds (`upstream_timeout_ms = 60000`),
+/// at most [`MAX_CONFIG_DURATION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millis(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let ms = u64::deserialize(deserializer)?;
+        bounded(std::time::Duration::from_millis(ms), &format!("{ms} ms")).map(Millis)
     }
 }
 
@@ -184,5 +213,70 @@ mod duration_tests {
         );
         let err = parse("60x").expect_err("bad unit").to_string();
         assert!(err.contains("`60x` is not a duration"), "{err}");
+    }
+
+    #[test]
+    fn durations_past_the_bound_are_refused() {
+        let human = |s: &str| serde_json::from_value::<HumanDuration>(serde_json::json!(s));
+        let err = human("100000000000s").expect_err("too long").to_string();
+        assert!(err.contains("too long"), "{err}");
+        assert!(human("68years").is_ok());
+        let ms = |v: u64| serde_json::from_value::<Millis>(serde_json::json!(v));
+        let err = ms(u64::MAX).expect_err("too long").to_string();
+        assert!(err.contains("too long"), "{err}");
+        assert_eq!(
+            ms(1 << 40).expect("in range").0,
+            std::time::Duration::from_millis(1 << 40)
+        );
+    }
+}
+
+/// Environment variables for an app's processes (`[runtime] env`,
+/// `[apps.NAME.env]`): names of letters, digits and `_` not starting with a
+/// digit, values without NUL; names starting with `BEXT_` are bext's own and
+/// refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvVars(pub std::collections::BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for EnvVars {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let vars = std::collections::BTreeMap::<String, String>::deserialize(deserializer)?;
+        for (name, value) in &vars {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(de::Error::custom(format!(
+                    "`{name}` is not an environment variable name (letters, digits and `_`)"
+                )));
+            }
+            if name.to_ascii_uppercase().starts_with("BEXT_") {
+                return Err(de::Error::custom(format!(
+                    "`{name}`: names starting with BEXT_ are bext's own"
+                )));
+            }
+            if value.contains('\0') {
+                return Err(de::Error::custom(format!(
+                    "the value of `{name}` contains a NUL byte"
+                )));
+            }
+        }
+        Ok(EnvVars(vars))
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn env_names_are_checked() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<EnvVars>(v);
+        assert!(parse(serde_json::json!({"API_URL": "https://x", "_a1": ""})).is_ok());
+        for bad in ["1A", "A-B", "", "BEXT_PURGE_TOKEN", "bext_x"] {
+            let err = parse(serde_json::json!({ bad: "v" })).expect_err(bad);
+            assert!(!err.to_string().is_empty());
+        }
+        assert!(parse(serde_json::json!({"A": "x\u{0}y"})).is_err());
     }
 }

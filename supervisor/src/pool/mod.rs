@@ -40,6 +40,9 @@ pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const WATCHDOG_INTERVAL: Duration = Duration::from_millis(500);
 /// A worker that served this long before crashing restarts without delay.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Launch attempts per slot before workers that are to replace others are
+/// given up on (before their start timeout, if they fail that fast).
+pub const REPLACEMENT_ATTEMPTS: usize = 3;
 /// First and largest delay between restarts of a crashing worker.
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -158,6 +161,8 @@ pub struct Pool {
     restarts: AtomicU64,
     /// Launches that never became ready.
     failed_starts: AtomicU64,
+    /// Why the last of them failed.
+    last_failure: std::sync::Mutex<Option<String>>,
     /// Failed starts and crashes since a worker last stayed up for
     /// [`STABLE_AFTER`]: a crash loop shows as a growing number.
     failures_in_a_row: AtomicU64,
@@ -182,6 +187,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             restarts: AtomicU64::new(0),
             failed_starts: AtomicU64::new(0),
+            last_failure: std::sync::Mutex::new(None),
             failures_in_a_row: AtomicU64::new(0),
         }
     }
@@ -291,7 +297,8 @@ impl Pool {
     }
 
     /// A launch failed before readiness: wakes whoever waits for startup.
-    fn start_failed(&self) {
+    fn start_failed(&self, why: String) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         self.failed_starts.fetch_add(1, Ordering::Relaxed);
         self.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();

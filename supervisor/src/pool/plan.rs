@@ -33,6 +33,8 @@ pub struct LaunchPlan {
     cwd: PathBuf,
     adapters: Adapters,
     memory_limit: Option<MemorySize>,
+    /// The app's own variables (`[runtime] env`).
+    app_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ impl LaunchPlan {
         cwd: &Path,
         adapters: Adapters,
         memory_limit: Option<MemorySize>,
+        app_env: Vec<(String, String)>,
     ) -> Result<Self, PlanError> {
         let kind = match start.clone() {
             Start::Node {
@@ -88,6 +91,7 @@ impl LaunchPlan {
             cwd: cwd.to_path_buf(),
             adapters,
             memory_limit,
+            app_env,
         })
     }
 
@@ -124,14 +128,22 @@ impl LaunchPlan {
         labels: (&str, usize),
     ) -> LaunchSpec<'a> {
         let (app, index) = labels;
-        let mut env: Vec<(OsString, OsString)> = vec![
+        // A clean environment (bext_worker::env), the app's own variables,
+        // then bext's per-launch ones, which win.
+        let mut env = bext_worker::env::from_supervisor(false);
+        if !env.iter().any(|(k, _)| k == "NODE_ENV") {
+            env.push(("NODE_ENV".into(), "production".into()));
+        }
+        env.extend(
+            self.app_env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        );
+        env.extend([
             (ENV_READY_TOKEN.into(), token.into()),
             ("BEXT_APP".into(), app.into()),
             ("BEXT_WORKER".into(), index.to_string().into()),
-        ];
-        if std::env::var_os("NODE_ENV").is_none() {
-            env.push(("NODE_ENV".into(), "production".into()));
-        }
+        ]);
         let (program, args) = match &self.kind {
             Kind::Node { .. } | Kind::Shell { .. } => {
                 env.push((
@@ -190,16 +202,22 @@ impl LaunchPlan {
         }
     }
 
-    /// The adapter preload, the heap limit, and whatever NODE_OPTIONS the
-    /// supervisor was given.
+    /// The adapter preload, the heap limit, and the app's own NODE_OPTIONS
+    /// (else whatever NODE_OPTIONS the supervisor was given).
     fn node_options(&self) -> String {
         let mut options = format!("--require \"{}\"", self.adapters.node.display());
         if let Some(limit) = self.memory_limit {
             options.push_str(&format!(" --max-old-space-size={}", limit.mebibytes()));
         }
-        if let Some(existing) = std::env::var_os("NODE_OPTIONS") {
+        let own = self
+            .app_env
+            .iter()
+            .find(|(k, _)| k == "NODE_OPTIONS")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("NODE_OPTIONS").ok());
+        if let Some(existing) = own {
             options.push(' ');
-            options.push_str(&existing.to_string_lossy());
+            options.push_str(&existing);
         }
         options
     }

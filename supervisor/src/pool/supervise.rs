@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use super::{
-    IDLE_SWEEP_INTERVAL, Pool, PoolConfig, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN, STABLE_AFTER,
-    WATCHDOG_INTERVAL, Worker, WorkerState, upstream::Upstream,
+    IDLE_SWEEP_INTERVAL, Pool, PoolConfig, REPLACEMENT_ATTEMPTS, RESTART_BACKOFF_MAX,
+    RESTART_BACKOFF_MIN, STABLE_AFTER, WATCHDOG_INTERVAL, Worker, WorkerState, upstream::Upstream,
 };
 use crate::memory::WorkerGroup;
 use crate::output::{self, describe};
@@ -48,6 +48,24 @@ impl PoolHandle {
     /// listener: it gets 503s while restarts continue), or `timeout`.
     /// Returns how many are ready.
     pub async fn wait_ready(&self, timeout: Duration) -> usize {
+        let slots = self.pool.slots.len();
+        self.wait_until(timeout, |ready, failed| ready + failed >= slots)
+            .await
+    }
+
+    /// For workers that are to replace others: waits until every slot has a
+    /// ready worker, or `timeout`, or until launches have failed
+    /// [`REPLACEMENT_ATTEMPTS`] times per slot (a build that crashes at
+    /// start is not worth the whole timeout). True if all are ready.
+    pub async fn wait_all_ready(&self, timeout: Duration) -> bool {
+        let slots = self.pool.slots.len();
+        let ready = self
+            .wait_until(timeout, |_, failed| failed >= slots * REPLACEMENT_ATTEMPTS)
+            .await;
+        ready == slots
+    }
+
+    async fn wait_until(&self, timeout: Duration, give_up: impl Fn(usize, usize) -> bool) -> usize {
         let deadline = Instant::now() + timeout;
         let slots = self.pool.slots.len();
         loop {
@@ -56,13 +74,23 @@ impl PoolHandle {
             notified.as_mut().enable();
             let ready = self.pool.ready_count();
             let failed = self.pool.failed_starts.load(Ordering::Relaxed) as usize;
-            if ready == slots || ready + failed >= slots {
+            if ready == slots || give_up(ready, failed) {
                 return ready;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.pool.ready_count();
             }
         }
+    }
+
+    /// Why the last launch that failed did (for the log of a replacement
+    /// that never became ready).
+    pub fn last_failure(&self) -> Option<String> {
+        self.pool
+            .last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops every worker (SIGTERM, then SIGKILL after the stop timeout, or
@@ -202,37 +230,42 @@ impl Slot {
             'launch: while !self.shutdown.is_cancelled() {
                 let started = match self.launch(&socket) {
                     Ok(mut instance) => match self.wait_ready(&mut instance).await {
-                        Startup::Ready => Some(instance),
+                        Startup::Ready => Ok(instance),
                         Startup::Shutdown => {
                             self.stop(instance).await;
                             break;
                         }
                         Startup::Exited(status) => {
-                            error!(parent: &instance.span, "worker exited before it was ready ({})", describe(status));
+                            let why = format!("worker exited before it was ready ({})", describe(status));
+                            error!(parent: &instance.span, "{why}");
                             kill_group(instance.pgid, Signal::SIGKILL);
-                            None
+                            Err(why)
                         }
                         Startup::TimedOut => {
-                            error!(
-                                parent: &instance.span,
-                                "worker did not start listening within {:?}; is the app's HTTP server started with listen()?",
+                            let why = format!(
+                                "worker did not start listening within {:?}",
                                 self.config.start_timeout
                             );
+                            error!(parent: &instance.span, "{why}; is the app's HTTP server started with listen()?");
                             self.stop(instance).await;
-                            None
+                            Err(why)
                         }
                     },
                     Err(e) => {
-                        error!("could not launch the worker: {e}");
-                        None
+                        let why = format!("could not launch the worker: {e}");
+                        error!("{why}");
+                        Err(why)
                     }
                 };
-                let Some(mut instance) = started else {
-                    self.pool.start_failed();
-                    if !self.pause(next_delay(&mut backoff)).await {
-                        break;
+                let mut instance = match started {
+                    Ok(instance) => instance,
+                    Err(why) => {
+                        self.pool.start_failed(why);
+                        if !self.pause(next_delay(&mut backoff)).await {
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
                 };
 
                 instance.worker.set_state(WorkerState::Ready);

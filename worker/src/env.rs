@@ -1,0 +1,108 @@
+//! The environment an app's processes get: its workers, its build and its
+//! hooks.
+//!
+//! Never the supervisor's whole environment: bext's own variables (a purge
+//! token, a Redis URL, its log settings) are secrets or settings of the
+//! platform, and in multi-app mode the app is another customer's code. A
+//! process bext launches for an app starts from an empty environment and
+//! gets, from the supervisor's, only the variables named here: where to find
+//! programs and a home, the locale and time zone, the host's proxy and CA
+//! settings. The caller adds the app's own variables and bext's per-launch
+//! ones on top.
+
+use std::ffi::{OsStr, OsString};
+
+/// Passed to every process bext launches for an app, when the supervisor
+/// has them.
+pub const PASSED: [&str; 20] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "NODE_ENV",
+    "DENO_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// Passed by prefix: the locale categories.
+pub const PASSED_PREFIXES: [&str; 1] = ["LC_"];
+
+/// Passed to installs and builds only: the package manager's settings
+/// (registry, cache), which a running app has no use for.
+pub const BUILD_PREFIXES: [&str; 2] = ["npm_config_", "NPM_CONFIG_"];
+
+/// What a process gets of `vars` (the supervisor's environment): the
+/// [`PASSED`] names and prefixes, and for a build also [`BUILD_PREFIXES`].
+pub fn inherited(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+    build: bool,
+) -> Vec<(OsString, OsString)> {
+    vars.into_iter()
+        .filter(|(name, _)| passes(name, build))
+        .collect()
+}
+
+/// [`inherited`] of this process's environment.
+pub fn from_supervisor(build: bool) -> Vec<(OsString, OsString)> {
+    inherited(std::env::vars_os(), build)
+}
+
+fn passes(name: &OsStr, build: bool) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    PASSED.contains(&name)
+        || PASSED_PREFIXES.iter().any(|p| name.starts_with(p))
+        || (build && BUILD_PREFIXES.iter().any(|p| name.starts_with(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(names: &[&str]) -> Vec<(OsString, OsString)> {
+        names.iter().map(|n| ((*n).into(), "v".into())).collect()
+    }
+
+    fn names(v: Vec<(OsString, OsString)>) -> Vec<String> {
+        v.into_iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn only_named_variables_pass() {
+        let all = vars(&[
+            "PATH",
+            "HOME",
+            "LC_ALL",
+            "BEXT_PURGE_TOKEN",
+            "REDIS_URL",
+            "AWS_SECRET_ACCESS_KEY",
+            "XDG_RUNTIME_DIR",
+            "npm_config_registry",
+            "PATHX",
+        ]);
+        assert_eq!(
+            names(inherited(all.clone(), false)),
+            ["PATH", "HOME", "LC_ALL"]
+        );
+        assert_eq!(
+            names(inherited(all, true)),
+            ["PATH", "HOME", "LC_ALL", "npm_config_registry"]
+        );
+    }
+}
