@@ -122,7 +122,9 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     })?;
     info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
 
-    let served = crate::listener::serve(listener, app.service(), &shutdown, grace, &shards).await;
+    let limits = app.settings.config.server.limits;
+    let served =
+        crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards).await;
     if let Err(source) = served {
         app.stop(grace, &shutdown.immediate).await;
         return Err(RunError::Listen { addr, source });

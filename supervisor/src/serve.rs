@@ -317,11 +317,12 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
 
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    let limits = config.limits;
     let serving = {
         let (platform, shutdown) = (Arc::clone(&platform), shutdown.clone());
         async move {
             let served =
-                crate::listener::serve(listener, platform, &shutdown, grace, &shards).await;
+                crate::listener::serve(listener, platform, limits, &shutdown, grace, &shards).await;
             if let Err(e) = &served {
                 error!("could not serve on {addr}: {e}");
             }

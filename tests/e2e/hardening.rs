@@ -187,3 +187,153 @@ fn issue11_sigterm_during_the_build_stops_it() {
         bext.log_text()
     );
 }
+
+/// Reads until the server closes the connection (true) or `within` passes
+/// (false); returns the bytes read too.
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> (bool, usize) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut total = 0;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return (false, total);
+        }
+        stream.set_read_timeout(Some(left)).expect("timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return (true, total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (true, total),
+            Err(_) => return (false, total),
+        }
+    }
+}
+
+/// An app whose `/stall` sends part of a body and then nothing.
+const STALLING_APP: &str = r#"
+const http = require('http');
+http.createServer((req, res) => {
+  if (req.url === '/stall') {
+    res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
+    return res.write('partial ');
+  }
+  if (req.url === '/big') {
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'cache-control': 'no-store' });
+    return res.end(Buffer.alloc(32 * 1024 * 1024, 120));
+  }
+  res.end('ok');
+}).listen(process.env.PORT || 3000);
+"#;
+
+fn timed_app() -> (tempfile::TempDir, Bext) {
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", STALLING_APP),
+        (
+            "bext.config.toml",
+            "[server]\nclient_header_timeout_ms = 1000\nkeepalive_timeout_ms = 3000\n\
+             send_timeout_ms = 1000\nupstream_timeout_ms = 1000\n",
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &["--workers", "1"]);
+    (app, bext)
+}
+
+/// Fault 4: connections are bounded in time, with nginx's names: a silent
+/// one, a half-sent HTTP/2 preface and an idle h2c connection are closed;
+/// HTTP/1.1 keep-alive outlives the header timeout but not its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_idle_and_silent_connections_are_closed() {
+    use std::io::Write;
+    let (_app, bext) = timed_app();
+    let connect = || std::net::TcpStream::connect(bext.addr).expect("connect");
+
+    let mut silent = connect();
+    let mut half_preface = connect();
+    half_preface
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .expect("write");
+    let mut h2_idle = connect();
+    h2_idle
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .expect("preface and SETTINGS");
+    for (name, stream) in [
+        ("silent", &mut silent),
+        ("half-sent h2 preface", &mut half_preface),
+        ("idle h2c", &mut h2_idle),
+    ] {
+        let (closed, _) = closed_within(stream, Duration::from_secs(10));
+        assert!(closed, "{name} connection still open after 10 s");
+    }
+
+    // Keep-alive: idle past the header timeout (1 s), a second request on
+    // the same connection is still served; idle past 3 s, it is closed.
+    let mut kept = connect();
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let read_ok = |stream: &mut std::net::TcpStream| {
+        use std::io::Read;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).expect("response");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
+            "{text}"
+        );
+    };
+    kept.write_all(request).expect("first request");
+    read_ok(&mut kept);
+    std::thread::sleep(Duration::from_millis(1600)); // idle, on purpose
+    kept.write_all(request).expect("second request");
+    read_ok(&mut kept);
+    let (closed, _) = closed_within(&mut kept, Duration::from_secs(10));
+    assert!(closed, "idle keep-alive connection still open after 10 s");
+
+    let health = client()
+        .get(bext.url("/__bext/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200, "still serving");
+}
+
+/// Fault 4: a client that stops reading is cut off after send_timeout, and
+/// a worker that stalls mid-body after upstream_timeout; others are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_slow_readers_and_stalled_bodies_are_cut_off() {
+    use std::io::Write;
+    let (_app, bext) = timed_app();
+    let mut reader = std::net::TcpStream::connect(bext.addr).expect("connect");
+    reader
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("request");
+    // Read nothing for a while: the socket buffers fill, bext's writes
+    // stall, and send_timeout (1 s) ends the connection.
+    std::thread::sleep(Duration::from_secs(3)); // a client that does not read
+    let (closed, read) = closed_within(&mut reader, Duration::from_secs(20));
+    assert!(closed, "the connection was not closed");
+    assert!(
+        read < 32 * 1024 * 1024,
+        "the whole body ({read} bytes) was sent to a client that did not read"
+    );
+
+    let started = std::time::Instant::now();
+    let stalled = client()
+        .get(bext.url("/stall"))
+        .send()
+        .await
+        .expect("head arrives");
+    assert_eq!(stalled.status(), 200);
+    let body = stalled.bytes().await;
+    assert!(body.is_err(), "a stalled body ends in an error: {body:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "cut off after the upstream timeout, not held: {:?}",
+        started.elapsed()
+    );
+    let ok = client().get(bext.url("/")).send().await.expect("GET /");
+    assert_eq!(ok.text().await.expect("body"), "ok");
+}

@@ -30,6 +30,14 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:3000";
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request may wait for a ready worker before a 503.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to send a request's head: from accept (protocol
+/// detection included) for the first, from its first byte for later ones.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may sit idle between requests (HTTP/1.1) or with
+/// no stream open (HTTP/2). Zero: no keep-alive.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a write to a client may wait for it to read.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long SIGTERM waits for in-flight requests before stopping workers.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default ISR lifetime for responses marked cacheable without one.
@@ -71,6 +79,8 @@ pub struct ServerConfig {
     pub upstream_timeout: Duration,
     pub queue_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Time bounds on client connections.
+    pub limits: crate::listener::ConnLimits,
     pub access_log: bool,
 }
 
@@ -167,6 +177,15 @@ impl Config {
                     .map_or(DEFAULT_UPSTREAM_TIMEOUT, ms),
                 queue_timeout: server.queue_timeout_ms.map_or(DEFAULT_QUEUE_TIMEOUT, ms),
                 shutdown_grace: server.shutdown_grace_ms.map_or(DEFAULT_SHUTDOWN_GRACE, ms),
+                limits: crate::listener::ConnLimits {
+                    client_header_timeout: server
+                        .client_header_timeout_ms
+                        .map_or(DEFAULT_CLIENT_HEADER_TIMEOUT, ms),
+                    keepalive_timeout: server
+                        .keepalive_timeout_ms
+                        .map_or(DEFAULT_KEEPALIVE_TIMEOUT, ms),
+                    send_timeout: server.send_timeout_ms.map_or(DEFAULT_SEND_TIMEOUT, ms),
+                },
                 access_log: server.access_log.unwrap_or(true),
             },
             isr: IsrConfig {

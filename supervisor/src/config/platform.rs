@@ -62,6 +62,9 @@ struct RawPlatform {
     trusted_proxies: Option<Vec<ipnet::IpNet>>,
     admin_networks: Option<Vec<ipnet::IpNet>>,
     shutdown_grace: Option<HumanDuration>,
+    client_header_timeout: Option<HumanDuration>,
+    keepalive_timeout: Option<HumanDuration>,
+    send_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +137,8 @@ pub struct PlatformConfig {
     /// Peers allowed on `/__bext/platform/*`.
     pub admin_networks: Vec<ipnet::IpNet>,
     pub shutdown_grace: Option<Duration>,
+    /// Time bounds on client connections (read at start).
+    pub limits: crate::listener::ConnLimits,
     /// In file order (sorted by name).
     pub apps: Vec<AppEntry>,
 }
@@ -310,6 +315,17 @@ impl PlatformConfig {
             trusted_proxies: platform.trusted_proxies.unwrap_or_default(),
             admin_networks: platform.admin_networks.unwrap_or(loopback),
             shutdown_grace: platform.shutdown_grace.map(|d| d.0),
+            limits: crate::listener::ConnLimits {
+                client_header_timeout: platform
+                    .client_header_timeout
+                    .map_or(super::DEFAULT_CLIENT_HEADER_TIMEOUT, |d| d.0),
+                keepalive_timeout: platform
+                    .keepalive_timeout
+                    .map_or(super::DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+                send_timeout: platform
+                    .send_timeout
+                    .map_or(super::DEFAULT_SEND_TIMEOUT, |d| d.0),
+            },
             apps,
         })
     }

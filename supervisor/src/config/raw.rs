@@ -29,6 +29,9 @@ pub(super) struct RawServer {
     pub(super) upstream_timeout_ms: Option<Millis>,
     pub(super) queue_timeout_ms: Option<Millis>,
     pub(super) shutdown_grace_ms: Option<Millis>,
+    pub(super) client_header_timeout_ms: Option<Millis>,
+    pub(super) keepalive_timeout_ms: Option<Millis>,
+    pub(super) send_timeout_ms: Option<Millis>,
     pub(super) access_log: Option<bool>,
 }
 

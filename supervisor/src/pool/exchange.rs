@@ -191,9 +191,14 @@ pub struct UpstreamBody {
     pub(super) keep_alive: bool,
     /// The rest of the request body, when the worker answered first.
     pub(super) pump: Option<RequestPump>,
-    /// While `pump` runs, the longest time without progress either way
+    /// The longest time without progress: between two reads of the body
+    /// (nginx's `proxy_read_timeout`), or, while `pump` runs, either way
     /// (on the connection's timer).
     pub(super) timeout: Duration,
+    /// The last progress: the head, a read of the body, or a write of the
+    /// rest of the request. The timer is moved to `progress + timeout` only
+    /// when it fires, so a read costs a clock read, not a timer reset.
+    pub(super) progress: Instant,
     pub(super) pool: Arc<Inner>,
     /// The idle list it came from.
     pub(super) slot: usize,
@@ -254,7 +259,7 @@ impl http_body::Body for UpstreamBody {
                 let before = pump.sent();
                 let polled = pump.poll_send(&mut conn.io, cx);
                 if pump.sent() > before {
-                    conn.timer.as_mut().reset(Instant::now() + this.timeout);
+                    this.progress = Instant::now();
                 }
                 match polled {
                     Poll::Pending => {}
@@ -288,9 +293,6 @@ impl http_body::Body for UpstreamBody {
                 Reading::Done | Reading::Upgrade => return Poll::Ready(None),
             };
             if let Some(data) = data {
-                if this.pump.is_some() {
-                    conn.timer.as_mut().reset(Instant::now() + this.timeout);
-                }
                 if matches!(this.reading, Reading::Length(0)) {
                     this.finish();
                 }
@@ -300,15 +302,24 @@ impl http_body::Body for UpstreamBody {
                 conn.buf.reserve(BODY_READ);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
-                // Stuck both ways for too long: a client that stopped
-                // sending to a worker that waits for it.
-                Poll::Pending if this.pump.is_some() && conn.timer.as_mut().poll(cx).is_ready() => {
-                    return this.fail(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no progress either way for {:?}", this.timeout),
-                    ));
+                // A worker that stalled mid-body, or stuck both ways: a
+                // client that stopped sending to a worker that waits for it.
+                Poll::Pending => {
+                    if conn.timer.as_mut().poll(cx).is_ready() {
+                        let due = this.progress + this.timeout;
+                        if due > Instant::now() {
+                            conn.timer.as_mut().reset(due);
+                            // Registers the waker for the new deadline.
+                            let _ = conn.timer.as_mut().poll(cx);
+                        } else {
+                            return this.fail(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("no progress on the response body for {:?}", this.timeout),
+                            ));
+                        }
+                    }
+                    return Poll::Pending;
                 }
-                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) if matches!(this.reading, Reading::Close) => {
                     this.close();
                     return Poll::Ready(None);
@@ -319,7 +330,7 @@ impl http_body::Body for UpstreamBody {
                         "the worker closed the connection before the body ended",
                     ));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => this.progress = Instant::now(),
                 Poll::Ready(Err(e)) => return this.fail(e),
             }
         }

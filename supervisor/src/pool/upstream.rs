@@ -228,19 +228,16 @@ impl Upstream {
             ResponseFraming::Upgrade => Reading::Upgrade,
         };
         // The worker answered before it had all of the request body: the
-        // rest goes out as the response is read, on an inactivity timer.
+        // rest goes out as the response is read. Either way the body is on
+        // an inactivity timer (the connection's, moved when it fires).
         let pump = pump.filter(|pump| !pump.is_finished());
-        if pump.is_some() {
-            conn.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + timeout);
-        }
         let mut body = UpstreamBody {
             conn: Some(conn),
             reading,
             keep_alive: head.keep_alive,
             pump,
             timeout,
+            progress: tokio::time::Instant::now(),
             pool: Arc::clone(&self.inner),
             slot,
         };

@@ -1,9 +1,15 @@
 //! Accepting client connections and serving HTTP/1.1 and h2c on them.
 //!
-//! Owns sockets and protocol settings (header timeouts, limits), and the
-//! graceful part of shutdown: stop accepting, tell every connection to finish
-//! its in-flight requests, wait for them up to the grace period. It hands
-//! each request to a [`Handler`] and knows nothing of what happens next.
+//! Owns sockets and protocol settings (time bounds in [`timed`], header
+//! limits), and the graceful part of shutdown: stop accepting, tell every
+//! connection to finish its in-flight requests, wait for them up to the
+//! grace period. It hands each request to a [`Handler`] and knows nothing of
+//! what happens next.
+
+mod timed;
+
+pub use timed::ConnLimits;
+use timed::{Activity, InFlight, TimedIo};
 
 use std::convert::Infallible;
 use std::io;
@@ -22,15 +28,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::body::Body;
+use crate::body::{Body, WithGuard};
 use crate::shards::Shards;
 
-/// A client has this long to send its request headers (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest request head bext reads (431 beyond).
+/// Largest request head bext reads (431 beyond); for HTTP/2, the largest
+/// header list.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest number of request headers.
 pub const MAX_HEADERS: usize = 128;
+/// Streams one HTTP/2 connection may have open at once.
+pub const MAX_H2_STREAMS: u32 = 256;
+/// HTTP/2 pings on a connection that has been silent this long, to find
+/// peers that are gone; one unanswered for [`H2_PING_TIMEOUT`] closes it.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a client may reset before bext has answered them, per
+/// connection, before the connection is closed (CVE-2023-44487, "rapid
+/// reset").
+pub const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// What the listener calls for every request.
 pub trait Handler: Send + Sync + 'static {
@@ -75,6 +90,7 @@ pub struct Shutdown {
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
+    limits: ConnLimits,
     shutdown: &Shutdown,
     grace: Duration,
     shards: &Shards,
@@ -83,13 +99,21 @@ pub async fn serve<H: Handler>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Head and idle time are bounded by TimedIo, which tells the two
+        // apart (hyper's timer would cut idle keep-alive at the header
+        // timeout).
+        .header_read_timeout(None)
+        .keep_alive(!limits.keepalive_timeout.is_zero())
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let graceful = Arc::new(GracefulShutdown::new());
 
     // Every shard accepts on the same socket: whichever is free first takes
@@ -106,7 +130,9 @@ pub async fn serve<H: Handler>(
         );
         acceptors.push(shard.spawn(async move {
             match TcpListener::from_std(listener) {
-                Ok(listener) => accept(listener, &builder, &handler, &graceful, &stop).await,
+                Ok(listener) => {
+                    accept(listener, &builder, &handler, limits, &graceful, &stop).await;
+                }
                 Err(e) => error!("a shard could not take the listener: {e}"),
             }
         }));
@@ -136,12 +162,28 @@ pub async fn serve<H: Handler>(
     })
 }
 
+/// One request: the connection is busy until its response body is done.
+async fn respond<H: Handler>(
+    handler: Arc<H>,
+    req: http::Request<Incoming>,
+    client: Peer,
+    activity: Arc<Activity>,
+) -> Result<http::Response<WithGuard<Body, InFlight>>, Infallible> {
+    let in_flight = activity.begin();
+    let response = handler.handle(req, client).await;
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        activity.upgraded();
+    }
+    Ok(response.map(|body| WithGuard::new(body, in_flight)))
+}
+
 /// One shard's accept loop: serves each connection on this shard until
 /// `stop`.
 async fn accept<H: Handler>(
     listener: TcpListener,
     builder: &auto::Builder<TokioExecutor>,
     handler: &Arc<H>,
+    limits: ConnLimits,
     graceful: &GracefulShutdown,
     stop: &CancellationToken,
 ) {
@@ -161,12 +203,18 @@ async fn accept<H: Handler>(
         let _ = stream.set_nodelay(true);
         let handler = Arc::clone(handler);
         let client = Peer::new(peer);
+        let activity = Activity::new();
+        let io = TimedIo::new(stream, Arc::clone(&activity), limits);
         let service = service_fn(move |req| {
-            let (handler, client) = (Arc::clone(&handler), client.clone());
-            async move { Ok::<_, Infallible>(handler.handle(req, client).await) }
+            respond(
+                Arc::clone(&handler),
+                req,
+                client.clone(),
+                Arc::clone(&activity),
+            )
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
