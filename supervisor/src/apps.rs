@@ -29,9 +29,6 @@ use crate::server::AppService;
 use crate::statics::StaticFiles;
 use crate::{hooks, memory};
 
-/// How often a rate limiter forgets clients back at a full allowance.
-const LIMITER_SWEEP: Duration = Duration::from_secs(60);
-
 /// What to run, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppSettings {
@@ -45,6 +42,8 @@ pub struct AppSettings {
     pub force_build: bool,
     pub hooks: Option<Hooks>,
     pub rate_limit: Option<NonZeroU32>,
+    /// IPv6 clients of the rate limit are keyed by this prefix length.
+    pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<IpNet>,
     /// Where the app's sockets go (a private directory is made inside).
     pub runtime_base: PathBuf,
@@ -89,7 +88,6 @@ pub struct RunningApp {
     pool: Option<PoolHandle>,
     memory: Option<memory::AppMemory>,
     _runtime_dir: Option<RuntimeDir>,
-    sweeper: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
     app: App,
 }
@@ -215,13 +213,13 @@ impl RunningApp {
             pool.as_ref(),
             &metrics,
             None,
+            None,
         );
         metrics.register_app(&AppSource {
             app: app.name.clone(),
             pool: pool.as_ref().map(|h| Arc::clone(&h.pool)),
             cache: service.cache.clone(),
         });
-        let sweeper = spawn_sweeper(service.limiter.clone());
         Ok(RunningApp {
             name: app.name.clone(),
             framework: app.framework,
@@ -231,7 +229,6 @@ impl RunningApp {
             pool,
             memory,
             _runtime_dir: runtime_dir,
-            sweeper,
             metrics,
             app,
         })
@@ -258,14 +255,13 @@ impl RunningApp {
             self.pool.as_ref(),
             &self.metrics,
             cache,
+            current.limiter.clone(),
         );
         self.metrics.register_app(&AppSource {
             app: self.name.clone(),
             pool: self.pool.as_ref().map(|h| Arc::clone(&h.pool)),
             cache: service.cache.clone(),
         });
-        self.sweeper.abort();
-        self.sweeper = spawn_sweeper(service.limiter.clone());
         self.service.store(Arc::new(service));
         self.settings = settings;
     }
@@ -301,7 +297,6 @@ impl RunningApp {
         if service.inflight() > 0 {
             warn!(app = %self.name, inflight = service.inflight(), "stopping with requests still in flight");
         }
-        self.sweeper.abort();
         if let Some(pool) = self.pool {
             info!(app = %self.name, "stopping workers");
             pool.stop(kill).await;
@@ -322,6 +317,7 @@ fn build_service(
     pool: Option<&PoolHandle>,
     metrics: &Arc<Metrics>,
     cache: Option<Arc<IsrCache>>,
+    previous_limiter: Option<Arc<RateLimiter>>,
 ) -> AppService {
     let config = &settings.config;
     let pool = pool.map(|h| Arc::clone(&h.pool));
@@ -359,25 +355,24 @@ fn build_service(
         statics,
         proxy,
         cache,
-        limiter: settings
-            .rate_limit
-            .map(|rpm| Arc::new(RateLimiter::per_minute(rpm))),
+        limiter: settings.rate_limit.map(|rpm| {
+            // The same limit keeps every client's allowance (a reload does
+            // not hand out fresh bursts).
+            previous_limiter
+                .filter(|l| l.rpm() == rpm && l.ipv6_prefix() == settings.ipv6_prefix)
+                .unwrap_or_else(|| {
+                    Arc::new(RateLimiter::new(
+                        rpm,
+                        settings.ipv6_prefix,
+                        crate::ratelimit::MAX_CLIENTS,
+                    ))
+                })
+        }),
         trusted_proxies: Arc::from(settings.trusted_proxies.as_slice()),
         counters: metrics.counters(&app.name),
         access_log: config.server.access_log,
         inflight: Arc::new(AtomicUsize::new(0)),
     }
-}
-
-fn spawn_sweeper(limiter: Option<Arc<RateLimiter>>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Some(limiter) = limiter else { return };
-        let mut tick = tokio::time::interval(LIMITER_SWEEP);
-        loop {
-            tick.tick().await;
-            limiter.forget_idle();
-        }
-    })
 }
 
 /// The supervisor's private directory for one app's sockets and adapters,

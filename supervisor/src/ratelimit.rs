@@ -1,27 +1,49 @@
 //! Per-app rate limiting: `rate_limit.rpm` requests per minute per client
-//! IP (a GCRA limiter from `governor`: the full minute's allowance may come
-//! as a burst, then it refills steadily). Refusals are 429s with
-//! `Retry-After` and the `RateLimit-*` headers of the IETF draft.
+//! (GCRA: the full minute's allowance may come as a burst, then it refills
+//! steadily). Refusals are 429s with `Retry-After` and the `RateLimit-*`
+//! headers of the IETF draft.
+//!
+//! A client is its IPv4 address, or its IPv6 address cut to a prefix
+//! (`/64` by default: one subscriber's whole network, not one of its 2^64
+//! addresses), IPv4-mapped IPv6 counting as the IPv4 address.
+//!
+//! Not `governor`: its keyed store grows with every address ever seen and
+//! can only be swept, not capped, so a flood of source addresses would grow
+//! it without bound. Here each client's state is one atomic theoretical
+//! arrival time in a `moka` cache, bounded to [`MAX_CLIENTS`] (the least
+//! recently and frequently seen go first) and forgetting a client idle for
+//! a minute — by then it is back to its full allowance, so forgetting it
+//! loses nothing.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter as Gcra};
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 use crate::body::{self, Body};
 
-type Keyed = Gcra<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
+/// Clients one app's limiter remembers at most.
+pub const MAX_CLIENTS: u64 = 100_000;
+/// The IPv6 prefix length that makes one client, when not configured.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// How long it takes any client to get its whole allowance back.
+const PERIOD: Duration = Duration::from_secs(60);
 
 /// One app's limiter.
 #[derive(Debug)]
 pub struct RateLimiter {
     rpm: NonZeroU32,
-    limiter: Keyed,
+    ipv6_prefix: u8,
+    /// Nanoseconds between two requests at the steady rate.
+    interval: u64,
+    /// How far ahead of now a client's arrival time may run (the burst).
+    tolerance: u64,
+    /// Per client: its theoretical arrival time, in ns after `epoch`.
+    clients: moka::sync::Cache<IpAddr, Arc<AtomicU64>>,
+    epoch: Instant,
 }
 
 /// What a request may carry: the `RateLimit-*` headers, or the refusal.
@@ -33,31 +55,79 @@ pub enum Decision {
 
 impl RateLimiter {
     pub fn per_minute(rpm: NonZeroU32) -> Self {
-        let limiter =
-            Gcra::keyed(Quota::per_minute(rpm)).with_middleware::<StateInformationMiddleware>();
-        RateLimiter { rpm, limiter }
+        Self::new(rpm, DEFAULT_IPV6_PREFIX, MAX_CLIENTS)
+    }
+
+    /// `ipv6_prefix` is clamped to 1..=128.
+    pub fn new(rpm: NonZeroU32, ipv6_prefix: u8, max_clients: u64) -> Self {
+        let period = PERIOD.as_nanos() as u64;
+        let interval = period / u64::from(rpm.get());
+        RateLimiter {
+            rpm,
+            ipv6_prefix: ipv6_prefix.clamp(1, 128),
+            interval,
+            tolerance: interval * u64::from(rpm.get()),
+            clients: moka::sync::Cache::builder()
+                .max_capacity(max_clients)
+                .time_to_idle(PERIOD)
+                .build(),
+            epoch: Instant::now(),
+        }
     }
 
     pub fn rpm(&self) -> NonZeroU32 {
         self.rpm
     }
 
-    pub fn check(&self, client: IpAddr) -> Decision {
-        match self.limiter.check_key(&client) {
-            Ok(state) => Decision::Allowed {
-                remaining: state.remaining_burst_capacity(),
-            },
-            Err(not_until) => Decision::Limited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            },
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
+    }
+
+    /// The key a client address counts under.
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => IpAddr::V4(v4),
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
         }
     }
 
-    /// Forgets clients that are back to a full allowance (call now and
-    /// then, so the table does not grow with every address ever seen).
-    pub fn forget_idle(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+    pub fn check(&self, client: IpAddr) -> Decision {
+        let now = self
+            .epoch
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX / 2)) as u64;
+        let state = self
+            .clients
+            .get_with(self.client_key(client), || Arc::new(AtomicU64::new(0)));
+        let mut tat = state.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now) + self.interval;
+            let ahead = next - now;
+            if ahead > self.tolerance {
+                return Decision::Limited {
+                    retry_after: Duration::from_nanos(ahead - self.tolerance),
+                };
+            }
+            match state.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    let remaining = (self.tolerance - ahead) / self.interval;
+                    return Decision::Allowed {
+                        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                    };
+                }
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Clients remembered now (approximately).
+    pub fn clients(&self) -> u64 {
+        self.clients.run_pending_tasks();
+        self.clients.entry_count()
     }
 
     /// Headers on an allowed response.
@@ -129,6 +199,10 @@ mod tests {
             "one used: one refill of 20 s"
         );
         assert_eq!(limiter.seconds_to_full(0), 60);
+        assert!(
+            matches!(limiter.check("::ffff:10.0.0.2".parse().expect("ip")), Decision::Allowed { remaining } if remaining == 1),
+            "an IPv4-mapped address is the IPv4 client"
+        );
         let refusal = limiter.refusal(retry_after);
         assert_eq!(refusal.status(), 429);
         assert!(
@@ -139,5 +213,43 @@ mod tests {
                 .expect("secs")
                 >= 1
         );
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    /// Issue 11, fault 5: one IPv6 subscriber rotating through its /64 is
+    /// one client.
+    #[test]
+    fn ipv6_clients_are_keyed_by_prefix() {
+        let limiter = RateLimiter::per_minute(NonZeroU32::new(2).expect("2"));
+        for host in 1..=2 {
+            let ip: IpAddr = format!("2001:db8:1:2::{host}").parse().expect("ip");
+            assert!(matches!(limiter.check(ip), Decision::Allowed { .. }));
+        }
+        let rotated: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        assert!(matches!(limiter.check(rotated), Decision::Limited { .. }));
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert!(matches!(limiter.check(other), Decision::Allowed { .. }));
+        let narrow = RateLimiter::new(NonZeroU32::new(2).expect("2"), 128, 10);
+        assert_ne!(
+            narrow.client_key("2001:db8::1".parse().expect("ip")),
+            narrow.client_key("2001:db8::2".parse().expect("ip"))
+        );
+    }
+
+    /// Issue 11, fault 5: a flood of source addresses cannot grow the table
+    /// past its bound.
+    #[test]
+    fn the_client_table_is_bounded() {
+        let limiter = RateLimiter::new(NonZeroU32::new(10).expect("10"), 64, 1000);
+        for i in 0..20_000u32 {
+            let ip = IpAddr::V4(i.into());
+            let _ = limiter.check(ip);
+        }
+        let remembered = limiter.clients();
+        assert!(remembered <= 1000, "{remembered} clients remembered");
     }
 }

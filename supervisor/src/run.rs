@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         force_build: args.build,
         hooks: None,
         rate_limit: None,
+        ipv6_prefix: crate::ratelimit::DEFAULT_IPV6_PREFIX,
         trusted_proxies: vec![],
         runtime_base: default_runtime_base(),
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)

@@ -221,6 +221,7 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
                 force_build: false,
                 hooks: Some(entry.hooks.clone()),
                 rate_limit: entry.rate_limit_rpm,
+                ipv6_prefix: entry.rate_limit_ipv6_prefix,
                 trusted_proxies: config.trusted_proxies.clone(),
                 runtime_base: runtime_base.clone(),
                 purge_token_override: None,

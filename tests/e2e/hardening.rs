@@ -337,3 +337,43 @@ async fn issue11_slow_readers_and_stalled_bodies_are_cut_off() {
     let ok = client().get(bext.url("/")).send().await.expect("GET /");
     assert_eq!(ok.text().await.expect("body"), "ok");
 }
+
+/// Fault 6: what a client claims about itself, or Next's internal
+/// middleware marker, never reaches the app from an untrusted peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_client_claims_do_not_reach_the_app() {
+    let app = temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "require('http').createServer((q, s) => { s.setHeader('cache-control', 'no-store'); \
+             s.end(JSON.stringify(q.headers)); }).listen(3000);",
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &["--workers", "1"]);
+    let seen: Value = client()
+        .get(bext.url("/"))
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-forwarded-port", "443")
+        .header("x-forwarded-prefix", "/admin")
+        .header(
+            "x-middleware-subrequest",
+            "middleware:middleware:middleware",
+        )
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    for name in [
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-middleware-subrequest",
+    ] {
+        assert!(seen.get(name).is_none(), "{name} reached the app: {seen}");
+    }
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+}

@@ -183,9 +183,8 @@ domains = ["static.test"]
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoints() {
-    let platform = Platform::new(&format!(
+fn limited_platform(ttl: &str) -> String {
+    format!(
         r#"[platform]
 data_dir = "/var/lib/bext"
 trusted_proxies = ["127.0.0.0/8"]
@@ -194,13 +193,20 @@ source = "{origin}"
 domains = ["limited.test"]
 [apps.limited.rate_limit]
 rpm = 5
+[apps.limited.cache]
+default_ttl = "{ttl}"
 [apps.free]
 source = "{hono}"
 domains = ["free.test"]
 "#,
         origin = path_of("origin"),
         hono = path_of("hono"),
-    ));
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoints() {
+    let platform = Platform::new(&limited_platform("60s"));
     let bext = platform.serve(&[]);
     let http = client();
     let from = |ip: &'static str| {
@@ -227,6 +233,26 @@ domains = ["free.test"]
         .expect("secs");
     assert!((1..=60).contains(&retry), "retry after {retry}");
     assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    // Issue 11, fault 5: a reload that keeps the limit keeps every
+    // client's allowance (no fresh burst); a second X-Forwarded-For line
+    // with a port, as HAProxy appends it, names the same client.
+    platform.write(&limited_platform("90s"));
+    bext.signal(libc::SIGHUP);
+    bext.wait_log(Duration::from_secs(30), |v| {
+        v["message"] == "reload: applying new domains, limits or cache settings"
+    });
+    bext.wait_log(Duration::from_secs(30), |v| {
+        v["message"] == "routes published"
+    });
+    let two_lines = http
+        .get(bext.url("/pid"))
+        .header("host", "limited.test")
+        .header("x-forwarded-for", "198.51.100.9")
+        .header("x-forwarded-for", "203.0.113.1:40000")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(two_lines.status(), 429, "still limited after the reload");
     // Another client (behind the trusted proxy), another app, and bext's
     // own endpoints are not limited.
     assert_eq!(from("203.0.113.2").await.expect("GET").status(), 200);
@@ -595,6 +621,35 @@ async fn sighup_adds_removes_and_reroutes_without_failing_an_unchanged_app() {
             .1
             .contains("hello from static")
     );
+}
+
+/// Issue 11, fault 6: an absolute-form target is routed by its authority
+/// (the Host line is ignored, RFC 9112 §3.2.2); two Host lines are a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_absolute_form_routes_by_authority_and_two_hosts_are_refused() {
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.a]\nsource = \"{s}\"\ndomains = [\"a.test\"]\n[apps.b]\nsource = \"{h}\"\ndomains = [\"b.test\"]\n",
+        s = path_of("static"),
+        h = path_of("hono"),
+    ));
+    let bext = platform.serve(&[]);
+    let raw = |request: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(bext.addr).expect("connect");
+        stream.write_all(request.as_bytes()).expect("write");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    };
+    let absolute = raw("GET http://b.test/ HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n");
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    assert!(absolute.ends_with("Hello Hono!"), "routed to b: {absolute}");
+    let two = raw("GET / HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\nconnection: close\r\n\r\n");
+    assert!(two.starts_with("HTTP/1.1 400"), "{two}");
+    assert_eq!(text(&bext, "a.test", "/").await.0, 200, "still serving");
 }
 
 /// Issue 11, fault 1: a reload that points an app at a build whose workers

@@ -99,6 +99,7 @@ struct RawAppCache {
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
     rpm: Option<NonZeroU32>,
+    ipv6_prefix: Option<Spanned<u8>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +156,8 @@ pub struct AppEntry {
     pub cache: AppCacheOverrides,
     /// Requests per minute per client IP; `None`: no limit.
     pub rate_limit_rpm: Option<NonZeroU32>,
+    /// IPv6 clients are keyed by this prefix length (1–128).
+    pub rate_limit_ipv6_prefix: u8,
     pub workers: Option<NonZeroU32>,
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Option<Duration>,
@@ -258,6 +261,18 @@ impl PlatformConfig {
             } else {
                 base.join(source)
             };
+            let rate_limit = app.rate_limit.unwrap_or_default();
+            let ipv6_prefix = match &rate_limit.ipv6_prefix {
+                Some(p) if !(1..=128).contains(p.get_ref()) => {
+                    return Err(invalid(
+                        p.span().start,
+                        format!("apps.{name}.rate_limit.ipv6_prefix"),
+                        "an IPv6 prefix length is 1 to 128".to_string(),
+                    ));
+                }
+                Some(p) => *p.get_ref(),
+                None => crate::ratelimit::DEFAULT_IPV6_PREFIX,
+            };
             let cache = app.cache.unwrap_or_default();
             let isolate = app.isolate.unwrap_or_default();
             let hooks = app.hooks.unwrap_or_default();
@@ -276,7 +291,8 @@ impl PlatformConfig {
                     max_entry_bytes: cache.max_entry_bytes,
                     purge_token: cache.purge_token.filter(|t| !t.is_empty()),
                 },
-                rate_limit_rpm: app.rate_limit.and_then(|r| r.rpm),
+                rate_limit_rpm: rate_limit.rpm,
+                rate_limit_ipv6_prefix: ipv6_prefix,
                 workers: isolate.workers,
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout.map(|d| d.0),

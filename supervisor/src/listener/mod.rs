@@ -66,7 +66,10 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// An IPv4-mapped IPv6 peer (a dual-stack listener's IPv4 client) is
+    /// its IPv4 address, for every comparison that follows.
     pub fn new(addr: SocketAddr) -> Peer {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
             .unwrap_or_else(|_| HeaderValue::from_static("-"));
         Peer { addr, ip }
@@ -165,16 +168,65 @@ pub async fn serve<H: Handler>(
 /// One request: the connection is busy until its response body is done.
 async fn respond<H: Handler>(
     handler: Arc<H>,
-    req: http::Request<Incoming>,
+    mut req: http::Request<Incoming>,
     client: Peer,
     activity: Arc<Activity>,
 ) -> Result<http::Response<WithGuard<Body, InFlight>>, Infallible> {
     let in_flight = activity.begin();
-    let response = handler.handle(req, client).await;
+    let response = match check_host(&mut req) {
+        Ok(()) => handler.handle(req, client).await,
+        Err(why) => bad_request(why),
+    };
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         activity.upgraded();
     }
     Ok(response.map(|body| WithGuard::new(body, in_flight)))
+}
+
+/// The one host a request names, or why it names none: two `Host` lines
+/// are refused (RFC 9112 §3.2), as is an HTTP/2 `Host` that disagrees with
+/// `:authority` (RFC 9113 §8.3.1); an HTTP/1.1 absolute-form target's
+/// authority replaces `Host` (RFC 9112 §3.2.2), so routing, the cache key
+/// and the app all see the same host.
+fn check_host<B>(req: &mut http::Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let (host, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err("more than one Host header\n");
+    }
+    let Some(authority) = req.uri().authority() else {
+        return Ok(());
+    };
+    let same = host.is_some_and(|h| {
+        h.as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    });
+    if same {
+        return Ok(());
+    }
+    if req.version() == http::Version::HTTP_2 {
+        return match host {
+            Some(_) => Err("Host and :authority disagree\n"),
+            None => Ok(()),
+        };
+    }
+    match HeaderValue::from_str(authority.as_str()) {
+        Ok(value) => {
+            req.headers_mut().insert(http::header::HOST, value);
+            Ok(())
+        }
+        Err(_) => Err("invalid authority\n"),
+    }
+}
+
+fn bad_request(why: &'static str) -> http::Response<Body> {
+    let mut response = http::Response::new(crate::body::full(why));
+    *response.status_mut() = http::StatusCode::BAD_REQUEST;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// One shard's accept loop: serves each connection on this shard until

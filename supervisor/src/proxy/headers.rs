@@ -98,9 +98,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Request headers a client may not set: only a trusted proxy's reach the
+/// app. Frameworks and libraries read them as facts about the client
+/// (`X-Real-IP` as its address, `X-Forwarded-Prefix` as the path the app is
+/// mounted at).
+const FROM_TRUSTED_ONLY: [HeaderName; 3] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+];
+
+/// Request headers that never reach the app: Next.js's internal marker of
+/// its own middleware subrequests, which skips the middleware when a client
+/// sends it (CVE-2025-29927).
+const NEVER_FORWARDED: [HeaderName; 1] = [HeaderName::from_static("x-middleware-subrequest")];
+
+/// One `X-Forwarded-For` entry: an address, with or without a port
+/// (`203.0.113.7:4711`, `[2001:db8::1]:443`, `[2001:db8::1]`); IPv4-mapped
+/// IPv6 is the IPv4 address.
+pub fn forwarded_addr(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse().ok())
+        })?;
+    Some(ip.to_canonical())
+}
+
 /// The client's address: the socket peer, or, when the peer is a trusted
-/// proxy, the rightmost `X-Forwarded-For` address that is not itself a
-/// trusted proxy.
+/// proxy, the rightmost `X-Forwarded-For` address (over every line of it)
+/// that is not itself a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     if !trusted.iter().any(|net| net.contains(&peer)) {
         return peer;
@@ -110,7 +143,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
+        .filter_map(forwarded_addr)
         .collect();
     chain
         .iter()
@@ -134,24 +167,45 @@ pub fn set_forwarded(
 ) {
     // Which forwarding headers the client sent: one pass over the names
     // (most requests carry none) instead of a lookup for each.
-    let (mut has_for, mut has_proto, mut has_host, mut has_forwarded) =
-        (false, false, false, false);
+    let (mut has_for, mut has_proto, mut has_host, mut has_forwarded, mut has_other) =
+        (false, false, false, false, false);
     for name in headers.keys() {
         match name.as_str() {
             "x-forwarded-for" => has_for = true,
             "x-forwarded-proto" => has_proto = true,
             "x-forwarded-host" => has_host = true,
             "forwarded" => has_forwarded = true,
+            "x-real-ip" | "x-forwarded-port" | "x-forwarded-prefix" | "x-middleware-subrequest" => {
+                has_other = true;
+            }
             _ => {}
         }
     }
+    if has_other {
+        for name in NEVER_FORWARDED
+            .iter()
+            .chain(FROM_TRUSTED_ONLY.iter().filter(|_| !trusted_peer))
+        {
+            headers.remove(name);
+        }
+    }
+    // A trusted proxy's chain, every line of it (HAProxy appends a line of
+    // its own), with the peer appended.
     let chain = (trusted_peer && has_for)
-        .then(|| headers.get(X_FORWARDED_FOR))
-        .flatten()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|chain| HeaderValue::from_str(&format!("{chain}, {}", peer.addr.ip())).ok());
+        .then(|| {
+            let mut chain = String::new();
+            for line in headers.get_all(X_FORWARDED_FOR) {
+                let Ok(line) = line.to_str() else { continue };
+                chain.push_str(line.trim());
+                chain.push_str(", ");
+            }
+            chain.push_str(&peer.addr.ip().to_string());
+            HeaderValue::from_str(&chain).ok()
+        })
+        .flatten();
     // Up to five more headers: room for them at once.
     headers.reserve(5);
+    // insert replaces every line of a client's own.
     headers.insert(X_FORWARDED_FOR, chain.unwrap_or_else(|| peer.ip.clone()));
     if !(trusted_peer && has_proto) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
@@ -337,6 +391,90 @@ mod tests {
             "6.6.6.6, 203.0.113.7, 10.1.1.1, 10.0.0.2"
         );
         assert_eq!(h[X_FORWARDED_PROTO], "https");
+    }
+
+    /// Issue 11, fault 6: every X-Forwarded-For line of a trusted proxy
+    /// counts (HAProxy appends a line of its own), entries with ports are
+    /// parsed, and IPv4-mapped addresses are their IPv4 selves.
+    #[test]
+    fn every_forwarded_line_counts_and_ports_are_parsed() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let proxy: IpAddr = "10.0.0.2".parse().expect("ip");
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("203.0.113.7:4711"),
+        );
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().expect("ip"),
+            "the proxy's own line, not the client's first one"
+        );
+        for (entry, ip) in [
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            (" ::ffff:192.0.2.1 ", "192.0.2.1"),
+            ("192.0.2.1:80", "192.0.2.1"),
+        ] {
+            assert_eq!(
+                forwarded_addr(entry),
+                Some(ip.parse().expect("ip")),
+                "{entry}"
+            );
+        }
+        assert_eq!(forwarded_addr("unknown"), None);
+        set_forwarded(
+            &mut h,
+            &Peer::new(std::net::SocketAddr::new(proxy, 1)),
+            true,
+            "http",
+            None,
+            &HeaderValue::from_static("rid"),
+        );
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            h[X_FORWARDED_FOR], "6.6.6.6, 203.0.113.7:4711, 10.0.0.2",
+            "every line goes on"
+        );
+    }
+
+    /// Issue 11, fault 6: headers a client could lie with reach the app only
+    /// from a trusted proxy; Next's middleware marker never.
+    #[test]
+    fn client_claims_are_dropped_unless_a_trusted_proxy_makes_them() {
+        let claims = || {
+            let mut h = HeaderMap::new();
+            for name in [
+                "x-real-ip",
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+                "x-middleware-subrequest",
+            ] {
+                h.insert(name, HeaderValue::from_static("1"));
+            }
+            h
+        };
+        let peer = Peer::new("[::ffff:192.0.2.9]:5000".parse().expect("addr"));
+        assert_eq!(peer.addr.ip(), "192.0.2.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(peer.ip, "192.0.2.9");
+        let rid = HeaderValue::from_static("rid");
+        let mut untrusted = claims();
+        set_forwarded(&mut untrusted, &peer, false, "http", None, &rid);
+        for name in [
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-middleware-subrequest",
+        ] {
+            assert!(!untrusted.contains_key(name), "{name} from a client");
+        }
+        let mut trusted = claims();
+        set_forwarded(&mut trusted, &peer, true, "http", None, &rid);
+        for name in ["x-real-ip", "x-forwarded-port", "x-forwarded-prefix"] {
+            assert!(trusted.contains_key(name), "{name} from a trusted proxy");
+        }
+        assert!(!trusted.contains_key("x-middleware-subrequest"));
     }
 
     #[test]
