@@ -1,6 +1,12 @@
 //! bext's own endpoints under `/__bext/`, answered before anything else
 //! (never by the app): `health` (JSON), `metrics` (Prometheus text) and
 //! `cache/invalidate` (purge, behind a bearer token).
+//!
+//! Pids, memory and counters are for the operator: the full health report
+//! and the metrics go only to clients in `admin_networks` (the client as
+//! `trusted_proxies` resolve it, so that behind a local TLS terminator the
+//! world is not "loopback"); everyone else gets the health status alone,
+//! for load balancers, and a 403 for the metrics.
 
 use std::sync::Arc;
 
@@ -29,6 +35,7 @@ pub struct Admin {
     pub cache: Option<Arc<IsrCache>>,
     pub metrics: Arc<Metrics>,
     pub purge_token: Option<String>,
+    pub admin_networks: Arc<[ipnet::IpNet]>,
 }
 
 /// `POST /__bext/cache/invalidate` body.
@@ -49,9 +56,16 @@ struct PurgeRequest {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    /// Answers `req` from `client` (resolved through trusted proxies).
+    pub async fn handle(&self, req: Request<Body>, client: std::net::IpAddr) -> Response<Body> {
+        let admin = self.admin_networks.iter().any(|n| n.contains(&client));
         match (req.method(), req.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/__bext/health") => self.health(),
+            (&Method::GET | &Method::HEAD, "/__bext/health") if admin => self.health(),
+            (&Method::GET | &Method::HEAD, "/__bext/health") => self.health_status(),
+            (&Method::GET | &Method::HEAD, "/__bext/metrics") if !admin => json(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({"error": "metrics are served to admin_networks only"}),
+            ),
             (&Method::GET | &Method::HEAD, "/__bext/metrics") => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -75,6 +89,17 @@ impl Admin {
             StatusCode::SERVICE_UNAVAILABLE
         };
         json(status, &body)
+    }
+
+    /// The public answer: whether the app can take requests, nothing more.
+    fn health_status(&self) -> Response<Body> {
+        let healthy = self.pool.as_ref().is_none_or(|p| p.ready_count() > 0);
+        let (status, word) = if healthy {
+            (StatusCode::OK, "ok")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        };
+        json(status, &serde_json::json!({ "status": word }))
     }
 
     /// Whether the app can answer, and the JSON report.

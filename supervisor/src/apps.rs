@@ -45,6 +45,9 @@ pub struct AppSettings {
     /// IPv6 clients of the rate limit are keyed by this prefix length.
     pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<IpNet>,
+    /// Clients (after `trusted_proxies`) that get the full health report
+    /// and the metrics.
+    pub admin_networks: Vec<IpNet>,
     /// Where the app's sockets go (a private directory is made inside).
     pub runtime_base: PathBuf,
     /// A purge token that wins over the config's (single-app mode:
@@ -89,6 +92,8 @@ pub struct RunningApp {
     memory: Option<memory::AppMemory>,
     _runtime_dir: Option<RuntimeDir>,
     metrics: Arc<Metrics>,
+    /// This start's registration with `metrics`.
+    metrics_id: u64,
     app: App,
 }
 
@@ -215,8 +220,11 @@ impl RunningApp {
             None,
             None,
         );
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let metrics_id = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics.register_app(&AppSource {
             app: app.name.clone(),
+            id: metrics_id,
             pool: pool.as_ref().map(|h| Arc::clone(&h.pool)),
             cache: service.cache.clone(),
         });
@@ -230,6 +238,7 @@ impl RunningApp {
             memory,
             _runtime_dir: runtime_dir,
             metrics,
+            metrics_id,
             app,
         })
     }
@@ -259,6 +268,7 @@ impl RunningApp {
         );
         self.metrics.register_app(&AppSource {
             app: self.name.clone(),
+            id: self.metrics_id,
             pool: self.pool.as_ref().map(|h| Arc::clone(&h.pool)),
             cache: service.cache.clone(),
         });
@@ -304,7 +314,8 @@ impl RunningApp {
         if let Some(memory) = &self.memory {
             memory.cleanup();
         }
-        self.metrics.unregister_app(&self.name);
+        self.metrics.unregister_app(&self.name, self.metrics_id);
+        info!(app = %self.name, "app stopped");
     }
 }
 
@@ -351,6 +362,7 @@ fn build_service(
             cache: cache.clone(),
             metrics: Arc::clone(metrics),
             purge_token,
+            admin_networks: Arc::from(settings.admin_networks.as_slice()),
         },
         statics,
         proxy,

@@ -4,7 +4,8 @@
 //! Counters that move on every request are atomics updated where the event
 //! happens (handed out as [`AppCounters`]); what other parts own (cache
 //! entries and bytes, evictions, worker states, restarts, RSS) is read at
-//! scrape time from the apps registered with [`Metrics::register_app`].
+//! scrape time from the apps registered with [`Metrics::register_app`] —
+//! only from the one app asked about, when a scrape is for one app.
 
 use std::sync::{Arc, OnceLock};
 
@@ -50,6 +51,9 @@ pub struct Metrics {
 #[derive(Debug, Clone)]
 pub struct AppSource {
     pub app: String,
+    /// Which start of the app this is (a replacement registers under the
+    /// same name; the replaced one must not unregister it).
+    pub id: u64,
     pub pool: Option<Arc<Pool>>,
     pub cache: Option<Arc<IsrCache>>,
 }
@@ -126,9 +130,6 @@ impl Metrics {
             registry.register(name, help, family.clone());
         }
         let apps = Arc::new(ArcSwap::from_pointee(Vec::new()));
-        registry.register_collector(Box::new(Snapshot {
-            apps: Arc::clone(&apps),
-        }));
         Metrics {
             registry,
             requests,
@@ -182,53 +183,71 @@ impl Metrics {
         });
     }
 
-    /// Forgets an app that was removed.
-    pub fn unregister_app(&self, app: &str) {
+    /// Forgets an app that was removed, unless another start of it (`id`
+    /// differs) has registered since.
+    pub fn unregister_app(&self, app: &str, id: u64) {
         self.apps.rcu(|apps| {
             apps.iter()
-                .filter(|a| a.app != app)
+                .filter(|a| a.app != app || a.id != id)
                 .cloned()
                 .collect::<Vec<_>>()
         });
     }
 
-    /// The Prometheus text exposition, for every app or for one.
+    /// The Prometheus text exposition, for every app or for one. For one,
+    /// only that app's pool and cache are read.
     pub fn render(&self, only: Option<&str>) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let mut counters = String::new();
+        if encode_registry(&mut counters, &self.registry).is_err() {
+            counters.clear();
         }
-        match only {
-            None => out,
+        let mut out = match only {
+            None => counters,
             Some(app) => {
                 let label = format!("app=\"{app}\"");
-                out.lines()
-                    .filter(|line| {
-                        line.starts_with('#')
-                            || line.contains(&format!("{{{label},"))
-                            || line.contains(&format!("{{{label}}}"))
-                            || line.contains(&format!(",{label},"))
-                            || line.contains(&format!(",{label}}}"))
-                    })
+                let own = |line: &&str| {
+                    line.starts_with('#')
+                        || line.contains(&format!("{{{label},"))
+                        || line.contains(&format!("{{{label}}}"))
+                        || line.contains(&format!(",{label},"))
+                        || line.contains(&format!(",{label}}}"))
+                };
+                counters
+                    .lines()
+                    .filter(own)
                     .fold(String::new(), |mut acc, line| {
                         acc.push_str(line);
                         acc.push('\n');
                         acc
                     })
             }
+        };
+        let apps: Vec<AppSource> = self
+            .apps
+            .load()
+            .iter()
+            .filter(|a| only.is_none_or(|only| a.app == only))
+            .cloned()
+            .collect();
+        let mut snapshot = Registry::with_prefix("bext");
+        snapshot.register_collector(Box::new(Snapshot { apps }));
+        if encode_registry(&mut out, &snapshot).is_err() || encode_eof(&mut out).is_err() {
+            out.clear();
         }
+        out
     }
 }
 
 /// Values read from their owners at scrape time.
 #[derive(Debug)]
 struct Snapshot {
-    apps: Arc<ArcSwap<Vec<AppSource>>>,
+    apps: Vec<AppSource>,
 }
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let apps = self.apps.load();
+        let apps = &self.apps;
         let label = |a: &AppSource| AppLabel { app: a.app.clone() };
         let caches: Vec<_> = apps
             .iter()

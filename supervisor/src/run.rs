@@ -89,6 +89,10 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             source,
         })?;
     let grace = config.server.shutdown_grace;
+    let (trusted_proxies, admin_networks) = (
+        config.server.trusted_proxies.clone(),
+        config.server.admin_networks.clone(),
+    );
     let settings = AppSettings {
         name: None,
         dir: args.dir.clone(),
@@ -98,7 +102,8 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         hooks: None,
         rate_limit: None,
         ipv6_prefix: crate::ratelimit::DEFAULT_IPV6_PREFIX,
-        trusted_proxies: vec![],
+        trusted_proxies,
+        admin_networks,
         runtime_base: default_runtime_base(),
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)
             .ok()

@@ -10,7 +10,7 @@
 //! build) is logged and skipped; the others serve.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,8 @@ pub struct PlatformService {
     /// Every app by name (for purges naming their app in the body).
     apps: ArcSwap<BTreeMap<String, Arc<AppService>>>,
     metrics: Arc<Metrics>,
-    admin_networks: ArcSwap<Vec<IpNet>>,
+    /// `admin_networks` and `trusted_proxies`, as of the last reload.
+    access: ArcSwap<(Vec<IpNet>, Vec<IpNet>)>,
 }
 
 impl PlatformService {
@@ -81,17 +82,20 @@ impl PlatformService {
         );
         self.routes.store(Arc::new(table));
         self.apps.store(Arc::new(services));
-        self.admin_networks
-            .store(Arc::new(config.admin_networks.clone()));
+        self.access.store(Arc::new((
+            config.admin_networks.clone(),
+            config.trusted_proxies.clone(),
+        )));
+    }
+
+    /// The client as the trusted proxies tell it.
+    fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> IpAddr {
+        crate::proxy::headers::client_ip(peer.ip(), req.headers(), &self.access.load().1)
     }
 
     async fn platform_admin(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        if !self
-            .admin_networks
-            .load()
-            .iter()
-            .any(|n| n.contains(&peer.ip()))
-        {
+        let client = self.client_ip(&req, peer);
+        if !self.access.load().0.iter().any(|n| n.contains(&client)) {
             return text(StatusCode::FORBIDDEN, "forbidden\n");
         }
         match (req.method(), req.uri().path()) {
@@ -131,7 +135,8 @@ impl PlatformService {
     }
 
     /// A purge on a host no app serves: the body names the app.
-    async fn purge_by_body(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn purge_by_body(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let client = self.client_ip(&req, peer);
         let (parts, incoming) = req.into_parts();
         let Ok(collected) = http_body_util::Limited::new(incoming, 64 * 1024)
             .collect()
@@ -153,7 +158,7 @@ impl PlatformService {
             );
         };
         let req = Request::from_parts(parts, body::full(bytes));
-        service.admin.handle(req).await
+        service.admin.handle(req, client).await
     }
 }
 
@@ -168,7 +173,7 @@ impl Handler for PlatformService {
             None if req.method() == Method::POST
                 && req.uri().path() == "/__bext/cache/invalidate" =>
             {
-                Box::pin(self.purge_by_body(req)).await
+                Box::pin(self.purge_by_body(req, peer.addr)).await
             }
             None => {
                 tracing::debug!(host = %router::normalize(host_of(&req)), "no app for host");
@@ -223,6 +228,7 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
                 rate_limit: entry.rate_limit_rpm,
                 ipv6_prefix: entry.rate_limit_ipv6_prefix,
                 trusted_proxies: config.trusted_proxies.clone(),
+                admin_networks: config.admin_networks.clone(),
                 runtime_base: runtime_base.clone(),
                 purge_token_override: None,
             },
@@ -304,7 +310,10 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
         apps: ArcSwap::from_pointee(BTreeMap::new()),
         metrics: Arc::clone(&metrics),
-        admin_networks: ArcSwap::from_pointee(config.admin_networks.clone()),
+        access: ArcSwap::from_pointee((
+            config.admin_networks.clone(),
+            config.trusted_proxies.clone(),
+        )),
     });
     platform.publish(&apps, &config);
     let addr = listener.local_addr().map_err(|source| RunError::Listen {

@@ -81,7 +81,7 @@ impl AppService {
             // is moved whole on every request, so it stays as small as
             // the common path needs.
             return (
-                Box::pin(self.admin.handle(req.map(body::incoming))).await,
+                Box::pin(self.admin.handle(req.map(body::incoming), client_ip)).await,
                 None,
             );
         }

@@ -377,3 +377,43 @@ async fn issue11_client_claims_do_not_reach_the_app() {
     }
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
 }
+
+/// Fault 7: pids, memory and counters are for admin networks only; the
+/// world gets the health status alone. Behind a local proxy every peer is
+/// 127.0.0.1, so the client is what `trusted_proxies` make of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_admin_detail_is_for_admin_networks_only() {
+    let (_dir, bext) = origin("[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n");
+    let get = |path: &'static str, from: Option<&'static str>| {
+        let mut request = client().get(bext.url(path));
+        if let Some(ip) = from {
+            request = request.header("x-forwarded-for", ip);
+        }
+        request.send()
+    };
+    let local: Value = get("/__bext/health", None)
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert!(local["workers"][0]["pid"].is_u64(), "full report: {local}");
+    assert_eq!(
+        get("/__bext/metrics", None)
+            .await
+            .expect("metrics")
+            .status(),
+        200
+    );
+
+    let outside = get("/__bext/health", Some("203.0.113.5"))
+        .await
+        .expect("health");
+    assert_eq!(outside.status(), 200);
+    let outside: Value = outside.json().await.expect("json");
+    assert_eq!(outside, serde_json::json!({"status": "ok"}), "status only");
+    let metrics = get("/__bext/metrics", Some("203.0.113.5"))
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status(), 403);
+}

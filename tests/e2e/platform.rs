@@ -717,6 +717,32 @@ async fn issue11_a_reload_onto_a_crashing_build_keeps_the_old_workers() {
         text(&bext, "site.test", "/").await,
         (200, "plain node".into())
     );
+
+    // A replacement that works takes over, and (fault 8) the replaced
+    // generation's stop does not take the app's metrics with it.
+    let fixed = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+    ]);
+    platform.write(&config(fixed.path()));
+    bext.signal(libc::SIGHUP);
+    bext.wait_log(Duration::from_secs(60), |v| {
+        v["message"] == "app stopped" && v["app"] == "site"
+    });
+    let after = platform_health(&bext).await;
+    assert_ne!(worker_pids(&after, "site"), before, "new workers");
+    let metrics = client()
+        .get(bext.url("/__bext/platform/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("bext_workers_ready{app=\"site\"} 1"),
+        "the app's metrics survive its replacement:\n{metrics}"
+    );
 }
 
 #[test]

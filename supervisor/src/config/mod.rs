@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Time bounds on client connections.
     pub limits: crate::listener::ConnLimits,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Clients allowed the full health report and the metrics.
+    pub admin_networks: Vec<ipnet::IpNet>,
     pub access_log: bool,
 }
 
@@ -186,6 +190,8 @@ impl Config {
                         .map_or(DEFAULT_KEEPALIVE_TIMEOUT, ms),
                     send_timeout: server.send_timeout_ms.map_or(DEFAULT_SEND_TIMEOUT, ms),
                 },
+                trusted_proxies: server.trusted_proxies.unwrap_or_default(),
+                admin_networks: server.admin_networks.unwrap_or_else(loopback),
                 access_log: server.access_log.unwrap_or(true),
             },
             isr: IsrConfig {
@@ -233,6 +239,14 @@ impl IsolateConfig {
     pub fn workers_or(&self, default: NonZeroU32) -> NonZeroU32 {
         self.workers.unwrap_or(default)
     }
+}
+
+/// The default `admin_networks`: this host only.
+pub fn loopback() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 fn default_listen() -> SocketAddr {

@@ -314,10 +314,6 @@ impl PlatformConfig {
                 format!("no app is named `{}`", default.get_ref()),
             ));
         }
-        let loopback: Vec<ipnet::IpNet> = ["127.0.0.0/8", "::1/128"]
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
         Ok(PlatformConfig {
             source: path.to_path_buf(),
             listen: platform
@@ -329,7 +325,7 @@ impl PlatformConfig {
             max_apps,
             default_app: platform.default_app.map(Spanned::into_inner),
             trusted_proxies: platform.trusted_proxies.unwrap_or_default(),
-            admin_networks: platform.admin_networks.unwrap_or(loopback),
+            admin_networks: platform.admin_networks.unwrap_or_else(super::loopback),
             shutdown_grace: platform.shutdown_grace.map(|d| d.0),
             limits: crate::listener::ConnLimits {
                 client_header_timeout: platform

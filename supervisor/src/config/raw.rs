@@ -32,6 +32,8 @@ pub(super) struct RawServer {
     pub(super) client_header_timeout_ms: Option<Millis>,
     pub(super) keepalive_timeout_ms: Option<Millis>,
     pub(super) send_timeout_ms: Option<Millis>,
+    pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    pub(super) admin_networks: Option<Vec<ipnet::IpNet>>,
     pub(super) access_log: Option<bool>,
 }
 
