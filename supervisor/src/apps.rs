@@ -406,26 +406,51 @@ impl RuntimeDir {
             })
             .take(32)
             .collect();
-        // Unique per start: an app being replaced keeps its own sockets
-        // while its replacement starts.
-        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = base.join(format!("bext-{}-{name}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        // Unique per start (an app being replaced keeps its own sockets
+        // while its replacement starts) and unguessable: under a shared
+        // /tmp, another user must not be able to make it first.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let dir = base.join(format!(
+            "bext-{}-{name}-{}",
+            std::process::id(),
+            &token[..16]
+        ));
+        let failed = |source| RunError::RuntimeDir {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(base).map_err(failed)?;
+        // Not recursive: an existing directory is an error, never reused.
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|source| RunError::RuntimeDir {
-                dir: dir.clone(),
-                source,
-            })?;
+            .map_err(failed)?;
+        verify_private(&dir).map_err(failed)?;
         Ok(RuntimeDir(dir))
     }
 
     fn path(&self) -> &Path {
         &self.0
     }
+}
+
+/// `dir` is a real directory (not a symlink), owned by this process's user,
+/// that no one else may enter.
+fn verify_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "not a private directory of uid {uid} (owner {}, mode {:o})",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for RuntimeDir {
@@ -441,4 +466,34 @@ pub fn default_runtime_base() -> PathBuf {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 11, fault 8: runtime directories are fresh, unguessable and
+    /// private; one that is not private is refused.
+    #[test]
+    fn runtime_dirs_are_fresh_and_private() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let a = RuntimeDir::create(base.path(), "app").expect("create");
+        let b = RuntimeDir::create(base.path(), "app").expect("create");
+        assert_ne!(a.path(), b.path(), "a fresh name each start");
+        let mode = std::fs::metadata(a.path())
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(verify_private(a.path()).is_ok());
+
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(verify_private(&shared).is_err(), "world-writable");
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(a.path(), &link).expect("symlink");
+        assert!(verify_private(&link).is_err(), "a symlink to a private dir");
+    }
 }

@@ -129,6 +129,7 @@ impl Metrics {
         for ((name, help), family) in help.into_iter().zip(&cache) {
             registry.register(name, help, family.clone());
         }
+        registry.register_collector(Box::new(Process));
         let apps = Arc::new(ArcSwap::from_pointee(Vec::new()));
         Metrics {
             registry,
@@ -208,6 +209,7 @@ impl Metrics {
                 let label = format!("app=\"{app}\"");
                 let own = |line: &&str| {
                     line.starts_with('#')
+                        || !line.contains('{')
                         || line.contains(&format!("{{{label},"))
                         || line.contains(&format!("{{{label}}}"))
                         || line.contains(&format!(",{label},"))
@@ -236,6 +238,22 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The process's own figures.
+#[derive(Debug)]
+struct Process;
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let no_labels: Vec<(String, String)> = Vec::new();
+        counters(
+            &mut encoder,
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not take them in time",
+            std::iter::once((&no_labels, crate::telemetry::dropped_lines())),
+        )
     }
 }
 

@@ -23,6 +23,10 @@ use crate::cli::LogFormat;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Buffered bytes that trigger a flush at once.
 pub const FLUSH_BYTES: usize = 64 * 1024;
+/// Most bytes held while stderr does not take them (a stopped journal, a
+/// full pipe); lines beyond are dropped and counted
+/// (`bext_log_lines_dropped_total`), never blocking a request.
+pub const MAX_BUFFERED_BYTES: usize = 16 << 20;
 
 /// Installs the global subscriber. Keep the guard until exit: dropping it
 /// flushes the log.
@@ -64,6 +68,13 @@ pub fn json_format() -> Option<bool> {
     RAW.get().map(|(_, json)| *json)
 }
 
+/// Log lines dropped so far because stderr did not keep up.
+pub fn dropped_lines() -> u64 {
+    RAW.get().map_or(0, |(sink, _)| {
+        sink.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
 /// Appends one already formatted line (with its newline) to the log.
 pub fn write_line(line: &[u8]) {
     if let Some((sink, _)) = RAW.get() {
@@ -75,6 +86,7 @@ pub fn write_line(line: &[u8]) {
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +159,13 @@ struct LineWriter<'a> {
 impl Write for LineWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.buf.len() + bytes.len() > MAX_BUFFERED_BYTES {
+            drop(state);
+            self.shared
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(bytes.len());
+        }
         state.buf.extend_from_slice(bytes);
         // Wake the writer once per batch, and only when it is worth it.
         let wake = !state.signalled && (self.urgent || state.buf.len() >= FLUSH_BYTES);
@@ -199,5 +218,31 @@ impl Drop for LogGuard {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, fault 8: with nothing draining the buffer (stderr
+    /// blocked), it stops growing at its bound and counts what it drops.
+    #[test]
+    fn the_buffer_is_bounded_when_stderr_blocks() {
+        let shared = Shared::default();
+        let line = vec![b'x'; 1000];
+        for _ in 0..(MAX_BUFFERED_BYTES / 1000 + 500) {
+            let mut writer = LineWriter {
+                shared: &shared,
+                urgent: false,
+            };
+            assert_eq!(writer.write(&line).expect("write"), 1000);
+        }
+        let held = shared.state.lock().expect("lock").buf.len();
+        assert!(held <= MAX_BUFFERED_BYTES, "{held} bytes held");
+        assert!(
+            shared.dropped.load(std::sync::atomic::Ordering::Relaxed) >= 500,
+            "drops are counted"
+        );
     }
 }

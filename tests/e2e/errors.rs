@@ -30,7 +30,8 @@ fn a_typo_in_the_config_is_located_and_corrected_by_check_and_run() {
     let expected = format!(
         "bext: error: {}:3:1: key `server.static_dri`: unknown key; valid keys here: listen, static_dir, \
          upstream_timeout_ms, queue_timeout_ms, shutdown_grace_ms, client_header_timeout_ms, \
-         keepalive_timeout_ms, send_timeout_ms, access_log; did you mean `static_dir`?",
+         keepalive_timeout_ms, send_timeout_ms, trusted_proxies, admin_networks, access_log; \
+         did you mean `static_dir`?",
         config.display()
     );
     for args in [vec!["check", dir], vec!["run", dir]] {

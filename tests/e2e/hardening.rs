@@ -417,3 +417,19 @@ async fn issue11_admin_detail_is_for_admin_networks_only() {
         .expect("metrics");
     assert_eq!(metrics.status(), 403);
 }
+
+/// Fault 8: `//docs` on a static site redirects to `/docs/`, never to the
+/// protocol-relative `//docs/` (another site, to a browser).
+#[test]
+fn issue11_a_directory_redirect_is_never_protocol_relative() {
+    let bext = Bext::run(&fixture("static"), &[]);
+    for target in ["//docs", "///docs", "/docs"] {
+        let (status, headers, _) = crate::support::raw_get(bext.addr, target);
+        assert_eq!(status, 301, "{target}");
+        let location = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("location: "))
+            .unwrap_or_else(|| panic!("no location for {target}: {headers}"));
+        assert_eq!(location.trim(), "/docs/", "{target}");
+    }
+}

@@ -155,6 +155,32 @@ fn variant(
     }
 }
 
+/// Tries `openat2` once (on `/`).
+pub fn probe_openat2() -> Result<(), Errno> {
+    let root = nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH);
+    openat2(&root, ".", how).map(drop)
+}
+
+/// Static files are served only through `openat2` (Linux 5.6+): a kernel
+/// (or a seccomp filter) without it is an error at start, not a silent 404
+/// for every file.
+pub fn require_openat2(probe: impl FnOnce() -> Result<(), Errno>) -> std::io::Result<()> {
+    match probe() {
+        Err(Errno::ENOSYS) | Err(Errno::EPERM) => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the kernel refuses openat2 (Linux 5.6 or later is needed to serve static files safely)",
+        )),
+        Ok(()) | Err(_) => Ok(()),
+    }
+}
+
 /// Opens `rel` under `dir`, refusing anything that resolves outside it.
 /// `None` for anything that cannot be served (missing, escaping, special).
 pub fn open_beneath(dir: &OwnedFd, rel: &[u8]) -> Option<(std::fs::File, std::fs::Metadata)> {
@@ -185,4 +211,18 @@ fn is_compressible(mime: &mime_guess::Mime) -> bool {
     is_text(mime)
         || matches!(mime.subtype().as_str(), "svg" | "wasm" | "manifest+json")
         || mime.suffix().is_some_and(|s| s == "xml" || s == "json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, fault 8: no openat2 is an error at start, not 404s.
+    #[test]
+    fn a_kernel_without_openat2_is_refused_at_start() {
+        assert!(probe_openat2().is_ok(), "this kernel has openat2");
+        assert!(require_openat2(probe_openat2).is_ok());
+        let err = require_openat2(|| Err(Errno::ENOSYS)).expect_err("no openat2");
+        assert!(err.to_string().contains("openat2"), "{err}");
+    }
 }

@@ -59,6 +59,10 @@ struct MountDir {
 impl StaticFiles {
     /// Opens every mount's directory. Longer prefixes are tried first.
     pub fn open(mounts: &[Mount]) -> std::io::Result<Self> {
+        if !mounts.is_empty() {
+            // Without openat2 every file would be refused: say so now.
+            lookup::require_openat2(lookup::probe_openat2)?;
+        }
         let mut dirs = Vec::with_capacity(mounts.len());
         for (id, mount) in mounts.iter().enumerate() {
             let dir = nix::fcntl::open(
@@ -192,8 +196,12 @@ fn method_not_allowed() -> Outcome {
     Outcome::Response(response)
 }
 
+/// `Location: /dir/` for `/dir`. Leading slashes (and backslashes, which
+/// browsers read as slashes) collapse to one: `//evil.example` must not
+/// become a protocol-relative redirect to another site.
 fn redirect_to_slash<B>(req: &Request<B>) -> Response<Body> {
-    let mut location = format!("{}/", req.uri().path());
+    let path = req.uri().path().trim_start_matches(['/', '\\']);
+    let mut location = format!("/{path}/");
     if let Some(query) = req.uri().query() {
         location.push('?');
         location.push_str(query);
