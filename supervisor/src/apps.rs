@@ -50,6 +50,8 @@ pub struct AppSettings {
     pub admin_networks: Vec<IpNet>,
     /// Where the app's sockets go (a private directory is made inside).
     pub runtime_base: PathBuf,
+    /// Multi-app: the app's processes run as this user.
+    pub user: Option<crate::config::platform::AppUser>,
     /// A purge token that wins over the config's (single-app mode:
     /// `BEXT_PURGE_TOKEN`). Multi-app mode has none: each app's token is
     /// its own, so a token for one app purges no other.
@@ -65,6 +67,7 @@ impl AppSettings {
             || self.config.isolate != other.config.isolate
             || self.config.server.static_dir != other.config.server.static_dir
             || self.default_workers != other.default_workers
+            || self.user != other.user
     }
 }
 
@@ -121,14 +124,33 @@ impl RunningApp {
             app.name,
             app.reason
         );
+        let user = settings.user.as_ref();
+        if let Some(user) = user {
+            let me = nix::unistd::geteuid().as_raw();
+            if me != 0 && me != user.uid {
+                return Err(RunError::NeedsRoot {
+                    app: app.name.clone(),
+                    user: user.name.clone(),
+                });
+            }
+        }
         if let Some(hook) = settings
             .hooks
             .as_ref()
             .and_then(|h| h.pre_build.as_ref().map(|c| (c, h.timeout)))
         {
-            hooks::run(&app.name, "pre_build", hook.0, &app.dir, &app.env, hook.1).await?;
+            hooks::run(
+                &app.name,
+                "pre_build",
+                hook.0,
+                &app.dir,
+                &app.env,
+                user,
+                hook.1,
+            )
+            .await?;
         }
-        app::prepare(&app, settings.force_build).await?;
+        app::prepare(&app, settings.force_build, user).await?;
 
         let mounts = app.mounts();
         for mount in &mounts {
@@ -145,6 +167,15 @@ impl RunningApp {
         let (pool, memory, runtime_dir) = match app.engine {
             Some(_) => {
                 let runtime_dir = RuntimeDir::create(&settings.runtime_base, &app.name)?;
+                if let Some(user) = user {
+                    // The app's user reads its adapters and (Deno) binds
+                    // its sockets there.
+                    std::os::unix::fs::chown(runtime_dir.path(), Some(user.uid), Some(user.gid))
+                        .map_err(|source| RunError::RuntimeDir {
+                            dir: runtime_dir.path().to_path_buf(),
+                            source,
+                        })?;
+                }
                 let adapters =
                     bext_worker::adapter::install(runtime_dir.path()).map_err(|source| {
                         RunError::RuntimeDir {
@@ -158,6 +189,7 @@ impl RunningApp {
                     adapters,
                     config.isolate.memory_limit,
                     app.env.clone(),
+                    settings.user.clone(),
                 )?;
                 let memory = config
                     .isolate
@@ -286,8 +318,19 @@ impl RunningApp {
         };
         let (name, dir, timeout) = (self.name.clone(), self.app.dir.clone(), hooks.timeout);
         let env = self.app.env.clone();
+        let user = self.settings.user.clone();
         tokio::spawn(async move {
-            if let Err(e) = hooks::run(&name, "post_deploy", &command, &dir, &env, timeout).await {
+            if let Err(e) = hooks::run(
+                &name,
+                "post_deploy",
+                &command,
+                &dir,
+                &env,
+                user.as_ref(),
+                timeout,
+            )
+            .await
+            {
                 error!(app = %name, "{e}");
             }
         });

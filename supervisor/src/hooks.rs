@@ -40,12 +40,13 @@ pub async fn run(
     command: &str,
     dir: &Path,
     app_env: &[(String, String)],
+    user: Option<&crate::config::platform::AppUser>,
     timeout: Duration,
 ) -> Result<(), HookError> {
     let span = info_span!("hook", app = %app, hook);
     async {
         info!("running `{command}`");
-        let spec = bext_worker::LaunchSpec {
+        let mut spec = bext_worker::LaunchSpec {
             program: "/bin/sh".into(),
             args: vec!["-c".into(), command.into()],
             cwd: dir.to_path_buf(),
@@ -58,7 +59,10 @@ pub async fn run(
             },
             listen_fd: None,
             join_cgroup: None,
+            credentials: None,
         };
+        // Hooks run in the app's source, often its own scripts: as its user.
+        crate::app::run_as(&mut spec, user);
         let child = bext_worker::spawn(&spec).map_err(|source| HookError::Spawn {
             app: app.to_string(),
             hook,

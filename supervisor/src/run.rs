@@ -48,6 +48,8 @@ pub enum RunError {
         workers: usize,
         cause: String,
     },
+    #[error("app '{app}' is to run as user `{user}`, which needs bext to run as root")]
+    NeedsRoot { app: String, user: String },
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -105,6 +107,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         trusted_proxies,
         admin_networks,
         runtime_base: default_runtime_base(),
+        user: None,
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)
             .ok()
             .filter(|t| !t.is_empty()),

@@ -230,6 +230,7 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
                 trusted_proxies: config.trusted_proxies.clone(),
                 admin_networks: config.admin_networks.clone(),
                 runtime_base: runtime_base.clone(),
+                user: entry.user.clone(),
                 purge_token_override: None,
             },
         );

@@ -772,3 +772,68 @@ fn platform_config_mistakes_are_located_by_check_and_serve() {
         "{stderr}"
     );
 }
+
+/// Tenant isolation (issue 11): an app with `user` runs as that user (bext
+/// is root here), and from there can neither signal bext nor read what is
+/// not its own; an app without one runs as bext's user.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_an_app_with_a_user_runs_as_that_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping to another user needs bext to run as root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let probe = r#"
+const http = require('http');
+http.createServer((req, res) => {
+  let signal = 'ok';
+  try { process.kill(process.ppid, 0); } catch (e) { signal = e.code; }
+  let read = 'ok';
+  try { require('fs').readdirSync(process.env.PROBE_DIR); } catch (e) { read = e.code; }
+  res.setHeader('cache-control', 'no-store');
+  res.end(JSON.stringify({ uid: process.getuid(), gid: process.getgid(), home: process.env.HOME, signal, read }));
+}).listen(3000);
+"#;
+    let app = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", probe),
+    ]);
+    std::fs::set_permissions(app.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let private = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.tenant]\nsource = \"{src}\"\ndomains = [\"tenant.test\"]\nuser = \"nobody\"\n\
+         [apps.tenant.env]\nPROBE_DIR = \"{private}\"\n\
+         [apps.own]\nsource = \"{src}\"\ndomains = [\"own.test\"]\n\
+         [apps.own.env]\nPROBE_DIR = \"{private}\"\n",
+        src = app.path().display(),
+        private = private.path().display(),
+    ));
+    std::fs::set_permissions(platform.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let bext = platform.serve(&[]);
+    let json = |host: &'static str| {
+        let bext = &bext;
+        async move {
+            bext.get_host(host, "/")
+                .await
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let tenant = json("tenant.test").await;
+    assert_eq!(tenant["uid"], 65534, "{tenant}");
+    assert_eq!(tenant["gid"], 65534, "{tenant}");
+    assert_eq!(tenant["home"], "/nonexistent", "{tenant}");
+    assert_eq!(tenant["signal"], "EPERM", "it cannot signal bext: {tenant}");
+    assert_eq!(
+        tenant["read"], "EACCES",
+        "it cannot read root's files: {tenant}"
+    );
+    let own = json("own.test").await;
+    assert_eq!(own["uid"], 0, "{own}");
+}

@@ -29,6 +29,16 @@ pub struct LaunchSpec<'a> {
     /// A cgroup's `cgroup.procs` file: the child joins that group before
     /// it execs, so the app and everything it spawns are in it.
     pub join_cgroup: Option<std::ffi::CString>,
+    /// Run as this user and group (no supplementary groups) instead of the
+    /// supervisor's (which must be root to change them).
+    pub credentials: Option<Credentials>,
+}
+
+/// A user and group to run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +70,14 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
     let supervisor = std::process::id() as libc::pid_t;
     let listen_fd = spec.listen_fd.map(|fd| fd.as_raw_fd());
     let join_cgroup = spec.join_cgroup.clone();
+    let credentials = spec.credentials;
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe system calls (prctl, getppid, open, write,
-    // close, dup2, fcntl, _exit); it allocates nothing and takes no locks
-    // (the cgroup path was made into a C string before the fork).
+    // close, dup2, fcntl, setgroups, setgid, setuid, _exit); it allocates
+    // nothing and takes no locks (the cgroup path was made into a C string
+    // before the fork).
     unsafe {
         cmd.pre_exec(move || {
-            // Die with the supervisor, whatever killed it.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The supervisor may have died before prctl took effect.
-            if libc::getppid() != supervisor {
-                libc::_exit(1);
-            }
             if let Some(procs) = &join_cgroup {
                 // "0" moves the writing process.
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -86,6 +90,26 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
                 if written != 1 {
                     return Err(error);
                 }
+            }
+            // Drop to the app's user (after joining the cgroup, which may
+            // need the supervisor's rights); groups first, while allowed.
+            if let Some(c) = credentials {
+                let groups = [c.gid as libc::gid_t];
+                if libc::setgroups(1, groups.as_ptr()) != 0
+                    || libc::setgid(c.gid as libc::gid_t) != 0
+                    || libc::setuid(c.uid as libc::uid_t) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Die with the supervisor, whatever killed it (set after the
+            // user change, which clears it).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died before prctl took effect.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
             }
             if let Some(fd) = listen_fd {
                 if fd == LISTEN_FD {
@@ -131,6 +155,7 @@ mod tests {
             env: crate::env::from_supervisor(false),
             listen_fd: Some(listener.as_fd()),
             join_cgroup: None,
+            credentials: None,
         };
         let child = spawn(&spec).expect("spawn");
         let pid = child.id().expect("pid");

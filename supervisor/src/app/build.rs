@@ -9,6 +9,7 @@ use std::time::Duration;
 use tracing::{Instrument, info, info_span};
 
 use super::{App, DetectError, Step};
+use crate::config::platform::AppUser;
 use crate::output::{self, Finished, describe};
 
 /// How long one install or build step may run before it is killed (with
@@ -43,17 +44,28 @@ pub enum BuildError {
 
 /// Installs dependencies when a lockfile exists and `node_modules` does not,
 /// then builds when the app has a build and is not built (or `force_build`).
-pub async fn prepare(app: &App, force_build: bool) -> Result<(), BuildError> {
+/// Both run as `user` when set (the app's own code runs in them: package
+/// scripts, the framework's build).
+pub async fn prepare(
+    app: &App,
+    force_build: bool,
+    user: Option<&AppUser>,
+) -> Result<(), BuildError> {
     if let Some(step) = app.install_step()? {
-        run(app, "install", &step).await?;
+        run(app, "install", &step, user).await?;
     }
     if let Some(step) = app.build_step(force_build) {
-        run(app, "build", &step).await?;
+        run(app, "build", &step, user).await?;
     }
     Ok(())
 }
 
-async fn run(app: &App, phase: &'static str, step: &Step) -> Result<(), BuildError> {
+async fn run(
+    app: &App,
+    phase: &'static str,
+    step: &Step,
+    user: Option<&AppUser>,
+) -> Result<(), BuildError> {
     let span = info_span!("build", app = %app.name, phase);
     async {
         info!("running `{step}` in {}", app.dir.display());
@@ -67,14 +79,16 @@ async fn run(app: &App, phase: &'static str, step: &Step) -> Result<(), BuildErr
         }
         env.extend(app.env.iter().map(|(k, v)| (k.into(), v.into())));
         env.push(("NEXT_TELEMETRY_DISABLED".into(), "1".into()));
-        let spec = bext_worker::LaunchSpec {
+        let mut spec = bext_worker::LaunchSpec {
             program: step.program.clone().into(),
             args: step.args.iter().map(Into::into).collect(),
             cwd: app.dir.clone(),
             env,
             listen_fd: None,
             join_cgroup: None,
+            credentials: None,
         };
+        super::run_as(&mut spec, user);
         let child = bext_worker::spawn(&spec).map_err(|source| BuildError::Spawn {
             app: app.name.clone(),
             step: step.to_string(),

@@ -13,6 +13,23 @@ pub use build::{BuildError, prepare};
 pub use detect::{App, DetectError, Step, detect};
 pub use start::{Start, StartError};
 
+/// Makes `spec` run as `user` (its uid, its group, its home), when set.
+pub fn run_as(
+    spec: &mut bext_worker::LaunchSpec<'_>,
+    user: Option<&crate::config::platform::AppUser>,
+) {
+    let Some(user) = user else { return };
+    spec.credentials = Some(bext_worker::Credentials {
+        uid: user.uid,
+        gid: user.gid,
+    });
+    spec.env.extend([
+        ("HOME".into(), user.home.clone().into_os_string()),
+        ("USER".into(), user.name.clone().into()),
+        ("LOGNAME".into(), user.name.clone().into()),
+    ]);
+}
+
 /// A static directory and the URL prefix it is served at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {

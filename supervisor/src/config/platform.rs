@@ -80,6 +80,7 @@ struct RawApp {
     deploy: Option<RawDeploy>,
     hooks: Option<RawHooks>,
     env: Option<EnvVars>,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +166,33 @@ pub struct AppEntry {
     pub hooks: Hooks,
     /// `[apps.NAME.env]`: on top of the app's own `[runtime] env`.
     pub env: EnvVars,
+    /// `apps.NAME.user`: the app's processes run as this user.
+    pub user: Option<AppUser>,
+}
+
+/// A system user an app's processes run as (bext must run as root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl AppUser {
+    /// Looks `name` up in the system's user database.
+    pub fn lookup(name: &str) -> Result<Self, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Ok(AppUser {
+                name: user.name,
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+                home: user.dir,
+            }),
+            Ok(None) => Err(format!("no user is named `{name}` on this host")),
+            Err(e) => Err(format!("could not look up user `{name}`: {e}")),
+        }
+    }
 }
 
 /// `[apps.NAME.cache]`: overrides of the app's `[cache.isr]`.
@@ -273,6 +301,13 @@ impl PlatformConfig {
                 Some(p) => *p.get_ref(),
                 None => crate::ratelimit::DEFAULT_IPV6_PREFIX,
             };
+            let user =
+                match &app.user {
+                    Some(user) => Some(AppUser::lookup(user.get_ref()).map_err(|why| {
+                        invalid(user.span().start, format!("apps.{name}.user"), why)
+                    })?),
+                    None => None,
+                };
             let cache = app.cache.unwrap_or_default();
             let isolate = app.isolate.unwrap_or_default();
             let hooks = app.hooks.unwrap_or_default();
@@ -298,6 +333,7 @@ impl PlatformConfig {
                 start_timeout: isolate.start_timeout.map(|d| d.0),
                 keep_versions: app.deploy.and_then(|d| d.keep_versions),
                 env: app.env.unwrap_or_default(),
+                user,
                 hooks: Hooks {
                     pre_build: hooks.pre_build.filter(|h| !h.trim().is_empty()),
                     post_deploy: hooks.post_deploy.filter(|h| !h.trim().is_empty()),

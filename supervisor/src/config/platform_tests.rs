@@ -156,3 +156,33 @@ fn platform_files_are_told_apart_from_app_configs() {
     assert!(is_platform_file(SEED));
     assert!(!is_platform_file("[server]\nlisten = \"0.0.0.0:1\"\n"));
 }
+
+/// Issue 11: an app's `user` must exist; a config duration or an IPv6
+/// prefix out of range is refused where it is written.
+#[test]
+fn users_prefixes_and_durations_are_checked_where_written() {
+    let d = diag(
+        "[apps.a]\nsource = \"/srv/a\"\ndomains = [\"a.test\"]\nuser = \"no-such-user-here\"\n",
+    );
+    assert_eq!(d.key.as_deref(), Some("apps.a.user"));
+    assert_eq!(d.line, 4);
+    assert!(d.message.contains("no user is named"), "{}", d.message);
+    let ok = PlatformConfig::parse(
+        Path::new("/etc/bext/platform.toml"),
+        "[apps.a]\nsource = \"/srv/a\"\ndomains = [\"a.test\"]\nuser = \"nobody\"\n",
+    )
+    .expect("nobody exists");
+    assert_eq!(
+        ok.app("a").and_then(|a| a.user.as_ref()).map(|u| u.uid),
+        Some(65534)
+    );
+
+    let d = diag(
+        "[apps.a]\nsource = \"/srv/a\"\ndomains = [\"a.test\"]\n[apps.a.rate_limit]\nipv6_prefix = 129\n",
+    );
+    assert_eq!(d.key.as_deref(), Some("apps.a.rate_limit.ipv6_prefix"));
+    assert_eq!(d.line, 5);
+    let d = diag("[platform]\nkeepalive_timeout = \"100000000000s\"\n");
+    assert_eq!(d.line, 2);
+    assert!(d.message.contains("too long"), "{}", d.message);
+}

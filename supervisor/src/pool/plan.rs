@@ -35,6 +35,8 @@ pub struct LaunchPlan {
     memory_limit: Option<MemorySize>,
     /// The app's own variables (`[runtime] env`).
     app_env: Vec<(String, String)>,
+    /// Workers run as this user, when set.
+    user: Option<crate::config::platform::AppUser>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +66,7 @@ impl LaunchPlan {
         adapters: Adapters,
         memory_limit: Option<MemorySize>,
         app_env: Vec<(String, String)>,
+        user: Option<crate::config::platform::AppUser>,
     ) -> Result<Self, PlanError> {
         let kind = match start.clone() {
             Start::Node {
@@ -92,6 +95,7 @@ impl LaunchPlan {
             adapters,
             memory_limit,
             app_env,
+            user,
         })
     }
 
@@ -192,14 +196,17 @@ impl LaunchPlan {
                 (deno.clone(), argv)
             }
         };
-        LaunchSpec {
+        let mut spec = LaunchSpec {
             program,
             args,
             cwd: self.cwd.clone(),
             env,
             listen_fd,
             join_cgroup: None,
-        }
+            credentials: None,
+        };
+        crate::app::run_as(&mut spec, self.user.as_ref());
+        spec
     }
 
     /// The adapter preload, the heap limit, and the app's own NODE_OPTIONS
