@@ -837,3 +837,90 @@ http.createServer((req, res) => {
     let own = json("own.test").await;
     assert_eq!(own["uid"], 0, "{own}");
 }
+
+/// Overload (issue 11): many times what a slow app can serve, all at once.
+/// Each worker gets at most `isolate.max_inflight` requests; up to 1024
+/// more wait (for `queue_timeout_ms`); the rest get 503 + Retry-After at
+/// once. bext stays up with bounded memory, and another app does not
+/// notice.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_overload_is_refused_with_503_and_spares_other_apps() {
+    let slow = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        (
+            "server.js",
+            "require('http').createServer((q, s) => setTimeout(() => { \
+             s.setHeader('cache-control', 'no-store'); s.end('slow'); }, 300)).listen(3000);",
+        ),
+        ("bext.config.toml", "[server]\nqueue_timeout_ms = 1000\n"),
+    ]);
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.slow]\nsource = \"{slow}\"\ndomains = [\"slow.test\"]\n\
+         [apps.slow.isolate]\nmax_inflight = 16\n\
+         [apps.calm]\nsource = \"{calm}\"\ndomains = [\"calm.test\"]\n",
+        slow = slow.path().display(),
+        calm = path_of("static"),
+    ));
+    let bext = platform.serve(&[]);
+    let rss_before = crate::support::rss(bext.pid());
+
+    const FLOOD: usize = 3000;
+    let http = client();
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|_| {
+            let request = http.get(bext.url("/")).header("host", "slow.test").send();
+            tokio::spawn(async move {
+                match request.await {
+                    Ok(r) => {
+                        let retry = r.headers().contains_key("retry-after");
+                        let status = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        Ok((status, retry))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        })
+        .collect();
+    // The other app, meanwhile.
+    let mut calm = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let (status, _) = text(&bext, "calm.test", "/").await;
+        calm.push((status, started.elapsed()));
+    }
+    let rss_peak = crate::support::rss(bext.pid());
+    let (mut ok, mut refused) = (0, 0);
+    for task in flood {
+        match task.await.expect("task") {
+            Ok((200, _)) => ok += 1,
+            Ok((503, true)) => refused += 1,
+            Ok((status, retry)) => panic!("unexpected answer {status} (retry-after: {retry})"),
+            Err(e) => panic!("a request failed instead of being refused: {e}"),
+        }
+    }
+    eprintln!(
+        "overload: {ok} served, {refused} refused; bext RSS {} MiB before, {} MiB under load",
+        rss_before >> 20,
+        rss_peak >> 20
+    );
+    assert!(ok >= 16, "the app still served ({ok})");
+    assert!(refused > 0, "the excess was refused");
+    assert!(
+        calm.iter().all(|(s, _)| *s == 200),
+        "the other app answered every request: {calm:?}"
+    );
+    let slowest = calm.iter().map(|(_, d)| *d).max().expect("some");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the other app stayed responsive (slowest {slowest:?})"
+    );
+    assert!(
+        rss_peak < rss_before + (256 << 20),
+        "bext's memory stayed bounded: {} -> {} MiB",
+        rss_before >> 20,
+        rss_peak >> 20
+    );
+    assert_eq!(text(&bext, "slow.test", "/").await, (200, "slow".into()));
+}

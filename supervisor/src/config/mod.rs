@@ -137,6 +137,8 @@ pub struct IsolateConfig {
     pub workers: Option<NonZeroU32>,
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Duration,
+    /// Requests one worker is given at once (`None`: the default).
+    pub max_inflight: Option<NonZeroU32>,
 }
 
 impl Config {
@@ -229,6 +231,7 @@ impl Config {
                 workers: isolate.workers,
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout_ms.map_or(DEFAULT_START_TIMEOUT, ms),
+                max_inflight: isolate.max_inflight,
             },
         }
     }

@@ -109,6 +109,7 @@ struct RawAppIsolate {
     workers: Option<NonZeroU32>,
     memory_limit: Option<MemorySize>,
     start_timeout: Option<HumanDuration>,
+    max_inflight: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +163,7 @@ pub struct AppEntry {
     pub workers: Option<NonZeroU32>,
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Option<Duration>,
+    pub max_inflight: Option<NonZeroU32>,
     pub keep_versions: Option<NonZeroU32>,
     pub hooks: Hooks,
     /// `[apps.NAME.env]`: on top of the app's own `[runtime] env`.
@@ -331,6 +333,7 @@ impl PlatformConfig {
                 workers: isolate.workers,
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout.map(|d| d.0),
+                max_inflight: isolate.max_inflight,
                 keep_versions: app.deploy.and_then(|d| d.keep_versions),
                 env: app.env.unwrap_or_default(),
                 user,
@@ -424,6 +427,9 @@ impl AppEntry {
         }
         if let Some(v) = self.start_timeout {
             config.isolate.start_timeout = v;
+        }
+        if let Some(v) = self.max_inflight {
+            config.isolate.max_inflight = Some(v);
         }
         config
             .runtime

@@ -117,6 +117,7 @@ pub(super) struct RawIsolate {
     pub(super) workers: Option<NonZeroU32>,
     pub(super) memory_limit: Option<MemorySize>,
     pub(super) start_timeout_ms: Option<Millis>,
+    pub(super) max_inflight: Option<NonZeroU32>,
 }
 
 /// The kinds of app bext knows how to run.

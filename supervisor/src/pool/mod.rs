@@ -29,8 +29,13 @@ pub use supervise::{PoolHandle, rss_bytes, start};
 
 use crate::config::MemorySize;
 
-/// Requests that may wait for a ready worker at once; more get a 503 at once.
+/// Requests that may wait for a worker at once (none ready, or all at
+/// their in-flight limit); more get a 503 at once.
 pub const MAX_WAITING: usize = 1024;
+/// Requests one worker is given at once when `isolate.max_inflight` does
+/// not say: each is one connection to it; more wait (up to
+/// `queue_timeout`, at most [`MAX_WAITING`] of them).
+pub const DEFAULT_MAX_INFLIGHT: usize = 512;
 /// How long a stopping worker gets between SIGTERM and SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often each worker's idle upstream connections are checked, to close
@@ -62,6 +67,8 @@ pub struct PoolConfig {
     pub stop_timeout: Duration,
     /// How long a recycled worker may take to finish its requests.
     pub drain_timeout: Duration,
+    /// Requests one worker is given at once.
+    pub max_inflight: usize,
 }
 
 /// Where a worker is in its life.
@@ -105,6 +112,10 @@ pub struct Worker {
     upstream: upstream::Upstream,
     inflight: AtomicUsize,
     state: AtomicU8,
+    /// The pool's limit on `inflight`, and its wake-up for requests that
+    /// wait for room.
+    max_inflight: usize,
+    freed: Arc<Notify>,
 }
 
 impl Worker {
@@ -145,7 +156,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        let before = self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        if before >= self.worker.max_inflight {
+            // Room on a full worker: one waiting request may take it.
+            self.worker.freed.notify_one();
+        }
     }
 }
 
@@ -154,8 +169,9 @@ impl Drop for Lease {
 pub struct Pool {
     app: Arc<str>,
     slots: Box<[ArcSwapOption<Worker>]>,
-    /// Woken whenever a worker becomes ready.
-    changed: Notify,
+    /// Woken whenever a worker becomes ready, or has room again.
+    changed: Arc<Notify>,
+    max_inflight: usize,
     next: AtomicUsize,
     waiting: AtomicUsize,
     restarts: AtomicU64,
@@ -178,11 +194,12 @@ pub struct WorkerStatus {
 }
 
 impl Pool {
-    fn new(app: &str, workers: usize) -> Self {
+    fn new(app: &str, workers: usize, max_inflight: usize) -> Self {
         Pool {
             app: app.into(),
             slots: (0..workers).map(|_| ArcSwapOption::empty()).collect(),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
+            max_inflight: max_inflight.max(1),
             next: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             restarts: AtomicU64::new(0),
@@ -212,7 +229,10 @@ impl Pool {
             let Some(worker) = guard.as_ref() else {
                 continue;
             };
-            if worker.state() != WorkerState::Ready || Some(worker.id) == exclude {
+            if worker.state() != WorkerState::Ready
+                || Some(worker.id) == exclude
+                || worker.inflight() >= self.max_inflight
+            {
                 continue;
             }
             if best
@@ -325,12 +345,14 @@ mod tests {
             upstream: upstream::Upstream::new("/nonexistent.sock".into()),
             inflight: AtomicUsize::new(0),
             state: AtomicU8::new(state as u8),
+            max_inflight: 2,
+            freed: Arc::new(Notify::new()),
         })
     }
 
     #[tokio::test]
     async fn the_least_busy_ready_worker_wins() {
-        let pool = Pool::new("t", 3);
+        let pool = Pool::new("t", 3, 8);
         pool.publish(0, Some(worker(10, 0, WorkerState::Ready)));
         pool.publish(1, Some(worker(11, 1, WorkerState::Ready)));
         pool.publish(2, Some(worker(12, 2, WorkerState::Draining)));
@@ -351,9 +373,36 @@ mod tests {
         assert_eq!(pool.ready_count(), 2);
     }
 
+    /// Issue 11 (overload): a worker at its in-flight limit takes no more;
+    /// a request waiting for room gets it when a lease ends.
+    #[tokio::test]
+    async fn a_full_worker_takes_no_more_until_a_lease_ends() {
+        let pool = Arc::new(Pool::new("t", 1, 2));
+        let w = worker(10, 0, WorkerState::Ready);
+        let w = Arc::new(Worker {
+            freed: Arc::clone(&pool.changed),
+            ..Arc::into_inner(w).expect("sole owner")
+        });
+        pool.publish(0, Some(w));
+        let a = pool.try_acquire(None).expect("room");
+        let _b = pool.try_acquire(None).expect("room");
+        assert!(pool.try_acquire(None).is_none(), "at its limit");
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), None).await })
+        };
+        tokio::task::yield_now().await;
+        drop(a);
+        let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(lease.is_some(), "the freed room went to the waiter");
+    }
+
     #[tokio::test]
     async fn acquire_waits_for_readiness_then_gives_up() {
-        let pool = Arc::new(Pool::new("t", 1));
+        let pool = Arc::new(Pool::new("t", 1, 8));
         assert!(
             pool.acquire(Duration::from_millis(20), None)
                 .await

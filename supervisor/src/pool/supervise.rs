@@ -113,7 +113,7 @@ impl PoolHandle {
 /// runtime; each worker is forked from a runtime thread (see
 /// [`bext_worker::spawn`]).
 pub fn start(config: PoolConfig) -> PoolHandle {
-    let pool = Arc::new(Pool::new(&config.app, config.workers));
+    let pool = Arc::new(Pool::new(&config.app, config.workers, config.max_inflight));
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let kill = CancellationToken::new();
@@ -380,6 +380,8 @@ impl Slot {
             upstream: Upstream::new(socket.path.clone()),
             inflight: AtomicUsize::new(0),
             state: AtomicU8::new(WorkerState::Starting as u8),
+            max_inflight: self.pool.max_inflight,
+            freed: Arc::clone(&self.pool.changed),
         });
         let span = info_span!("worker", app = %self.config.app, w = self.index, pid);
         let (ready_tx, ready_rx) = oneshot::channel();
