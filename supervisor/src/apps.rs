@@ -205,10 +205,7 @@ impl RunningApp {
                     start_timeout: config.isolate.start_timeout,
                     stop_timeout: DEFAULT_STOP_TIMEOUT,
                     drain_timeout: config.server.shutdown_grace,
-                    max_inflight: config
-                        .isolate
-                        .max_inflight
-                        .map_or(pool::DEFAULT_MAX_INFLIGHT, |n| n.get() as usize),
+                    max_inflight: config.isolate.max_inflight.get() as usize,
                 });
                 match gate {
                     Gate::AnyReady => {

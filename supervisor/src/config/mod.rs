@@ -56,6 +56,10 @@ pub const DEFAULT_ISR_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 3600);
 pub const ENV_PURGE_TOKEN: &str = "BEXT_PURGE_TOKEN";
 /// Largest number of workers bext starts by default for one app.
 pub const DEFAULT_MAX_WORKERS: u32 = 4;
+/// Requests one worker is given at once when `isolate.max_inflight` does
+/// not say: each is one connection to it; more wait (up to
+/// `queue_timeout`, at most `pool::MAX_WAITING` of them), then get a 503.
+pub const DEFAULT_MAX_INFLIGHT: NonZeroU32 = NonZeroU32::new(512).expect("non-zero");
 /// How long a worker may take from launch to listening.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -137,8 +141,8 @@ pub struct IsolateConfig {
     pub workers: Option<NonZeroU32>,
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Duration,
-    /// Requests one worker is given at once (`None`: the default).
-    pub max_inflight: Option<NonZeroU32>,
+    /// Requests one worker is given at once.
+    pub max_inflight: NonZeroU32,
 }
 
 impl Config {
@@ -231,7 +235,7 @@ impl Config {
                 workers: isolate.workers,
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout_ms.map_or(DEFAULT_START_TIMEOUT, ms),
-                max_inflight: isolate.max_inflight,
+                max_inflight: isolate.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
             },
         }
     }

@@ -429,7 +429,7 @@ impl AppEntry {
             config.isolate.start_timeout = v;
         }
         if let Some(v) = self.max_inflight {
-            config.isolate.max_inflight = Some(v);
+            config.isolate.max_inflight = v;
         }
         config
             .runtime

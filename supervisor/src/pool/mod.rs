@@ -32,10 +32,6 @@ use crate::config::MemorySize;
 /// Requests that may wait for a worker at once (none ready, or all at
 /// their in-flight limit); more get a 503 at once.
 pub const MAX_WAITING: usize = 1024;
-/// Requests one worker is given at once when `isolate.max_inflight` does
-/// not say: each is one connection to it; more wait (up to
-/// `queue_timeout`, at most [`MAX_WAITING`] of them).
-pub const DEFAULT_MAX_INFLIGHT: usize = 512;
 /// How long a stopping worker gets between SIGTERM and SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often each worker's idle upstream connections are checked, to close
