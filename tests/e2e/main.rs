@@ -10,6 +10,7 @@ mod apps;
 mod cache;
 mod errors;
 mod hardening;
+mod malformed;
 mod platform;
 mod proxying;
 mod shutdown;

@@ -183,8 +183,8 @@ async fn respond<H: Handler>(
     Ok(response.map(|body| WithGuard::new(body, in_flight)))
 }
 
-/// The one host a request names, or why it names none: two `Host` lines
-/// are refused (RFC 9112 §3.2), as is an HTTP/2 `Host` that disagrees with
+/// The one host a request names, or why it names none: none, or two `Host`
+/// lines, in HTTP/1.1 are refused (RFC 9112 §3.2), as is an HTTP/2 `Host` that disagrees with
 /// `:authority` (RFC 9113 §8.3.1); an HTTP/1.1 absolute-form target's
 /// authority replaces `Host` (RFC 9112 §3.2.2), so routing, the cache key
 /// and the app all see the same host.
@@ -195,6 +195,10 @@ fn check_host<B>(req: &mut http::Request<B>) -> Result<(), &'static str> {
         return Err("more than one Host header\n");
     }
     let Some(authority) = req.uri().authority() else {
+        // RFC 9112 §3.2: an HTTP/1.1 request must name its host.
+        if host.is_none() && req.version() == http::Version::HTTP_11 {
+            return Err("a Host header is required\n");
+        }
         return Ok(());
     };
     let same = host.is_some_and(|h| {
@@ -219,13 +223,17 @@ fn check_host<B>(req: &mut http::Request<B>) -> Result<(), &'static str> {
     }
 }
 
+/// A 400 that also ends the connection: after a malformed request, what
+/// follows on it cannot be trusted to be framed as the client meant.
 fn bad_request(why: &'static str) -> http::Response<Body> {
     let mut response = http::Response::new(crate::body::full(why));
     *response.status_mut() = http::StatusCode::BAD_REQUEST;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
