@@ -2,14 +2,15 @@
 #
 #   make demo    build bext and run it on the Next.js example app
 #   make test    fixtures + fmt + clippy + the whole test suite + the
-#                http-cache-tests conformance gate
+#                http-cache-tests conformance gate + 10 s of each fuzz target
+#   make fuzz    every fuzz target for FUZZ_SECONDS (default 600) each
 #   make bench   the benchmarks, saved under bench/results/
 
 CARGO ?= cargo
 DEMO_APP ?= tests/fixtures/next
 DEMO_LISTEN ?= 127.0.0.1:3000
 
-.PHONY: build fixtures lint test demo bench-deps bench bench-smoke clean
+.PHONY: build fixtures lint test fuzz fuzz-smoke demo bench-deps bench bench-smoke clean
 
 build:
 	$(CARGO) build --release -p bext
@@ -26,6 +27,17 @@ lint:
 test: fixtures lint
 	$(CARGO) test --workspace
 	bash tests/cache-tests/check.sh
+	$(MAKE) fuzz-smoke
+
+FUZZ_SECONDS ?= 600
+
+# cargo-fuzz targets in fuzz/ (installed if missing), on a scratch copy of
+# the committed corpus.
+fuzz:
+	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-smoke:
+	bash fuzz/run.sh 10
 
 # bext installs and builds the app itself (npm ci, next build) if needed.
 demo: build
