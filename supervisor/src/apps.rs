@@ -5,6 +5,7 @@
 //! drains its requests before its workers.
 
 use std::num::NonZeroU32;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -50,6 +51,9 @@ pub struct AppSettings {
     pub admin_networks: Vec<IpNet>,
     /// Where the app's sockets go (a private directory is made inside).
     pub runtime_base: PathBuf,
+    /// Multi-app: the app's files are a tenant's, so its static
+    /// directories must resolve inside its source.
+    pub confined: bool,
     /// Multi-app: the app's processes run as this user.
     pub user: Option<crate::config::platform::AppUser>,
     /// A purge token that wins over the config's (single-app mode:
@@ -157,40 +161,34 @@ impl RunningApp {
             info!(app = %app.name, "serving {} at {}", mount.root.display(), mount.prefix);
         }
         let statics = Arc::new(
-            StaticFiles::open(&mounts).map_err(|source| RunError::Static {
-                dir: app.dir.clone(),
-                source,
-            })?,
+            StaticFiles::open(&mounts, settings.confined.then_some(app.dir.as_path())).map_err(
+                |source| RunError::Static {
+                    dir: app.dir.clone(),
+                    source,
+                },
+            )?,
         );
 
         let config = &settings.config;
         let (pool, memory, runtime_dir) = match app.engine {
             Some(_) => {
                 let runtime_dir = RuntimeDir::create(&settings.runtime_base, &app.name)?;
-                if let Some(user) = user {
-                    // The app's user reads its adapters and (Deno) binds
-                    // its sockets there.
-                    std::os::unix::fs::chown(runtime_dir.path(), Some(user.uid), Some(user.gid))
-                        .map_err(|source| RunError::RuntimeDir {
-                            dir: runtime_dir.path().to_path_buf(),
-                            source,
-                        })?;
-                }
+                let dir_error = |source| RunError::RuntimeDir {
+                    dir: runtime_dir.path().to_path_buf(),
+                    source,
+                };
                 let adapters =
-                    bext_worker::adapter::install(runtime_dir.path()).map_err(|source| {
-                        RunError::RuntimeDir {
-                            dir: runtime_dir.path().to_path_buf(),
-                            source,
-                        }
-                    })?;
+                    bext_worker::adapter::install(runtime_dir.path()).map_err(dir_error)?;
                 let plan = LaunchPlan::new(
                     &app.start()?,
                     &app.dir,
-                    adapters,
+                    adapters.clone(),
                     config.isolate.memory_limit,
                     app.env.clone(),
                     settings.user.clone(),
                 )?;
+                let (socket_dir, peer_uid) =
+                    socket_dir(runtime_dir.path(), &adapters, &plan, user).map_err(dir_error)?;
                 let memory = config
                     .isolate
                     .memory_limit
@@ -199,7 +197,8 @@ impl RunningApp {
                     app: app.name.clone(),
                     workers: config.isolate.workers_or(settings.default_workers).get() as usize,
                     plan,
-                    runtime_dir: runtime_dir.path().to_path_buf(),
+                    runtime_dir: socket_dir,
+                    peer_uid,
                     memory_limit: config.isolate.memory_limit,
                     memory: memory.clone(),
                     start_timeout: config.isolate.start_timeout,
@@ -438,7 +437,6 @@ pub struct RuntimeDir(PathBuf);
 
 impl RuntimeDir {
     fn create(base: &Path, app: &str) -> Result<Self, RunError> {
-        use std::os::unix::fs::DirBuilderExt;
         let name: String = app
             .chars()
             .map(|c| {
@@ -476,6 +474,37 @@ impl RuntimeDir {
     fn path(&self) -> &Path {
         &self.0
     }
+}
+
+/// Where an app's worker sockets go, and the uid that must be listening on
+/// them. The runtime directory stays bext's: an app that runs as its own
+/// user may enter it (0711) and read the adapters (0644), nothing more;
+/// its sockets are bound by bext and handed over (Node), or, when the
+/// runtime binds them itself (Deno), go in a subdirectory of the app's
+/// user, where bext checks who listens before it sends anything.
+fn socket_dir(
+    runtime_dir: &Path,
+    adapters: &bext_worker::adapter::Adapters,
+    plan: &LaunchPlan,
+    user: Option<&crate::config::platform::AppUser>,
+) -> std::io::Result<(PathBuf, Option<u32>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let Some(user) = user.filter(|u| u.uid != me) else {
+        return Ok((runtime_dir.to_path_buf(), Some(me)));
+    };
+    std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))?;
+    for file in [&adapters.node, &adapters.deno] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))?;
+    }
+    if plan.inherits_socket() {
+        // The worker listens on the socket it inherits (as the app's user).
+        return Ok((runtime_dir.to_path_buf(), Some(user.uid)));
+    }
+    let sockets = runtime_dir.join("sockets");
+    std::fs::DirBuilder::new().mode(0o700).create(&sockets)?;
+    std::os::unix::fs::chown(&sockets, Some(user.uid), Some(user.gid))?;
+    Ok((sockets, Some(user.uid)))
 }
 
 /// `dir` is a real directory (not a symlink), owned by this process's user,

@@ -108,6 +108,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         admin_networks,
         runtime_base: default_runtime_base(),
         user: None,
+        confined: false,
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)
             .ok()
             .filter(|t| !t.is_empty()),

@@ -231,6 +231,7 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
                 admin_networks: config.admin_networks.clone(),
                 runtime_base: runtime_base.clone(),
                 user: entry.user.clone(),
+                confined: true,
                 purge_token_override: None,
             },
         );

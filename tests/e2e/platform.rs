@@ -791,8 +791,16 @@ http.createServer((req, res) => {
   try { process.kill(process.ppid, 0); } catch (e) { signal = e.code; }
   let read = 'ok';
   try { require('fs').readdirSync(process.env.PROBE_DIR); } catch (e) { read = e.code; }
+  // Its runtime directory (where the adapter lives): neither listed nor
+  // written, so it cannot plant a socket or a symlink there.
+  const adapter = ((process.env.NODE_OPTIONS || '').match(/--require "([^"]+)"/) || [])[1] || '/nonexistent/x';
+  const runtime = require('path').dirname(adapter);
+  let list = 'ok';
+  try { require('fs').readdirSync(runtime); } catch (e) { list = e.code; }
+  let plant = 'ok';
+  try { require('fs').symlinkSync('/run/docker.sock', runtime + '/w9.0.sock'); } catch (e) { plant = e.code; }
   res.setHeader('cache-control', 'no-store');
-  res.end(JSON.stringify({ uid: process.getuid(), gid: process.getgid(), home: process.env.HOME, signal, read }));
+  res.end(JSON.stringify({ uid: process.getuid(), gid: process.getgid(), home: process.env.HOME, signal, read, list, plant, runtime }));
 }).listen(3000);
 "#;
     let app = crate::support::temp_app(&[
@@ -923,4 +931,52 @@ async fn issue11_overload_is_refused_with_503_and_spares_other_apps() {
         rss_peak >> 20
     );
     assert_eq!(text(&bext, "slow.test", "/").await, (200, "slow".into()));
+}
+
+/// Tenant isolation (issue 11): a tenant's static directory must be inside
+/// its source. `static_dir = "/etc"` in its own bext.config.toml, or a
+/// `public` symlink out of it, would have bext serve the host's files with
+/// bext's rights: the app is refused at start, with the reason, and the
+/// other apps serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_tenant_cannot_serve_files_outside_its_source() {
+    let by_config = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+        ("bext.config.toml", "[server]\nstatic_dir = \"/etc\"\n"),
+    ]);
+    let by_symlink = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+    ]);
+    std::os::unix::fs::symlink("/etc", by_symlink.path().join("public")).expect("symlink");
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.config]\nsource = \"{a}\"\ndomains = [\"a.test\"]\n\
+         [apps.symlink]\nsource = \"{b}\"\ndomains = [\"b.test\"]\n\
+         [apps.fine]\nsource = \"{c}\"\ndomains = [\"c.test\"]\n",
+        a = by_config.path().display(),
+        b = by_symlink.path().display(),
+        c = path_of("static"),
+    ));
+    let bext = platform.serve(&[]);
+    for app in ["config", "symlink"] {
+        let refused = bext.wait_log(Duration::from_secs(30), |v| {
+            v["app"] == app
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("outside the app's directory"))
+        });
+        assert!(
+            refused["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("/etc"))
+        );
+    }
+    for host in ["a.test", "b.test"] {
+        let (status, body) = text(&bext, host, "/passwd").await;
+        assert_eq!(status, 404, "{host}");
+        assert!(!body.contains("root:"), "{host} served /etc/passwd");
+    }
+    assert_eq!(text(&bext, "c.test", "/").await.0, 200);
 }

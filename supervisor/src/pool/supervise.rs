@@ -377,7 +377,7 @@ impl Slot {
             id,
             index: self.index,
             pid,
-            upstream: Upstream::new(socket.path.clone()),
+            upstream: Upstream::new(socket.path.clone(), self.config.peer_uid),
             inflight: AtomicUsize::new(0),
             state: AtomicU8::new(WorkerState::Starting as u8),
             max_inflight: self.pool.max_inflight,

@@ -98,6 +98,12 @@ pub struct Upstream {
 #[derive(Debug)]
 pub(super) struct Inner {
     path: PathBuf,
+    /// The uid that must be listening on `path`: whoever called listen()
+    /// on it (bext for an inherited socket, the app's user for one the
+    /// runtime binds itself). A socket swapped for another (a symlink to
+    /// some other service's socket, in a directory the app may write) is
+    /// refused.
+    peer_uid: Option<u32>,
     /// The worker is going away: connections are no longer kept.
     closing: AtomicBool,
     /// Idle connections, one list per shard (slot: [`Inner::slot`]),
@@ -126,10 +132,11 @@ pub(super) struct Conn {
 }
 
 impl Upstream {
-    pub fn new(path: PathBuf) -> Self {
+    pub fn new(path: PathBuf, peer_uid: Option<u32>) -> Self {
         Upstream {
             inner: Arc::new(Inner {
                 path,
+                peer_uid,
                 closing: AtomicBool::new(false),
                 idle: (0..=crate::shards::default_count().get())
                     .map(|_| Mutex::new(VecDeque::new()))
@@ -266,6 +273,20 @@ impl Upstream {
                 path: path.clone(),
                 source,
             })?;
+        if let Some(expected) = self.inner.peer_uid {
+            let uid = io.peer_cred().map(|c| c.uid()).ok();
+            if uid != Some(expected) {
+                return Err(UpstreamError::Connect {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "the socket is served by uid {uid:?}, not the app's uid {expected}"
+                        ),
+                    ),
+                });
+            }
+        }
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(HEAD_READ),
@@ -516,6 +537,36 @@ mod tests {
         let _ = close.await;
     }
 
+    /// Issue 11 (tenant isolation): a socket listened on by another uid
+    /// than the app's (a symlink to some other service, planted where the
+    /// app may write) is refused before anything is sent.
+    #[tokio::test]
+    async fn a_socket_served_by_another_uid_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let (_close, closed) = tokio::sync::oneshot::channel();
+        let _worker = tokio::spawn(one_answer_worker(listener, closed));
+        let me = nix::unistd::geteuid().as_raw();
+        let request = || {
+            Request::get("/")
+                .body(crate::body::empty())
+                .expect("request")
+        };
+        let other = Upstream::new(path.clone(), Some(me.wrapping_add(1)));
+        let refused = other.send(request(), Duration::from_secs(5)).await;
+        assert!(
+            matches!(&refused, Err(UpstreamError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
+            "{refused:?}"
+        );
+        let own = Upstream::new(path, Some(me));
+        let response = own
+            .send(request(), Duration::from_secs(5))
+            .await
+            .expect("served");
+        assert_eq!(response.status(), 200);
+    }
+
     #[tokio::test]
     async fn idle_connections_are_pooled_and_closed_once_the_worker_closes_them() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -523,7 +574,7 @@ mod tests {
         let listener = UnixListener::bind(&path).expect("bind");
         let (close, closed) = tokio::sync::oneshot::channel();
         let worker = tokio::spawn(one_answer_worker(listener, closed));
-        let upstream = Upstream::new(path);
+        let upstream = Upstream::new(path, None);
 
         let request = Request::get("/")
             .body(crate::body::empty())
@@ -581,7 +632,7 @@ mod tests {
                 });
             }
         });
-        let upstream = Upstream::new(path);
+        let upstream = Upstream::new(path, None);
         let get = || async {
             let request = Request::get("/")
                 .body(crate::body::empty())

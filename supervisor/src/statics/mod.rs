@@ -13,6 +13,7 @@ mod file;
 pub mod lookup;
 pub mod path;
 
+use std::os::fd::AsRawFd;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -58,7 +59,11 @@ struct MountDir {
 
 impl StaticFiles {
     /// Opens every mount's directory. Longer prefixes are tried first.
-    pub fn open(mounts: &[Mount]) -> std::io::Result<Self> {
+    /// With `confine` (multi-app mode: a tenant's files), every mount must
+    /// resolve inside that directory: a `static_dir = "/"`, or a `public`
+    /// symlink out of the app, would otherwise have bext serve the host's
+    /// files with its own rights.
+    pub fn open(mounts: &[Mount], confine: Option<&std::path::Path>) -> std::io::Result<Self> {
         if !mounts.is_empty() {
             // Without openat2 every file would be refused: say so now.
             lookup::require_openat2(lookup::probe_openat2)?;
@@ -71,6 +76,21 @@ impl StaticFiles {
                 Mode::empty(),
             )
             .map_err(std::io::Error::from)?;
+            if let Some(within) = confine {
+                // Where the opened directory really is (a rename or a
+                // symlink swapped in since detection changes nothing).
+                let real = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+                if !real.starts_with(within) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "the static directory {} is outside the app's directory {}",
+                            real.display(),
+                            within.display()
+                        ),
+                    ));
+                }
+            }
             let prefix = mount
                 .prefix
                 .split('/')
