@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -46,6 +47,9 @@ pub use crate::config::platform::DEFAULT_PLATFORM_WORKERS;
 #[derive(Debug)]
 pub struct PlatformService {
     routes: ArcSwap<RouteTable<AppService>>,
+    /// Every configured app by domain, running or not: a host of an app
+    /// that is starting (or failed to) gets 503, not 404.
+    configured: ArcSwap<RouteTable<String>>,
     /// Every app by name (for purges naming their app in the body).
     apps: ArcSwap<BTreeMap<String, Arc<AppService>>>,
     metrics: Arc<Metrics>,
@@ -75,6 +79,16 @@ impl PlatformService {
             .and_then(|d| services.get(d))
             .cloned();
         let table = RouteTable::new(routes, default);
+        let configured = RouteTable::new(
+            config.apps.iter().flat_map(|a| {
+                let name = Arc::new(a.name.clone());
+                a.domains
+                    .iter()
+                    .map(move |d| (d.clone(), Arc::clone(&name)))
+            }),
+            config.default_app.clone().map(Arc::new),
+        );
+        self.configured.store(Arc::new(configured));
         info!(
             apps = services.len(),
             routes = table.len(),
@@ -175,6 +189,16 @@ impl Handler for PlatformService {
             {
                 Box::pin(self.purge_by_body(req, peer.addr)).await
             }
+            None if self.configured.load().route(host_of(&req)).is_some() => {
+                let mut response = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this app is not running yet\n",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                response
+            }
             None => {
                 tracing::debug!(host = %router::normalize(host_of(&req)), "no app for host");
                 text(
@@ -210,7 +234,10 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
     let runtime_base = config.data_dir.join("run");
     let mut all = BTreeMap::new();
     for entry in &config.apps {
-        let mut app_config = entry.merged_config()?;
+        let (mut app_config, capped) = entry.merged_config()?;
+        for note in capped {
+            warn!(app = %entry.name, "{note}");
+        }
         app_config.server.listen = config.listen;
         if let Some(grace) = config.shutdown_grace {
             app_config.server.shutdown_grace = grace;
@@ -298,18 +325,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         error!("could not install signal handlers");
         return Ok(());
     };
-    let first = settings_for(&config)?
-        .into_iter()
-        .map(|(name, settings)| (name, (settings, Gate::AnyReady)))
-        .collect();
-    let mut apps = tokio::select! {
-        apps = start_apps(first, &metrics) => apps,
-        _ = term.recv() => { info!("SIGTERM: stopping before the apps were started"); return Ok(()); }
-        _ = int.recv() => { info!("SIGINT: stopping before the apps were started"); return Ok(()); }
-    };
-
     let platform = Arc::new(PlatformService {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
+        configured: ArcSwap::from_pointee(RouteTable::new([], None)),
         apps: ArcSwap::from_pointee(BTreeMap::new()),
         metrics: Arc::clone(&metrics),
         access: ArcSwap::from_pointee((
@@ -317,16 +335,28 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             config.trusted_proxies.clone(),
         )),
     });
+    let mut apps = BTreeMap::new();
     platform.publish(&apps, &config);
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: config.listen,
         source,
     })?;
-    info!(%addr, apps = apps.len(), threads = shards.handles().len(), "listening on http://{addr}");
-    for app in apps.values() {
-        app.post_deploy();
-    }
-
+    // bext serves at once: each app is routed as soon as it has started (a
+    // slow or hung build holds up only its own app, whose hosts get 503
+    // meanwhile).
+    info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), "listening on http://{addr}");
+    let mut starting: futures_util::stream::FuturesUnordered<_> = settings_for(&config)?
+        .into_iter()
+        .map(|(name, settings)| {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    name,
+                    RunningApp::start(settings, metrics, Gate::AnyReady).await,
+                )
+            }
+        })
+        .collect();
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
@@ -347,7 +377,21 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let mut listener_stopped = false;
     loop {
         tokio::select! {
-            _ = hup.recv() => {
+            Some((name, started)) = starting.next(), if !starting.is_empty() => {
+                match started {
+                    Ok(app) => {
+                        app.post_deploy();
+                        apps.insert(name, app);
+                        platform.publish(&apps, &config);
+                    }
+                    Err(e) => error!(app = %name, "app not started: {e}"),
+                }
+                if starting.is_empty() {
+                    info!(apps = apps.len(), of = config.apps.len(), "apps started");
+                }
+            }
+            // A reload waits for the first starts (the signal stays queued).
+            _ = hup.recv(), if starting.is_empty() => {
                 info!(config = %config_path.display(), "SIGHUP: reloading");
                 // A reload may build and start apps for a while; a SIGTERM
                 // abandons it (nothing is swapped until its starts are done).
@@ -480,7 +524,7 @@ pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
         config.apps.len()
     )];
     for entry in &config.apps {
-        let merged = entry.merged_config()?;
+        let (merged, capped) = entry.merged_config()?;
         let app = crate::app::detect(&entry.source, &merged)?;
         lines.push(format!(
             "app '{}': {} ({}), domains {}",
@@ -489,6 +533,11 @@ pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
             app.reason,
             entry.domains.join(", ")
         ));
+        lines.extend(
+            capped
+                .into_iter()
+                .map(|note| format!("  app '{}': {note}", entry.name)),
+        );
     }
     Ok(lines)
 }

@@ -35,8 +35,9 @@ impl Platform {
         .expect("write");
     }
 
+    /// bext, once it listens and every app's first start is over.
     fn serve(&self, env: &[(&str, &str)]) -> Bext {
-        Bext::serve(
+        let bext = Bext::serve(
             &self.file,
             &Options {
                 env: env
@@ -46,7 +47,9 @@ impl Platform {
                 ready_timeout: Duration::from_secs(120),
                 ..Options::default()
             },
-        )
+        );
+        bext.wait_log(Duration::from_secs(120), |v| v["message"] == "apps started");
+        bext
     }
 }
 
@@ -399,8 +402,8 @@ pre_build = "echo failing on purpose; exit 3"
     assert_eq!(text(&bext, "good.test", "/pid").await.0, 200);
     assert_eq!(
         text(&bext, "broken.test", "/").await.0,
-        404,
-        "the broken app is not served"
+        503,
+        "the broken app is not served (its hosts get 503: not running)"
     );
     let logs = bext.logs();
     assert!(
@@ -975,8 +978,41 @@ async fn issue11_a_tenant_cannot_serve_files_outside_its_source() {
     }
     for host in ["a.test", "b.test"] {
         let (status, body) = text(&bext, host, "/passwd").await;
-        assert_eq!(status, 404, "{host}");
+        assert_eq!(status, 503, "{host}: not running");
         assert!(!body.contains("root:"), "{host} served /etc/passwd");
     }
     assert_eq!(text(&bext, "c.test", "/").await.0, 200);
+}
+
+/// Issue 11 (review): bext serves at once; an app whose build hangs holds
+/// up only itself (its hosts get 503 + Retry-After), not the platform.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_hung_build_holds_up_only_its_own_app() {
+    let hung = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+    ]);
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.hung]\nsource = \"{h}\"\ndomains = [\"hung.test\"]\n\
+         [apps.hung.hooks]\npre_build = \"exec sleep 600\"\n\
+         [apps.fine]\nsource = \"{f}\"\ndomains = [\"fine.test\"]\n",
+        h = hung.path().display(),
+        f = path_of("static"),
+    ));
+    let bext = Bext::serve(
+        &platform.file,
+        &Options {
+            ready_timeout: Duration::from_secs(60),
+            ..Options::default()
+        },
+    );
+    bext.wait_log(Duration::from_secs(60), |v| {
+        v["message"] == "routes published" && v["apps"] == 1
+    });
+    assert_eq!(text(&bext, "fine.test", "/").await.0, 200);
+    let waiting = bext.get_host("hung.test", "/").await;
+    assert_eq!(waiting.status(), 503);
+    assert_eq!(waiting.headers()["retry-after"], "5");
+    assert_eq!(text(&bext, "nobody.test", "/").await.0, 404);
 }

@@ -386,10 +386,22 @@ impl PlatformConfig {
     }
 }
 
+/// What an app's own `bext.config.toml` may ask for in multi-app mode (it
+/// is the tenant's file): resource limits at most these; the platform
+/// table may set any.
+pub const TENANT_MAX_WORKERS: u32 = super::DEFAULT_MAX_WORKERS;
+pub const TENANT_MAX_START_TIMEOUT: Duration = super::DEFAULT_START_TIMEOUT;
+pub const TENANT_MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const TENANT_MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const TENANT_MAX_SHUTDOWN_GRACE: Duration = super::DEFAULT_SHUTDOWN_GRACE;
+
 impl AppEntry {
-    /// The app's own `bext.config.toml` with this table's settings on top.
-    pub fn merged_config(&self) -> Result<Config, ConfigError> {
+    /// The app's own `bext.config.toml`, its resource limits capped at
+    /// what a tenant may ask for, with this table's settings on top; and a
+    /// note for each value that was capped.
+    pub fn merged_config(&self) -> Result<(Config, Vec<String>), ConfigError> {
         let mut config = Config::load_dir(&self.source)?;
+        let notes = cap_tenant_limits(&mut config);
         if let Some(framework) = self.runtime {
             config.runtime.framework = Some(framework);
         }
@@ -436,8 +448,94 @@ impl AppEntry {
             .env
             .0
             .extend(self.env.0.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Ok(config)
+        Ok((config, notes))
     }
+}
+
+/// Caps what a tenant's own file asks for (see [`TENANT_MAX_WORKERS`]).
+fn cap_tenant_limits(config: &mut Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut cap = |key: &str, asked: String, max: String| {
+        notes.push(format!(
+            "its bext.config.toml sets {key} = {asked}; an app's own file may ask for at most {max} (set it in platform.toml to allow more)"
+        ));
+    };
+    let iso = &mut config.isolate;
+    if let Some(w) = iso.workers.filter(|w| w.get() > TENANT_MAX_WORKERS) {
+        cap(
+            "isolate.workers",
+            w.to_string(),
+            TENANT_MAX_WORKERS.to_string(),
+        );
+        iso.workers = NonZeroU32::new(TENANT_MAX_WORKERS);
+    }
+    let durations: [(&str, &mut Duration, Duration); 4] = [
+        (
+            "isolate.start_timeout_ms",
+            &mut iso.start_timeout,
+            TENANT_MAX_START_TIMEOUT,
+        ),
+        (
+            "server.upstream_timeout_ms",
+            &mut config.server.upstream_timeout,
+            TENANT_MAX_UPSTREAM_TIMEOUT,
+        ),
+        (
+            "server.queue_timeout_ms",
+            &mut config.server.queue_timeout,
+            TENANT_MAX_QUEUE_TIMEOUT,
+        ),
+        (
+            "server.shutdown_grace_ms",
+            &mut config.server.shutdown_grace,
+            TENANT_MAX_SHUTDOWN_GRACE,
+        ),
+    ];
+    for (key, value, max) in durations {
+        if *value > max {
+            cap(
+                key,
+                value.as_millis().to_string(),
+                max.as_millis().to_string(),
+            );
+            *value = max;
+        }
+    }
+    if iso.max_inflight > super::DEFAULT_MAX_INFLIGHT {
+        cap(
+            "isolate.max_inflight",
+            iso.max_inflight.to_string(),
+            super::DEFAULT_MAX_INFLIGHT.to_string(),
+        );
+        iso.max_inflight = super::DEFAULT_MAX_INFLIGHT;
+    }
+    let isr = &mut config.isr;
+    if isr.max_entries > super::DEFAULT_ISR_MAX_ENTRIES {
+        cap(
+            "cache.isr.max_entries",
+            isr.max_entries.to_string(),
+            super::DEFAULT_ISR_MAX_ENTRIES.to_string(),
+        );
+        isr.max_entries = super::DEFAULT_ISR_MAX_ENTRIES;
+    }
+    for (key, value, max) in [
+        (
+            "cache.isr.max_bytes",
+            &mut isr.max_bytes,
+            super::DEFAULT_ISR_MAX_BYTES,
+        ),
+        (
+            "cache.isr.max_entry_bytes",
+            &mut isr.max_entry_bytes,
+            super::DEFAULT_ISR_MAX_ENTRY_BYTES,
+        ),
+    ] {
+        if *value > max {
+            cap(key, value.to_string(), max.to_string());
+            *value = max;
+        }
+    }
+    notes
 }
 
 /// `Example.COM.` → `example.com`; `*.example.com` stays a wildcard.

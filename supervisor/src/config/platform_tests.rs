@@ -186,3 +186,44 @@ fn users_prefixes_and_durations_are_checked_where_written() {
     assert_eq!(d.line, 2);
     assert!(d.message.contains("too long"), "{}", d.message);
 }
+
+/// Issue 11 (review): a tenant's own bext.config.toml cannot ask for more
+/// workers, longer timeouts or a bigger cache than a tenant may; the
+/// platform table can.
+#[test]
+fn a_tenants_own_file_cannot_raise_its_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("bext.config.toml"),
+        "[isolate]\nworkers = 4294967295\nstart_timeout_ms = 2000000000000\nmax_inflight = 100000\n\
+         [server]\nupstream_timeout_ms = 2000000000000\nqueue_timeout_ms = 9000000\n\
+         [cache.isr]\nmax_bytes = \"1tb\"\nmax_entries = 100000000\n",
+    )
+    .expect("write");
+    let text = format!(
+        "[apps.a]\nsource = \"{}\"\ndomains = [\"a.test\"]\n[apps.b]\nsource = \"{}\"\ndomains = [\"b.test\"]\n[apps.b.isolate]\nworkers = 8\n",
+        dir.path().display(),
+        dir.path().display()
+    );
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), &text).expect("valid");
+    let (a, notes) = config.app("a").expect("a").merged_config().expect("merged");
+    assert_eq!(a.isolate.workers.map(|w| w.get()), Some(TENANT_MAX_WORKERS));
+    assert_eq!(a.isolate.start_timeout, TENANT_MAX_START_TIMEOUT);
+    assert_eq!(a.isolate.max_inflight, crate::config::DEFAULT_MAX_INFLIGHT);
+    assert_eq!(a.server.upstream_timeout, TENANT_MAX_UPSTREAM_TIMEOUT);
+    assert_eq!(a.server.queue_timeout, TENANT_MAX_QUEUE_TIMEOUT);
+    assert_eq!(a.isr.max_bytes, crate::config::DEFAULT_ISR_MAX_BYTES);
+    assert_eq!(a.isr.max_entries, crate::config::DEFAULT_ISR_MAX_ENTRIES);
+    assert_eq!(notes.len(), 7, "{notes:#?}");
+    assert!(
+        notes[0].contains("isolate.workers = 4294967295"),
+        "{}",
+        notes[0]
+    );
+    let (b, _) = config.app("b").expect("b").merged_config().expect("merged");
+    assert_eq!(
+        b.isolate.workers.map(|w| w.get()),
+        Some(8),
+        "the platform may"
+    );
+}
