@@ -9,6 +9,7 @@
 //! for load balancers, and a 403 for the metrics.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -24,7 +25,9 @@ use crate::pool::Pool;
 /// Every path under this prefix belongs to bext.
 pub const PREFIX: &str = "/__bext/";
 /// Largest purge request body.
-const MAX_PURGE_BODY: usize = 64 * 1024;
+pub const MAX_PURGE_BODY: usize = 64 * 1024;
+/// How long a client has to send a body bext reads itself (a purge).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the endpoints report on and act on.
 #[derive(Debug)]
@@ -142,7 +145,7 @@ impl Admin {
             );
         };
         let Some(bytes) = read_limited(req.into_body(), MAX_PURGE_BODY).await else {
-            return bad_request("the body must be JSON of at most 64 KiB");
+            return bad_request("the body must be JSON of at most 64 KiB, sent within 10 s");
         };
         let request: PurgeRequest = match serde_json::from_slice(&bytes) {
             Ok(request) => request,
@@ -187,17 +190,25 @@ impl Admin {
 }
 
 /// The whole body, if it arrives intact and within `max` bytes.
-async fn read_limited(mut body: Body, max: usize) -> Option<Vec<u8>> {
-    let mut bytes = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.ok()?.into_data() {
-            if bytes.len() + data.len() > max {
-                return None;
+/// The whole body, if it is at most `max` bytes and arrives within
+/// [`BODY_TIMEOUT`] (bext reads it itself: no worker's timeout covers it).
+pub async fn read_limited(mut body: Body, max: usize) -> Option<Vec<u8>> {
+    let read = async {
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.ok()?.into_data() {
+                if bytes.len() + data.len() > max {
+                    return None;
+                }
+                bytes.extend_from_slice(&data);
             }
-            bytes.extend_from_slice(&data);
         }
-    }
-    Some(bytes)
+        Some(bytes)
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn bad_request(message: &str) -> Response<Body> {

@@ -19,7 +19,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
@@ -152,16 +151,16 @@ impl PlatformService {
     async fn purge_by_body(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let client = self.client_ip(&req, peer);
         let (parts, incoming) = req.into_parts();
-        let Ok(collected) = http_body_util::Limited::new(incoming, 64 * 1024)
-            .collect()
-            .await
+        let Some(bytes) =
+            crate::admin::read_limited(body::incoming(incoming), crate::admin::MAX_PURGE_BODY)
+                .await
         else {
             return text(
                 StatusCode::BAD_REQUEST,
-                "the body must be JSON of at most 64 KiB\n",
+                "the body must be JSON of at most 64 KiB, sent within 10 s\n",
             );
         };
-        let bytes: Bytes = collected.to_bytes();
+        let bytes = Bytes::from(bytes);
         let app = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("app").and_then(|a| a.as_str()).map(str::to_string));

@@ -1016,3 +1016,34 @@ async fn issue11_a_hung_build_holds_up_only_its_own_app() {
     assert_eq!(waiting.headers()["retry-after"], "5");
     assert_eq!(text(&bext, "nobody.test", "/").await.0, 404);
 }
+
+/// Issue 11 (review): a purge on a host no app serves reads its body before
+/// any token can be checked; a client that never sends it is cut off, not
+/// held (each such connection would pin a descriptor).
+#[test]
+fn issue11_an_unsent_purge_body_is_cut_off() {
+    use std::io::{Read, Write};
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n[apps.s]\nsource = \"{}\"\ndomains = [\"s.test\"]\n",
+        path_of("static")
+    ));
+    let bext = platform.serve(&[]);
+    let mut stream = std::net::TcpStream::connect(bext.addr).expect("connect");
+    stream
+        .write_all(
+            b"POST /__bext/cache/invalidate HTTP/1.1\r\nhost: nosuch.test\r\ncontent-length: 65536\r\n\r\n{",
+        )
+        .expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "cut off after the body timeout (10 s), took {:?}",
+        started.elapsed()
+    );
+}

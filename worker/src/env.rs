@@ -41,8 +41,15 @@ pub const PASSED: [&str; 20] = [
 pub const PASSED_PREFIXES: [&str; 1] = ["LC_"];
 
 /// Passed to installs and builds only: the package manager's settings
-/// (registry, cache), which a running app has no use for.
+/// (registry, cache), which a running app has no use for; never one that
+/// holds a credential (see [`CREDENTIAL_WORDS`]): the app's own install
+/// scripts run with them.
 pub const BUILD_PREFIXES: [&str; 2] = ["npm_config_", "NPM_CONFIG_"];
+
+/// Package-manager settings whose name holds one of these (in any case)
+/// carry a credential (`//registry/:_authToken`, `_auth`, `_password`,
+/// `certfile`, `keyfile`) and are not passed on.
+pub const CREDENTIAL_WORDS: [&str; 5] = ["auth", "token", "password", "cert", "key"];
 
 /// What a process gets of `vars` (the supervisor's environment): the
 /// [`PASSED`] names and prefixes, and for a build also [`BUILD_PREFIXES`].
@@ -64,9 +71,13 @@ fn passes(name: &OsStr, build: bool) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
+    let credential = || {
+        let lower = name.to_ascii_lowercase();
+        CREDENTIAL_WORDS.iter().any(|w| lower.contains(w))
+    };
     PASSED.contains(&name)
         || PASSED_PREFIXES.iter().any(|p| name.starts_with(p))
-        || (build && BUILD_PREFIXES.iter().any(|p| name.starts_with(p)))
+        || (build && BUILD_PREFIXES.iter().any(|p| name.starts_with(p)) && !credential())
 }
 
 #[cfg(test)]
@@ -94,6 +105,8 @@ mod tests {
             "AWS_SECRET_ACCESS_KEY",
             "XDG_RUNTIME_DIR",
             "npm_config_registry",
+            "npm_config_//registry.example/:_authToken",
+            "NPM_CONFIG__AUTH",
             "PATHX",
         ]);
         assert_eq!(

@@ -1,9 +1,9 @@
 //! Launching a worker process.
 //!
 //! The launch happens in the forked child, between `fork` and `exec`, so it
-//! costs no extra process: the child joins a process group of its own (so the
-//! supervisor can signal the app and everything it spawned, and a Ctrl-C on
-//! the terminal reaches only the supervisor), asks the kernel to kill it when
+//! costs no extra process: the child starts a session (and process group) of
+//! its own (so the supervisor can signal the app and everything it spawned,
+//! and a Ctrl-C on the terminal reaches only the supervisor), asks the kernel to kill it when
 //! the supervisor dies, and finds the listening socket at [`LISTEN_FD`].
 
 use std::ffi::OsString;
@@ -62,9 +62,6 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A process group of its own: the supervisor signals `-pgid` to reach
-        // the app and its children; terminal signals stay with the supervisor.
-        .process_group(0)
         .kill_on_drop(false);
 
     let supervisor = std::process::id() as libc::pid_t;
@@ -72,12 +69,19 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
     let join_cgroup = spec.join_cgroup.clone();
     let credentials = spec.credentials;
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (prctl, getppid, open, write,
-    // close, dup2, fcntl, setgroups, setgid, setuid, _exit); it allocates
+    // makes async-signal-safe system calls (setsid, prctl, getppid, open,
+    // write, close, dup2, fcntl, setgroups, setgid, setuid, _exit); it allocates
     // nothing and takes no locks (the cgroup path was made into a C string
     // before the fork).
     unsafe {
         cmd.pre_exec(move || {
+            // A session (and so a process group) of its own: the supervisor
+            // signals `-pgid` to reach the app and its children, terminal
+            // signals stay with the supervisor, and the app has no
+            // controlling terminal to push keystrokes into.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
             if let Some(procs) = &join_cgroup {
                 // "0" moves the writing process.
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -98,6 +102,8 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
                 if libc::setgroups(1, groups.as_ptr()) != 0
                     || libc::setgid(c.gid as libc::gid_t) != 0
                     || libc::setuid(c.uid as libc::uid_t) != 0
+                    // No setuid binary gives the app its rights back.
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 {
                     return Err(io::Error::last_os_error());
                 }

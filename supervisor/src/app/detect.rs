@@ -338,7 +338,7 @@ fn site_root(dir: &Path) -> Option<PathBuf> {
 }
 
 fn read_json(path: &Path, comments: bool) -> Result<Option<Value>, DetectError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::config::read_small_file(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {

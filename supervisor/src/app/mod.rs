@@ -19,10 +19,14 @@ pub fn run_as(
     user: Option<&crate::config::platform::AppUser>,
 ) {
     let Some(user) = user else { return };
-    spec.credentials = Some(bext_worker::Credentials {
-        uid: user.uid,
-        gid: user.gid,
-    });
+    // Already that user (bext itself runs as it): nothing to switch, and
+    // without root, setgroups would fail.
+    if nix::unistd::geteuid().as_raw() != user.uid {
+        spec.credentials = Some(bext_worker::Credentials {
+            uid: user.uid,
+            gid: user.gid,
+        });
+    }
     spec.env.extend([
         ("HOME".into(), user.home.clone().into_os_string()),
         ("USER".into(), user.name.clone().into()),

@@ -271,7 +271,7 @@ fn is_javascript(path: &Path) -> bool {
         .is_some_and(|e| matches!(e, "js" | "cjs" | "mjs"));
     by_extension || {
         let mut head = [0u8; 64];
-        let n = std::fs::File::open(path)
+        let n = crate::config::open_regular(path)
             .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
             .unwrap_or(0);
         let head = String::from_utf8_lossy(&head[..n]);

@@ -19,7 +19,10 @@ use std::time::Duration;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use raw::{Engine, Framework, PathPattern};
-pub use units::{EnvVars, HumanDuration, MAX_CONFIG_DURATION, MemorySize, Millis};
+pub use units::{
+    EnvVars, HumanDuration, MAX_CONFIG_DURATION, MemorySize, Millis, PositiveDuration,
+    PositiveMillis,
+};
 
 /// The file `bext run DIR` reads from `DIR`, when it exists.
 pub const CONFIG_FILE_NAME: &str = "bext.config.toml";
@@ -145,6 +148,46 @@ pub struct IsolateConfig {
     pub max_inflight: NonZeroU32,
 }
 
+/// Largest config or manifest file bext reads.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Opens a file that someone else may control (in multi-app mode, an app's
+/// own config, manifest or start script, read by bext with its rights):
+/// only a regular file, opened without blocking, so that a FIFO, a device
+/// or `/dev/zero` behind the name is refused instead of hanging or filling
+/// bext's memory.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// The text of a regular file of at most [`MAX_FILE_BYTES`] (see
+/// [`open_regular`]).
+pub fn read_small_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    open_regular(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB",
+        ));
+    }
+    Ok(text)
+}
+
 impl Config {
     /// Loads `dir/bext.config.toml` if it exists, else the defaults.
     pub fn load_dir(dir: &Path) -> Result<Self, ConfigError> {
@@ -158,7 +201,7 @@ impl Config {
 
     /// Loads and validates one file.
     pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_small_file(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
@@ -190,11 +233,11 @@ impl Config {
                 limits: crate::listener::ConnLimits {
                     client_header_timeout: server
                         .client_header_timeout_ms
-                        .map_or(DEFAULT_CLIENT_HEADER_TIMEOUT, ms),
+                        .map_or(DEFAULT_CLIENT_HEADER_TIMEOUT, |m| m.0),
                     keepalive_timeout: server
                         .keepalive_timeout_ms
                         .map_or(DEFAULT_KEEPALIVE_TIMEOUT, ms),
-                    send_timeout: server.send_timeout_ms.map_or(DEFAULT_SEND_TIMEOUT, ms),
+                    send_timeout: server.send_timeout_ms.map_or(DEFAULT_SEND_TIMEOUT, |m| m.0),
                 },
                 trusted_proxies: server.trusted_proxies.unwrap_or_default(),
                 admin_networks: server.admin_networks.unwrap_or_else(loopback),

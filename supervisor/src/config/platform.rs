@@ -30,7 +30,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diag::{self, ConfigError, Diagnostic};
-use super::units::{EnvVars, HumanDuration};
+use super::units::{EnvVars, HumanDuration, PositiveDuration};
 use super::{Config, Framework, MemorySize};
 
 /// Where multi-app mode listens when the file does not say.
@@ -62,9 +62,9 @@ struct RawPlatform {
     trusted_proxies: Option<Vec<ipnet::IpNet>>,
     admin_networks: Option<Vec<ipnet::IpNet>>,
     shutdown_grace: Option<HumanDuration>,
-    client_header_timeout: Option<HumanDuration>,
+    client_header_timeout: Option<PositiveDuration>,
     keepalive_timeout: Option<HumanDuration>,
-    send_timeout: Option<HumanDuration>,
+    send_timeout: Option<PositiveDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,7 +222,7 @@ pub struct Hooks {
 
 impl PlatformConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = super::read_small_file(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -185,6 +185,12 @@ fn users_prefixes_and_durations_are_checked_where_written() {
     let d = diag("[platform]\nkeepalive_timeout = \"100000000000s\"\n");
     assert_eq!(d.line, 2);
     assert!(d.message.contains("too long"), "{}", d.message);
+    let d = diag("[platform]\n\nsend_timeout = \"0s\"\n");
+    assert_eq!(
+        (d.line, d.key.as_deref()),
+        (3, Some("platform.send_timeout"))
+    );
+    assert!(d.message.contains("more than 0"), "{}", d.message);
 }
 
 /// Issue 11 (review): a tenant's own bext.config.toml cannot ask for more

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{EnvVars, MemorySize, Millis};
+use super::{EnvVars, MemorySize, Millis, PositiveMillis};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,9 +29,9 @@ pub(super) struct RawServer {
     pub(super) upstream_timeout_ms: Option<Millis>,
     pub(super) queue_timeout_ms: Option<Millis>,
     pub(super) shutdown_grace_ms: Option<Millis>,
-    pub(super) client_header_timeout_ms: Option<Millis>,
+    pub(super) client_header_timeout_ms: Option<PositiveMillis>,
     pub(super) keepalive_timeout_ms: Option<Millis>,
-    pub(super) send_timeout_ms: Option<Millis>,
+    pub(super) send_timeout_ms: Option<PositiveMillis>,
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) admin_networks: Option<Vec<ipnet::IpNet>>,
     pub(super) access_log: Option<bool>,

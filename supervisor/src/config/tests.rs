@@ -148,3 +148,22 @@ fn the_platform_examples_parse_and_one_is_the_seed_exactly() {
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
 }
+
+/// Issue 11 (review): an app's config that is a FIFO, a device or huge is
+/// refused at once, not blocked on or read without end.
+#[test]
+fn config_files_must_be_small_regular_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("bext.config.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let err = Config::load_dir(dir.path()).expect_err("a FIFO");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    std::fs::remove_file(&fifo).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", &fifo).expect("symlink");
+    let err = Config::load_dir(dir.path()).expect_err("/dev/zero");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    std::fs::remove_file(&fifo).expect("rm");
+    std::fs::write(&fifo, vec![b'#'; (MAX_FILE_BYTES + 10) as usize]).expect("write");
+    let err = Config::load_dir(dir.path()).expect_err("too big");
+    assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
+}

@@ -192,6 +192,35 @@ impl<'de> Deserialize<'de> for Millis {
     }
 }
 
+/// A [`Millis`] that may not be 0 (a timeout of nothing would close every
+/// connection at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveMillis(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for PositiveMillis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Millis(d) = Millis::deserialize(deserializer)?;
+        if d.is_zero() {
+            return Err(de::Error::custom("must be more than 0"));
+        }
+        Ok(PositiveMillis(d))
+    }
+}
+
+/// A [`HumanDuration`] that may not be 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveDuration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for PositiveDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let HumanDuration(d) = HumanDuration::deserialize(deserializer)?;
+        if d.is_zero() {
+            return Err(de::Error::custom("must be more than 0"));
+        }
+        Ok(PositiveDuration(d))
+    }
+}
+
 #[cfg(test)]
 mod duration_tests {
     use super::*;

@@ -100,8 +100,11 @@ pin_project_lite::pin_project! {
         read_timer: Option<Pin<Box<Sleep>>>,
         write_timer: Option<Pin<Box<Sleep>>>,
         write_armed: bool,
-        // HTTP/2 (known from the first bytes): idle is "no stream open".
+        // HTTP/2 (known once the first bytes match its preface, or do not):
+        // idle is "no stream open".
         h2: Option<bool>,
+        // Bytes of the preface matched so far.
+        preface_seen: usize,
         // The first byte of a request that has not begun yet, and the
         // request count it was seen at.
         head_started: Option<(Instant, u64)>,
@@ -118,6 +121,7 @@ impl<S> TimedIo<S> {
             write_timer: None,
             write_armed: false,
             h2: None,
+            preface_seen: 0,
             head_started: None,
         }
     }
@@ -165,8 +169,16 @@ impl<S: AsyncRead> AsyncRead for TimedIo<S> {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if this.h2.is_none() && !new.is_empty() {
-                    let n = new.len().min(H2_PREFIX.len());
-                    *this.h2 = Some(new[..n] == H2_PREFIX[..n]);
+                    let want = &H2_PREFIX[*this.preface_seen..];
+                    let n = new.len().min(want.len());
+                    if new[..n] != want[..n] {
+                        *this.h2 = Some(false);
+                    } else {
+                        *this.preface_seen += n;
+                        if *this.preface_seen == H2_PREFIX.len() {
+                            *this.h2 = Some(true);
+                        }
+                    }
                 }
                 if !new.is_empty() && !in_flight && requests > 0 {
                     match this.head_started {
@@ -349,6 +361,31 @@ mod tests {
         let err = io.write_all(&[b'x'; 1024]).await.expect_err("nobody reads");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.send_timeout);
+    }
+
+    /// A first read of just `P` (of `POST`) does not make the connection
+    /// HTTP/2: its later heads still get the header timeout.
+    #[tokio::test(start_paused = true)]
+    async fn http2_is_known_from_the_whole_preface_not_its_first_byte() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = TimedIo::new(server, Arc::clone(&activity), LIMITS);
+        let mut buf = [0u8; 64];
+        client.write_all(b"P").await.expect("write");
+        assert_eq!(io.read(&mut buf).await.expect("P"), 1);
+        client
+            .write_all(b"OST / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(io.read(&mut buf).await.expect("rest") > 0);
+        assert_eq!(io.h2, Some(false));
+        drop(activity.begin());
+        client.write_all(b"GET").await.expect("write");
+        assert!(io.read(&mut buf).await.expect("a head begins") > 0);
+        let started = Instant::now();
+        let err = io.read(&mut buf).await.expect_err("slow head");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.client_header_timeout);
     }
 
     #[tokio::test(start_paused = true)]

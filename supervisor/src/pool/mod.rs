@@ -267,7 +267,11 @@ impl Pool {
                 break None;
             }
         };
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        // Room is announced once per full worker that gets some: pass the
+        // word on, in case more than this request's worth freed up.
+        if self.waiting.fetch_sub(1, Ordering::Relaxed) > 1 && lease.is_some() {
+            self.changed.notify_one();
+        }
         lease
     }
 

@@ -553,18 +553,19 @@ mod tests {
                 .body(crate::body::empty())
                 .expect("request")
         };
-        let other = Upstream::new(path.clone(), Some(me.wrapping_add(1)));
-        let refused = other.send(request(), Duration::from_secs(5)).await;
-        assert!(
-            matches!(&refused, Err(UpstreamError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
-            "{refused:?}"
-        );
-        let own = Upstream::new(path, Some(me));
+        // The worker answers one connection: the app's own, first.
+        let own = Upstream::new(path.clone(), Some(me));
         let response = own
             .send(request(), Duration::from_secs(5))
             .await
             .expect("served");
         assert_eq!(response.status(), 200);
+        let other = Upstream::new(path, Some(me.wrapping_add(1)));
+        let refused = other.send(request(), Duration::from_secs(5)).await;
+        assert!(
+            matches!(&refused, Err(UpstreamError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

@@ -145,11 +145,12 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         .flat_map(|v| v.split(','))
         .filter_map(forwarded_addr)
         .collect();
+    // Every entry a trusted proxy: the leftmost was still written by the
+    // client, so the peer it is.
     chain
         .iter()
         .rev()
         .find(|ip| !trusted.iter().any(|net| net.contains(*ip)))
-        .or(chain.first())
         .copied()
         .unwrap_or(peer)
 }
