@@ -432,3 +432,92 @@ async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>) -> Option<Outcom
         Err(_) => None,
     }
 }
+
+#[cfg(test)]
+mod panic_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::body;
+
+    /// A fill whose first fetch waits for `go`, then panics; later ones
+    /// answer a cacheable `ok`.
+    #[derive(Clone)]
+    struct PanicsFirst {
+        calls: Arc<AtomicUsize>,
+        go: Arc<tokio::sync::Notify>,
+    }
+
+    impl Fill for PanicsFirst {
+        fn fetch(&self, _req: Request<Body>) -> impl Future<Output = Response<Body>> + Send {
+            let first = self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+            let go = Arc::clone(&self.go);
+            async move {
+                if first {
+                    go.notified().await;
+                    panic!("the fill panicked");
+                }
+                let mut response = Response::new(body::full("ok"));
+                response.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=60"),
+                );
+                response
+            }
+        }
+    }
+
+    fn get() -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        *req.uri_mut() = "/page".parse().expect("uri");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a.test"));
+        req
+    }
+
+    /// Issue 11, fault 2: a panic while filling (on one connection) leaves
+    /// nothing half-done: the request waiting for that fill is released and
+    /// fills for itself, and the key is neither stuck nor poisoned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_fill_releases_its_waiters_and_its_key() {
+        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
+            .expect("defaults")
+            .isr;
+        let cache = Arc::new(IsrCache::in_memory(
+            settings,
+            Duration::from_secs(30),
+            CacheCounters::default(),
+        ));
+        let fill = PanicsFirst {
+            calls: Arc::new(AtomicUsize::new(0)),
+            go: Arc::new(tokio::sync::Notify::new()),
+        };
+        let leader = {
+            let (cache, fill) = (Arc::clone(&cache), fill.clone());
+            tokio::spawn(async move { cache.handle(get(), &fill).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fill.calls.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the leader never fetched");
+            tokio::task::yield_now().await;
+        }
+        let waiter = {
+            let (cache, fill) = (Arc::clone(&cache), fill.clone());
+            tokio::spawn(async move { cache.handle(get(), &fill).await })
+        };
+        while cache.counters.coalesced.get() == 0 {
+            assert!(Instant::now() < deadline, "the second request never waited");
+            tokio::task::yield_now().await;
+        }
+        fill.go.notify_one();
+        assert!(leader.await.is_err(), "the leader panicked");
+        let answered = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter was released")
+            .expect("no panic");
+        assert_eq!(answered.status(), 200);
+        let hit = cache.handle(get(), &fill).await;
+        assert_eq!(hit.headers()["x-bext-cache"], "HIT", "stored and served");
+        assert!(cache.inflight.lock().expect("lock").is_empty());
+    }
+}
