@@ -23,7 +23,8 @@ start_serve() {
     taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" serve --config "$config" --listen 127.0.0.1:0 \
     2>"$log" >/dev/null &
   PIDS+=($!)
-  wait_until 180 grep -q '"listening on' "$log"
+  # bext listens at once and routes each app as it starts: wait for all.
+  wait_until 180 grep -q '"apps started' "$log"
   printf -v "$var" '%s' "$(grep -m1 '"listening on' "$log" | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
 }
 
