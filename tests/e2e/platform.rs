@@ -1047,3 +1047,35 @@ fn issue11_an_unsent_purge_body_is_cut_off() {
         started.elapsed()
     );
 }
+
+/// Tenant isolation with a runtime that binds its own socket (Deno): the
+/// app runs as its user, binds in a directory of that user's, and is
+/// served; bext checks the socket's listener before it sends anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_deno_app_with_a_user_is_served() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping to another user needs bext to run as root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let deno_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(deno_dir.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.d]\nsource = \"{src}\"\ndomains = [\"d.test\"]\nuser = \"nobody\"\n\
+         [apps.d.env]\nDENO_DIR = \"{cache}\"\n",
+        src = path_of("deno"),
+        cache = deno_dir.path().display(),
+    ));
+    std::fs::set_permissions(platform.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let bext = platform.serve(&[]);
+    assert_eq!(
+        text(&bext, "d.test", "/").await,
+        (200, "hello from deno".into()),
+        "{}",
+        bext.log_text()
+    );
+}
