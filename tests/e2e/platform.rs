@@ -1079,3 +1079,37 @@ async fn issue11_a_deno_app_with_a_user_is_served() {
         bext.log_text()
     );
 }
+
+/// Issue 11, fault 8: a hook that leaves a process behind (`sleep &`, which
+/// keeps the hook's output pipe open) neither hangs the app's start nor
+/// outlives the hook: its whole process group is killed when it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_hook_that_leaves_a_process_behind_does_not_hang_the_start() {
+    let marker = tempfile::tempdir().expect("tempdir");
+    let pidfile = marker.path().join("sleep.pid");
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.s]\nsource = \"{src}\"\ndomains = [\"s.test\"]\n\
+         [apps.s.hooks]\npre_build = \"sleep 600 & echo $! > {pid}\"\n",
+        src = path_of("static"),
+        pid = pidfile.display(),
+    ));
+    let started = Instant::now();
+    let bext = platform.serve(&[]);
+    assert_eq!(text(&bext, "s.test", "/").await.0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the start waited for the hook's leftover: {:?}",
+        started.elapsed()
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    crate::support::wait_for(
+        "the leftover sleep to be killed",
+        Duration::from_secs(10),
+        || (!alive(pid)).then_some(()),
+    );
+}
