@@ -114,6 +114,12 @@ impl RunningApp {
         metrics: Arc<Metrics>,
         gate: Gate,
     ) -> Result<Self, RunError> {
+        if settings.confined {
+            trusted_path(&settings.dir).map_err(|source| RunError::Static {
+                dir: settings.dir.clone(),
+                source,
+            })?;
+        }
         let mut app = app::detect(&settings.dir, &settings.config)?;
         if let Some(name) = &settings.name {
             app.name = name.clone();
@@ -187,7 +193,7 @@ impl RunningApp {
                     app.env.clone(),
                     settings.user.clone(),
                 )?;
-                let (socket_dir, peer_uid) =
+                let (socket_dir, peer_uids) =
                     socket_dir(runtime_dir.path(), &adapters, &plan, user).map_err(dir_error)?;
                 let memory = config
                     .isolate
@@ -198,7 +204,7 @@ impl RunningApp {
                     workers: config.isolate.workers_or(settings.default_workers).get() as usize,
                     plan,
                     runtime_dir: socket_dir,
-                    peer_uid,
+                    peer_uids,
                     memory_limit: config.isolate.memory_limit,
                     memory: memory.clone(),
                     start_timeout: config.isolate.start_timeout,
@@ -487,24 +493,50 @@ fn socket_dir(
     adapters: &bext_worker::adapter::Adapters,
     plan: &LaunchPlan,
     user: Option<&crate::config::platform::AppUser>,
-) -> std::io::Result<(PathBuf, Option<u32>)> {
+) -> std::io::Result<(PathBuf, Vec<u32>)> {
     use std::os::unix::fs::PermissionsExt;
     let me = nix::unistd::geteuid().as_raw();
     let Some(user) = user.filter(|u| u.uid != me) else {
-        return Ok((runtime_dir.to_path_buf(), Some(me)));
+        return Ok((runtime_dir.to_path_buf(), vec![me]));
     };
     std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))?;
     for file in [&adapters.node, &adapters.deno] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))?;
     }
     if plan.inherits_socket() {
-        // The worker listens on the socket it inherits (as the app's user).
-        return Ok((runtime_dir.to_path_buf(), Some(user.uid)));
+        // bext listened on it; a runtime that listens again on what it
+        // inherits (Node does) makes it the app's user's.
+        return Ok((runtime_dir.to_path_buf(), vec![me, user.uid]));
     }
     let sockets = runtime_dir.join("sockets");
     std::fs::DirBuilder::new().mode(0o700).create(&sockets)?;
     std::os::unix::fs::chown(&sockets, Some(user.uid), Some(user.gid))?;
-    Ok((sockets, Some(user.uid)))
+    Ok((sockets, vec![user.uid]))
+}
+
+/// A tenant's `source` as the operator wrote it: no symlink on the way that
+/// someone other than root or bext made. Else the owner of a parent
+/// directory (a tenant's home) could swap the app's directory for a link
+/// to any place bext may read, and have bext serve it as the app's files.
+fn trusted_path(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let mut so_far = PathBuf::new();
+    for part in path.components() {
+        so_far.push(part);
+        let meta = std::fs::symlink_metadata(&so_far)?;
+        if meta.file_type().is_symlink() && meta.uid() != 0 && meta.uid() != me {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a symlink of uid {}: an app's source may go only through links of root or bext",
+                    so_far.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `dir` is a real directory (not a symlink), owned by this process's user,
@@ -528,9 +560,28 @@ fn verify_private(dir: &Path) -> std::io::Result<()> {
 
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
+        // `sockets/` (Deno apps of their own user) is the app's to write:
+        // only its top-level entries are removed, at most so many, never a
+        // tree the app made there to stall bext.
+        let sockets = self.0.join("sockets");
+        if let Ok(entries) = std::fs::read_dir(&sockets) {
+            for entry in entries.flatten().take(MAX_SOCKET_ENTRIES) {
+                if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            if let Err(e) = std::fs::remove_dir(&sockets) {
+                warn!(dir = %sockets.display(), "could not remove an app's socket directory: {e}");
+                return;
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Entries of an app's socket directory removed when it stops (it has one
+/// per worker and restart, normally a handful).
+const MAX_SOCKET_ENTRIES: usize = 10_000;
 
 /// Where single-app mode puts runtime directories: `$XDG_RUNTIME_DIR`, or
 /// the system temp dir.
@@ -568,5 +619,29 @@ mod tests {
         let link = base.path().join("link");
         std::os::unix::fs::symlink(a.path(), &link).expect("symlink");
         assert!(verify_private(&link).is_err(), "a symlink to a private dir");
+    }
+
+    /// Issue 11 (review): a tenant who owns the parent of its source may
+    /// not swap the source for a link elsewhere; the operator's links pass.
+    #[test]
+    fn a_source_through_someone_elses_symlink_is_refused() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let real = base.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        let link = base.path().join("current");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        assert!(trusted_path(&link).is_ok(), "bext's own link");
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .expect("lchown");
+            let err = trusted_path(&link.join(".")).expect_err("a tenant's link");
+            assert!(err.to_string().contains("symlink of uid 65534"), "{err}");
+        }
     }
 }

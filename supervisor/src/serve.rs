@@ -49,6 +49,8 @@ pub struct PlatformService {
     /// Every configured app by domain, running or not: a host of an app
     /// that is starting (or failed to) gets 503, not 404.
     configured: ArcSwap<RouteTable<String>>,
+    /// Every configured app's name.
+    names: ArcSwap<Vec<String>>,
     /// Every app by name (for purges naming their app in the body).
     apps: ArcSwap<BTreeMap<String, Arc<AppService>>>,
     metrics: Arc<Metrics>,
@@ -88,6 +90,9 @@ impl PlatformService {
             config.default_app.clone().map(Arc::new),
         );
         self.configured.store(Arc::new(configured));
+        self.names.store(Arc::new(
+            config.apps.iter().map(|a| a.name.clone()).collect(),
+        ));
         info!(
             apps = services.len(),
             routes = table.len(),
@@ -122,11 +127,18 @@ impl PlatformService {
             }
             (&Method::GET, "/__bext/platform/health") => {
                 let apps = self.apps.load();
-                let report: serde_json::Map<String, serde_json::Value> = apps
+                let mut report: serde_json::Map<String, serde_json::Value> = apps
                     .iter()
                     .map(|(name, service)| (name.clone(), service.admin.health_report().1))
                     .collect();
-                let healthy = apps.values().all(|s| s.admin.health_report().0);
+                let mut healthy = apps.values().all(|s| s.admin.health_report().0);
+                // Configured but not running (starting, or failed to start).
+                for name in self.names.load().iter() {
+                    if !apps.contains_key(name) {
+                        healthy = false;
+                        report.insert(name.clone(), serde_json::json!({"status": "not running"}));
+                    }
+                }
                 let body = serde_json::json!({
                     "status": if healthy { "ok" } else { "degraded" },
                     "apps": report,
@@ -228,12 +240,23 @@ fn text(status: StatusCode, message: &'static str) -> Response<Body> {
     response
 }
 
-/// The apps of a platform file, as settings.
-fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>, ConfigError> {
+/// The apps of a platform file, as settings; and the apps whose own
+/// `bext.config.toml` does not load (a tenant's mistake is that app's
+/// failure, never the platform's).
+fn settings_for(
+    config: &PlatformConfig,
+) -> (BTreeMap<String, AppSettings>, BTreeMap<String, ConfigError>) {
     let runtime_base = config.data_dir.join("run");
     let mut all = BTreeMap::new();
+    let mut failed = BTreeMap::new();
     for entry in &config.apps {
-        let (mut app_config, capped) = entry.merged_config()?;
+        let (mut app_config, capped) = match entry.merged_config() {
+            Ok(merged) => merged,
+            Err(e) => {
+                failed.insert(entry.name.clone(), e);
+                continue;
+            }
+        };
         for note in capped {
             warn!(app = %entry.name, "{note}");
         }
@@ -262,7 +285,7 @@ fn settings_for(config: &PlatformConfig) -> Result<BTreeMap<String, AppSettings>
             },
         );
     }
-    Ok(all)
+    (all, failed)
 }
 
 /// Starts every app concurrently; one that fails is logged and left out
@@ -327,6 +350,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let platform = Arc::new(PlatformService {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
         configured: ArcSwap::from_pointee(RouteTable::new([], None)),
+        names: ArcSwap::from_pointee(Vec::new()),
         apps: ArcSwap::from_pointee(BTreeMap::new()),
         metrics: Arc::clone(&metrics),
         access: ArcSwap::from_pointee((
@@ -344,7 +368,11 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // slow or hung build holds up only its own app, whose hosts get 503
     // meanwhile).
     info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), "listening on http://{addr}");
-    let mut starting: futures_util::stream::FuturesUnordered<_> = settings_for(&config)?
+    let (first, broken) = settings_for(&config);
+    for (name, e) in broken {
+        error!(app = %name, "app not started: {e}");
+    }
+    let mut starting: futures_util::stream::FuturesUnordered<_> = first
         .into_iter()
         .map(|(name, settings)| {
             let metrics = Arc::clone(&metrics);
@@ -374,41 +402,66 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
 
     let config_path = args.config.clone();
     let mut listener_stopped = false;
+    // A SIGHUP during the first starts is applied once they are over.
+    let mut reload_due = false;
     loop {
-        tokio::select! {
+        let reload_now = tokio::select! {
             Some((name, started)) = starting.next(), if !starting.is_empty() => {
                 match started {
                     Ok(app) => {
-                        app.post_deploy();
-                        apps.insert(name, app);
+                        apps.insert(name.clone(), app);
                         platform.publish(&apps, &config);
+                        // Routed first: the hook may call the app itself.
+                        if let Some(app) = apps.get(&name) {
+                            app.post_deploy();
+                        }
                     }
                     Err(e) => error!(app = %name, "app not started: {e}"),
                 }
                 if starting.is_empty() {
                     info!(apps = apps.len(), of = config.apps.len(), "apps started");
                 }
+                std::mem::take(&mut reload_due) && starting.is_empty()
             }
-            // A reload waits for the first starts (the signal stays queued).
-            _ = hup.recv(), if starting.is_empty() => {
-                info!(config = %config_path.display(), "SIGHUP: reloading");
-                // A reload may build and start apps for a while; a SIGTERM
-                // abandons it (nothing is swapped until its starts are done).
-                let reloading = reload(&config_path, &config, args.listen.is_some(), &mut apps, &platform, &metrics, &shutdown);
-                tokio::select! {
-                    reloaded = reloading => match reloaded {
-                        Ok(new) => config = new,
-                        Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
-                    },
-                    _ = term.recv() => { info!("SIGTERM during a reload: abandoning it, shutting down"); break; }
-                    _ = int.recv() => { info!("SIGINT during a reload: abandoning it, shutting down"); break; }
+            _ = hup.recv() => {
+                if starting.is_empty() {
+                    true
+                } else {
+                    info!("SIGHUP: the reload waits until the first starts are over");
+                    reload_due = true;
+                    false
                 }
             }
             _ = term.recv() => { info!("SIGTERM: shutting down gracefully (send it again to stop at once)"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down gracefully (send it again to stop at once)"); break; }
             _ = &mut serving => { warn!("the listener stopped"); listener_stopped = true; break; }
+        };
+        if reload_now {
+            info!(config = %config_path.display(), "SIGHUP: reloading");
+            // A reload may build and start apps for a while; a SIGTERM
+            // abandons it (nothing is swapped until its starts are done).
+            let reloading = reload(
+                &config_path,
+                &config,
+                args.listen.is_some(),
+                &mut apps,
+                &platform,
+                &metrics,
+                &shutdown,
+            );
+            tokio::select! {
+                reloaded = reloading => match reloaded {
+                    Ok(new) => config = new,
+                    Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
+                },
+                _ = term.recv() => { info!("SIGTERM during a reload: abandoning it, shutting down"); break; }
+                _ = int.recv() => { info!("SIGINT during a reload: abandoning it, shutting down"); break; }
+            }
         }
     }
+    // First starts still under way are abandoned (their builds and hooks
+    // are killed with their process groups).
+    drop(starting);
     shutdown.graceful.cancel();
     tokio::spawn(async move {
         tokio::select! {
@@ -450,7 +503,16 @@ async fn reload(
         warn!(old = %current.listen, new = %new.listen, "[platform] listen changed; restart bext to apply it");
         new.listen = current.listen;
     }
-    let mut wanted = settings_for(&new)?;
+    let (mut wanted, broken) = settings_for(&new);
+    for (name, e) in broken {
+        match apps.get(&name) {
+            Some(running) => {
+                error!(app = %name, "reload: {e}; the app keeps running as it was");
+                wanted.insert(name, running.settings.clone());
+            }
+            None => error!(app = %name, "app not started: {e}"),
+        }
+    }
 
     // Start what is new, and replacements for apps that need new workers.
     let mut to_start = BTreeMap::new();
@@ -523,20 +585,34 @@ pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
         config.apps.len()
     )];
     for entry in &config.apps {
-        let (merged, capped) = entry.merged_config()?;
-        let app = crate::app::detect(&entry.source, &merged)?;
-        lines.push(format!(
-            "app '{}': {} ({}), domains {}",
-            entry.name,
-            app.framework,
-            app.reason,
-            entry.domains.join(", ")
-        ));
-        lines.extend(
-            capped
-                .into_iter()
-                .map(|note| format!("  app '{}': {note}", entry.name)),
-        );
+        // An app's own files are its tenant's: their mistakes are reported
+        // here, and stop only that app (never this check, which guards the
+        // platform's start).
+        let detected =
+            entry
+                .merged_config()
+                .map_err(RunError::from)
+                .and_then(|(merged, capped)| {
+                    let app = crate::app::detect(&entry.source, &merged)?;
+                    Ok((app, capped))
+                });
+        match detected {
+            Ok((app, capped)) => {
+                lines.push(format!(
+                    "app '{}': {} ({}), domains {}",
+                    entry.name,
+                    app.framework,
+                    app.reason,
+                    entry.domains.join(", ")
+                ));
+                lines.extend(
+                    capped
+                        .into_iter()
+                        .map(|note| format!("  app '{}': {note}", entry.name)),
+                );
+            }
+            Err(e) => lines.push(format!("app '{}': will not start: {e}", entry.name)),
+        }
     }
     Ok(lines)
 }

@@ -1015,6 +1015,53 @@ async fn issue11_a_hung_build_holds_up_only_its_own_app() {
     assert_eq!(waiting.status(), 503);
     assert_eq!(waiting.headers()["retry-after"], "5");
     assert_eq!(text(&bext, "nobody.test", "/").await.0, 404);
+    // The platform is not healthy while an app is not running.
+    let health = client()
+        .get(bext.url("/__bext/platform/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 503);
+    let health: Value = health.json().await.expect("json");
+    assert_eq!(health["apps"]["hung"]["status"], "not running", "{health}");
+    assert_eq!(health["apps"]["fine"]["status"], "ok", "{health}");
+}
+
+/// Issue 11 (review): a tenant's broken `bext.config.toml` is that app's
+/// failure: the platform starts and serves the others, and `bext check`
+/// (the unit's ExecStartPre) reports it without failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue11_a_tenants_broken_config_stops_only_its_app() {
+    let broken = crate::support::temp_app(&[
+        ("package.json", r#"{"main":"server.js"}"#),
+        ("server.js", crate::support::PLAIN_NODE_SERVER),
+        (
+            "bext.config.toml",
+            "[server]
+listen = 12
+",
+        ),
+    ]);
+    let platform = Platform::new(&format!(
+        "[platform]\ndata_dir = \"/var/lib/bext\"\n\
+         [apps.broken]\nsource = \"{b}\"\ndomains = [\"broken.test\"]\n\
+         [apps.fine]\nsource = \"{f}\"\ndomains = [\"fine.test\"]\n",
+        b = broken.path().display(),
+        f = path_of("static"),
+    ));
+    let (code, out, err) =
+        bext_command(&["check", "--config", platform.file.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("app 'broken': will not start"), "{out}");
+    let bext = platform.serve(&[]);
+    assert_eq!(text(&bext, "fine.test", "/").await.0, 200);
+    assert_eq!(text(&bext, "broken.test", "/").await.0, 503);
+    bext.wait_log(Duration::from_secs(5), |v| {
+        v["app"] == "broken"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("bext.config.toml:2"))
+    });
 }
 
 /// Issue 11 (review): a purge on a host no app serves reads its body before

@@ -48,8 +48,9 @@ pub const BUILD_PREFIXES: [&str; 2] = ["npm_config_", "NPM_CONFIG_"];
 
 /// Package-manager settings whose name holds one of these (in any case)
 /// carry a credential (`//registry/:_authToken`, `_auth`, `_password`,
-/// `certfile`, `keyfile`) and are not passed on.
-pub const CREDENTIAL_WORDS: [&str; 5] = ["auth", "token", "password", "cert", "key"];
+/// `certfile`, `keyfile`, a proxy URL with a user in it) and are not passed
+/// on.
+pub const CREDENTIAL_WORDS: [&str; 6] = ["auth", "token", "password", "cert", "key", "proxy"];
 
 /// What a process gets of `vars` (the supervisor's environment): the
 /// [`PASSED`] names and prefixes, and for a build also [`BUILD_PREFIXES`].

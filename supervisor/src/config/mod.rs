@@ -157,18 +157,25 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// or `/dev/zero` behind the name is refused instead of hanging or filling
 /// bext's memory.
 pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
+    // O_PATH names the file without opening it: a device's open routine
+    // (a watchdog, a tape) never runs for what is not a regular file.
+    let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_PATH)
         .open(path)?;
-    if !file.metadata()?.is_file() {
+    if !handle.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file",
         ));
     }
-    Ok(file)
+    // The same inode, opened for reading now that it is known to be a file.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
 /// The text of a regular file of at most [`MAX_FILE_BYTES`] (see

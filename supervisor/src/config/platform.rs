@@ -394,6 +394,8 @@ pub const TENANT_MAX_START_TIMEOUT: Duration = super::DEFAULT_START_TIMEOUT;
 pub const TENANT_MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const TENANT_MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const TENANT_MAX_SHUTDOWN_GRACE: Duration = super::DEFAULT_SHUTDOWN_GRACE;
+/// Route rules are matched in order on every request.
+pub const TENANT_MAX_ROUTE_RULES: usize = 256;
 
 impl AppEntry {
     /// The app's own `bext.config.toml`, its resource limits capped at
@@ -457,7 +459,7 @@ fn cap_tenant_limits(config: &mut Config) -> Vec<String> {
     let mut notes = Vec::new();
     let mut cap = |key: &str, asked: String, max: String| {
         notes.push(format!(
-            "its bext.config.toml sets {key} = {asked}; an app's own file may ask for at most {max} (set it in platform.toml to allow more)"
+            "its bext.config.toml sets {key} = {asked}; an app's own file may ask for at most {max}"
         ));
     };
     let iso = &mut config.isolate;
@@ -534,6 +536,14 @@ fn cap_tenant_limits(config: &mut Config) -> Vec<String> {
             cap(key, value.to_string(), max.to_string());
             *value = max;
         }
+    }
+    if config.isr.route_rules.len() > TENANT_MAX_ROUTE_RULES {
+        cap(
+            "route_rules",
+            format!("{} rules", config.isr.route_rules.len()),
+            format!("{TENANT_MAX_ROUTE_RULES} (the first are kept)"),
+        );
+        config.isr.route_rules.truncate(TENANT_MAX_ROUTE_RULES);
     }
     notes
 }

@@ -56,9 +56,9 @@ pub struct PoolConfig {
     pub plan: LaunchPlan,
     /// Private directory for the workers' sockets.
     pub runtime_dir: PathBuf,
-    /// The uid that must be listening on a worker's socket (see
+    /// The uids that may be listening on a worker's socket (see
     /// `upstream::Upstream::new`).
-    pub peer_uid: Option<u32>,
+    pub peer_uids: Vec<u32>,
     pub memory_limit: Option<MemorySize>,
     /// Kernel enforcement of `memory_limit` (cgroups), where available.
     pub memory: Option<crate::memory::AppMemory>,
@@ -345,7 +345,7 @@ mod tests {
             id,
             index,
             pid: 1,
-            upstream: upstream::Upstream::new("/nonexistent.sock".into(), None),
+            upstream: upstream::Upstream::new("/nonexistent.sock".into(), vec![]),
             inflight: AtomicUsize::new(0),
             state: AtomicU8::new(state as u8),
             max_inflight: 2,

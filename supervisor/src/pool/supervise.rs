@@ -160,6 +160,17 @@ impl SocketFile {
         let path = config
             .runtime_dir
             .join(format!("w{index}.{generation}.sock"));
+        // sun_path holds 108 bytes with its NUL: say so, rather than let a
+        // runtime fail to bind with a vaguer error.
+        if path.as_os_str().len() > 107 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the socket path {} is longer than Unix sockets allow (107 bytes): use a shorter data_dir",
+                    path.display()
+                ),
+            ));
+        }
         let listener = if config.plan.inherits_socket() {
             Some(bext_worker::socket::bind(&path)?)
         } else {
@@ -377,7 +388,7 @@ impl Slot {
             id,
             index: self.index,
             pid,
-            upstream: Upstream::new(socket.path.clone(), self.config.peer_uid),
+            upstream: Upstream::new(socket.path.clone(), self.config.peer_uids.clone()),
             inflight: AtomicUsize::new(0),
             state: AtomicU8::new(WorkerState::Starting as u8),
             max_inflight: self.pool.max_inflight,

@@ -98,12 +98,12 @@ pub struct Upstream {
 #[derive(Debug)]
 pub(super) struct Inner {
     path: PathBuf,
-    /// The uid that must be listening on `path`: whoever called listen()
-    /// on it (bext for an inherited socket, the app's user for one the
-    /// runtime binds itself). A socket swapped for another (a symlink to
-    /// some other service's socket, in a directory the app may write) is
-    /// refused.
-    peer_uid: Option<u32>,
+    /// The uids that may be listening on `path` (none: not checked):
+    /// whoever called listen() on it last (bext, or the app's user for a
+    /// socket it listens on or binds itself). A socket swapped for another
+    /// (a symlink to some other service's socket, in a directory the app
+    /// may write) is refused, and a symlink is not even connected to.
+    peer_uids: Vec<u32>,
     /// The worker is going away: connections are no longer kept.
     closing: AtomicBool,
     /// Idle connections, one list per shard (slot: [`Inner::slot`]),
@@ -132,11 +132,11 @@ pub(super) struct Conn {
 }
 
 impl Upstream {
-    pub fn new(path: PathBuf, peer_uid: Option<u32>) -> Self {
+    pub fn new(path: PathBuf, peer_uids: Vec<u32>) -> Self {
         Upstream {
             inner: Arc::new(Inner {
                 path,
-                peer_uid,
+                peer_uids,
                 closing: AtomicBool::new(false),
                 idle: (0..=crate::shards::default_count().get())
                     .map(|_| Mutex::new(VecDeque::new()))
@@ -266,6 +266,14 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Conn, UpstreamError> {
         let path = &self.inner.path;
+        let refuse = |why: String| UpstreamError::Connect {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        };
+        let checked = !self.inner.peer_uids.is_empty();
+        if checked && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(refuse("the socket is a symlink".to_string()));
+        }
         let io = tokio::time::timeout_at(deadline, UnixStream::connect(path))
             .await
             .map_err(|_| UpstreamError::Timeout(timeout))?
@@ -273,18 +281,13 @@ impl Upstream {
                 path: path.clone(),
                 source,
             })?;
-        if let Some(expected) = self.inner.peer_uid {
+        if checked {
             let uid = io.peer_cred().map(|c| c.uid()).ok();
-            if uid != Some(expected) {
-                return Err(UpstreamError::Connect {
-                    path: path.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!(
-                            "the socket is served by uid {uid:?}, not the app's uid {expected}"
-                        ),
-                    ),
-                });
+            if !uid.is_some_and(|uid| self.inner.peer_uids.contains(&uid)) {
+                return Err(refuse(format!(
+                    "the socket is served by uid {uid:?}, not the app's ({:?})",
+                    self.inner.peer_uids
+                )));
             }
         }
         Ok(Conn {
@@ -554,13 +557,13 @@ mod tests {
                 .expect("request")
         };
         // The worker answers one connection: the app's own, first.
-        let own = Upstream::new(path.clone(), Some(me));
+        let own = Upstream::new(path.clone(), vec![me]);
         let response = own
             .send(request(), Duration::from_secs(5))
             .await
             .expect("served");
         assert_eq!(response.status(), 200);
-        let other = Upstream::new(path, Some(me.wrapping_add(1)));
+        let other = Upstream::new(path, vec![me.wrapping_add(1)]);
         let refused = other.send(request(), Duration::from_secs(5)).await;
         assert!(
             matches!(&refused, Err(UpstreamError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
@@ -575,7 +578,7 @@ mod tests {
         let listener = UnixListener::bind(&path).expect("bind");
         let (close, closed) = tokio::sync::oneshot::channel();
         let worker = tokio::spawn(one_answer_worker(listener, closed));
-        let upstream = Upstream::new(path, None);
+        let upstream = Upstream::new(path, vec![]);
 
         let request = Request::get("/")
             .body(crate::body::empty())
@@ -633,7 +636,7 @@ mod tests {
                 });
             }
         });
-        let upstream = Upstream::new(path, None);
+        let upstream = Upstream::new(path, vec![]);
         let get = || async {
             let request = Request::get("/")
                 .body(crate::body::empty())
