@@ -314,6 +314,25 @@ impl RunningApp {
         self.settings = settings;
     }
 
+    /// Takes over `old`'s rate-limit allowances when the limit is the same:
+    /// new workers for an app must not hand every client a fresh burst.
+    pub fn inherit_limiter(&mut self, old: &RunningApp) {
+        let Some(previous) = old.service().limiter.clone() else {
+            return;
+        };
+        let current = self.service.load_full();
+        let service = build_service(
+            &self.app,
+            &self.settings,
+            Arc::clone(&self.statics),
+            self.pool.as_ref(),
+            &self.metrics,
+            current.cache.clone(),
+            Some(previous),
+        );
+        self.service.store(Arc::new(service));
+    }
+
     /// Runs `hooks.post_deploy` in the background (the app serves).
     pub fn post_deploy(&self) {
         let Some(hooks) = &self.settings.hooks else {

@@ -539,7 +539,8 @@ async fn reload(
                 retired.push(running);
             }
             // Replaced by new workers.
-            (Some(_), Some(replacement)) => {
+            (Some(_), Some(mut replacement)) => {
+                replacement.inherit_limiter(&running);
                 retired.push(running);
                 apps.insert(name, replacement);
             }

@@ -186,7 +186,7 @@ domains = ["static.test"]
     );
 }
 
-fn limited_platform(ttl: &str) -> String {
+fn limited_platform(ttl: &str, workers: u32) -> String {
     format!(
         r#"[platform]
 data_dir = "/var/lib/bext"
@@ -198,6 +198,8 @@ domains = ["limited.test"]
 rpm = 5
 [apps.limited.cache]
 default_ttl = "{ttl}"
+[apps.limited.isolate]
+workers = {workers}
 [apps.free]
 source = "{hono}"
 domains = ["free.test"]
@@ -209,7 +211,7 @@ domains = ["free.test"]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoints() {
-    let platform = Platform::new(&limited_platform("60s"));
+    let platform = Platform::new(&limited_platform("60s", 1));
     let bext = platform.serve(&[]);
     let http = client();
     let from = |ip: &'static str| {
@@ -239,7 +241,7 @@ async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoint
     // Issue 11, fault 5: a reload that keeps the limit keeps every
     // client's allowance (no fresh burst); a second X-Forwarded-For line
     // with a port, as HAProxy appends it, names the same client.
-    platform.write(&limited_platform("90s"));
+    platform.write(&limited_platform("90s", 1));
     bext.signal(libc::SIGHUP);
     bext.wait_log(Duration::from_secs(30), |v| {
         v["message"] == "reload: applying new domains, limits or cache settings"
@@ -256,6 +258,17 @@ async fn rate_limits_are_per_client_per_app_with_retry_after_and_exempt_endpoint
         .await
         .expect("GET");
     assert_eq!(two_lines.status(), 429, "still limited after the reload");
+    // And after one that gives the app new workers.
+    platform.write(&limited_platform("90s", 2));
+    bext.signal(libc::SIGHUP);
+    bext.wait_log(Duration::from_secs(60), |v| {
+        v["message"] == "app stopped" && v["app"] == "limited"
+    });
+    assert_eq!(
+        from("203.0.113.1").await.expect("GET").status(),
+        429,
+        "still limited after new workers"
+    );
     // Another client (behind the trusted proxy), another app, and bext's
     // own endpoints are not limited.
     assert_eq!(from("203.0.113.2").await.expect("GET").status(), 200);

@@ -457,6 +457,13 @@ impl AppEntry {
 /// Caps what a tenant's own file asks for (see [`TENANT_MAX_WORKERS`]).
 fn cap_tenant_limits(config: &mut Config) -> Vec<String> {
     let mut notes = Vec::new();
+    if !config.server.access_log {
+        notes.push(
+            "its bext.config.toml turns the access log off; in multi-app mode that log is the platform's, and stays on"
+                .to_string(),
+        );
+        config.server.access_log = true;
+    }
     let mut cap = |key: &str, asked: String, max: String| {
         notes.push(format!(
             "its bext.config.toml sets {key} = {asked}; an app's own file may ask for at most {max}"
