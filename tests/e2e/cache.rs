@@ -590,7 +590,9 @@ async fn the_cache_keeps_its_entry_and_byte_bounds_under_ten_times_more_entries(
     // The first pass grows RSS by what the allocator keeps for itself
     // (8–23 MB observed: mimalloc commits memory in large slices and keeps
     // them), which is noise around one bound; the second pass must add
-    // little. An unbounded cache would grow by 40 MB on each.
+    // less than half of a pass (0–5 MB observed alone, up to 13.5 MB with
+    // the suite's floods running beside it). An unbounded cache would grow
+    // by 40 MB on each.
     const MB: u64 = 1024 * 1024;
     let mut readings = vec![rss(bext.pid())];
     for prefix in ["big", "more"] {
@@ -603,7 +605,7 @@ async fn the_cache_keeps_its_entry_and_byte_bounds_under_ten_times_more_entries(
     let first_growth = readings[1].saturating_sub(readings[0]);
     let second_growth = readings[2].saturating_sub(readings[1]);
     assert!(
-        first_growth < 32 * MB && second_growth < 12 * MB,
+        first_growth < 32 * MB && second_growth < 20 * MB,
         "RSS grew {} KiB, then {} KiB, for a 2 MB cache as 40 MB went through twice",
         first_growth / 1024,
         second_growth / 1024
