@@ -30,8 +30,10 @@ mod tests {
                     pid: 42,
                     state: "ready".into(),
                     inflight: 1,
+                    rss_bytes: 0,
                 }],
                 restarts: 3,
+                ..Default::default()
             }],
         };
         let bytes = reply.encode_to_vec();

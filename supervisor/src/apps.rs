@@ -199,6 +199,14 @@ impl RunningApp {
                     .isolate
                     .memory_limit
                     .map(|limit| memory::AppMemory::new(&app.name, limit));
+                crate::progress::step(
+                    "start",
+                    format!(
+                        "{} worker(s): {}",
+                        config.isolate.workers_or(settings.default_workers),
+                        plan.describe()
+                    ),
+                );
                 let handle = pool::start(PoolConfig {
                     app: app.name.clone(),
                     workers: config.isolate.workers_or(settings.default_workers).get() as usize,
@@ -335,17 +343,27 @@ impl RunningApp {
 
     /// Runs `hooks.post_deploy` in the background (the app serves).
     pub fn post_deploy(&self) {
-        let Some(hooks) = &self.settings.hooks else {
-            return;
-        };
-        let Some(command) = hooks.post_deploy.clone() else {
-            return;
-        };
+        if let Some(hook) = self.post_deploy_hook() {
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hook.await {
+                    error!(app = %name, "{e}");
+                }
+            });
+        }
+    }
+
+    /// `hooks.post_deploy`, to run once the app serves (none: `None`).
+    pub fn post_deploy_hook(
+        &self,
+    ) -> Option<impl Future<Output = Result<(), hooks::HookError>> + Send + 'static> {
+        let hooks = self.settings.hooks.as_ref()?;
+        let command = hooks.post_deploy.clone()?;
         let (name, dir, timeout) = (self.name.clone(), self.app.dir.clone(), hooks.timeout);
         let env = self.app.env.clone();
         let user = self.settings.user.clone();
-        tokio::spawn(async move {
-            if let Err(e) = hooks::run(
+        Some(async move {
+            hooks::run(
                 &name,
                 "post_deploy",
                 &command,
@@ -355,10 +373,27 @@ impl RunningApp {
                 timeout,
             )
             .await
-            {
-                error!(app = %name, "{e}");
-            }
-        });
+        })
+    }
+
+    /// The app's running worker processes (none for a static site).
+    pub fn workers(&self) -> Vec<Arc<pool::Worker>> {
+        self.pool
+            .as_ref()
+            .map(|h| h.pool.workers())
+            .unwrap_or_default()
+    }
+
+    /// The workers' status, with their memory.
+    pub fn worker_status(&self) -> Vec<pool::WorkerStatus> {
+        self.pool
+            .as_ref()
+            .map(|h| h.pool.status())
+            .unwrap_or_default()
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.pool.as_ref().map_or(0, |h| h.pool.restarts())
     }
 
     /// Waits for its requests (already unrouted) up to `grace`, then stops

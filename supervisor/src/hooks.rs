@@ -46,6 +46,7 @@ pub async fn run(
     let span = info_span!("hook", app = %app, hook);
     async {
         info!("running `{command}`");
+        crate::progress::step(hook, format!("`{command}`"));
         let mut spec = bext_worker::LaunchSpec {
             program: "/bin/sh".into(),
             args: vec!["-c".into(), command.into()],

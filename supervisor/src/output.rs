@@ -82,14 +82,23 @@ pub async fn run_to_end(mut child: tokio::process::Child, timeout: Duration) -> 
         }
     }
     let mut group = Group(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
+    // The operation this runs for (a deploy) sees the output too.
+    let report = |reporter: Option<crate::progress::Reporter>| {
+        move |line: &str| {
+            tracing::info!("{line}");
+            if let Some(reporter) = &reporter {
+                reporter.line(line);
+            }
+        }
+    };
     let out = child
         .stdout
         .take()
-        .map(|s| forward(s, |line| tracing::info!("{line}")));
+        .map(|s| forward(s, report(crate::progress::current())));
     let err = child
         .stderr
         .take()
-        .map(|s| forward(s, |line| tracing::info!("{line}")));
+        .map(|s| forward(s, report(crate::progress::current())));
     let finished = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => Finished::Exited(status),
         Ok(Err(e)) => Finished::WaitFailed(e),

@@ -50,6 +50,13 @@ pub enum RunError {
     },
     #[error("app '{app}' is to run as user `{user}`, which needs bext to run as root")]
     NeedsRoot { app: String, user: String },
+    #[error(transparent)]
+    State(#[from] crate::platform::state::StateError),
+    #[error("could not serve the control socket {}: {source}", path.display())]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,

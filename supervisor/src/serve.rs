@@ -1,37 +1,33 @@
 //! `bext serve --config platform.toml`: many apps behind one listener.
 //!
-//! The platform owns the running apps and the route table; requests see an
-//! immutable snapshot of the routes ([`RouteTable`]) swapped whole by
-//! reloads. SIGHUP reloads `platform.toml`: added apps start, removed apps
-//! are unrouted, drained and stopped, apps whose domains, limits or cache
-//! settings changed get a new request path on the same workers, apps whose
-//! source, runtime or isolation changed get new workers; a file that does
-//! not validate changes nothing. One app failing to start (hook, install,
-//! build) is logged and skipped; the others serve.
+//! This module is the request side of the platform and its wiring: the
+//! [`PlatformService`] routes each request by Host to its app through an
+//! immutable snapshot of the routes ([`RouteTable`]), swapped whole when
+//! the [`Platform`] (the one owner of apps, versions and generations:
+//! `crate::platform`) publishes a change. [`serve`] binds the listener and
+//! the control socket and hands the apps to the platform.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::apps::{AppSettings, Gate, RunningApp};
+use crate::apps::RunningApp;
 use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
-use crate::config::{ConfigError, DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
+use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
+use crate::platform::{Platform, Signals};
 use crate::router::{self, RouteTable};
 use crate::run::RunError;
 use crate::server::AppService;
@@ -53,13 +49,22 @@ pub struct PlatformService {
     names: ArcSwap<Vec<String>>,
     /// Every app by name (for purges naming their app in the body).
     apps: ArcSwap<BTreeMap<String, Arc<AppService>>>,
+    /// Why configured apps are not running (starting, failed).
+    not_running: ArcSwap<BTreeMap<String, String>>,
     metrics: Arc<Metrics>,
     /// `admin_networks` and `trusted_proxies`, as of the last reload.
     access: ArcSwap<(Vec<IpNet>, Vec<IpNet>)>,
 }
 
 impl PlatformService {
-    fn publish(&self, apps: &BTreeMap<String, RunningApp>, config: &PlatformConfig) {
+    /// Routes `apps` for `config`'s domains.
+    pub fn publish(
+        &self,
+        apps: &BTreeMap<String, RunningApp>,
+        config: &PlatformConfig,
+        not_running: &BTreeMap<String, String>,
+    ) {
+        self.not_running.store(Arc::new(not_running.clone()));
         let services: BTreeMap<String, Arc<AppService>> = apps
             .iter()
             .map(|(name, app)| (name.clone(), app.service()))
@@ -100,6 +105,10 @@ impl PlatformService {
         );
         self.routes.store(Arc::new(table));
         self.apps.store(Arc::new(services));
+    }
+
+    /// `admin_networks` and `trusted_proxies` of a reloaded file.
+    pub fn set_access(&self, config: &PlatformConfig) {
         self.access.store(Arc::new((
             config.admin_networks.clone(),
             config.trusted_proxies.clone(),
@@ -133,10 +142,15 @@ impl PlatformService {
                     .collect();
                 let mut healthy = apps.values().all(|s| s.admin.health_report().0);
                 // Configured but not running (starting, or failed to start).
+                let why = self.not_running.load();
                 for name in self.names.load().iter() {
                     if !apps.contains_key(name) {
                         healthy = false;
-                        report.insert(name.clone(), serde_json::json!({"status": "not running"}));
+                        let detail = why.get(name).map_or("", String::as_str);
+                        report.insert(
+                            name.clone(),
+                            serde_json::json!({"status": "not running", "detail": detail}),
+                        );
                     }
                 }
                 let body = serde_json::json!({
@@ -240,90 +254,19 @@ fn text(status: StatusCode, message: &'static str) -> Response<Body> {
     response
 }
 
-/// The apps of a platform file, as settings; and the apps whose own
-/// `bext.config.toml` does not load (a tenant's mistake is that app's
-/// failure, never the platform's).
-fn settings_for(
-    config: &PlatformConfig,
-) -> (BTreeMap<String, AppSettings>, BTreeMap<String, ConfigError>) {
-    let runtime_base = config.data_dir.join("run");
-    let mut all = BTreeMap::new();
-    let mut failed = BTreeMap::new();
-    for entry in &config.apps {
-        let (mut app_config, capped) = match entry.merged_config() {
-            Ok(merged) => merged,
-            Err(e) => {
-                failed.insert(entry.name.clone(), e);
-                continue;
-            }
-        };
-        for note in capped {
-            warn!(app = %entry.name, "{note}");
-        }
-        app_config.server.listen = config.listen;
-        if let Some(grace) = config.shutdown_grace {
-            app_config.server.shutdown_grace = grace;
-        }
-        all.insert(
-            entry.name.clone(),
-            AppSettings {
-                name: Some(entry.name.clone()),
-                dir: entry.source.clone(),
-                config: app_config,
-                default_workers: std::num::NonZeroU32::new(DEFAULT_PLATFORM_WORKERS)
-                    .expect("non-zero"),
-                force_build: false,
-                hooks: Some(entry.hooks.clone()),
-                rate_limit: entry.rate_limit_rpm,
-                ipv6_prefix: entry.rate_limit_ipv6_prefix,
-                trusted_proxies: config.trusted_proxies.clone(),
-                admin_networks: config.admin_networks.clone(),
-                runtime_base: runtime_base.clone(),
-                user: entry.user.clone(),
-                confined: true,
-                purge_token_override: None,
-            },
-        );
-    }
-    (all, failed)
-}
-
-/// Starts every app concurrently; one that fails is logged and left out
-/// (a replacement that fails leaves the app on its old workers).
-async fn start_apps(
-    wanted: BTreeMap<String, (AppSettings, Gate)>,
-    metrics: &Arc<Metrics>,
-) -> BTreeMap<String, RunningApp> {
-    let starts = wanted.into_iter().map(|(name, (settings, gate))| {
-        let metrics = Arc::clone(metrics);
-        async move { (name, gate, RunningApp::start(settings, metrics, gate).await) }
-    });
-    let mut started = BTreeMap::new();
-    for (name, gate, result) in futures_util::future::join_all(starts).await {
-        match (result, gate) {
-            (Ok(app), _) => {
-                started.insert(name, app);
-            }
-            (Err(e), Gate::AnyReady) => error!(app = %name, "app not started: {e}"),
-            (Err(e), Gate::AllReady) => {
-                error!(app = %name, "{e}; the app keeps serving on its old workers");
-            }
-        }
-    }
-    started
-}
-
+/// `bext serve`: listens at once, serves the control socket, and hands the
+/// apps to the [`Platform`], which starts them and owns them from then on.
 pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let mut config = PlatformConfig::load(&args.config)?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    std::fs::create_dir_all(config.data_dir.join("run")).map_err(|source| {
-        RunError::RuntimeDir {
-            dir: config.data_dir.clone(),
-            source,
-        }
-    })?;
+    let dir_error = |source| RunError::RuntimeDir {
+        dir: config.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(config.data_dir.join("run")).map_err(dir_error)?;
+    let state = crate::platform::recover(&config.data_dir)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -338,28 +281,33 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         );
     }
     // Signals are handled from here on: a SIGTERM during the first builds
-    // stops them and exits, a SIGHUP waits for them.
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("could not install signal handlers");
-        return Ok(());
+    // stops them and exits.
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            error!("could not install signal handlers: {e}");
+            return Ok(());
+        }
     };
+    let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
+    let control_path = config.data_dir.join(crate::control::SOCKET_NAME);
+    let control = crate::control::serve(&control_path, config.control_group.as_ref(), commands)
+        .map_err(|source| RunError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
     let platform = Arc::new(PlatformService {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
         configured: ArcSwap::from_pointee(RouteTable::new([], None)),
         names: ArcSwap::from_pointee(Vec::new()),
         apps: ArcSwap::from_pointee(BTreeMap::new()),
+        not_running: ArcSwap::from_pointee(BTreeMap::new()),
         metrics: Arc::clone(&metrics),
         access: ArcSwap::from_pointee((
             config.admin_networks.clone(),
             config.trusted_proxies.clone(),
         )),
     });
-    let mut apps = BTreeMap::new();
-    platform.publish(&apps, &config);
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: config.listen,
         source,
@@ -367,23 +315,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // bext serves at once: each app is routed as soon as it has started (a
     // slow or hung build holds up only its own app, whose hosts get 503
     // meanwhile).
-    info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), "listening on http://{addr}");
-    let (first, broken) = settings_for(&config);
-    for (name, e) in broken {
-        error!(app = %name, "app not started: {e}");
-    }
-    let mut starting: futures_util::stream::FuturesUnordered<_> = first
-        .into_iter()
-        .map(|(name, settings)| {
-            let metrics = Arc::clone(&metrics);
-            async move {
-                (
-                    name,
-                    RunningApp::start(settings, metrics, Gate::AnyReady).await,
-                )
-            }
-        })
-        .collect();
+    info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), control = %control_path.display(), "listening on http://{addr}");
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
@@ -398,183 +330,22 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             served.unwrap_or(false)
         }
     };
-    let mut serving = std::pin::pin!(serving);
-
-    let config_path = args.config.clone();
-    let mut listener_stopped = false;
-    // A SIGHUP during the first starts is applied once they are over.
-    let mut reload_due = false;
-    loop {
-        let reload_now = tokio::select! {
-            Some((name, started)) = starting.next(), if !starting.is_empty() => {
-                match started {
-                    Ok(app) => {
-                        apps.insert(name.clone(), app);
-                        platform.publish(&apps, &config);
-                        // Routed first: the hook may call the app itself.
-                        if let Some(app) = apps.get(&name) {
-                            app.post_deploy();
-                        }
-                    }
-                    Err(e) => error!(app = %name, "app not started: {e}"),
-                }
-                if starting.is_empty() {
-                    info!(apps = apps.len(), of = config.apps.len(), "apps started");
-                }
-                std::mem::take(&mut reload_due) && starting.is_empty()
-            }
-            _ = hup.recv() => {
-                if starting.is_empty() {
-                    true
-                } else {
-                    info!("SIGHUP: the reload waits until the first starts are over");
-                    reload_due = true;
-                    false
-                }
-            }
-            _ = term.recv() => { info!("SIGTERM: shutting down gracefully (send it again to stop at once)"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down gracefully (send it again to stop at once)"); break; }
-            _ = &mut serving => { warn!("the listener stopped"); listener_stopped = true; break; }
-        };
-        if reload_now {
-            info!(config = %config_path.display(), "SIGHUP: reloading");
-            // A reload may build and start apps for a while; a SIGTERM
-            // abandons it (nothing is swapped until its starts are done).
-            let reloading = reload(
-                &config_path,
-                &config,
-                args.listen.is_some(),
-                &mut apps,
-                &platform,
-                &metrics,
-                &shutdown,
-            );
-            tokio::select! {
-                reloaded = reloading => match reloaded {
-                    Ok(new) => config = new,
-                    Err(e) => error!("reload refused, the running configuration is unchanged: {e}"),
-                },
-                _ = term.recv() => { info!("SIGTERM during a reload: abandoning it, shutting down"); break; }
-                _ = int.recv() => { info!("SIGINT during a reload: abandoning it, shutting down"); break; }
-            }
-        }
-    }
-    // First starts still under way are abandoned (their builds and hooks
-    // are killed with their process groups).
-    drop(starting);
-    shutdown.graceful.cancel();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        warn!("second signal: stopping at once");
-        shutdown.immediate.cancel();
-    });
-    if !listener_stopped {
-        serving.await;
-    }
-    let kill = tokio_util::sync::CancellationToken::new();
-    let stops = apps.into_values().map(|app| {
-        let kill = kill.clone();
-        async move { app.stop(Duration::ZERO, &kill).await }
-    });
-    futures_util::future::join_all(stops).await;
+    Platform::new(
+        config,
+        args.config.clone(),
+        args.listen.is_some(),
+        state,
+        platform,
+        metrics,
+        shutdown,
+    )
+    .run(inbox, signals, serving)
+    .await;
+    control.abort();
+    let _ = std::fs::remove_file(&control_path);
     crate::memory::release();
     info!("bye");
     Ok(())
-}
-
-/// Applies a changed platform file, or refuses it whole.
-async fn reload(
-    path: &Path,
-    current: &PlatformConfig,
-    listen_overridden: bool,
-    apps: &mut BTreeMap<String, RunningApp>,
-    platform: &Arc<PlatformService>,
-    metrics: &Arc<Metrics>,
-    shutdown: &Shutdown,
-) -> Result<PlatformConfig, ConfigError> {
-    let mut new = PlatformConfig::load(path)?;
-    if listen_overridden {
-        new.listen = current.listen;
-    }
-    if new.listen != current.listen {
-        warn!(old = %current.listen, new = %new.listen, "[platform] listen changed; restart bext to apply it");
-        new.listen = current.listen;
-    }
-    let (mut wanted, broken) = settings_for(&new);
-    for (name, e) in broken {
-        match apps.get(&name) {
-            Some(running) => {
-                error!(app = %name, "reload: {e}; the app keeps running as it was");
-                wanted.insert(name, running.settings.clone());
-            }
-            None => error!(app = %name, "app not started: {e}"),
-        }
-    }
-
-    // Start what is new, and replacements for apps that need new workers.
-    let mut to_start = BTreeMap::new();
-    for (name, settings) in &wanted {
-        match apps.get(name) {
-            None => {
-                info!(app = %name, "reload: new app");
-                to_start.insert(name.clone(), (settings.clone(), Gate::AnyReady));
-            }
-            Some(running) if running.settings.needs_restart(settings) => {
-                info!(app = %name, "reload: app changed; starting new workers (the old ones serve until all are ready)");
-                to_start.insert(name.clone(), (settings.clone(), Gate::AllReady));
-            }
-            _ => {}
-        }
-    }
-    let mut started = start_apps(to_start, metrics).await;
-    let mut retired = Vec::new();
-    for (name, running) in std::mem::take(apps) {
-        match (wanted.remove(&name), started.remove(&name)) {
-            // Removed from the file.
-            (None, _) => {
-                info!(app = %name, "reload: app removed; draining");
-                retired.push(running);
-            }
-            // Replaced by new workers.
-            (Some(_), Some(mut replacement)) => {
-                replacement.inherit_limiter(&running);
-                retired.push(running);
-                apps.insert(name, replacement);
-            }
-            // Same workers, maybe a new request path.
-            (Some(settings), None) => {
-                let mut running = running;
-                if running.settings != settings {
-                    if running.settings.needs_restart(&settings) {
-                        // Logged with its cause by start_apps.
-                    } else {
-                        info!(app = %name, "reload: applying new domains, limits or cache settings");
-                        running.apply(settings);
-                    }
-                }
-                apps.insert(name, running);
-            }
-        }
-    }
-    let fresh: Vec<String> = started.keys().cloned().collect();
-    for (name, app) in started {
-        apps.insert(name, app);
-    }
-    platform.publish(apps, &new);
-    for name in fresh {
-        if let Some(app) = apps.get(&name) {
-            app.post_deploy();
-        }
-    }
-    let grace = new.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
-    for app in retired {
-        let kill = shutdown.immediate.clone();
-        tokio::spawn(async move { app.stop(grace, &kill).await });
-    }
-    Ok(new)
 }
 
 /// `bext check` of a platform file: the file, then every app's own config.
@@ -616,9 +387,4 @@ pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
         }
     }
     Ok(lines)
-}
-
-/// The directory where sockets go.
-pub fn runtime_base(config: &PlatformConfig) -> PathBuf {
-    config.data_dir.join("run")
 }

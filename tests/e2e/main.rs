@@ -8,6 +8,7 @@ mod support;
 
 mod apps;
 mod cache;
+mod control;
 mod errors;
 mod hardening;
 mod malformed;

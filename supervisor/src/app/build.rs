@@ -69,6 +69,7 @@ async fn run(
     let span = info_span!("build", app = %app.name, phase);
     async {
         info!("running `{step}` in {}", app.dir.display());
+        crate::progress::step(phase, format!("`{step}`"));
         // The clean environment of the app's processes (bext_worker::env),
         // with the package manager's settings, and the app's own variables.
         let mut env = bext_worker::env::from_supervisor(true);

@@ -65,6 +65,7 @@ struct RawPlatform {
     client_header_timeout: Option<PositiveDuration>,
     keepalive_timeout: Option<HumanDuration>,
     send_timeout: Option<PositiveDuration>,
+    control_group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +117,9 @@ struct RawAppIsolate {
 #[serde(deny_unknown_fields)]
 struct RawDeploy {
     keep_versions: Option<NonZeroU32>,
+    health_path: Option<Spanned<String>>,
+    health_timeout: Option<PositiveDuration>,
+    drain_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +148,8 @@ pub struct PlatformConfig {
     pub limits: crate::listener::ConnLimits,
     /// In file order (sorted by name).
     pub apps: Vec<AppEntry>,
+    /// `control_group`: its members may use the control socket (name, gid).
+    pub control_group: Option<(String, u32)>,
 }
 
 /// One `[apps.NAME]` table.
@@ -164,7 +170,7 @@ pub struct AppEntry {
     pub memory_limit: Option<MemorySize>,
     pub start_timeout: Option<Duration>,
     pub max_inflight: Option<NonZeroU32>,
-    pub keep_versions: Option<NonZeroU32>,
+    pub deploy: DeploySettings,
     pub hooks: Hooks,
     /// `[apps.NAME.env]`: on top of the app's own `[runtime] env`.
     pub env: EnvVars,
@@ -209,6 +215,25 @@ pub struct AppCacheOverrides {
     pub max_entry_bytes: Option<MemorySize>,
     pub purge_token: Option<String>,
 }
+
+/// `[apps.NAME.deploy]`: how versions of the app go live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploySettings {
+    /// Previous versions kept for rollbacks (besides the active one).
+    pub keep_versions: usize,
+    /// Asked of every new worker before the switch; 2xx/3xx passes.
+    pub health_path: Option<String>,
+    /// How long new workers have to pass `health_path`.
+    pub health_timeout: Duration,
+    /// How long the old workers' requests, WebSockets and streams get
+    /// after a switch (`None`: the platform's shutdown grace).
+    pub drain_timeout: Option<Duration>,
+}
+
+/// Previous versions kept when `deploy.keep_versions` is not set.
+pub const DEFAULT_KEEP_VERSIONS: usize = 3;
+/// `deploy.health_timeout` when not set.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `[apps.NAME.hooks]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,6 +316,18 @@ impl PlatformConfig {
             } else {
                 base.join(source)
             };
+            let mut deploy = app.deploy.unwrap_or_default();
+            let health_path = match deploy.health_path.take() {
+                Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() > 1024 => {
+                    return Err(invalid(
+                        p.span().start,
+                        format!("apps.{name}.deploy.health_path"),
+                        "a health path starts with `/` (at most 1024 bytes)".to_string(),
+                    ));
+                }
+                Some(p) => Some(p.into_inner()),
+                None => None,
+            };
             let rate_limit = app.rate_limit.unwrap_or_default();
             let ipv6_prefix = match &rate_limit.ipv6_prefix {
                 Some(p) if !(1..=128).contains(p.get_ref()) => {
@@ -334,7 +371,16 @@ impl PlatformConfig {
                 memory_limit: isolate.memory_limit,
                 start_timeout: isolate.start_timeout.map(|d| d.0),
                 max_inflight: isolate.max_inflight,
-                keep_versions: app.deploy.and_then(|d| d.keep_versions),
+                deploy: DeploySettings {
+                    keep_versions: deploy
+                        .keep_versions
+                        .map_or(DEFAULT_KEEP_VERSIONS, |k| k.get() as usize),
+                    health_path,
+                    health_timeout: deploy
+                        .health_timeout
+                        .map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0),
+                    drain_timeout: deploy.drain_timeout.map(|d| d.0),
+                },
                 env: app.env.unwrap_or_default(),
                 user,
                 hooks: Hooks {
@@ -353,7 +399,28 @@ impl PlatformConfig {
                 format!("no app is named `{}`", default.get_ref()),
             ));
         }
+        let control_group = match &platform.control_group {
+            Some(group) => match nix::unistd::Group::from_name(group.get_ref()) {
+                Ok(Some(g)) => Some((g.name, g.gid.as_raw())),
+                Ok(None) => {
+                    return Err(invalid(
+                        group.span().start,
+                        "platform.control_group".to_string(),
+                        format!("no group is named `{}` on this host", group.get_ref()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        group.span().start,
+                        "platform.control_group".to_string(),
+                        format!("could not look up group `{}`: {e}", group.get_ref()),
+                    ));
+                }
+            },
+            None => None,
+        };
         Ok(PlatformConfig {
+            control_group,
             source: path.to_path_buf(),
             listen: platform
                 .listen
@@ -402,7 +469,13 @@ impl AppEntry {
     /// what a tenant may ask for, with this table's settings on top; and a
     /// note for each value that was capped.
     pub fn merged_config(&self) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut config = Config::load_dir(&self.source)?;
+        self.merged_config_in(&self.source)
+    }
+
+    /// [`Self::merged_config`] with the app's own `bext.config.toml` read
+    /// from `dir` (a deployed version of the app).
+    pub fn merged_config_in(&self, dir: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut config = Config::load_dir(dir)?;
         let notes = cap_tenant_limits(&mut config);
         if let Some(framework) = self.runtime {
             config.runtime.framework = Some(framework);

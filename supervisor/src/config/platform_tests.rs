@@ -85,7 +85,7 @@ timeout = "2m"
     assert_eq!(shop.rate_limit_rpm.map(|r| r.get()), Some(600));
     assert_eq!(shop.workers.map(|w| w.get()), Some(2));
     assert_eq!(shop.memory_limit, Some(MemorySize::from_bytes(256 << 20)));
-    assert_eq!(shop.keep_versions.map(|k| k.get()), Some(5));
+    assert_eq!(shop.deploy.keep_versions, 5);
     assert_eq!(shop.hooks.pre_build.as_deref(), Some("npm run lint"));
     assert_eq!(shop.hooks.timeout, Duration::from_secs(120));
 }

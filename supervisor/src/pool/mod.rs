@@ -298,6 +298,11 @@ impl Pool {
         self.failures_in_a_row.load(Ordering::Relaxed)
     }
 
+    /// The workers in their slots now.
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.slots.iter().filter_map(|s| s.load_full()).collect()
+    }
+
     pub fn status(&self) -> Vec<WorkerStatus> {
         self.slots
             .iter()

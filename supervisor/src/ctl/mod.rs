@@ -1,0 +1,340 @@
+//! `bextctl`, the control-plane client: one command line in, one gRPC
+//! call to the supervisor over its Unix socket, its reply out, and an exit
+//! code that says whose problem a failure is (1: the operation failed,
+//! 69: the supervisor could not be reached).
+//!
+//! [`args`] is the command line, [`connect`] finds and opens the socket,
+//! [`pack`] turns a source directory into an upload, [`progress`] shows a
+//! long operation as it runs and [`print`] formats replies. Only this
+//! module makes calls. It links nothing of the server but the
+//! `bext_proto` contract and one default (the data directory).
+
+pub mod args;
+pub mod connect;
+pub mod pack;
+pub mod print;
+pub mod progress;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use bext_proto::control::v1::{
+    DeployChunk, LogsRequest, Progress, PurgeRequest, ReloadRequest, RestartRequest,
+    RollbackRequest, StatusRequest, VersionsRequest,
+};
+
+use args::{Cli, Command, DeployArgs, PurgeArgs};
+use connect::Session;
+use pack::{PackError, PackOptions};
+use progress::{Outcome, View};
+
+/// Exit code: the operation failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code (`EX_UNAVAILABLE`): the supervisor could not be reached, or
+/// refused this user.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Why a `bextctl` command failed; its message is one line for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("could not read {}: {source}", path.display())]
+    ReadConfig { path: PathBuf, source: io::Error },
+    #[error("could not parse {}: {reason}", path.display())]
+    ParseConfig { path: PathBuf, reason: String },
+    #[error("cannot reach the bext supervisor at {}: {reason}", socket.display())]
+    Unreachable { socket: PathBuf, reason: String },
+    #[error(
+        "the bext supervisor at {} refused this user ({reason}): run bextctl as root or as the user that runs `bext serve`",
+        socket.display()
+    )]
+    Refused { socket: PathBuf, reason: String },
+    /// The server answered a call with an error: its message.
+    #[error("{message}")]
+    Call { message: String },
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error("could not pack: {0}")]
+    PackTask(#[from] tokio::task::JoinError),
+    /// A long operation ended with `ok = false`: its message.
+    #[error("{0}")]
+    Operation(String),
+    #[error("the supervisor closed the stream before the operation finished")]
+    StreamEnded,
+    #[error("could not write the output: {0}")]
+    Write(io::Error),
+    /// Whoever read the output stopped (`bextctl logs -f | head`): not a
+    /// failure, the command just ends.
+    #[error("the output was closed")]
+    OutputClosed,
+}
+
+impl CtlError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Unreachable { .. } | Self::Refused { .. } => EXIT_UNAVAILABLE,
+            Self::OutputClosed => 0,
+            _ => EXIT_FAILED,
+        }
+    }
+}
+
+/// Where a command's output goes: replies to `out` (stdout), progress
+/// to a [`View`] made when an operation starts (stderr).
+pub struct Console<'a> {
+    pub out: &'a mut dyn Write,
+    pub progress: fn() -> View<Box<dyn Write>>,
+}
+
+impl std::fmt::Debug for Console<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
+impl Console<'_> {
+    /// Writes a reply; a closed output ends the command quietly.
+    fn emit(&mut self, text: &str) -> Result<(), CtlError> {
+        match self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(CtlError::OutputClosed),
+            Err(e) => Err(CtlError::Write(e)),
+        }
+    }
+}
+
+/// Runs one command line against the supervisor, printing to stdout and
+/// stderr. `env_socket` is `BEXT_SOCKET`, read by the caller (so tests
+/// never touch the environment).
+pub async fn run(cli: Cli, env_socket: Option<PathBuf>) -> Result<(), CtlError> {
+    let socket = connect::resolve_socket(
+        cli.socket.as_deref(),
+        cli.config.as_deref(),
+        env_socket.as_deref(),
+    )?;
+    let session = Session::connect(&socket).await?;
+    let mut stdout = io::stdout().lock();
+    let mut console = Console {
+        out: &mut stdout,
+        progress: View::stderr,
+    };
+    match execute(session, cli.command, &mut console).await {
+        Err(CtlError::OutputClosed) => Ok(()),
+        result => result,
+    }
+}
+
+/// Runs one command on an open session.
+pub async fn execute(
+    mut session: Session,
+    command: Command,
+    console: &mut Console<'_>,
+) -> Result<(), CtlError> {
+    match command {
+        Command::Deploy(args) => deploy(session, args, console).await,
+        Command::Rollback { app, to } => {
+            let request = RollbackRequest {
+                app,
+                to: to.unwrap_or_default(),
+            };
+            let stream = session.client.rollback(request).await;
+            watch(&session, stream, console).await
+        }
+        Command::Restart { app } => {
+            let stream = session.client.restart(RestartRequest { app }).await;
+            watch(&session, stream, console).await
+        }
+        Command::Status { app, json } => {
+            let request = StatusRequest {
+                apps: app.into_iter().collect(),
+            };
+            let reply = session
+                .client
+                .status(request)
+                .await
+                .map_err(|s| session.call_error(&s))?
+                .into_inner();
+            console.emit(&if json {
+                print::status_json(&reply)
+            } else {
+                print::status_table(&reply)
+            })
+        }
+        Command::Versions { app, json } => {
+            let reply = session
+                .client
+                .versions(VersionsRequest { app })
+                .await
+                .map_err(|s| session.call_error(&s))?
+                .into_inner();
+            console.emit(&if json {
+                print::versions_json(&reply)
+            } else {
+                print::versions_table(&reply)
+            })
+        }
+        Command::Purge(args) => purge(session, args, console).await,
+        Command::Logs { app, follow, lines } => logs(session, app, follow, lines, console).await,
+        Command::Reload => {
+            let reply = session
+                .client
+                .reload(ReloadRequest {})
+                .await
+                .map_err(|s| session.call_error(&s))?
+                .into_inner();
+            if reply.ok {
+                console.emit(&format!("{}\n", reply.message))
+            } else {
+                Err(CtlError::Operation(reply.message))
+            }
+        }
+    }
+}
+
+/// Packs the directory, uploads it and follows the deploy.
+async fn deploy(
+    mut session: Session,
+    args: DeployArgs,
+    console: &mut Console<'_>,
+) -> Result<(), CtlError> {
+    let options = PackOptions {
+        include_node_modules: args.include_node_modules,
+        include_build: args.include_build,
+        ..PackOptions::default()
+    };
+    let dir = args.dir.clone();
+    // Walking and compressing is blocking work.
+    let packed = tokio::task::spawn_blocking(move || pack::pack(&dir, &options)).await??;
+    for warning in &packed.warnings {
+        eprintln!("bextctl: warning: {warning}");
+    }
+    for path in &packed.skipped {
+        eprintln!(
+            "bextctl: skipped {} (not a file, directory or symlink)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "packed {}: {} {}, {} compressed",
+        std::fs::canonicalize(&args.dir)
+            .unwrap_or_else(|_| args.dir.clone())
+            .display(),
+        packed.files,
+        if packed.files == 1 { "file" } else { "files" },
+        megabytes(packed.bytes)
+    );
+    let app = args.app;
+    let chunks = packed
+        .chunks
+        .into_iter()
+        .enumerate()
+        .map(move |(i, data)| DeployChunk {
+            // The first message names the app.
+            app: if i == 0 { app.clone() } else { String::new() },
+            data,
+        });
+    let stream = session
+        .client
+        .deploy(futures_util::stream::iter(chunks))
+        .await;
+    watch(&session, stream, console).await
+}
+
+/// Follows a long operation's progress to its end.
+async fn watch(
+    session: &Session,
+    started: Result<tonic::Response<tonic::Streaming<Progress>>, tonic::Status>,
+    console: &mut Console<'_>,
+) -> Result<(), CtlError> {
+    let mut stream = started.map_err(|s| session.call_error(&s))?.into_inner();
+    let mut view = (console.progress)();
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|s| session.stream_error(&s))?
+    {
+        match view.event(&event) {
+            None => {}
+            Some(Outcome::Done(message)) => {
+                // Clear the spinner before the last word.
+                drop(view);
+                return console.emit(&format!("{message}\n"));
+            }
+            Some(Outcome::Failed(message)) => return Err(CtlError::Operation(message)),
+        }
+    }
+    Err(CtlError::StreamEnded)
+}
+
+async fn purge(
+    mut session: Session,
+    args: PurgeArgs,
+    console: &mut Console<'_>,
+) -> Result<(), CtlError> {
+    let soft = args.soft;
+    let request = PurgeRequest {
+        app: args.app,
+        tags: args.tags,
+        paths: args.paths,
+        prefixes: args.prefixes,
+        all: args.all,
+        soft,
+    };
+    let purged = session
+        .client
+        .purge(request)
+        .await
+        .map_err(|s| session.call_error(&s))?
+        .into_inner()
+        .purged;
+    let entries = if purged == 1 { "entry" } else { "entries" };
+    console.emit(&if soft {
+        format!("marked {purged} {entries} stale\n")
+    } else {
+        format!("purged {purged} {entries}\n")
+    })
+}
+
+/// Prints the app's recent lines, then (following) new ones until the
+/// stream ends or Ctrl-C.
+async fn logs(
+    mut session: Session,
+    app: String,
+    follow: bool,
+    lines: u32,
+    console: &mut Console<'_>,
+) -> Result<(), CtlError> {
+    let request = LogsRequest { app, lines, follow };
+    let mut stream = session
+        .client
+        .logs(request)
+        .await
+        .map_err(|s| session.call_error(&s))?
+        .into_inner();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let next = tokio::select! {
+            next = stream.message() => next,
+            _ = &mut interrupted => return Ok(()),
+        };
+        match next.map_err(|s| session.stream_error(&s))? {
+            Some(line) => console.emit(&print::log_line(&line))?,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Bytes as decimal megabytes, two decimals.
+fn megabytes(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss, reason = "a display value")]
+    let mb = bytes as f64 / 1e6;
+    format!("{mb:.2} MB")
+}
+
+#[cfg(test)]
+mod tests;

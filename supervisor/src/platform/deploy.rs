@@ -1,0 +1,313 @@
+//! The slow parts of putting a version live, run as effects of the
+//! platform: unpacking an upload into the version's own directory (a
+//! build never touches the live version), starting a generation of workers
+//! on it and holding it to the health gate, and, after the switch, the
+//! tail: the old generation's drain, `post_deploy`, and pruning. Nothing
+//! here touches the platform's state; results go back as effects.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, header};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Upload;
+use crate::apps::{AppSettings, Gate, RunningApp};
+use crate::config::platform::{AppUser, DeploySettings};
+use crate::metrics::Metrics;
+use crate::progress::Reporter;
+
+/// Largest unpacked size of a version.
+pub(super) const MAX_UNPACKED: u64 = 8 * 1024 * 1024 * 1024;
+/// Most entries (files, directories, links) in one upload.
+pub(super) const MAX_ENTRIES: u64 = 1_000_000;
+
+/// The version's build log: every step and line of output goes there too.
+pub(super) fn open_log(reporter: &Reporter, log: &Path) -> Result<(), String> {
+    if let Some(dir) = log.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(log)
+        .map_err(|e| format!("could not create the build log {}: {e}", log.display()))?;
+    reporter.log_to(file);
+    Ok(())
+}
+
+/// Unpacks the upload (a gzip'd tar) into `dir`, which must not exist,
+/// owned by the app's user when it has one.
+pub(super) async fn unpack(
+    reporter: &Reporter,
+    upload: Upload,
+    dir: &Path,
+    user: Option<&AppUser>,
+) -> Result<(), String> {
+    reporter.step(
+        "unpack",
+        format!("{:.1} MB into {}", upload.bytes as f64 / 1e6, dir.display()),
+    );
+    let dir = dir.to_path_buf();
+    let owner = user.map(|u| (u.uid, u.gid));
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let result = unpack_blocking(&upload.file, &dir, owner);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    })
+    .await
+    .map_err(|e| format!("the unpacking task failed: {e}"))??;
+    reporter.step(
+        "unpack",
+        format!("{} files, {:.1} MB", unpacked.0, unpacked.1 as f64 / 1e6),
+    );
+    Ok(())
+}
+
+/// Files and bytes unpacked.
+fn unpack_blocking(
+    archive: &Path,
+    dir: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<(u64, u64), String> {
+    let versions = dir.parent().ok_or("a version directory has a parent")?;
+    // Apps of their own user must be able to reach their version.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(versions)
+        .map_err(|e| format!("could not create {}: {e}", versions.display()))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| format!("could not clear {}: {e}", dir.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    let file =
+        std::fs::File::open(archive).map_err(|e| format!("could not read the upload: {e}"))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    tar.set_preserve_permissions(false);
+    tar.set_preserve_ownerships(false);
+    tar.set_unpack_xattrs(false);
+    tar.set_overwrite(true);
+    tar.set_mask(0o022);
+    let bad = |e: std::io::Error| format!("the upload is not a gzip-compressed tar archive: {e}");
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        match kind {
+            T::Regular | T::Continuous | T::Directory | T::Symlink => {}
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
+            other => {
+                let path = entry
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "the upload has `{path}` of a kind bext does not unpack ({other:?}); only files, directories and symlinks are"
+                ));
+            }
+        }
+        files += 1;
+        bytes = bytes.saturating_add(entry.header().size().unwrap_or(0));
+        if files > MAX_ENTRIES || bytes > MAX_UNPACKED {
+            return Err(format!(
+                "the upload unpacks to more than {MAX_ENTRIES} entries or {} GB",
+                MAX_UNPACKED / 1_000_000_000
+            ));
+        }
+        // Refuses absolute paths, `..`, and paths through symlinks that
+        // lead out of `dir`.
+        let inside = entry
+            .unpack_in(dir)
+            .map_err(|e| format!("could not unpack the upload into {}: {e}", dir.display()))?;
+        if !inside {
+            let path = entry
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(format!("the upload has a path outside its root: `{path}`"));
+        }
+    }
+    if let Some((uid, gid)) = owner {
+        chown_tree(dir, uid, gid)
+            .map_err(|e| format!("could not hand {} to the app's user: {e}", dir.display()))?;
+    }
+    Ok((files, bytes))
+}
+
+/// `lchown -R`: symlinks themselves, never what they point to.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            chown_tree(&path, uid, gid)?;
+        } else {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts a generation on `settings` (hooks, install, build, workers):
+/// ready only when every worker is, and answers `deploy.health_path`.
+pub(super) async fn start_gated(
+    settings: AppSettings,
+    deploy: &DeploySettings,
+    host: &str,
+    metrics: Arc<Metrics>,
+) -> Result<RunningApp, String> {
+    let app = RunningApp::start(settings, metrics, Gate::AllReady)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(path) = &deploy.health_path {
+        crate::progress::step(
+            "health",
+            format!(
+                "GET {path} on every new worker (up to {})",
+                humantime::format_duration(deploy.health_timeout)
+            ),
+        );
+        if let Err(e) = health_gate(&app, path, host, deploy.health_timeout).await {
+            let kill = CancellationToken::new();
+            kill.cancel();
+            app.stop(Duration::ZERO, &kill).await;
+            return Err(e);
+        }
+    }
+    Ok(app)
+}
+
+/// Asks each worker for `path` until it answers 2xx or 3xx, for at most
+/// `timeout` in all.
+async fn health_gate(
+    app: &RunningApp,
+    path: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for worker in app.workers() {
+        let mut last = String::from("no answer");
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "worker {} (pid {}) did not pass the health check GET {path} within {}: {last}",
+                    worker.index,
+                    worker.pid,
+                    humantime::format_duration(timeout)
+                ));
+            }
+            let req = Request::get(path)
+                .header(header::HOST, host)
+                .header(header::USER_AGENT, "bext-health-check")
+                .body(crate::body::empty())
+                .map_err(|e| format!("bad health path {path}: {e}"))?;
+            match worker.upstream().send(req, deadline - now).await {
+                Ok(response)
+                    if response.status().is_success() || response.status().is_redirection() =>
+                {
+                    break;
+                }
+                Ok(response) => last = format!("it answered {}", response.status()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(
+                HEALTH_RETRY.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+/// Pause between two health checks of a worker that did not pass yet.
+const HEALTH_RETRY: Duration = Duration::from_millis(250);
+
+/// The new generation's `post_deploy`, to run once it serves.
+pub(super) type Hook =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), crate::hooks::HookError>> + Send>>;
+
+/// What is left to do once a new generation is live.
+pub(super) struct Tail {
+    pub(super) reporter: Reporter,
+    /// The generation it replaced.
+    pub(super) old: Option<RunningApp>,
+    pub(super) drain: Duration,
+    pub(super) kill: CancellationToken,
+    pub(super) hook: Option<Hook>,
+    pub(super) pruned: Vec<String>,
+    pub(super) dirs: Vec<PathBuf>,
+    /// Whether the state file was written at the switch.
+    pub(super) saved: Result<(), String>,
+    /// The final message.
+    pub(super) live: String,
+}
+
+/// Drains the old generation, runs `post_deploy`, removes pruned versions,
+/// and says how it ended.
+pub(super) async fn finish(tail: Tail) {
+    let reporter = tail.reporter.clone();
+    reporter
+        .clone()
+        .scope(async move {
+            let mut notes = Vec::new();
+            if let Some(old) = tail.old {
+                reporter.step(
+                    "drain",
+                    format!(
+                        "the old workers finish their requests (up to {})",
+                        humantime::format_duration(tail.drain)
+                    ),
+                );
+                old.stop(tail.drain, &tail.kill).await;
+            }
+            if let Some(hook) = tail.hook
+                && let Err(e) = hook.await
+            {
+                warn!("{e}");
+                notes.push(e.to_string());
+            }
+            if !tail.dirs.is_empty() {
+                reporter.step("prune", format!("removing {}", tail.pruned.join(", ")));
+                let dirs = tail.dirs;
+                let _ = tokio::task::spawn_blocking(move || {
+                    for dir in dirs {
+                        if let Err(e) = std::fs::remove_dir_all(&dir)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            warn!(dir = %dir.display(), "could not remove a pruned version: {e}");
+                        }
+                    }
+                })
+                .await;
+            }
+            if let Err(e) = tail.saved {
+                notes.push(format!("the state file was not written ({e}); a restart would come back on the version before"));
+            }
+            let message = if notes.is_empty() {
+                tail.live
+            } else {
+                format!("{} ({})", tail.live, notes.join("; "))
+            };
+            reporter.finish(Ok(message));
+        })
+        .await;
+}

@@ -1,0 +1,437 @@
+//! The platform's operations on one app: deploy, rollback, restart (a new
+//! generation, gated, then the switch), and the queries: status, versions,
+//! purge. Each applies at once to the platform's state and leaves the slow
+//! part to an effect from [`super::deploy`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use super::deploy;
+use super::state::VersionState;
+use super::{CommandError, Effect, Platform, SOURCE_VERSION, Upload, app_settings};
+use crate::apps::RunningApp;
+use crate::cache::store::Selector;
+use crate::progress::Reporter;
+use bext_proto::control::v1 as pb;
+
+/// What makes a new generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op {
+    Deploy,
+    Rollback,
+    Restart,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Deploy => "deploy",
+            Op::Rollback => "rollback",
+            Op::Restart => "restart",
+        }
+    }
+}
+
+impl Platform {
+    /// Refuses `op` on an app that is not configured or already busy.
+    fn claim(&mut self, app: &str, op: Op) -> Result<(), String> {
+        if self.configured(app).is_none() {
+            return Err(format!("no app is named '{app}' in the platform file"));
+        }
+        if let Some(under_way) = self.busy.get(app) {
+            return Err(format!(
+                "a {under_way} of app '{app}' is in progress; try again when it is over"
+            ));
+        }
+        self.busy.insert(app.to_string(), op.as_str());
+        Ok(())
+    }
+
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "the reporter is the operation's: it ends with it"
+    )]
+    pub(super) fn deploy(&mut self, name: String, upload: Upload, reporter: Reporter) {
+        if let Err(e) = self.claim(&name, Op::Deploy) {
+            reporter.finish(Err(e));
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let id = self.state.app_mut(&name).begin(upload.digest.clone(), now);
+        // Recorded before any file is made: a crash from here on is found
+        // at the next start.
+        if let Err(e) = self.save_state() {
+            self.state.app_mut(&name).versions.retain(|v| v.id != id);
+            self.busy.remove(&name);
+            reporter.finish(Err(format!("could not record the new version: {e}")));
+            return;
+        }
+        let reporter = reporter.for_version(&id);
+        let dir = self.state.version_dir(&name, &id);
+        let log = self.state.build_log(&name, &id);
+        info!(app = %name, version = %id, bytes = upload.bytes, "deploy: new version {id}");
+        let entry = self
+            .configured(&name)
+            .cloned()
+            .expect("claimed: configured");
+        let config = self.config.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let user = entry.user.clone();
+        self.spawn_effect(async move {
+            let reporter_for_effect = reporter.clone();
+            let result = reporter
+                .clone()
+                .scope(async move {
+                    deploy::open_log(&reporter, &log)?;
+                    deploy::unpack(&reporter, upload, &dir, user.as_ref()).await?;
+                    let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
+                    let host = entry.domains.first().map_or("localhost", String::as_str);
+                    deploy::start_gated(settings, &entry.deploy, host, metrics).await
+                })
+                .await;
+            Effect::Replaced {
+                name,
+                op: Op::Deploy,
+                version: id,
+                reporter: reporter_for_effect,
+                result,
+            }
+        });
+    }
+
+    pub(super) fn rollback(&mut self, name: String, to: Option<String>, reporter: &Reporter) {
+        if let Err(e) = self.claim(&name, Op::Rollback) {
+            reporter.finish(Err(e));
+            return;
+        }
+        let target = match self.rollback_target(&name, to) {
+            Ok(target) => target,
+            Err(e) => {
+                self.busy.remove(&name);
+                reporter.finish(Err(e));
+                return;
+            }
+        };
+        let entry = self
+            .configured(&name)
+            .cloned()
+            .expect("claimed: configured");
+        let dir = if target == SOURCE_VERSION {
+            entry.source.clone()
+        } else {
+            self.state.version_dir(&name, &target)
+        };
+        info!(app = %name, version = %target, "rollback to {target}");
+        self.start_generation(name, Op::Rollback, target, dir, reporter);
+    }
+
+    /// The version a rollback goes to, if it can.
+    fn rollback_target(&self, name: &str, to: Option<String>) -> Result<String, String> {
+        let app = self.state.app(name);
+        let active = app
+            .and_then(|a| a.active.clone())
+            .unwrap_or_else(|| SOURCE_VERSION.to_string());
+        let target = match to {
+            Some(to) => to,
+            None => app
+                .and_then(|a| a.previous())
+                .ok_or_else(|| format!("app '{name}' has no earlier version to roll back to"))?,
+        };
+        if target == active {
+            return Err(format!(
+                "version {target} of app '{name}' is already active"
+            ));
+        }
+        if target == SOURCE_VERSION {
+            return Ok(target);
+        }
+        match app.and_then(|a| a.version(&target)) {
+            Some(v) if v.state == VersionState::Retained => Ok(target),
+            Some(v) => Err(format!(
+                "version {target} of app '{name}' is {}; only retained versions can be rolled back to",
+                v.state.as_str()
+            )),
+            None => Err(format!("app '{name}' has no version {target}")),
+        }
+    }
+
+    pub(super) fn restart(&mut self, name: String, reporter: &Reporter) {
+        if let Err(e) = self.claim(&name, Op::Restart) {
+            reporter.finish(Err(e));
+            return;
+        }
+        let entry = self
+            .configured(&name)
+            .cloned()
+            .expect("claimed: configured");
+        let (version, dir) = self.state.active_dir(&name, &entry.source);
+        info!(app = %name, %version, "restart");
+        self.start_generation(name, Op::Restart, version, dir, reporter);
+    }
+
+    /// Starts a generation of `version` (already built) as an effect.
+    fn start_generation(
+        &mut self,
+        name: String,
+        op: Op,
+        version: String,
+        dir: std::path::PathBuf,
+        reporter: &Reporter,
+    ) {
+        let entry = self
+            .configured(&name)
+            .cloned()
+            .expect("claimed: configured");
+        let config = self.config.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let reporter = reporter.for_version(&version);
+        self.spawn_effect(async move {
+            let reporter_for_effect = reporter.clone();
+            let result = reporter
+                .scope(async move {
+                    let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
+                    let host = entry.domains.first().map_or("localhost", String::as_str);
+                    deploy::start_gated(settings, &entry.deploy, host, metrics).await
+                })
+                .await;
+            Effect::Replaced {
+                name,
+                op,
+                version,
+                reporter: reporter_for_effect,
+                result,
+            }
+        });
+    }
+
+    /// A new generation is ready (switch to it) or failed (keep the old).
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "the reporter and version are the operation's: they end with it"
+    )]
+    pub(super) fn replaced(
+        &mut self,
+        name: String,
+        op: Op,
+        version: String,
+        reporter: Reporter,
+        result: Result<RunningApp, String>,
+    ) {
+        let mut new = match result {
+            Ok(new) => new,
+            Err(reason) => {
+                error!(app = %name, %version, "{} failed: {reason}; the app keeps serving as it was", op.as_str());
+                if op == Op::Deploy {
+                    self.state.app_mut(&name).fail(&version, reason.clone());
+                    let _ = self.save_state();
+                    let dir = self.state.version_dir(&name, &version);
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir));
+                }
+                self.busy.remove(&name);
+                reporter.finish(Err(format!(
+                    "{} of app '{name}' failed: {reason}",
+                    op.as_str()
+                )));
+                return;
+            }
+        };
+        let Some(entry) = self.configured(&name).cloned() else {
+            // Removed from the platform file meanwhile.
+            self.busy.remove(&name);
+            self.retire(new, Duration::ZERO);
+            reporter.finish(Err(format!(
+                "app '{name}' was removed from the platform file"
+            )));
+            return;
+        };
+        reporter.step("switch", format!("routing app '{name}' to {version}"));
+        let old = self.apps.remove(&name);
+        if let Some(old) = &old {
+            new.inherit_limiter(old);
+        }
+        self.apps.insert(name.clone(), new);
+        self.not_running.remove(&name);
+        let pruned = if op == Op::Restart {
+            Vec::new()
+        } else {
+            let app = self.state.app_mut(&name);
+            app.activate(&version);
+            app.prune(entry.deploy.keep_versions)
+        };
+        let saved = self.save_state();
+        self.publish();
+        info!(app = %name, %version, "{}: {version} is live", op.as_str());
+        let drain = entry
+            .deploy
+            .drain_timeout
+            .unwrap_or_else(|| self.shutdown_grace());
+        let dirs: Vec<_> = pruned
+            .iter()
+            .map(|id| self.state.version_dir(&name, id))
+            .collect();
+        let hook = self
+            .apps
+            .get(&name)
+            .and_then(RunningApp::post_deploy_hook)
+            .map(|h| Box::pin(h) as _);
+        let kill = self.shutdown.immediate.clone();
+        let live = format!("{version} of app '{name}' is live");
+        self.spawn_effect(async move {
+            deploy::finish(deploy::Tail {
+                reporter,
+                old,
+                drain,
+                kill,
+                hook,
+                pruned,
+                dirs,
+                saved,
+                live,
+            })
+            .await;
+            Effect::Finished { name }
+        });
+    }
+
+    pub(super) fn status(&self, names: &[String]) -> Result<Vec<pb::AppStatus>, CommandError> {
+        for name in names {
+            if self.configured(name).is_none() {
+                return Err(CommandError::NotFound(format!(
+                    "no app is named '{name}' in the platform file"
+                )));
+            }
+        }
+        Ok(self
+            .config
+            .apps
+            .iter()
+            .filter(|e| names.is_empty() || names.contains(&e.name))
+            .map(|entry| {
+                let (version, dir) = self.state.active_dir(&entry.name, &entry.source);
+                let running = self.apps.get(&entry.name);
+                let (state, detail) = match (self.busy.get(&entry.name), running) {
+                    (Some(&"starting"), _) => ("starting", String::new()),
+                    (Some(op), Some(_)) => ("running", format!("{op} in progress")),
+                    (Some(op), None) => ("starting", format!("{op} in progress")),
+                    (None, Some(_)) => ("running", String::new()),
+                    (None, None) => (
+                        "failed",
+                        self.not_running
+                            .get(&entry.name)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
+                };
+                let detail = if version != SOURCE_VERSION && detail.is_empty() {
+                    format!("deployed version {version} wins over `source`")
+                } else {
+                    detail
+                };
+                pb::AppStatus {
+                    name: entry.name.clone(),
+                    framework: running.map(|a| a.framework.to_string()).unwrap_or_default(),
+                    workers: running
+                        .map(|a| {
+                            a.worker_status()
+                                .into_iter()
+                                .map(|w| pb::WorkerStatus {
+                                    index: u32::try_from(w.index).unwrap_or(u32::MAX),
+                                    pid: w.pid.unwrap_or(0),
+                                    state: w.state.to_string(),
+                                    inflight: u32::try_from(w.inflight).unwrap_or(u32::MAX),
+                                    rss_bytes: w.pid.and_then(crate::pool::rss_bytes).unwrap_or(0),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    restarts: running.map_or(0, RunningApp::restarts),
+                    version,
+                    dir: dir.display().to_string(),
+                    state: state.to_string(),
+                    detail,
+                    domains: entry.domains.clone(),
+                }
+            })
+            .collect())
+    }
+
+    pub(super) fn versions(&self, name: &str) -> Result<Vec<pb::Version>, CommandError> {
+        let entry = self.configured(name).ok_or_else(|| {
+            CommandError::NotFound(format!("no app is named '{name}' in the platform file"))
+        })?;
+        let app = self.state.app(name);
+        let mut versions: Vec<pb::Version> = app
+            .map(|a| {
+                a.versions
+                    .iter()
+                    .rev()
+                    .map(|v| {
+                        let log = self.state.build_log(name, &v.id);
+                        pb::Version {
+                            id: v.id.clone(),
+                            state: v.state.as_str().to_string(),
+                            created: v.created,
+                            reason: v.reason.clone(),
+                            digest: v.digest.clone(),
+                            build_log: if log.exists() {
+                                log.display().to_string()
+                            } else {
+                                String::new()
+                            },
+                            dir: if matches!(v.state, VersionState::Active | VersionState::Retained)
+                            {
+                                self.state.version_dir(name, &v.id).display().to_string()
+                            } else {
+                                String::new()
+                            },
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let source_active = app.and_then(|a| a.active.as_ref()).is_none();
+        versions.push(pb::Version {
+            id: SOURCE_VERSION.to_string(),
+            state: if source_active { "active" } else { "retained" }.to_string(),
+            created: 0,
+            reason: String::new(),
+            digest: String::new(),
+            build_log: String::new(),
+            dir: entry.source.display().to_string(),
+        });
+        Ok(versions)
+    }
+
+    pub(super) fn purge(
+        &self,
+        name: &str,
+        selectors: Vec<Selector>,
+        soft: bool,
+        reply: oneshot::Sender<Result<u64, CommandError>>,
+    ) {
+        if self.configured(name).is_none() {
+            let _ = reply.send(Err(CommandError::NotFound(format!(
+                "no app is named '{name}' in the platform file"
+            ))));
+            return;
+        }
+        let Some(cache) = self.apps.get(name).and_then(|a| a.service().cache.clone()) else {
+            let _ = reply.send(Err(CommandError::Failed(format!(
+                "app '{name}' has no cache to purge (not running, or its cache is off)"
+            ))));
+            return;
+        };
+        tokio::spawn(async move {
+            let mut purged = 0;
+            for selector in &selectors {
+                purged += cache.purge(selector, soft).await;
+            }
+            let _ = reply.send(Ok(purged));
+        });
+    }
+}

@@ -1,0 +1,485 @@
+//! The control plane, end to end (issue #12): `bext serve` with its control
+//! socket, driven by the real `bextctl` binary; deploys, rollbacks and
+//! failures of real (dependency-free) Node apps, under load.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Bext, Options, temp_app, wait_for};
+
+/// An app whose `/` answers `NAME` and `/health` answers `HEALTH` (a
+/// status code), listening on PORT as any Node app does.
+fn app_source(name: &str, health: u16) -> String {
+    format!(
+        r#"
+const http = require('http');
+const server = http.createServer((req, res) => {{
+  if (req.url === '/health') {{ res.statusCode = {health}; return res.end('health'); }}
+  res.end('{name}');
+}});
+server.listen(process.env.PORT || 3000);
+"#
+    )
+}
+
+fn node_app(name: &str) -> tempfile::TempDir {
+    node_app_with(name, 200, &[])
+}
+
+fn node_app_with(name: &str, health: u16, extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let server = app_source(name, health);
+    let mut files: Vec<(&str, &str)> = vec![
+        (
+            "package.json",
+            r#"{"name": "ctl-app", "private": true, "scripts": {"start": "node server.js"}}"#,
+        ),
+        ("server.js", &server),
+    ];
+    files.extend_from_slice(extra);
+    temp_app(&files)
+}
+
+/// A platform with one app `site` on `site.test`, its data in a temp dir.
+struct Platform {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Platform {
+    fn new(source: &Path, app_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("platform.toml");
+        let data = dir.path().join("data");
+        std::fs::write(
+            &file,
+            format!(
+                r#"
+[platform]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+shutdown_grace = "5s"
+
+[apps.site]
+source = "{source}"
+domains = ["site.test"]
+isolate.workers = 2
+{app_extra}
+"#,
+                data = data.display(),
+                source = source.display(),
+            ),
+        )
+        .expect("write");
+        Platform { dir, file }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.data().join("control.sock")
+    }
+
+    fn serve(&self) -> Bext {
+        let bext = Bext::serve(
+            &self.file,
+            &Options {
+                ready_timeout: Duration::from_secs(60),
+                ..Options::default()
+            },
+        );
+        bext.wait_log(Duration::from_secs(60), |v| v["message"] == "apps started");
+        bext
+    }
+
+    /// `bextctl --socket S ARGS`: (exit code, stdout, stderr).
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        bextctl(&self.socket(), args)
+    }
+}
+
+pub fn bextctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bextctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bextctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn answer(bext: &Bext) -> (u16, String) {
+    let response = bext.get_host("site.test", "/").await;
+    (
+        response.status().as_u16(),
+        response.text().await.expect("body"),
+    )
+}
+
+fn versions(platform: &Platform) -> Value {
+    let (code, out, err) = platform.ctl(&["versions", "site", "--json"]);
+    assert_eq!(code, 0, "versions: {err}");
+    serde_json::from_str(&out).expect("versions json")
+}
+
+fn version_state(versions: &Value, id: &str) -> (String, String) {
+    let v = versions["versions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no version {id} in {versions}"));
+    (
+        v["state"].as_str().unwrap_or("").to_string(),
+        v["reason"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Issue 12, acceptance 1: under load from several clients, a deploy and a
+/// rollback lose no request, and each client sees the answer change once
+/// per operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_deploy_then_rollback_under_load_fails_no_request() {
+    let one = node_app("one");
+    let two = node_app("two");
+    let platform = Platform::new(one.path(), "deploy.health_path = \"/health\"");
+    let bext = Arc::new(platform.serve());
+    assert_eq!(answer(&bext).await, (200, "one".to_string()));
+
+    const CLIENTS: usize = 4;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters =
+        || -> Arc<Vec<AtomicU64>> { Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect()) };
+    let (seen_one, seen_two) = (counters(), counters());
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let (bext, stop) = (Arc::clone(&bext), Arc::clone(&stop));
+        let (seen_one, seen_two) = (Arc::clone(&seen_one), Arc::clone(&seen_two));
+        clients.push(tokio::spawn(async move {
+            let mut answers: Vec<String> = Vec::new();
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = answer(&bext).await;
+                if status != 200 {
+                    failures.push(format!("{status} {body}"));
+                    continue;
+                }
+                match body.as_str() {
+                    "one" => seen_one[i].fetch_add(1, Ordering::Relaxed),
+                    _ => seen_two[i].fetch_add(1, Ordering::Relaxed),
+                };
+                if answers.last() != Some(&body) {
+                    answers.push(body);
+                }
+            }
+            (answers, failures)
+        }));
+    }
+
+    let (code, out, err) = {
+        let two = two.path().to_path_buf();
+        let socket = platform.socket();
+        tokio::task::spawn_blocking(move || {
+            bextctl(&socket, &["deploy", "site", two.to_str().expect("utf8")])
+        })
+        .await
+        .expect("deploy")
+    };
+    assert_eq!(code, 0, "deploy failed:\n{out}\n{err}");
+    // Every client sees the new version before the rollback.
+    wait_for("every client to see v1", Duration::from_secs(20), || {
+        seen_two
+            .iter()
+            .all(|n| n.load(Ordering::Relaxed) > 0)
+            .then_some(())
+    });
+    assert_eq!(version_state(&versions(&platform), "v1").0, "active");
+
+    let (code, out, err) = {
+        let socket = platform.socket();
+        tokio::task::spawn_blocking(move || bextctl(&socket, &["rollback", "site"]))
+            .await
+            .expect("rollback")
+    };
+    assert_eq!(code, 0, "rollback failed:\n{out}\n{err}");
+    // Requests sent from now on reach the old version: each client gets
+    // a few of them before the load stops.
+    let before: Vec<u64> = seen_one.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    wait_for(
+        "every client to see the rollback",
+        Duration::from_secs(20),
+        || {
+            seen_one
+                .iter()
+                .zip(&before)
+                .all(|(n, b)| n.load(Ordering::Relaxed) > b + 2)
+                .then_some(())
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let (answers, failures) = client.await.expect("client");
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+        assert_eq!(
+            answers,
+            ["one", "two", "one"],
+            "each client sees one switch per operation"
+        );
+    }
+    let versions = versions(&platform);
+    assert_eq!(version_state(&versions, "v1").0, "retained");
+    assert_eq!(version_state(&versions, "source").0, "active");
+    assert_eq!(answer(&bext).await, (200, "one".to_string()));
+}
+
+/// Issue 12, acceptance 2: a deploy whose build fails, whose workers
+/// crash, whose health path answers 500, or whose `pre_build` hook fails:
+/// the old version serves through each, `bextctl` exits 1 with the reason,
+/// and `versions` shows the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_failed_deploys_keep_the_old_version_serving() {
+    let one = node_app_with("one", 200, &[("ok-to-build", "")]);
+    let platform = Platform::new(
+        one.path(),
+        r#"deploy.health_path = "/health"
+deploy.health_timeout = "3s"
+isolate.start_timeout = "10s"
+hooks.pre_build = "test -f ok-to-build || { echo 'no ok-to-build here' >&2; exit 4; }"
+"#,
+    );
+    let bext = platform.serve();
+
+    let build_fails = temp_app(&[
+        (
+            "package.json",
+            r#"{"name": "x", "private": true, "scripts": {"build": "node build.js", "start": "node dist/server.js"}}"#,
+        ),
+        (
+            "build.js",
+            "console.error('syntax trouble in page.tsx'); process.exit(1);",
+        ),
+        ("ok-to-build", ""),
+    ]);
+    let crashes = temp_app(&[
+        (
+            "package.json",
+            r#"{"name": "x", "private": true, "scripts": {"start": "node server.js"}}"#,
+        ),
+        (
+            "server.js",
+            "console.error('cannot start'); process.exit(3);",
+        ),
+        ("ok-to-build", ""),
+    ]);
+    let unhealthy = node_app_with("sick", 500, &[("ok-to-build", "")]);
+    let no_hook_file = node_app("hookless");
+
+    let cases: [(&str, &Path, &str); 4] = [
+        ("build", build_fails.path(), "(exit status 1)"),
+        ("crash", crashes.path(), "exit status 3"),
+        ("health", unhealthy.path(), "500"),
+        ("pre_build", no_hook_file.path(), "hooks.pre_build"),
+    ];
+    for (i, (case, dir, reason)) in cases.iter().enumerate() {
+        let id = format!("v{}", i + 1);
+        let (code, out, err) = {
+            let (socket, dir) = (platform.socket(), dir.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+            })
+            .await
+            .expect("deploy")
+        };
+        assert_eq!(code, 1, "{case}: a failed deploy exits 1:\n{out}\n{err}");
+        assert!(
+            err.contains(reason),
+            "{case}: the reason ({reason}) is printed:\n{err}"
+        );
+        assert_eq!(
+            answer(&bext).await,
+            (200, "one".to_string()),
+            "{case}: the old version serves"
+        );
+        let (state, why) = version_state(&versions(&platform), &id);
+        assert_eq!(state, "failed", "{case}");
+        assert!(why.contains(reason), "{case}: {why}");
+        assert!(
+            !platform
+                .data()
+                .join("apps/site/versions")
+                .join(&id)
+                .exists(),
+            "{case}: a failed version's files are removed"
+        );
+        assert!(
+            platform
+                .data()
+                .join(format!("apps/site/logs/{id}.log"))
+                .exists(),
+            "{case}: its build log is kept"
+        );
+    }
+    // The build's own output reached the client and the log.
+    let log = std::fs::read_to_string(platform.data().join("apps/site/logs/v1.log")).expect("log");
+    assert!(log.contains("syntax trouble in page.tsx"), "{log}");
+}
+
+/// Issue 12, acceptance 3, and the state's survival: with
+/// `keep_versions = 2`, five deploys leave the active version and two
+/// more, on disk too; a restarted supervisor serves the active version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_keep_versions_prunes_and_a_restart_keeps_the_active_version() {
+    let source = node_app("source");
+    let platform = Platform::new(source.path(), "deploy.keep_versions = 2");
+    let mut bext = platform.serve();
+    for n in 1..=5 {
+        let app = node_app(&format!("n{n}"));
+        let (code, out, err) = {
+            let (socket, dir) = (platform.socket(), app.path().to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+            })
+            .await
+            .expect("deploy")
+        };
+        assert_eq!(code, 0, "deploy {n}:\n{out}\n{err}");
+        assert_eq!(answer(&bext).await, (200, format!("n{n}")));
+    }
+    let versions = versions(&platform);
+    let states: Vec<(String, String)> = ["v5", "v4", "v3", "v2", "v1", "source"]
+        .iter()
+        .map(|id| (id.to_string(), version_state(&versions, id).0))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("v5".to_string(), "active".to_string()),
+            ("v4".to_string(), "retained".to_string()),
+            ("v3".to_string(), "retained".to_string()),
+            ("v2".to_string(), "pruned".to_string()),
+            ("v1".to_string(), "pruned".to_string()),
+            ("source".to_string(), "retained".to_string()),
+        ]
+    );
+    let mut on_disk: Vec<String> = std::fs::read_dir(platform.data().join("apps/site/versions"))
+        .expect("versions dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, ["v3", "v4", "v5"]);
+
+    // status names the version and where it runs from.
+    let (code, out, err) = platform.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["apps"][0]["name"], "site");
+    assert_eq!(status["apps"][0]["version"], "v5");
+    assert_eq!(
+        status["apps"][0]["workers"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // A restarted supervisor comes back on v5, without a deploy.
+    bext.terminate(Duration::from_secs(20));
+    let bext = platform.serve();
+    assert_eq!(answer(&bext).await, (200, "n5".to_string()));
+    assert!(
+        bext.log_text().contains("serving deployed version v5"),
+        "the start says which version wins"
+    );
+}
+
+/// Issue 12, acceptance 6: `bextctl` against a supervisor that is not
+/// running exits 69 with one line; the control socket refuses other users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_the_control_socket_refuses_strangers() {
+    let nowhere = tempfile::tempdir().expect("tempdir");
+    let (code, _, err) = bextctl(&nowhere.path().join("control.sock"), &["status"]);
+    assert_eq!(code, 69, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping the uid part: needs root to drop privileges in a child");
+        return;
+    }
+    let source = node_app("one");
+    let platform = Platform::new(source.path(), "");
+    let _bext = platform.serve();
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&platform.socket()), 0o660);
+    // Let anyone reach and open the socket: only SO_PEERCRED stands.
+    for dir in [platform.dir.path(), &platform.data()] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(platform.socket(), std::fs::Permissions::from_mode(0o666))
+            .expect("chmod");
+    }
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_bextctl"))
+        .arg("--socket")
+        .arg(platform.socket())
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bextctl as nobody");
+    assert_ne!(out.status.code(), Some(0), "a stranger gets nothing");
+    assert!(out.stdout.is_empty(), "no status for a stranger");
+    let (code, out, err) = platform.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "root still gets in: {err}");
+    assert!(out.contains("\"site\""));
+}
+
+/// One deploy per app at a time: a second gets a clear error; status and
+/// purge answer while a build runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_one_deploy_per_app_and_the_platform_answers_meanwhile() {
+    let source = node_app("one");
+    let platform = Platform::new(
+        source.path(),
+        r#"hooks.pre_build = "while [ -f gate ] && [ ! -f release ]; do sleep 0.05; done""#,
+    );
+    let bext = platform.serve();
+    // The hook waits in the new version's directory until released.
+    let slow = node_app_with("two", 200, &[("gate", "")]);
+    let first = {
+        let (socket, dir) = (platform.socket(), slow.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+        })
+    };
+    let building = platform.data().join("apps/site/versions/v1");
+    wait_for("the first deploy to build", Duration::from_secs(20), || {
+        building.join("gate").exists().then_some(())
+    });
+    let other = node_app("three");
+    let (code, _, err) = platform.ctl(&["deploy", "site", other.path().to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in progress"), "{err}");
+    let (code, out, err) = platform.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deploy in progress"), "{out}");
+    assert_eq!(answer(&bext).await, (200, "one".to_string()));
+    std::fs::write(building.join("release"), "").expect("release");
+    let (code, out, err) = first.await.expect("first deploy");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(answer(&bext).await, (200, "two".to_string()));
+}
