@@ -396,19 +396,23 @@ impl RunningApp {
         self.pool.as_ref().map_or(0, |h| h.pool.restarts())
     }
 
-    /// Waits for its requests (already unrouted) up to `grace`, then stops
-    /// its workers.
+    /// What is still being answered: requests, and what holds a worker
+    /// after its request is done (response bodies still streaming,
+    /// WebSocket and other upgraded tunnels).
+    fn busy(&self) -> usize {
+        let workers: usize = self.workers().iter().map(|w| w.inflight()).sum();
+        self.service.load().inflight() + workers
+    }
+
+    /// Waits for its requests, streams and tunnels (already unrouted) up to
+    /// `grace`, then stops its workers.
     pub async fn stop(self, grace: Duration, kill: &CancellationToken) {
-        let service = self.service.load_full();
         let deadline = tokio::time::Instant::now() + grace;
-        while service.inflight() > 0
-            && tokio::time::Instant::now() < deadline
-            && !kill.is_cancelled()
-        {
+        while self.busy() > 0 && tokio::time::Instant::now() < deadline && !kill.is_cancelled() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if service.inflight() > 0 {
-            warn!(app = %self.name, inflight = service.inflight(), "stopping with requests still in flight");
+        if self.busy() > 0 {
+            warn!(app = %self.name, inflight = self.busy(), "stopping with requests, streams or WebSockets still open");
         }
         if let Some(pool) = self.pool {
             info!(app = %self.name, "stopping workers");

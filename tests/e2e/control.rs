@@ -483,3 +483,82 @@ async fn issue12_one_deploy_per_app_and_the_platform_answers_meanwhile() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(answer(&bext).await, (200, "two".to_string()));
 }
+
+/// Issue 12, acceptance 1 (tunnels): a WebSocket opened on the old version
+/// stays open through the switch and is closed only at the drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_a_websocket_outlives_the_switch_until_the_drain_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Upgraded connections echo what they get (a tunnel is bytes both ways).
+    let echo = |name: &str| {
+        format!(
+            r#"
+const http = require('http');
+const server = http.createServer((req, res) => res.end('{name}'));
+server.on('upgrade', (req, socket) => {{
+  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
+  socket.on('data', (d) => socket.write('{name}:' + d));
+}});
+server.listen(process.env.PORT || 3000);
+"#
+        )
+    };
+    let package = r#"{"name": "ws", "private": true, "scripts": {"start": "node server.js"}}"#;
+    let (one_js, two_js) = (echo("one"), echo("two"));
+    let one = temp_app(&[("package.json", package), ("server.js", &one_js)]);
+    let two = temp_app(&[("package.json", package), ("server.js", &two_js)]);
+    const DRAIN: Duration = Duration::from_secs(3);
+    let platform = Platform::new(one.path(), "deploy.drain_timeout = \"3s\"");
+    let bext = platform.serve();
+
+    let mut socket = tokio::net::TcpStream::connect(bext.addr).await.expect("connect");
+    socket
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: site.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("upgrade request");
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.expect("101");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let mut echo_once = async |socket: &mut tokio::net::TcpStream, what: &str| -> String {
+        socket.write_all(what.as_bytes()).await.expect("write");
+        let n = socket.read(&mut buf).await.expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(echo_once(&mut socket, "a").await, "one:a");
+
+    let deploy = {
+        let (socket, dir) = (platform.socket(), two.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answer(&bext).await.1 != "two" {
+        assert!(std::time::Instant::now() < deadline, "the deploy did not switch");
+    }
+    let switched = std::time::Instant::now();
+    // The old worker still answers on the tunnel after the switch.
+    assert_eq!(echo_once(&mut socket, "b").await, "one:b");
+    let closed = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut buf))
+        .await
+        .expect("the tunnel is closed at the drain timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let open_for = switched.elapsed();
+    assert!(
+        open_for >= DRAIN - Duration::from_millis(300),
+        "the tunnel lived {open_for:?} after the switch; the drain timeout is {DRAIN:?}"
+    );
+    let (code, out, err) = deploy.await.expect("deploy");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("[drain]"),
+        "the drain is a step of the deploy: {err}"
+    );
+}

@@ -90,7 +90,11 @@ pub fn versions_table(reply: &VersionsReply) -> String {
         rows.push([
             cell(&v.id),
             cell(&v.state),
-            rfc3339(v.created),
+            if v.created > 0 {
+                rfc3339(v.created)
+            } else {
+                NONE.to_string()
+            },
             v.reason.clone(),
         ]);
     }
@@ -165,7 +169,8 @@ pub fn versions_json(reply: &VersionsReply) -> String {
     struct V<'a> {
         id: &'a str,
         state: &'a str,
-        created: String,
+        /// `null` when unknown (the configured `source`).
+        created: Option<String>,
         reason: &'a str,
         digest: &'a str,
         build_log: &'a str,
@@ -179,7 +184,7 @@ pub fn versions_json(reply: &VersionsReply) -> String {
             .map(|v: &Version| V {
                 id: &v.id,
                 state: &v.state,
-                created: rfc3339(v.created),
+                created: (v.created > 0).then(|| rfc3339(v.created)),
                 reason: &v.reason,
                 digest: &v.digest,
                 build_log: &v.build_log,

@@ -139,15 +139,10 @@ impl<W: Write> View<W> {
             // previous step's message.
             Sink::Tty(bar) => bar.set_message(format!("{}{}", step.name, spaced(&step.message))),
             Sink::Plain(out) => {
-                let space = if step.message.is_empty() { "" } else { " " };
-                // Stderr going away must not fail the deploy.
-                let _ = writeln!(
-                    out,
-                    "[{}] {}{space}({})",
-                    step.name,
-                    step.message,
-                    seconds(elapsed)
-                );
+                // Stderr going away must not fail the deploy. The time
+                // comes when the step ends.
+                let _ = elapsed;
+                let _ = writeln!(out, "[{}]{}", step.name, spaced_one(&step.message));
             }
         }
     }
@@ -164,19 +159,25 @@ impl<W: Write> View<W> {
         }
     }
 
-    /// Closes the current step on a terminal with `mark` (plain output
-    /// showed it when it began).
+    /// Closes the current step with its duration: on a terminal as a line
+    /// with `mark`, in plain output as `[step] done (1.2s)`.
     fn end_step(&mut self, mark: &str, failure: Option<&str>) {
         let Some(step) = self.current.take() else {
             return;
         };
-        if let Sink::Tty(bar) = &self.sink {
-            let message = spaced(failure.unwrap_or(&step.message));
-            bar.println(format!(
-                "{mark} {}{message}  ({})",
-                step.name,
-                seconds(step.elapsed())
-            ));
+        match &mut self.sink {
+            Sink::Tty(bar) => {
+                let message = spaced(failure.unwrap_or(&step.message));
+                bar.println(format!(
+                    "{mark} {}{message}  ({})",
+                    step.name,
+                    seconds(step.elapsed())
+                ));
+            }
+            Sink::Plain(out) => {
+                let how = if failure.is_some() { "failed" } else { "done" };
+                let _ = writeln!(out, "[{}] {how} ({})", step.name, seconds(step.elapsed()));
+            }
         }
     }
 }
@@ -195,6 +196,15 @@ fn spaced(message: &str) -> Cow<'_, str> {
         Cow::Borrowed("")
     } else {
         Cow::Owned(format!("  {message}"))
+    }
+}
+
+/// `" message"`, or nothing for an empty message.
+fn spaced_one(message: &str) -> Cow<'_, str> {
+    if message.is_empty() {
+        Cow::Borrowed("")
+    } else {
+        Cow::Owned(format!(" {message}"))
     }
 }
 
@@ -263,11 +273,13 @@ mod tests {
         };
         assert_eq!(
             String::from_utf8_lossy(out),
-            "[upload] received 1.2 MB (0.0s)\n\
-             [build] next build (0.0s)\n  \
+            "[upload] received 1.2 MB\n\
+             [upload] done (0.0s)\n\
+             [build] next build\n  \
              | compiled\n  \
              | 42 pages\n\
-             [build] writing cache (2.5s)\n"
+             [build] writing cache\n\
+             [build] done (2.5s)\n"
         );
     }
 
