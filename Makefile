@@ -10,10 +10,21 @@ CARGO ?= cargo
 DEMO_APP ?= tests/fixtures/next
 DEMO_LISTEN ?= 127.0.0.1:3000
 
-.PHONY: build fixtures lint test fuzz fuzz-smoke demo bench-deps bench bench-smoke clean
+.PHONY: build install fixtures lint test fuzz fuzz-smoke demo bench-deps bench bench-smoke clean
 
 build:
 	$(CARGO) build --release -p bext
+
+PREFIX ?= /usr/local
+
+# bext and bextctl, the systemd units (they expect PREFIX=/usr/local), and
+# the example platform file (an existing /etc/bext/platform.toml is kept).
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/bext
+	install -m 0755 target/release/bext target/release/bextctl $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 systemd/bext.service systemd/bext-platform.service $(DESTDIR)/etc/systemd/system/
+	test -e $(DESTDIR)/etc/bext/platform.toml || \
+	  install -m 0644 config-examples/platform.toml $(DESTDIR)/etc/bext/platform.toml
 
 # npm packages of the fixture apps (npm ci from their lockfiles), their
 # builds, and the Deno binary (npm package `deno`).

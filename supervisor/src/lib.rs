@@ -23,6 +23,7 @@ pub mod hooks;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod output;
 pub mod platform;
 pub mod pool;

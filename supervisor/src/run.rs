@@ -138,6 +138,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         source,
     })?;
     info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
+    crate::notify::ready(&format!("serving {} on {addr}", app.name));
 
     let limits = app.settings.config.server.limits;
     let served =
@@ -168,6 +169,7 @@ pub async fn watch_signals(shutdown: Shutdown) {
         _ = int.recv() => "SIGINT",
     };
     info!("{name}: shutting down gracefully (send it again to stop at once)");
+    crate::notify::stopping();
     shutdown.graceful.cancel();
     tokio::select! {
         _ = term.recv() => {}

@@ -511,7 +511,9 @@ server.listen(process.env.PORT || 3000);
     let platform = Platform::new(one.path(), "deploy.drain_timeout = \"3s\"");
     let bext = platform.serve();
 
-    let mut socket = tokio::net::TcpStream::connect(bext.addr).await.expect("connect");
+    let mut socket = tokio::net::TcpStream::connect(bext.addr)
+        .await
+        .expect("connect");
     socket
         .write_all(
             b"GET /ws HTTP/1.1\r\nHost: site.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -541,7 +543,10 @@ server.listen(process.env.PORT || 3000);
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while answer(&bext).await.1 != "two" {
-        assert!(std::time::Instant::now() < deadline, "the deploy did not switch");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy did not switch"
+        );
     }
     let switched = std::time::Instant::now();
     // The old worker still answers on the tunnel after the switch.
@@ -561,4 +566,67 @@ server.listen(process.env.PORT || 3000);
         err.contains("[drain]"),
         "the drain is a step of the deploy: {err}"
     );
+}
+
+/// Issue 12, acceptance 7: under systemd (`NOTIFY_SOCKET`), READY=1 comes
+/// only once the port answers with every app started; SIGHUP brings
+/// RELOADING=1 (with MONOTONIC_USEC) and READY=1 again; SIGTERM STOPPING=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_systemd_hears_ready_once_serving_and_reloading_on_sighup() {
+    let source = node_app("one");
+    // The first start waits for a file, so "not ready yet" can be seen.
+    let platform = Platform::new(
+        source.path(),
+        r#"hooks.pre_build = "while [ ! -f go ]; do sleep 0.05; done""#,
+    );
+    let notify_path = platform.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut bext = Bext::serve(
+        &platform.file,
+        &Options {
+            env: vec![(
+                "NOTIFY_SOCKET".to_string(),
+                notify_path.to_str().expect("utf8").to_string(),
+            )],
+            ..Options::default()
+        },
+    );
+    let next = || {
+        let mut buf = vec![0u8; 4096];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Listening, but the app is still starting: nothing sent yet.
+    assert_eq!(answer(&bext).await.0, 503);
+    notify.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 64];
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "READY=1 before every app started"
+    );
+    notify.set_nonblocking(false).expect("blocking");
+    std::fs::write(source.path().join("go"), "").expect("release the start");
+    let ready = next();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(ready.contains("STATUS=1 of 1 apps running"), "{ready}");
+    assert_eq!(
+        answer(&bext).await,
+        (200, "one".to_string()),
+        "the app serves once READY=1 is sent"
+    );
+
+    bext.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(reloading.contains("RELOADING=1"), "{reloading}");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let again = next();
+    assert!(again.contains("READY=1"), "after the reload: {again}");
+
+    bext.signal(libc::SIGTERM);
+    let stopping = next();
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    bext.wait_exit(Duration::from_secs(30));
 }

@@ -152,6 +152,8 @@ pub struct Platform {
     reloading: bool,
     reload_due: bool,
     reload_waiting: Vec<oneshot::Sender<Result<String, String>>>,
+    /// READY=1 was sent (once every first start was over).
+    announced: bool,
 }
 
 impl std::fmt::Debug for Platform {
@@ -206,6 +208,7 @@ impl Platform {
             reloading: false,
             reload_due: false,
             reload_waiting: Vec::new(),
+            announced: false,
         }
     }
 
@@ -233,6 +236,7 @@ impl Platform {
                 _ = &mut serving => { warn!("the listener stopped"); listener_stopped = true; break; }
             }
         }
+        crate::notify::stopping();
         // Starts, builds and deploys still under way are abandoned (their
         // builds and hooks are killed with their process groups; a deploy's
         // version is found `building` at the next start and marked failed).
@@ -293,6 +297,7 @@ impl Platform {
         }
         if self.effects.is_empty() {
             info!(apps = 0, of = self.config.apps.len(), "apps started");
+            self.announce_ready();
         }
     }
 
@@ -352,6 +357,7 @@ impl Platform {
                         of = self.config.apps.len(),
                         "apps started"
                     );
+                    self.announce_ready();
                     if std::mem::take(&mut self.reload_due) {
                         self.reload(None);
                     }
@@ -372,6 +378,33 @@ impl Platform {
             Effect::Finished { name } => {
                 self.busy.remove(&name);
             }
+        }
+    }
+
+    /// One line for `systemctl status`.
+    fn summary(&self) -> String {
+        let running = self.apps.len();
+        let of = self.config.apps.len();
+        let busy = self.busy.len();
+        if busy > 0 {
+            format!("{running} of {of} apps running; {busy} starting or deploying")
+        } else {
+            format!("{running} of {of} apps running")
+        }
+    }
+
+    /// READY=1, the first time every first start is over.
+    fn announce_ready(&mut self) {
+        if !self.announced {
+            self.announced = true;
+            crate::notify::ready(&self.summary());
+        }
+    }
+
+    /// READY=1 after a reload, or a new STATUS= line.
+    pub(super) fn announce(&self) {
+        if self.announced {
+            crate::notify::ready(&self.summary());
         }
     }
 
@@ -413,11 +446,13 @@ impl Platform {
             return;
         }
         info!(config = %self.config_path.display(), "reloading");
+        crate::notify::reloading();
         let mut replies: Vec<_> = std::mem::take(&mut self.reload_waiting);
         replies.extend(reply);
         let new = match self.load_new_config() {
             Ok(new) => new,
             Err(e) => {
+                self.announce();
                 error!("reload refused, the running configuration is unchanged: {e}");
                 for reply in replies {
                     let _ = reply.send(Err(format!("reload refused: {e}")));
@@ -591,6 +626,7 @@ impl Platform {
             format!("reloaded: {}", changes.join(", "))
         };
         info!("{summary}");
+        self.announce();
         for reply in replies {
             let _ = reply.send(Ok(summary.clone()));
         }

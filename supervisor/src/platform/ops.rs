@@ -266,6 +266,7 @@ impl Platform {
         let saved = self.save_state();
         self.publish();
         info!(app = %name, %version, "{}: {version} is live", op.as_str());
+        self.announce();
         let drain = entry
             .deploy
             .drain_timeout
