@@ -92,6 +92,10 @@ pub struct RunningApp {
     pub name: String,
     pub framework: Framework,
     pub settings: AppSettings,
+    /// The version it runs (set by the platform; empty in single-app mode).
+    pub version: String,
+    /// Static files of retained versions (id, files), newest first.
+    older_statics: Vec<(String, Arc<StaticFiles>)>,
     /// Swapped when hot settings change; in-flight requests keep the old one.
     service: ArcSwap<AppService>,
     statics: Arc<StaticFiles>,
@@ -261,6 +265,7 @@ impl RunningApp {
             &app,
             &settings,
             Arc::clone(&statics),
+            Arc::from([]),
             pool.as_ref(),
             &metrics,
             None,
@@ -278,6 +283,8 @@ impl RunningApp {
             name: app.name.clone(),
             framework: app.framework,
             settings,
+            version: String::new(),
+            older_statics: Vec::new(),
             service: ArcSwap::from_pointee(service),
             statics,
             pool,
@@ -307,6 +314,7 @@ impl RunningApp {
             &self.app,
             &settings,
             Arc::clone(&self.statics),
+            self.older(),
             self.pool.as_ref(),
             &self.metrics,
             cache,
@@ -333,10 +341,41 @@ impl RunningApp {
             &self.app,
             &self.settings,
             Arc::clone(&self.statics),
+            self.older(),
             self.pool.as_ref(),
             &self.metrics,
             current.cache.clone(),
             Some(previous),
+        );
+        self.service.store(Arc::new(service));
+    }
+
+    fn older(&self) -> Arc<[Arc<StaticFiles>]> {
+        self.older_statics.iter().map(|(_, s)| Arc::clone(s)).collect()
+    }
+
+    /// This generation's static files, and those of the retained versions
+    /// it still serves hashed assets of: for the generation that replaces it.
+    pub fn statics_by_version(&self) -> Vec<(String, Arc<StaticFiles>)> {
+        std::iter::once((self.version.clone(), Arc::clone(&self.statics)))
+            .chain(self.older_statics.iter().cloned())
+            .collect()
+    }
+
+    /// Serves the hashed assets of `older` (retained versions, newest
+    /// first) that this version lacks.
+    pub fn set_older_statics(&mut self, older: Vec<(String, Arc<StaticFiles>)>) {
+        self.older_statics = older;
+        let current = self.service.load_full();
+        let service = build_service(
+            &self.app,
+            &self.settings,
+            Arc::clone(&self.statics),
+            self.older(),
+            self.pool.as_ref(),
+            &self.metrics,
+            current.cache.clone(),
+            current.limiter.clone(),
         );
         self.service.store(Arc::new(service));
     }
@@ -428,10 +467,12 @@ impl RunningApp {
 
 /// Puts one app's request path together: endpoints, limiter, static files,
 /// cache, proxy.
+#[allow(clippy::too_many_arguments, reason = "one app's request path, put together")]
 fn build_service(
     app: &App,
     settings: &AppSettings,
     statics: Arc<StaticFiles>,
+    older_statics: Arc<[Arc<StaticFiles>]>,
     pool: Option<&PoolHandle>,
     metrics: &Arc<Metrics>,
     cache: Option<Arc<IsrCache>>,
@@ -472,6 +513,7 @@ fn build_service(
             admin_networks: Arc::from(settings.admin_networks.as_slice()),
         },
         statics,
+        older_statics,
         proxy,
         cache,
         limiter: settings.rate_limit.map(|rpm| {

@@ -34,6 +34,9 @@ pub struct AppService {
     pub app: Arc<str>,
     pub admin: Admin,
     pub statics: Arc<StaticFiles>,
+    /// Static files of the app's retained versions, newest first: a page
+    /// of the previous build still asks for its content-hashed assets.
+    pub older_statics: Arc<[Arc<StaticFiles>]>,
     /// The way to the app's workers; `None` for a static site.
     pub proxy: Option<Proxy>,
     /// `None` when `[cache.isr] enabled = false`.
@@ -108,8 +111,16 @@ impl AppService {
         req: Request<Incoming>,
         client: ClientInfo,
     ) -> (Response<Body>, Option<usize>) {
-        // Static files: answered from disk without a worker hop.
-        if let Outcome::Response(response) = self.statics.serve(&req) {
+        // Static files: answered from disk without a worker hop; a
+        // content-hashed asset the active version lacks comes from a
+        // retained version (a browser holding the old build's HTML).
+        let outcome = self.statics.serve(&req);
+        if !matches!(&outcome, Outcome::Response(r) if r.status() != StatusCode::NOT_FOUND)
+            && let Some(response) = self.older_statics.iter().find_map(|s| s.serve_hashed(&req))
+        {
+            return (response, None);
+        }
+        if let Outcome::Response(response) = outcome {
             return (response, None);
         }
         let Some(proxy) = &self.proxy else {

@@ -20,6 +20,7 @@ fn app_source(name: &str, health: u16) -> String {
 const http = require('http');
 const server = http.createServer((req, res) => {{
   if (req.url === '/health') {{ res.statusCode = {health}; return res.end('health'); }}
+  if (req.url !== '/') {{ res.statusCode = 404; return res.end('no such page'); }}
   res.end('{name}');
 }});
 server.listen(process.env.PORT || 3000);
@@ -629,4 +630,60 @@ async fn issue12_systemd_hears_ready_once_serving_and_reloading_on_sighup() {
     let stopping = next();
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
     bext.wait_exit(Duration::from_secs(30));
+}
+
+/// Issue 12, acceptance 5 (version skew): after v2 goes live, v1's
+/// content-hashed asset is still served (a browser may hold v1's HTML);
+/// v1's other files are not; once v1 is pruned, its asset is a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_hashed_assets_of_retained_versions_outlive_the_switch() {
+    let source = node_app("source");
+    let platform = Platform::new(source.path(), "deploy.keep_versions = 1");
+    let bext = platform.serve();
+    let deploy = async |dir: &Path| {
+        let (socket, dir) = (platform.socket(), dir.to_path_buf());
+        let (code, out, err) = tokio::task::spawn_blocking(move || {
+            bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+        })
+        .await
+        .expect("deploy");
+        assert_eq!(code, 0, "{out}\n{err}");
+    };
+    let get = async |path: &str| {
+        let response = bext.get_host("site.test", path).await;
+        let status = response.status().as_u16();
+        let cache_control = response
+            .headers()
+            .get("cache-control")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        (status, response.text().await.expect("body"), cache_control)
+    };
+    let v1 = node_app_with(
+        "n1",
+        200,
+        &[("public/app.3f9a1c2b.js", "v1 bundle"), ("public/notes.txt", "v1 notes")],
+    );
+    let v2 = node_app_with("n2", 200, &[("public/app.77aa88bb.js", "v2 bundle")]);
+    let v3 = node_app_with("n3", 200, &[("public/app.0c0c0c0c.js", "v3 bundle")]);
+    deploy(v1.path()).await;
+    assert_eq!(get("/app.3f9a1c2b.js").await.1, "v1 bundle");
+    deploy(v2.path()).await;
+    assert_eq!(get("/").await.1, "n2");
+    let (status, body, cache_control) = get("/app.3f9a1c2b.js").await;
+    assert_eq!((status, body.as_str()), (200, "v1 bundle"), "v1's asset after the switch");
+    assert!(
+        cache_control.is_some_and(|c| c.contains("immutable")),
+        "a hashed asset is immutable"
+    );
+    assert_eq!(
+        get("/notes.txt").await.0,
+        404,
+        "only hashed assets of older versions are served"
+    );
+    assert_eq!(get("/app.77aa88bb.js").await.1, "v2 bundle");
+    // keep_versions = 1: v3 retains v2 and prunes v1.
+    deploy(v3.path()).await;
+    assert_eq!(version_state(&versions(&platform), "v1").0, "pruned");
+    assert_eq!(get("/app.3f9a1c2b.js").await.0, 404, "v1 is gone");
+    assert_eq!(get("/app.77aa88bb.js").await.1, "v2 bundle", "v2 is retained");
 }

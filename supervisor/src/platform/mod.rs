@@ -331,7 +331,8 @@ impl Platform {
             Effect::Started { name, result } => {
                 self.busy.remove(&name);
                 match result {
-                    Ok(app) => {
+                    Ok(mut app) => {
+                        app.version = self.active_version(&name);
                         self.not_running.remove(&name);
                         if self.configured(&name).is_some() {
                             self.apps.insert(name.clone(), app);
@@ -406,6 +407,14 @@ impl Platform {
         if self.announced {
             crate::notify::ready(&self.summary());
         }
+    }
+
+    /// The id of the version `name` serves (`source` if none deployed).
+    fn active_version(&self, name: &str) -> String {
+        self.state
+            .app(name)
+            .and_then(|a| a.active.clone())
+            .unwrap_or_else(|| SOURCE_VERSION.to_string())
     }
 
     fn configured(&self, name: &str) -> Option<&AppEntry> {
@@ -562,6 +571,7 @@ impl Platform {
                 }
                 (Some(_), Some(Ok(mut replacement))) => {
                     replacement.inherit_limiter(&running);
+                    replacement.version = self.active_version(&name);
                     changes.push(format!("{name} restarted"));
                     retired.push(running);
                     self.apps.insert(name, replacement);
@@ -586,7 +596,8 @@ impl Platform {
         }
         for (name, result) in started {
             match result {
-                Ok(app) if wanted.contains_key(&name) => {
+                Ok(mut app) if wanted.contains_key(&name) => {
+                    app.version = self.active_version(&name);
                     changes.push(format!("{name} added"));
                     self.not_running.remove(&name);
                     fresh.push(name.clone());

@@ -251,11 +251,6 @@ impl Platform {
         };
         reporter.step("switch", format!("routing app '{name}' to {version}"));
         let old = self.apps.remove(&name);
-        if let Some(old) = &old {
-            new.inherit_limiter(old);
-        }
-        self.apps.insert(name.clone(), new);
-        self.not_running.remove(&name);
         let pruned = if op == Op::Restart {
             Vec::new()
         } else {
@@ -263,6 +258,28 @@ impl Platform {
             app.activate(&version);
             app.prune(entry.deploy.keep_versions)
         };
+        new.version.clone_from(&version);
+        if let Some(old) = &old {
+            new.inherit_limiter(old);
+            // Hashed assets of the versions still retained stay reachable.
+            let retained = |id: &str| {
+                id != version
+                    && (id == SOURCE_VERSION
+                        || self.state.app(&name).and_then(|a| a.version(id)).is_some_and(
+                            |v| v.state == VersionState::Retained,
+                        ))
+            };
+            let mut older: Vec<_> = old
+                .statics_by_version()
+                .into_iter()
+                .filter(|(id, _)| retained(id))
+                .collect();
+            older.dedup_by(|a, b| a.0 == b.0);
+            older.truncate(entry.deploy.keep_versions);
+            new.set_older_statics(older);
+        }
+        self.apps.insert(name.clone(), new);
+        self.not_running.remove(&name);
         let saved = self.save_state();
         self.publish();
         info!(app = %name, %version, "{}: {version} is live", op.as_str());

@@ -181,6 +181,33 @@ impl StaticFiles {
         }
     }
 
+    /// Serves `req` only if it names a content-hashed file these mounts
+    /// have: one under an immutable mount (`/_next/static`), or whose name
+    /// carries a hash (`app.3f9a1c2b.js`, `index-BQ3nUq1z.css`). For an
+    /// older version's files, which may only answer for assets whose name
+    /// cannot mean anything else.
+    pub fn serve_hashed<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
+        }
+        let path = path::decode(req.uri().path()).ok()?;
+        if path.hidden || path.trailing_slash {
+            return None;
+        }
+        let mount = self.mounts.iter().find(|m| {
+            path.segments.len() > m.prefix.len() && path.segments[..m.prefix.len()] == m.prefix[..]
+        })?;
+        let name = path.segments.last()?;
+        if !mount.immutable && !looks_hashed(name) {
+            return None;
+        }
+        let rel = path.segments[mount.prefix.len()..].join(&b'/');
+        match &*self.lookup(mount, &rel) {
+            Lookup::File(entry) => Some(file::respond(req, &mount.dir, &rel, entry, true)),
+            _ => None,
+        }
+    }
+
     fn lookup(&self, mount: &MountDir, rel: &[u8]) -> Arc<Lookup> {
         let key = (mount.id, Box::<[u8]>::from(rel));
         self.cache
@@ -206,6 +233,20 @@ impl StaticFiles {
         }
         Outcome::Response(plain(StatusCode::NOT_FOUND, "not found\n"))
     }
+}
+
+/// A file name with a build hash in it: a part between dots or dashes,
+/// before the extension, of 8 to 64 letters, digits or `_`, at least one a
+/// digit (`main.3f9a1c2b.js`, `index-BQ3nUq1z.js`, `chunk.5d41402abc4b2a76.css`).
+pub fn looks_hashed(name: &[u8]) -> bool {
+    let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    name[..dot].split(|&b| b == b'.' || b == b'-').skip(1).any(|part| {
+        (8..=64).contains(&part.len())
+            && part.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            && part.iter().any(u8::is_ascii_digit)
+    })
 }
 
 fn method_not_allowed() -> Outcome {
@@ -242,4 +283,34 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_hashed;
+
+    #[test]
+    fn hashed_names_are_told_from_plain_ones() {
+        for name in [
+            "app.3f9a1c2b.js",
+            "index-BQ3nUq1z.js",
+            "chunk.5d41402abc4b2a76.css",
+            "main.a1b2c3d4.chunk.js",
+            "logo.0123456789.svg",
+        ] {
+            assert!(looks_hashed(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "app.js",
+            "notes.txt",
+            "favicon.ico",
+            "robots.txt",
+            "dashboard-settings.js",
+            "jquery-3.7.1.min.js",
+            "3f9a1c2b",
+            "app.3f9a1c2b",
+        ] {
+            assert!(!looks_hashed(name.as_bytes()), "{name}");
+        }
+    }
 }
