@@ -351,7 +351,10 @@ impl RunningApp {
     }
 
     fn older(&self) -> Arc<[Arc<StaticFiles>]> {
-        self.older_statics.iter().map(|(_, s)| Arc::clone(s)).collect()
+        self.older_statics
+            .iter()
+            .map(|(_, s)| Arc::clone(s))
+            .collect()
     }
 
     /// This generation's static files, and those of the retained versions
@@ -467,7 +470,10 @@ impl RunningApp {
 
 /// Puts one app's request path together: endpoints, limiter, static files,
 /// cache, proxy.
-#[allow(clippy::too_many_arguments, reason = "one app's request path, put together")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one app's request path, put together"
+)]
 fn build_service(
     app: &App,
     settings: &AppSettings,

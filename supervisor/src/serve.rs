@@ -266,6 +266,19 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         source,
     };
     std::fs::create_dir_all(config.data_dir.join("run")).map_err(dir_error)?;
+    // The control socket first: it refuses a second supervisor on the same
+    // data_dir, so what is found there from here on is from a dead one.
+    let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
+    let control_path = config.data_dir.join(crate::control::SOCKET_NAME);
+    let control = crate::control::serve(&control_path, config.control_group.as_ref(), commands)
+        .map_err(|source| RunError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
+    let mark = crate::platform::leftovers::mark(&config.data_dir);
+    crate::platform::leftovers::reap(&mark);
+    bext_worker::env::set_mark(mark);
+    crate::platform::leftovers::clear_runtime_dirs(&config.data_dir.join("run"));
     let state = crate::platform::recover(&config.data_dir)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -289,13 +302,6 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             return Ok(());
         }
     };
-    let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
-    let control_path = config.data_dir.join(crate::control::SOCKET_NAME);
-    let control = crate::control::serve(&control_path, config.control_group.as_ref(), commands)
-        .map_err(|source| RunError::Control {
-            path: control_path.clone(),
-            source,
-        })?;
     let platform = Arc::new(PlatformService {
         routes: ArcSwap::from_pointee(RouteTable::new([], None)),
         configured: ArcSwap::from_pointee(RouteTable::new([], None)),

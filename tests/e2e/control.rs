@@ -490,45 +490,12 @@ async fn issue12_one_deploy_per_app_and_the_platform_answers_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue12_a_websocket_outlives_the_switch_until_the_drain_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Upgraded connections echo what they get (a tunnel is bytes both ways).
-    let echo = |name: &str| {
-        format!(
-            r#"
-const http = require('http');
-const server = http.createServer((req, res) => res.end('{name}'));
-server.on('upgrade', (req, socket) => {{
-  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
-  socket.on('data', (d) => socket.write('{name}:' + d));
-}});
-server.listen(process.env.PORT || 3000);
-"#
-        )
-    };
-    let package = r#"{"name": "ws", "private": true, "scripts": {"start": "node server.js"}}"#;
-    let (one_js, two_js) = (echo("one"), echo("two"));
-    let one = temp_app(&[("package.json", package), ("server.js", &one_js)]);
-    let two = temp_app(&[("package.json", package), ("server.js", &two_js)]);
+    let (one, two) = (echo_app("one", &[]), echo_app("two", &[]));
     const DRAIN: Duration = Duration::from_secs(3);
     let platform = Platform::new(one.path(), "deploy.drain_timeout = \"3s\"");
     let bext = platform.serve();
-
-    let mut socket = tokio::net::TcpStream::connect(bext.addr)
-        .await
-        .expect("connect");
-    socket
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: site.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("upgrade request");
+    let mut socket = open_tunnel(&bext).await;
     let mut buf = vec![0u8; 4096];
-    let n = socket.read(&mut buf).await.expect("101");
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
     let mut echo_once = async |socket: &mut tokio::net::TcpStream, what: &str| -> String {
         socket.write_all(what.as_bytes()).await.expect("write");
         let n = socket.read(&mut buf).await.expect("read");
@@ -661,7 +628,10 @@ async fn issue12_hashed_assets_of_retained_versions_outlive_the_switch() {
     let v1 = node_app_with(
         "n1",
         200,
-        &[("public/app.3f9a1c2b.js", "v1 bundle"), ("public/notes.txt", "v1 notes")],
+        &[
+            ("public/app.3f9a1c2b.js", "v1 bundle"),
+            ("public/notes.txt", "v1 notes"),
+        ],
     );
     let v2 = node_app_with("n2", 200, &[("public/app.77aa88bb.js", "v2 bundle")]);
     let v3 = node_app_with("n3", 200, &[("public/app.0c0c0c0c.js", "v3 bundle")]);
@@ -670,7 +640,11 @@ async fn issue12_hashed_assets_of_retained_versions_outlive_the_switch() {
     deploy(v2.path()).await;
     assert_eq!(get("/").await.1, "n2");
     let (status, body, cache_control) = get("/app.3f9a1c2b.js").await;
-    assert_eq!((status, body.as_str()), (200, "v1 bundle"), "v1's asset after the switch");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "v1 bundle"),
+        "v1's asset after the switch"
+    );
     assert!(
         cache_control.is_some_and(|c| c.contains("immutable")),
         "a hashed asset is immutable"
@@ -685,5 +659,174 @@ async fn issue12_hashed_assets_of_retained_versions_outlive_the_switch() {
     deploy(v3.path()).await;
     assert_eq!(version_state(&versions(&platform), "v1").0, "pruned");
     assert_eq!(get("/app.3f9a1c2b.js").await.0, 404, "v1 is gone");
-    assert_eq!(get("/app.77aa88bb.js").await.1, "v2 bundle", "v2 is retained");
+    assert_eq!(
+        get("/app.77aa88bb.js").await.1,
+        "v2 bundle",
+        "v2 is retained"
+    );
+}
+
+/// An app whose `/` answers NAME and whose upgraded connections echo what
+/// they get, prefixed with NAME (a tunnel is bytes both ways).
+fn echo_app(name: &str, extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let server = format!(
+        r#"
+const http = require('http');
+const server = http.createServer((req, res) => res.end('{name}'));
+server.on('upgrade', (req, socket) => {{
+  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
+  socket.on('data', (d) => socket.write('{name}:' + d));
+}});
+server.listen(process.env.PORT || 3000);
+"#
+    );
+    let mut files: Vec<(&str, &str)> = vec![
+        (
+            "package.json",
+            r#"{"name": "ws", "private": true, "scripts": {"start": "node server.js"}}"#,
+        ),
+        ("server.js", &server),
+    ];
+    files.extend_from_slice(extra);
+    temp_app(&files)
+}
+
+/// A WebSocket-style upgraded connection to `site.test`, past its 101.
+async fn open_tunnel(bext: &Bext) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(bext.addr)
+        .await
+        .expect("connect");
+    socket
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: site.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("upgrade request");
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.expect("101");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    socket
+}
+
+fn worker_pids(platform: &Platform) -> Vec<u32> {
+    let (code, out, err) = platform.ctl(&["status", "site", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).expect("json");
+    status["apps"][0]["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+/// Issue 12, acceptance 4: a supervisor killed with SIGKILL during a
+/// deploy's build comes back on the old version, the half-made one marked
+/// failed, its files gone, and nothing it started still running (not even
+/// what the build left in the background, which no parent-death signal
+/// reaches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_a_supervisor_killed_during_a_build_comes_back_clean() {
+    let source = node_app_with("source", 200, &[("go", "")]);
+    let platform = Platform::new(
+        source.path(),
+        r#"hooks.pre_build = "sleep 1000 & echo $! > bg.pid; while [ ! -f go ]; do sleep 0.05; done""#,
+    );
+    let mut bext = platform.serve();
+    let stuck = node_app("never");
+    let deploy = {
+        let (socket, dir) = (platform.socket(), stuck.path().to_path_buf());
+        std::thread::spawn(move || {
+            bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+        })
+    };
+    let version_dir = platform.data().join("apps/site/versions/v1");
+    let background: u32 = wait_for("the build to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(version_dir.join("bg.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    });
+    assert!(crate::support::alive(background));
+    bext.signal(libc::SIGKILL);
+    bext.wait_exit(Duration::from_secs(10));
+    let (code, _, _) = deploy.join().expect("deploy thread");
+    assert_ne!(code, 0, "the deploy did not finish");
+    assert!(
+        crate::support::alive(background),
+        "the build's background job outlives a SIGKILLed supervisor (until its successor)"
+    );
+
+    let bext = platform.serve();
+    wait_for("the leftover to be killed", Duration::from_secs(10), || {
+        (!crate::support::alive(background)).then_some(())
+    });
+    assert_eq!(answer(&bext).await, (200, "source".to_string()));
+    let (state, reason) = version_state(&versions(&platform), "v1");
+    assert_eq!(state, "failed");
+    assert!(reason.contains("interrupted"), "{reason}");
+    assert!(
+        !version_dir.exists(),
+        "the half-made version's files are gone"
+    );
+    let mine = format!("bext-{}-", bext.pid());
+    let leftovers: Vec<_> = std::fs::read_dir(platform.data().join("run"))
+        .expect("run dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(&mine))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "runtime dirs of the dead supervisor: {leftovers:?}"
+    );
+}
+
+/// Issue 12, acceptance 4: killed with SIGKILL while the old generation
+/// drains (a WebSocket holds it), the supervisor comes back on the new
+/// version, with the old workers gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_a_supervisor_killed_during_a_drain_comes_back_on_the_new_version() {
+    let (one, two) = (echo_app("one", &[]), echo_app("two", &[]));
+    let platform = Platform::new(one.path(), "deploy.drain_timeout = \"60s\"");
+    let mut bext = platform.serve();
+    let old_workers = worker_pids(&platform);
+    assert_eq!(old_workers.len(), 2);
+    let _tunnel = open_tunnel(&bext).await;
+    let deploy = {
+        let (socket, dir) = (platform.socket(), two.path().to_path_buf());
+        std::thread::spawn(move || {
+            bextctl(&socket, &["deploy", "site", dir.to_str().expect("utf8")])
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answer(&bext).await.1 != "two" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy did not switch"
+        );
+    }
+    assert!(
+        old_workers.iter().any(|p| crate::support::alive(*p)),
+        "the old generation drains (the tunnel holds it)"
+    );
+    bext.signal(libc::SIGKILL);
+    bext.wait_exit(Duration::from_secs(10));
+    let _ = deploy.join().expect("deploy thread");
+
+    let bext = platform.serve();
+    assert_eq!(answer(&bext).await, (200, "two".to_string()));
+    assert_eq!(version_state(&versions(&platform), "v1").0, "active");
+    wait_for(
+        "the old workers to be gone",
+        Duration::from_secs(10),
+        || {
+            old_workers
+                .iter()
+                .all(|p| !crate::support::alive(*p))
+                .then_some(())
+        },
+    );
 }

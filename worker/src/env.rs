@@ -65,7 +65,24 @@ pub fn inherited(
 
 /// [`inherited`] of this process's environment.
 pub fn from_supervisor(build: bool) -> Vec<(OsString, OsString)> {
-    inherited(std::env::vars_os(), build)
+    let mut env = inherited(std::env::vars_os(), build);
+    if let Some(mark) = MARK.get() {
+        env.push((MARK_VAR.into(), mark.into()));
+    }
+    env
+}
+
+/// The variable that marks every process a supervisor starts (and, as
+/// processes inherit their environment, whatever those start): a
+/// supervisor that was killed left them running, and its successor finds
+/// them by it.
+pub const MARK_VAR: &str = "BEXT_SUPERVISOR_MARK";
+
+static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Marks every process started from now on with `mark` (set once).
+pub fn set_mark(mark: String) {
+    let _ = MARK.set(mark);
 }
 
 fn passes(name: &OsStr, build: bool) -> bool {

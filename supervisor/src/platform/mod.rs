@@ -20,6 +20,7 @@
 pub mod state;
 
 mod deploy;
+pub mod leftovers;
 mod ops;
 
 use std::collections::BTreeMap;

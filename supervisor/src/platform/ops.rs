@@ -265,9 +265,11 @@ impl Platform {
             let retained = |id: &str| {
                 id != version
                     && (id == SOURCE_VERSION
-                        || self.state.app(&name).and_then(|a| a.version(id)).is_some_and(
-                            |v| v.state == VersionState::Retained,
-                        ))
+                        || self
+                            .state
+                            .app(&name)
+                            .and_then(|a| a.version(id))
+                            .is_some_and(|v| v.state == VersionState::Retained))
             };
             let mut older: Vec<_> = old
                 .statics_by_version()

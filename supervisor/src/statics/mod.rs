@@ -242,11 +242,14 @@ pub fn looks_hashed(name: &[u8]) -> bool {
     let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
         return false;
     };
-    name[..dot].split(|&b| b == b'.' || b == b'-').skip(1).any(|part| {
-        (8..=64).contains(&part.len())
-            && part.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
-            && part.iter().any(u8::is_ascii_digit)
-    })
+    name[..dot]
+        .split(|&b| b == b'.' || b == b'-')
+        .skip(1)
+        .any(|part| {
+            (8..=64).contains(&part.len())
+                && part.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                && part.iter().any(u8::is_ascii_digit)
+        })
 }
 
 fn method_not_allowed() -> Outcome {
