@@ -78,10 +78,10 @@ pub fn clear_runtime_dirs(run: &Path) {
         if name.starts_with("bext-") && !name.starts_with(&me) {
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {
-                    info!(dir = %entry.path().display(), "removed a runtime directory left by a previous supervisor")
+                    info!(dir = %entry.path().display(), "removed a runtime directory left by a previous supervisor");
                 }
                 Err(e) => {
-                    warn!(dir = %entry.path().display(), "could not remove a stale runtime directory: {e}")
+                    warn!(dir = %entry.path().display(), "could not remove a stale runtime directory: {e}");
                 }
             }
         }
