@@ -41,6 +41,8 @@ pub struct AppSettings {
     /// Workers when the config does not say.
     pub default_workers: NonZeroU32,
     pub force_build: bool,
+    /// Installs and builds are killed after this.
+    pub build_timeout: std::time::Duration,
     pub hooks: Option<Hooks>,
     pub rate_limit: Option<NonZeroU32>,
     /// IPv6 clients of the rate limit are keyed by this prefix length.
@@ -164,7 +166,7 @@ impl RunningApp {
             )
             .await?;
         }
-        app::prepare(&app, settings.force_build, user).await?;
+        app::prepare(&app, settings.force_build, user, settings.build_timeout).await?;
 
         let mounts = app.mounts();
         for mount in &mounts {
@@ -350,6 +352,35 @@ impl RunningApp {
         self.service.store(Arc::new(service));
     }
 
+    /// Takes over `old`'s cached pages (`deploy.purge_cache = false`),
+    /// when both cache the same way.
+    pub fn adopt_cache(&mut self, old: &RunningApp) {
+        let Some(cache) = old.service().cache.clone() else {
+            return;
+        };
+        if self.settings.config.isr != old.settings.config.isr {
+            return;
+        }
+        let current = self.service.load_full();
+        let service = build_service(
+            &self.app,
+            &self.settings,
+            Arc::clone(&self.statics),
+            self.older(),
+            self.pool.as_ref(),
+            &self.metrics,
+            Some(cache),
+            current.limiter.clone(),
+        );
+        self.metrics.register_app(&AppSource {
+            app: self.name.clone(),
+            id: self.metrics_id,
+            pool: self.pool.as_ref().map(|h| Arc::clone(&h.pool)),
+            cache: service.cache.clone(),
+        });
+        self.service.store(Arc::new(service));
+    }
+
     fn older(&self) -> Arc<[Arc<StaticFiles>]> {
         self.older_statics
             .iter()
@@ -432,6 +463,18 @@ impl RunningApp {
             .as_ref()
             .map(|h| h.pool.status())
             .unwrap_or_default()
+    }
+
+    /// Replaces every worker, each once its successor is ready; false for
+    /// an app without workers.
+    pub fn recycle_workers(&self) -> bool {
+        self.pool.as_ref().map(PoolHandle::recycle_all).is_some()
+    }
+
+    /// Reads the workers' restart count (for waiting on a restart).
+    pub fn restarts_counter(&self) -> impl Fn() -> u64 + Send + 'static {
+        let pool = self.pool.as_ref().map(|h| Arc::clone(&h.pool));
+        move || pool.as_ref().map_or(0, |p| p.restarts())
     }
 
     pub fn restarts(&self) -> u64 {

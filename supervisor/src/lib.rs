@@ -21,6 +21,7 @@ pub mod control;
 pub mod ctl;
 pub mod hooks;
 pub mod listener;
+pub mod logring;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

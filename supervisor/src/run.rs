@@ -108,6 +108,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         config,
         default_workers: crate::config::default_workers(),
         force_build: args.build,
+        build_timeout: crate::app::build::BUILD_TIMEOUT,
         hooks: None,
         rate_limit: None,
         ipv6_prefix: crate::ratelimit::DEFAULT_IPV6_PREFIX,
@@ -140,9 +141,29 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
     crate::notify::ready(&format!("serving {} on {addr}", app.name));
 
+    // The control socket (status, restart, purge, logs) beside the
+    // workers' runtime directories; without it, bext serves all the same.
+    let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
+    let control_path = default_runtime_base().join(format!("bext-{}.control.sock", app.name));
+    let control = match crate::control::serve(&control_path, None, None, commands) {
+        Ok(task) => {
+            info!(socket = %control_path.display(), "control socket: bextctl --socket {}", control_path.display());
+            Some(task)
+        }
+        Err(e) => {
+            warn!(socket = %control_path.display(), "no control socket: {e}");
+            None
+        }
+    };
     let limits = app.settings.config.server.limits;
-    let served =
-        crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards).await;
+    let served = tokio::select! {
+        served = crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards) => served,
+        () = crate::control::single::answer(&app, inbox), if control.is_some() => Ok(false),
+    };
+    if let Some(control) = control {
+        control.abort();
+        let _ = std::fs::remove_file(&control_path);
+    }
     if let Err(source) = served {
         app.stop(grace, &shutdown.immediate).await;
         return Err(RunError::Listen { addr, source });

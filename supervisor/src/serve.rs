@@ -270,11 +270,16 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // data_dir, so what is found there from here on is from a dead one.
     let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
     let control_path = config.data_dir.join(crate::control::SOCKET_NAME);
-    let control = crate::control::serve(&control_path, config.control_group.as_ref(), commands)
-        .map_err(|source| RunError::Control {
-            path: control_path.clone(),
-            source,
-        })?;
+    let control = crate::control::serve(
+        &control_path,
+        config.control_group.as_ref(),
+        Some(config.data_dir.join("uploads")),
+        commands,
+    )
+    .map_err(|source| RunError::Control {
+        path: control_path.clone(),
+        source,
+    })?;
     let mark = crate::platform::leftovers::mark(&config.data_dir);
     crate::platform::leftovers::reap(&mark);
     bext_worker::env::set_mark(mark);

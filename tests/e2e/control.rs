@@ -23,7 +23,7 @@ const server = http.createServer((req, res) => {{
   if (req.url !== '/') {{ res.statusCode = 404; return res.end('no such page'); }}
   res.end('{name}');
 }});
-server.listen(process.env.PORT || 3000);
+server.listen(process.env.PORT || 3000, () => console.log('{name} listening'));
 "#
     )
 }
@@ -390,6 +390,27 @@ async fn issue12_keep_versions_prunes_and_a_restart_keeps_the_active_version() {
         status["apps"][0]["workers"].as_array().map(Vec::len),
         Some(2)
     );
+
+    // A restart: new workers for v5, the same version.
+    let before = worker_pids(&platform);
+    let (code, out, err) = platform.ctl(&["restart", "site"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let after = worker_pids(&platform);
+    assert_eq!(after.len(), 2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(answer(&bext).await, (200, "n5".to_string()));
+    assert_eq!(
+        version_state(&super::control::versions(&platform), "v5").0,
+        "active"
+    );
+
+    // The workers' output, from the app's ring.
+    let (code, out, err) = platform.ctl(&["logs", "site", "-n", "10"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("n5 listening"), "{out}");
 
     // A restarted supervisor comes back on v5, without a deploy.
     bext.terminate(Duration::from_secs(20));
@@ -829,4 +850,80 @@ async fn issue12_a_supervisor_killed_during_a_drain_comes_back_on_the_new_versio
                 .then_some(())
         },
     );
+}
+
+/// Single-app mode serves the control socket too: status, restart (every
+/// worker replaced, new one first), purge and logs; deploys are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_bext_run_serves_status_restart_purge_and_logs() {
+    let app = temp_app(&[
+        (
+            "package.json",
+            r#"{"name": "solo", "private": true, "scripts": {"start": "node server.js"}}"#,
+        ),
+        (
+            "server.js",
+            r#"
+const http = require('http');
+http.createServer((req, res) => { console.log('served ' + req.url); res.end('solo'); })
+  .listen(process.env.PORT || 3000, () => console.log('solo up'));
+"#,
+        ),
+    ]);
+    let bext = Bext::run(app.path(), &["--workers", "2"]);
+    let line = bext.wait_log(Duration::from_secs(30), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("control socket"))
+    });
+    let socket = PathBuf::from(line["socket"].as_str().expect("socket field"));
+    let pids = |socket: &Path| -> Vec<u64> {
+        let (code, out, err) = bextctl(socket, &["status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let status: Value = serde_json::from_str(&out).expect("json");
+        status["apps"][0]["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["pid"].as_u64())
+            .collect()
+    };
+    let before = pids(&socket);
+    assert_eq!(before.len(), 2);
+
+    let response = crate::support::client()
+        .get(bext.url("/hello-ring"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.text().await.expect("body"), "solo");
+    let name = app
+        .path()
+        .file_name()
+        .expect("name")
+        .to_str()
+        .expect("utf8")
+        .to_string();
+    let logs = wait_for("the line in the ring", Duration::from_secs(10), || {
+        let (code, out, _) = bextctl(&socket, &["logs", &name, "-n", "20"]);
+        (code == 0 && out.contains("served /hello-ring")).then_some(out)
+    });
+    assert!(logs.contains("solo up"), "{logs}");
+
+    let (code, out, err) = bextctl(&socket, &["restart", &name]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let after = pids(&socket);
+    assert_eq!(after.len(), 2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "every worker replaced: {before:?} -> {after:?}"
+    );
+    let (code, _, err) = bextctl(&socket, &["purge", &name, "--all"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = bextctl(
+        &socket,
+        &["deploy", &name, app.path().to_str().expect("utf8")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bext serve"), "{err}");
 }

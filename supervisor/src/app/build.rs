@@ -46,16 +46,18 @@ pub enum BuildError {
 /// then builds when the app has a build and is not built (or `force_build`).
 /// Both run as `user` when set (the app's own code runs in them: package
 /// scripts, the framework's build).
+/// Each is killed (with everything it started) after `timeout`.
 pub async fn prepare(
     app: &App,
     force_build: bool,
     user: Option<&AppUser>,
+    timeout: Duration,
 ) -> Result<(), BuildError> {
     if let Some(step) = app.install_step()? {
-        run(app, "install", &step, user).await?;
+        run(app, "install", &step, user, timeout).await?;
     }
     if let Some(step) = app.build_step(force_build) {
-        run(app, "build", &step, user).await?;
+        run(app, "build", &step, user, timeout).await?;
     }
     Ok(())
 }
@@ -65,6 +67,7 @@ async fn run(
     phase: &'static str,
     step: &Step,
     user: Option<&AppUser>,
+    timeout: Duration,
 ) -> Result<(), BuildError> {
     let span = info_span!("build", app = %app.name, phase);
     async {
@@ -95,11 +98,11 @@ async fn run(
             step: step.to_string(),
             source,
         })?;
-        let status = match output::run_to_end(child, BUILD_TIMEOUT).await {
+        let status = match output::run_to_end(child, timeout).await {
             Finished::Exited(status) => describe_ok(status),
             Finished::TimedOut => Err(format!(
                 "killed after {}",
-                humantime::format_duration(BUILD_TIMEOUT)
+                humantime::format_duration(timeout)
             )),
             Finished::WaitFailed(e) => Err(e.to_string()),
         };

@@ -119,6 +119,8 @@ struct RawDeploy {
     keep_versions: Option<NonZeroU32>,
     health_path: Option<Spanned<String>>,
     health_timeout: Option<PositiveDuration>,
+    build_timeout: Option<PositiveDuration>,
+    purge_cache: Option<bool>,
     drain_timeout: Option<HumanDuration>,
 }
 
@@ -228,10 +230,17 @@ pub struct DeploySettings {
     /// How long the old workers' requests, WebSockets and streams get
     /// after a switch (`None`: the platform's shutdown grace).
     pub drain_timeout: Option<Duration>,
+    /// Installs and builds (first start and deploys) are killed after it.
+    pub build_timeout: Duration,
+    /// A new generation starts with an empty cache (else it takes over the
+    /// old one's entries).
+    pub purge_cache: bool,
 }
 
 /// Previous versions kept when `deploy.keep_versions` is not set.
 pub const DEFAULT_KEEP_VERSIONS: usize = 3;
+/// `deploy.build_timeout` when not set.
+pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// `deploy.health_timeout` when not set.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -380,6 +389,8 @@ impl PlatformConfig {
                         .health_timeout
                         .map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0),
                     drain_timeout: deploy.drain_timeout.map(|d| d.0),
+                    build_timeout: deploy.build_timeout.map_or(DEFAULT_BUILD_TIMEOUT, |d| d.0),
+                    purge_cache: deploy.purge_cache.unwrap_or(true),
                 },
                 env: app.env.unwrap_or_default(),
                 user,

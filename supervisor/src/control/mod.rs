@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+pub mod single;
+
 use crate::cache::store::Selector;
 use crate::platform::{Command, CommandError, Upload};
 use crate::progress::Reporter;
@@ -35,15 +37,20 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// Largest upload (the compressed archive).
 pub const MAX_UPLOAD: u64 = 1024 * 1024 * 1024;
 
+/// Lines `logs` sends from the ring when the client does not say.
+pub const DEFAULT_LOG_LINES: u32 = 100;
+
 /// Longest wait for the next chunk of an upload.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds `path` and serves the control service on it until the task is
 /// aborted. A live socket at `path` (another supervisor on the same
-/// data_dir) is an error; a stale one is replaced.
+/// data_dir) is an error; a stale one is replaced. Uploads (deploys) go to
+/// `uploads`; without it, deploys are refused.
 pub fn serve(
     path: &Path,
     group: Option<&(String, u32)>,
+    uploads: Option<PathBuf>,
     commands: mpsc::Sender<Command>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use std::os::unix::fs::FileTypeExt;
@@ -72,15 +79,12 @@ pub fn serve(
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid))?;
     }
-    let uploads = path
-        .parent()
-        .map_or_else(|| PathBuf::from("uploads"), |d| d.join("uploads"));
-    {
+    if let Some(uploads) = &uploads {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&uploads)?;
+            .create(uploads)?;
     }
     let service = ControlService { commands, uploads };
     let incoming = futures_util::stream::unfold(listener, move |listener| async move {
@@ -140,7 +144,7 @@ fn allowed(stream: &UnixStream, group: Option<u32>) -> Result<(), String> {
 #[derive(Debug)]
 struct ControlService {
     commands: mpsc::Sender<Command>,
-    uploads: PathBuf,
+    uploads: Option<PathBuf>,
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
@@ -184,9 +188,14 @@ impl ControlService {
         first: pb::DeployChunk,
         mut chunks: Streaming<pb::DeployChunk>,
     ) -> Result<Upload, Status> {
+        let Some(uploads) = &self.uploads else {
+            return Err(Status::failed_precondition(
+                "deploys are multi-app mode's (`bext serve`)",
+            ));
+        };
         let file = tempfile::Builder::new()
             .prefix("upload-")
-            .tempfile_in(&self.uploads)
+            .tempfile_in(uploads)
             .map_err(|e| Status::internal(format!("could not store the upload: {e}")))?;
         let (std_file, path) = file.into_parts();
         let mut out = tokio::fs::File::from_std(std_file);
@@ -231,6 +240,51 @@ impl ControlService {
             bytes,
         })
     }
+}
+
+/// The app's last `lines` lines, then (with `follow`) new ones as they come.
+pub fn log_stream(
+    app: &str,
+    lines: u32,
+    follow: bool,
+) -> Pin<Box<dyn Stream<Item = Result<pb::LogLine, Status>> + Send>> {
+    use crate::logring::{self, Line};
+    use futures_util::StreamExt;
+    let ring = logring::for_app(app);
+    // Subscribed first: no line falls between the tail and the follow.
+    let live = follow.then(|| ring.follow());
+    let wanted = if lines == 0 { DEFAULT_LOG_LINES } else { lines };
+    let tail = ring.tail(usize::try_from(wanted).unwrap_or(usize::MAX));
+    let seen = tail.last().map_or(0, |l| l.seq);
+    let to_pb = |line: &Line| pb::LogLine {
+        time_ms: line.time_ms,
+        worker: line.worker,
+        pid: line.pid,
+        stream: line.stream.to_string(),
+        line: line.text.clone(),
+    };
+    let head = futures_util::stream::iter(tail.iter().map(|l| Ok(to_pb(l))).collect::<Vec<_>>());
+    let Some(live) = live else {
+        return Box::pin(head);
+    };
+    let rest = futures_util::stream::unfold(live, move |mut live| async move {
+        loop {
+            match live.recv().await {
+                Ok(line) if line.seq <= seen => {}
+                Ok(line) => return Some((Ok(to_pb(&line)), live)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                    let note = pb::LogLine {
+                        stream: "bext".to_string(),
+                        line: format!("… {skipped} lines skipped (this client fell behind)"),
+                        ..pb::LogLine::default()
+                    };
+                    return Some((Ok(note), live));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Box::pin(head.chain(rest))
 }
 
 #[tonic::async_trait]
@@ -382,11 +436,20 @@ impl Control for ControlService {
 
     async fn logs(
         &self,
-        _request: Request<pb::LogsRequest>,
+        request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(Status::unimplemented(
-            "this supervisor keeps no per-app log ring yet; read the app's lines in bext's own log (journalctl -u bext)",
-        ))
+        let request = request.into_inner();
+        let app = request.app;
+        self.ask(|reply| Command::Status {
+            apps: vec![app.clone()],
+            reply,
+        })
+        .await?;
+        Ok(Response::new(log_stream(
+            &app,
+            request.lines,
+            request.follow,
+        )))
     }
 
     async fn reload(

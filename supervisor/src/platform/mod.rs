@@ -23,6 +23,8 @@ mod deploy;
 pub mod leftovers;
 mod ops;
 
+pub use ops::workers_of;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -691,6 +693,7 @@ fn app_settings(
         config: app_config,
         default_workers: std::num::NonZeroU32::new(DEFAULT_PLATFORM_WORKERS).expect("non-zero"),
         force_build: false,
+        build_timeout: entry.deploy.build_timeout,
         hooks: Some(entry.hooks.clone()),
         rate_limit: entry.rate_limit_rpm,
         ipv6_prefix: entry.rate_limit_ipv6_prefix,

@@ -249,7 +249,15 @@ impl Platform {
             )));
             return;
         };
-        reporter.step("switch", format!("routing app '{name}' to {version}"));
+        let cache = if entry.deploy.purge_cache && op != Op::Restart {
+            "; its cache starts empty"
+        } else {
+            "; it keeps the cached pages"
+        };
+        reporter.step(
+            "switch",
+            format!("routing app '{name}' to {version}{cache}"),
+        );
         let old = self.apps.remove(&name);
         let pruned = if op == Op::Restart {
             Vec::new()
@@ -261,6 +269,10 @@ impl Platform {
         new.version.clone_from(&version);
         if let Some(old) = &old {
             new.inherit_limiter(old);
+            // A restart runs the same version: its pages stay good.
+            if !entry.deploy.purge_cache || op == Op::Restart {
+                new.adopt_cache(old);
+            }
             // Hashed assets of the versions still retained stay reachable.
             let retained = |id: &str| {
                 id != version
@@ -355,20 +367,7 @@ impl Platform {
                 pb::AppStatus {
                     name: entry.name.clone(),
                     framework: running.map(|a| a.framework.to_string()).unwrap_or_default(),
-                    workers: running
-                        .map(|a| {
-                            a.worker_status()
-                                .into_iter()
-                                .map(|w| pb::WorkerStatus {
-                                    index: u32::try_from(w.index).unwrap_or(u32::MAX),
-                                    pid: w.pid.unwrap_or(0),
-                                    state: w.state.to_string(),
-                                    inflight: u32::try_from(w.inflight).unwrap_or(u32::MAX),
-                                    rss_bytes: w.pid.and_then(crate::pool::rss_bytes).unwrap_or(0),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    workers: running.map(workers_of).unwrap_or_default(),
                     restarts: running.map_or(0, RunningApp::restarts),
                     version,
                     dir: dir.display().to_string(),
@@ -454,4 +453,18 @@ impl Platform {
             let _ = reply.send(Ok(purged));
         });
     }
+}
+
+/// An app's workers as `status` shows them.
+pub fn workers_of(app: &RunningApp) -> Vec<pb::WorkerStatus> {
+    app.worker_status()
+        .into_iter()
+        .map(|w| pb::WorkerStatus {
+            index: u32::try_from(w.index).unwrap_or(u32::MAX),
+            pid: w.pid.unwrap_or(0),
+            state: w.state.to_string(),
+            inflight: u32::try_from(w.inflight).unwrap_or(u32::MAX),
+            rss_bytes: w.pid.and_then(crate::pool::rss_bytes).unwrap_or(0),
+        })
+        .collect()
 }

@@ -37,12 +37,20 @@ use crate::output::{self, describe};
 #[derive(Debug)]
 pub struct PoolHandle {
     pub pool: Arc<Pool>,
+    /// Bumped to have every slot replace its worker (new one first).
+    recycle: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl PoolHandle {
+    /// Replaces every worker, each once its successor is ready (the old one
+    /// drains); a successor that fails leaves its slot's worker running.
+    pub fn recycle_all(&self) {
+        self.recycle.send_modify(|n| *n += 1);
+    }
+
     /// Waits until every slot has a ready worker, or as many launches as
     /// there are slots have failed (a crashing app should not hold up the
     /// listener: it gets 503s while restarts continue), or `timeout`.
@@ -118,21 +126,24 @@ pub fn start(config: PoolConfig) -> PoolHandle {
     let shutdown = CancellationToken::new();
     let kill = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let (recycle, recycle_rx) = tokio::sync::watch::channel(0);
     log_memory_mechanism(&config);
     for index in 0..config.workers {
         let slot = Slot {
+            recycle: recycle_rx.clone(),
             pool: Arc::clone(&pool),
             config: Arc::clone(&config),
             index,
             shutdown: shutdown.clone(),
             kill: kill.clone(),
             tasks: tasks.clone(),
-            generation: 0,
+            socket_seq: 0,
         };
         tasks.spawn(slot.run());
     }
     PoolHandle {
         pool,
+        recycle,
         shutdown,
         kill,
         tasks,
@@ -156,10 +167,8 @@ struct SocketFile {
 }
 
 impl SocketFile {
-    fn create(config: &PoolConfig, index: usize, generation: u64) -> std::io::Result<Self> {
-        let path = config
-            .runtime_dir
-            .join(format!("w{index}.{generation}.sock"));
+    fn create(config: &PoolConfig, index: usize, seq: u64) -> std::io::Result<Self> {
+        let path = config.runtime_dir.join(format!("w{index}.{seq}.sock"));
         // sun_path holds 108 bytes with its NUL: say so, rather than let a
         // runtime fail to bind with a vaguer error.
         if path.as_os_str().len() > 107 {
@@ -221,7 +230,12 @@ struct Slot {
     /// Cancelled when stopping may not wait for SIGTERM to work.
     kill: CancellationToken,
     tasks: TaskTracker,
-    generation: u64,
+    /// Changes when every worker is to be replaced.
+    recycle: tokio::sync::watch::Receiver<u64>,
+    /// Counts the sockets this slot has made (a recycled worker gets a
+    /// fresh one). Not a generation: that is a set of workers running one
+    /// version (`crate::platform`).
+    socket_seq: u64,
 }
 
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
@@ -230,7 +244,7 @@ impl Slot {
     async fn run(mut self) {
         let span = info_span!("slot", app = %self.config.app, w = self.index);
         async move {
-            let mut socket = match SocketFile::create(&self.config, self.index, self.generation) {
+            let mut socket = match SocketFile::create(&self.config, self.index, self.socket_seq) {
                 Ok(socket) => socket,
                 Err(e) => {
                     error!("could not create the worker socket: {e}");
@@ -336,6 +350,11 @@ impl Slot {
                             up_since = Instant::now();
                         }
                         _ = idle_sweep.tick() => instance.worker.upstream().close_idle(),
+                        Ok(()) = self.recycle.changed() => {
+                            info!(parent: &instance.span, "restart requested: replacing the worker (new one first)");
+                            instance = self.recycle(&mut socket, instance).await;
+                            up_since = Instant::now();
+                        }
                         _ = &mut stable, if !stable_seen => {
                             stable_seen = true;
                             self.pool.failures_in_a_row.store(0, Ordering::Relaxed);
@@ -398,8 +417,10 @@ impl Slot {
         let (ready_tx, ready_rx) = oneshot::channel();
         let _enter = span.enter();
         info!("worker starting: {}", self.config.plan.describe());
+        let index = self.index;
         if let Some(stdout) = child.stdout.take() {
             let mut ready_tx = Some(ready_tx);
+            let logs = crate::logring::for_app(&self.config.app);
             output::forward(stdout, move |line| {
                 if line.contains(&token) {
                     if let Some(tx) = ready_tx.take() {
@@ -407,14 +428,16 @@ impl Slot {
                     }
                 } else {
                     info!(target: "bext::app", stream = "stdout", "{line}");
+                    logs.push(index, pid, "stdout", line);
                 }
             });
         }
         if let Some(stderr) = child.stderr.take() {
-            output::forward(
-                stderr,
-                |line| info!(target: "bext::app", stream = "stderr", "{line}"),
-            );
+            let logs = crate::logring::for_app(&self.config.app);
+            output::forward(stderr, move |line| {
+                info!(target: "bext::app", stream = "stderr", "{line}");
+                logs.push(index, pid, "stderr", line);
+            });
         }
         drop(_enter);
         Ok(Instance {
@@ -460,8 +483,8 @@ impl Slot {
     /// and drains and stops `old` in the background. Keeps `old` if the
     /// replacement fails.
     async fn recycle(&mut self, socket: &mut SocketFile, old: Instance) -> Instance {
-        self.generation += 1;
-        let fresh = match SocketFile::create(&self.config, self.index, self.generation) {
+        self.socket_seq += 1;
+        let fresh = match SocketFile::create(&self.config, self.index, self.socket_seq) {
             Ok(fresh) => fresh,
             Err(e) => {
                 error!("could not create a socket for the replacement worker: {e}");
