@@ -125,7 +125,7 @@ mod tests {
         let tail = ring.tail(usize::MAX);
         assert_eq!(tail.len(), MAX_LINES);
         assert_eq!(tail.last().map(|l| l.text.as_str()), Some("line 1009"));
-        assert_eq!(ring.tail(2).first().map(|l| l.seq), Some(1010));
+        assert_eq!(ring.tail(2).first().map(|l| l.seq), Some(1009));
 
         let big = "x".repeat(300 * 1024);
         for _ in 0..5 {
