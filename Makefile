@@ -57,7 +57,7 @@ demo: build
 bench-deps:
 	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux valgrind
 
-BENCHES ?= proxy cache platform
+BENCHES ?= proxy cache platform deploy
 
 bench: build fixtures bench-deps
 	mkdir -p bench/results
@@ -69,7 +69,7 @@ bench: build fixtures bench-deps
 # Asserts nothing about speed (this machine is shared and noisy).
 bench-smoke: build fixtures bench-deps
 	for b in $(BENCHES); do \
-	  BENCH_DURATION=1s BENCH_CONNECTIONS=10 bash bench/$$b.sh >/dev/null || exit 1; \
+	  BENCH_DURATION=1s BENCH_CONNECTIONS=10 BENCH_SMOKE=1 bash bench/$$b.sh >/dev/null || exit 1; \
 	done
 
 clean:

@@ -86,10 +86,10 @@ pub struct DeployArgs {
     /// unless asked.
     #[arg(default_value = ".")]
     pub dir: PathBuf,
-    /// Upload `node_modules` directories too.
+    /// Upload the top-level `node_modules` too (the server then skips `npm ci`).
     #[arg(long)]
     pub include_node_modules: bool,
-    /// Upload `.next` build output too.
+    /// Upload the top-level `.next` build output too (a built Next.js app is not rebuilt).
     #[arg(long)]
     pub include_build: bool,
 }

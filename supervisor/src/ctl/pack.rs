@@ -4,7 +4,8 @@
 //!
 //! What goes in: what `.gitignore` and `.bextignore` let through (even
 //! outside a git repository), hidden files included, never `node_modules`,
-//! `.next` or `.git` unless asked. Paths are relative to the directory;
+//! `.next` or `.git`, except the top-level `node_modules` and `.next`
+//! when asked for (whole, whatever the ignore files say). Paths are relative to the directory;
 //! symlinks are stored as symlinks; sockets, pipes and devices are left
 //! out. Headers are deterministic (no owners or times, sorted walk), so the
 //! same tree packs to the same bytes and the server's digest means "same
@@ -84,7 +85,10 @@ pub fn pack(dir: &Path, options: &PackOptions) -> Result<Packed, PackError> {
             dir: dir.to_path_buf(),
         });
     }
-    let skip = skipped_names(options);
+    // `node_modules` and `.next` are left out of the walk that honours the
+    // ignore files (they nearly always list them); when asked for, the
+    // top-level ones are walked on their own, whole.
+    let skip = [".git", "node_modules", ".next"].map(OsStr::new);
     let mut walk = WalkBuilder::new(dir);
     walk.hidden(false)
         .require_git(false)
@@ -103,7 +107,22 @@ pub fn pack(dir: &Path, options: &PackOptions) -> Result<Packed, PackError> {
     let mut files = 0;
     let mut skipped = Vec::new();
     let mut warnings = Vec::new();
-    for entry in walk.build() {
+    let mut walks = vec![walk.build()];
+    for (name, wanted) in [
+        ("node_modules", options.include_node_modules),
+        (".next", options.include_build),
+    ] {
+        if wanted && dir.join(name).is_dir() {
+            walks.push(
+                WalkBuilder::new(dir.join(name))
+                    .standard_filters(false)
+                    .follow_links(false)
+                    .sort_by_file_name(OsStr::cmp)
+                    .build(),
+            );
+        }
+    }
+    for entry in walks.into_iter().flatten() {
         let entry = match entry {
             Ok(entry) => entry,
             Err(e) if e.is_io() => {
@@ -117,7 +136,7 @@ pub fn pack(dir: &Path, options: &PackOptions) -> Result<Packed, PackError> {
                 continue;
             }
         };
-        if entry.depth() == 0 {
+        if entry.depth() == 0 && entry.path() == dir {
             continue;
         }
         let Some(name) = archive_name(dir, entry.path()) else {
@@ -160,18 +179,6 @@ pub fn pack(dir: &Path, options: &PackOptions) -> Result<Packed, PackError> {
         skipped,
         warnings,
     })
-}
-
-/// Entry names never packed (at any depth) unless asked for.
-fn skipped_names(options: &PackOptions) -> Vec<&'static OsStr> {
-    let mut names = vec![OsStr::new(".git")];
-    if !options.include_node_modules {
-        names.push(OsStr::new("node_modules"));
-    }
-    if !options.include_build {
-        names.push(OsStr::new(".next"));
-    }
-    names
 }
 
 /// `path`'s name in the archive: relative to `dir`, plain components only
@@ -277,7 +284,8 @@ mod tests {
             fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
             fs::write(path, text).expect("write");
         };
-        write(".gitignore", "*.log\n/dist\n");
+        // As nearly every app's does, it lists node_modules and .next.
+        write(".gitignore", "*.log\n/dist\nnode_modules\n.next\n");
         write(".bextignore", "secrets.txt\n");
         write("package.json", "{}");
         write("server.js", "console.log('hi')");
@@ -288,7 +296,7 @@ mod tests {
         write("src/lib/trace.log", "ignored by .gitignore, nested");
         write(".env.example", "hidden, kept");
         write("node_modules/left-pad/index.js", "optional");
-        write("src/node_modules/x.js", "optional, at any depth");
+        write("src/node_modules/x.js", "never: only the top-level one is asked for");
         write(".next/BUILD_ID", "optional");
         write(".git/HEAD", "ignored, always");
         std::os::unix::fs::symlink("server.js", root.join("main.js")).expect("symlink");
@@ -371,13 +379,15 @@ mod tests {
             ..PackOptions::default()
         };
         let entries = unpack(&pack(dir.path(), &options).expect("packs"));
-        for name in [
-            "node_modules/left-pad/index.js",
-            "src/node_modules/x.js",
-            ".next/BUILD_ID",
-        ] {
+        for name in ["node_modules/left-pad/index.js", ".next/BUILD_ID"] {
             assert!(entries.contains_key(name), "{name} missing");
         }
+        assert!(!entries.contains_key("src/node_modules/x.js"));
+        assert_eq!(
+            entries.keys().filter(|n| n.starts_with("node_modules")).count(),
+            3,
+            "node_modules, left-pad and its file, each once: {entries:?}"
+        );
         assert!(
             !entries
                 .keys()

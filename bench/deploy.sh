@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Deploys, measured (issue #12): `bextctl deploy` of the Express fixture and
+# of the Next.js fixture to a running `bext serve`, with the wall time of
+# each step as bextctl reports it; then what a switch costs the clients:
+# wrk against the app in steady state, and wrk while `bextctl rollback`
+# starts a new generation, health-gates it, switches and drains the old
+# one (no build, so the window holds only the switch). Reported: p99 and
+# the longest request (the longest gap a client saw) in both windows, and
+# failed requests.
+#
+# Usage: bench/deploy.sh     (BENCH_DURATION=10s by default)
+# BENCH_SMOKE=1 (make bench-smoke): the Express fixture only, uploaded
+# with its node_modules (no npm ci, no network).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need wrk taskset python3 curl
+
+EXPRESS="$ROOT/tests/fixtures/express"
+NEXT="$ROOT/tests/fixtures/next"
+BEXTCTL="$ROOT/target/release/bextctl"
+SMOKE="${BENCH_SMOKE:-}"
+[[ -d "$EXPRESS/node_modules" && -f "$NEXT/.next/BUILD_ID" ]] || { echo "bench: run tests/fixtures/setup.sh first" >&2; exit 1; }
+
+cat >"$WORK/platform.toml" <<TOML
+[platform]
+data_dir = "$WORK/data"
+shutdown_grace = "10s"
+
+[apps.api]
+source = "$EXPRESS"
+domains = ["api.test"]
+[apps.api.deploy]
+health_path = "/"
+
+[apps.web]
+source = "$NEXT"
+domains = ["web.test"]
+[apps.web.deploy]
+health_path = "/"
+TOML
+
+BEXT_THREADS=1 BEXT_LOG_FORMAT=json \
+  taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" serve --config "$WORK/platform.toml" --listen 127.0.0.1:0 \
+  2>"$WORK/bext.log" >/dev/null &
+PIDS+=($!)
+wait_until 300 grep -q '"apps started' "$WORK/bext.log"
+ADDR="$(grep -m1 '"listening on' "$WORK/bext.log" | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
+ctl() { "$BEXTCTL" --socket "$WORK/data/control.sock" "$@"; }
+
+# deploy_steps APP DIR [ARGS]: deploys DIR; prints "step=seconds ..." and
+# the total, from bextctl's plain progress lines ("[step] done (1.2s)").
+deploy_steps() {
+  local app="$1" dir="$2" started ended
+  shift 2
+  started="$(date +%s.%N)"
+  ctl deploy "$app" "$dir" "$@" 2>"$WORK/deploy-$app.log" >/dev/null || {
+    echo "bench: the deploy of $app failed:" >&2; cat "$WORK/deploy-$app.log" >&2; exit 1; }
+  ended="$(date +%s.%N)"
+  python3 - "$WORK/deploy-$app.log" "$started" "$ended" <<'PY'
+import re, sys
+steps = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"\[(\w+)\] done \(([\d.]+)s\)", line.strip())
+    if m:
+        steps[m.group(1)] = steps.get(m.group(1), 0.0) + float(m.group(2))
+total = float(sys.argv[3]) - float(sys.argv[2])
+print(" ".join(f"{k}={v:.1f}" for k, v in steps.items()) + f"|{total:.1f}")
+PY
+}
+
+# latency NAME HOST [during CMD...]: one wrk run against HOST's `/` (with
+# CMD started 1/4 into it); prints "NAME|req/s|p99|max|errors".
+latency() {
+  local name="$1" host="$2" out secs
+  shift 2
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s -H "Host: $host" "http://$ADDR/" >/dev/null 2>&1 || true
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Host: $host" "http://$ADDR/" >"$WORK/wrk.out" &
+  local wrk=$!
+  if [[ "${1:-}" == during ]]; then
+    shift
+    secs="$(python3 -c "print(max(0.2, float('${DURATION%s}') / 4))")"
+    sleep "$secs"
+    "$@" >/dev/null 2>"$WORK/during.log" || { echo "bench: $* failed:" >&2; cat "$WORK/during.log" >&2; }
+  fi
+  wait "$wrk"
+  out="$(cat "$WORK/wrk.out")"
+  local rps p99 max errors
+  rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+  p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
+  max="$(awk '$1=="Latency" {print $4}' <<<"$out")"
+  errors="$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")"
+  echo "$name|$rps|$p99|$max|${errors:-none}"
+}
+
+steps=()
+switches=()
+apps=(api)
+[[ -z "$SMOKE" ]] && apps+=(web)
+for app in "${apps[@]}"; do
+  case "$app" in
+    api) dir="$EXPRESS"; host=api.test ;;
+    web) dir="$NEXT"; host=web.test ;;
+  esac
+  curl -sf -H "Host: $host" "http://$ADDR/" >/dev/null
+  if [[ -n "$SMOKE" ]]; then
+    steps+=("$app (with node_modules)|$(deploy_steps "$app" "$dir" --include-node-modules)")
+  else
+    steps+=("$app|$(deploy_steps "$app" "$dir")")
+  fi
+  switches+=("$(latency "$app steady" "$host")")
+  switches+=("$(latency "$app during a rollback" "$host" during ctl rollback "$app")")
+done
+
+echo "## Deploys: time by step, and what a switch costs clients ($(date -u +%Y-%m-%d))"
+echo
+machine_info
+echo "- apps: the Express and Next.js fixtures under \`bext serve\` (1 worker each, \`deploy.health_path = \"/\"\`); \`bextctl deploy\` uploads the fixture (without \`node_modules\` and \`.next\`: the deploy runs \`npm ci\` and, for Next, \`next build\`)"
+echo "- switch: wrk on \`GET /\` for $DURATION, steady, then again with \`bextctl rollback\` started a quarter in (new generation, health gate, switch, drain; no build)"
+echo "- command: \`BENCH_DURATION=$DURATION bench/deploy.sh\`"
+echo
+echo "| deploy | steps (s) | total (s) |"
+echo "|---|---|---:|"
+for s in "${steps[@]}"; do
+  IFS='|' read -r n st total <<<"$s"
+  echo "| $n | $st | $total |"
+done
+echo
+echo "| run | req/s | p99 | longest request | errors |"
+echo "|---|---:|---:|---:|---|"
+for s in "${switches[@]}"; do
+  IFS='|' read -r n rps p99 max errors <<<"$s"
+  echo "| $n | $rps | $p99 | $max | $errors |"
+done
