@@ -492,8 +492,23 @@ impl RunningApp {
     /// Waits for its requests, streams and tunnels (already unrouted) up to
     /// `grace`, then stops its workers.
     pub async fn stop(self, grace: Duration, kill: &CancellationToken) {
+        self.drain_and_stop(grace, kill, kill).await;
+    }
+
+    /// [`Self::stop`], which stops waiting for requests when `hurry` is
+    /// cancelled (its workers still get SIGTERM first, unless `kill` is).
+    pub async fn drain_and_stop(
+        self,
+        grace: Duration,
+        hurry: &CancellationToken,
+        kill: &CancellationToken,
+    ) {
         let deadline = tokio::time::Instant::now() + grace;
-        while self.busy() > 0 && tokio::time::Instant::now() < deadline && !kill.is_cancelled() {
+        while self.busy() > 0
+            && tokio::time::Instant::now() < deadline
+            && !hurry.is_cancelled()
+            && !kill.is_cancelled()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if self.busy() > 0 {

@@ -111,18 +111,29 @@ impl AppService {
         req: Request<Incoming>,
         client: ClientInfo,
     ) -> (Response<Body>, Option<usize>) {
-        // Static files: answered from disk without a worker hop; a
-        // content-hashed asset the active version lacks comes from a
-        // retained version (a browser holding the old build's HTML).
-        let outcome = self.statics.serve(&req);
-        if !matches!(&outcome, Outcome::Response(r) if r.status() != StatusCode::NOT_FOUND)
-            && let Some(response) = self.older_statics.iter().find_map(|s| s.serve_hashed(&req))
-        {
+        // Static files: answered from disk without a worker hop.
+        if let Outcome::Response(response) = self.statics.serve(&req) {
+            if response.status() == StatusCode::NOT_FOUND
+                && let Some(older) = self.older_asset(&req)
+            {
+                return (older, None);
+            }
             return (response, None);
         }
-        if let Outcome::Response(response) = outcome {
-            return (response, None);
-        }
+        // A content-hashed asset the active version answers 404 for may be
+        // a retained version's (a browser holding the old build's HTML).
+        let probe = (!self.older_statics.is_empty()
+            && self
+                .older_statics
+                .iter()
+                .any(|s| s.may_have_hashed(req.uri().path())))
+        .then(|| {
+            let mut probe = Request::new(());
+            *probe.method_mut() = req.method().clone();
+            *probe.uri_mut() = req.uri().clone();
+            *probe.headers_mut() = req.headers().clone();
+            probe
+        });
         let Some(proxy) = &self.proxy else {
             return (statics::plain(StatusCode::NOT_FOUND, "not found\n"), None);
         };
@@ -136,7 +147,18 @@ impl AppService {
         // Purge tags and Surrogate-Control are for bext, never for clients:
         // this is the one place every answer from the app passes.
         respond::strip_internal_headers(response.headers_mut());
+        if response.status() == StatusCode::NOT_FOUND
+            && let Some(probe) = probe
+            && let Some(older) = self.older_asset(&probe)
+        {
+            return (older, None);
+        }
         (response, fill.served_by())
+    }
+
+    /// A retained version's copy of the hashed asset `req` names.
+    fn older_asset<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
+        self.older_statics.iter().find_map(|s| s.serve_hashed(req))
     }
 
     /// Requests of this app still being answered.

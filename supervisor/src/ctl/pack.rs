@@ -296,7 +296,10 @@ mod tests {
         write("src/lib/trace.log", "ignored by .gitignore, nested");
         write(".env.example", "hidden, kept");
         write("node_modules/left-pad/index.js", "optional");
-        write("src/node_modules/x.js", "never: only the top-level one is asked for");
+        write(
+            "src/node_modules/x.js",
+            "never: only the top-level one is asked for",
+        );
         write(".next/BUILD_ID", "optional");
         write(".git/HEAD", "ignored, always");
         std::os::unix::fs::symlink("server.js", root.join("main.js")).expect("symlink");
@@ -384,7 +387,10 @@ mod tests {
         }
         assert!(!entries.contains_key("src/node_modules/x.js"));
         assert_eq!(
-            entries.keys().filter(|n| n.starts_with("node_modules")).count(),
+            entries
+                .keys()
+                .filter(|n| n.starts_with("node_modules"))
+                .count(),
             3,
             "node_modules, left-pad and its file, each once: {entries:?}"
         );

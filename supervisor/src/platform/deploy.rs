@@ -25,15 +25,42 @@ pub(super) const MAX_UNPACKED: u64 = 8 * 1024 * 1024 * 1024;
 /// Most entries (files, directories, links) in one upload.
 pub(super) const MAX_ENTRIES: u64 = 1_000_000;
 
+/// `data_dir/apps/NAME` and what is in it, each with its own mode: an app
+/// of its own user passes through `apps/NAME/versions/` (0711) to its own
+/// version directory (0700, its user's); `logs/` and `staging/` are
+/// bext's alone (0700).
+pub(super) fn app_dirs(app_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let apps = app_dir.parent().ok_or("an app directory has a parent")?;
+    for (dir, mode) in [
+        (apps.to_path_buf(), 0o711),
+        (app_dir.to_path_buf(), 0o711),
+        (app_dir.join("versions"), 0o711),
+        (app_dir.join("logs"), 0o700),
+        (app_dir.join(STAGING), 0o700),
+    ] {
+        match std::fs::DirBuilder::new().mode(mode).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("could not create {}: {e}", dir.display())),
+        }
+        let meta = std::fs::symlink_metadata(&dir)
+            .map_err(|e| format!("could not read {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("could not set the mode of {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Where a version is unpacked before it is moved into `versions/`: no
+/// one but bext can reach it while it is being handed to the app's user.
+const STAGING: &str = "staging";
+
 /// The version's build log: every step and line of output goes there too.
 pub(super) fn open_log(reporter: &Reporter, log: &Path) -> Result<(), String> {
-    if let Some(dir) = log.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
-    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -58,15 +85,9 @@ pub(super) async fn unpack(
     );
     let dir = dir.to_path_buf();
     let owner = user.map(|u| (u.uid, u.gid));
-    let unpacked = tokio::task::spawn_blocking(move || {
-        let result = unpack_blocking(&upload.file, &dir, owner);
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        result
-    })
-    .await
-    .map_err(|e| format!("the unpacking task failed: {e}"))??;
+    let unpacked = tokio::task::spawn_blocking(move || unpack_blocking(&upload.file, &dir, owner))
+        .await
+        .map_err(|e| format!("the unpacking task failed: {e}"))??;
     reporter.step(
         "unpack",
         format!("{} files, {:.1} MB", unpacked.0, unpacked.1 as f64 / 1e6),
@@ -81,18 +102,37 @@ fn unpack_blocking(
     owner: Option<(u32, u32)>,
 ) -> Result<(u64, u64), String> {
     let versions = dir.parent().ok_or("a version directory has a parent")?;
-    // Apps of their own user must be able to reach their version.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(versions)
-        .map_err(|e| format!("could not create {}: {e}", versions.display()))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| format!("could not clear {}: {e}", dir.display()))?;
+    let id = dir.file_name().ok_or("a version directory has a name")?;
+    let app_dir = versions.parent().ok_or("versions/ has a parent")?;
+    // Unpacked and handed over where the app's user cannot reach (no race
+    // with its running workers), then moved into place.
+    let staged = app_dir.join(STAGING).join(id);
+    for leftover in [&staged, &dir.to_path_buf()] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)
+                .map_err(|e| format!("could not clear {}: {e}", leftover.display()))?;
+        }
     }
+    let result = unpack_into(archive, &staged, owner).and_then(|counts| {
+        std::fs::rename(&staged, dir)
+            .map_err(|e| format!("could not move the version into {}: {e}", dir.display()))?;
+        Ok(counts)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+/// Unpacks `archive` into the new directory `dir` (0700), owned by
+/// `owner` when given.
+fn unpack_into(
+    archive: &Path,
+    dir: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<(u64, u64), String> {
     std::fs::DirBuilder::new()
-        .mode(0o755)
+        .mode(0o700)
         .create(dir)
         .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
     let file =
@@ -123,7 +163,9 @@ fn unpack_blocking(
             }
         }
         files += 1;
-        bytes = bytes.saturating_add(entry.header().size().unwrap_or(0));
+        // The entry's size as read (a pax header may set it, not only the
+        // ustar field).
+        bytes = bytes.saturating_add(entry.size());
         if files > MAX_ENTRIES || bytes > MAX_UNPACKED {
             return Err(format!(
                 "the upload unpacks to more than {MAX_ENTRIES} entries or {} GB",
@@ -150,7 +192,8 @@ fn unpack_blocking(
     Ok((files, bytes))
 }
 
-/// `lchown -R`: symlinks themselves, never what they point to.
+/// `lchown -R`: symlinks themselves, never what they point to. Only on a
+/// tree no one else can reach (see [`STAGING`]).
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
     for entry in std::fs::read_dir(dir)? {
@@ -251,6 +294,8 @@ pub(super) struct Tail {
     /// The generation it replaced.
     pub(super) old: Option<RunningApp>,
     pub(super) drain: Duration,
+    /// Cancelled at shutdown: the drain and the hook are cut short.
+    pub(super) hurry: CancellationToken,
     pub(super) kill: CancellationToken,
     pub(super) hook: Option<Hook>,
     pub(super) pruned: Vec<String>,
@@ -277,13 +322,23 @@ pub(super) async fn finish(tail: Tail) {
                         humantime::format_duration(tail.drain)
                     ),
                 );
-                old.stop(tail.drain, &tail.kill).await;
+                old.drain_and_stop(tail.drain, &tail.hurry, &tail.kill)
+                    .await;
             }
-            if let Some(hook) = tail.hook
-                && let Err(e) = hook.await
-            {
-                warn!("{e}");
-                notes.push(e.to_string());
+            if let Some(hook) = tail.hook {
+                // A shutdown drops the hook (its process group is killed).
+                let ran = tokio::select! {
+                    ran = hook => Some(ran),
+                    () = tail.hurry.cancelled() => None,
+                };
+                match ran {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        warn!("{e}");
+                        notes.push(e.to_string());
+                    }
+                    None => notes.push("post_deploy was cut short by a shutdown".to_string()),
+                }
             }
             if !tail.dirs.is_empty() {
                 reporter.step("prune", format!("removing {}", tail.pruned.join(", ")));

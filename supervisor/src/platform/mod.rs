@@ -48,7 +48,7 @@ use crate::run::RunError;
 use crate::serve::PlatformService;
 use bext_proto::control::v1 as pb;
 
-pub use state::{SOURCE_VERSION, State};
+pub use state::{SOURCE_VERSION, State, VersionState};
 
 /// Commands the control socket may queue before it waits.
 pub const COMMAND_QUEUE: usize = 64;
@@ -133,7 +133,11 @@ enum Effect {
         result: Result<RunningApp, String>,
     },
     /// The tail of an operation (drain, post_deploy, prune) is over.
-    Finished { name: String },
+    Finished {
+        name: String,
+        /// The version of the generation that drained.
+        drained: Option<String>,
+    },
 }
 
 /// The platform's state and its owner loop.
@@ -148,6 +152,15 @@ pub struct Platform {
     shutdown: Shutdown,
     /// Apps with an operation under way, and what it is.
     busy: BTreeMap<String, &'static str>,
+    /// Versions whose generation still drains after a switch, per app
+    /// (never pruned meanwhile).
+    draining: BTreeMap<String, Vec<String>>,
+    /// Apps whose new settings a reload skipped (an operation was under
+    /// way): applied when it is over.
+    stale: std::collections::BTreeSet<String>,
+    /// The old generations' drains, `post_deploy` and pruning: waited for
+    /// at shutdown.
+    tails: tokio_util::task::TaskTracker,
     /// Why configured apps are not running.
     not_running: BTreeMap<String, String>,
     effects: FuturesUnordered<BoxFuture<'static, Effect>>,
@@ -206,6 +219,9 @@ impl Platform {
             metrics,
             shutdown,
             busy: BTreeMap::new(),
+            draining: BTreeMap::new(),
+            stale: std::collections::BTreeSet::new(),
+            tails: tokio_util::task::TaskTracker::new(),
             not_running: BTreeMap::new(),
             effects: FuturesUnordered::new(),
             reloading: false,
@@ -263,7 +279,9 @@ impl Platform {
             let kill = kill.clone();
             async move { app.stop(Duration::ZERO, &kill).await }
         });
-        futures_util::future::join_all(stops).await;
+        // Generations still draining stop too (their drain is cut short).
+        self.tails.close();
+        futures_util::future::join(futures_util::future::join_all(stops), self.tails.wait()).await;
     }
 
     /// Routes what runs now.
@@ -336,6 +354,7 @@ impl Platform {
                 match result {
                     Ok(mut app) => {
                         app.version = self.active_version(&name);
+                        app.set_older_statics(self.older_statics(&name));
                         self.not_running.remove(&name);
                         if self.configured(&name).is_some() {
                             self.apps.insert(name.clone(), app);
@@ -379,8 +398,16 @@ impl Platform {
                 reporter,
                 result,
             } => self.replaced(name, op, version, reporter, result),
-            Effect::Finished { name } => {
-                self.busy.remove(&name);
+            Effect::Finished { name, drained } => {
+                if let (Some(version), Some(list)) = (drained, self.draining.get_mut(&name)) {
+                    if let Some(i) = list.iter().position(|v| *v == version) {
+                        list.remove(i);
+                    }
+                    if list.is_empty() {
+                        self.draining.remove(&name);
+                    }
+                }
+                self.announce();
             }
         }
     }
@@ -407,7 +434,12 @@ impl Platform {
 
     /// READY=1 after a reload, or a new STATUS= line.
     pub(super) fn announce(&self) {
-        if self.announced {
+        if !self.announced {
+            return;
+        }
+        if self.reloading {
+            crate::notify::status(&self.summary());
+        } else {
             crate::notify::ready(&self.summary());
         }
     }
@@ -483,7 +515,10 @@ impl Platform {
         let mut to_start = BTreeMap::new();
         for (name, settings) in wanted {
             if let Some(op) = self.busy.get(&name) {
-                info!(app = %name, "reload: {op} under way; the app's new settings apply at the next reload");
+                if self.apps.get(&name).is_some_and(|a| a.settings != settings) {
+                    info!(app = %name, "reload: {op} under way; the app's new settings apply when it is over");
+                    self.stale.insert(name);
+                }
                 continue;
             }
             match self.apps.get(&name) {
@@ -575,6 +610,7 @@ impl Platform {
                 (Some(_), Some(Ok(mut replacement))) => {
                     replacement.inherit_limiter(&running);
                     replacement.version = self.active_version(&name);
+                    replacement.set_older_statics(self.older_statics(&name));
                     changes.push(format!("{name} restarted"));
                     retired.push(running);
                     self.apps.insert(name, replacement);
@@ -601,6 +637,7 @@ impl Platform {
             match result {
                 Ok(mut app) if wanted.contains_key(&name) => {
                     app.version = self.active_version(&name);
+                    app.set_older_statics(self.older_statics(&name));
                     changes.push(format!("{name} added"));
                     self.not_running.remove(&name);
                     fresh.push(name.clone());
@@ -721,6 +758,31 @@ pub fn recover(data_dir: &Path) -> Result<State, RunError> {
     }
     let names: Vec<String> = state.apps.keys().cloned().collect();
     let mut changed = !interrupted.is_empty();
+    // Files a crash kept from being removed: those of pruned and failed
+    // versions, and half-unpacked ones.
+    for name in &names {
+        let gone: Vec<_> = state
+            .app(name)
+            .map(|a| {
+                a.versions
+                    .iter()
+                    .filter(|v| matches!(v.state, VersionState::Pruned | VersionState::Failed))
+                    .map(|v| state.version_dir(name, &v.id))
+                    .filter(|dir| dir.exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for dir in gone {
+            info!(app = %name, dir = %dir.display(), "removing the files of a pruned or failed version");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let staging = state.app_dir(name).join("staging");
+        if let Ok(entries) = std::fs::read_dir(&staging) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     for name in names {
         let Some(active) = state.app(&name).and_then(|a| a.active.clone()) else {
             continue;

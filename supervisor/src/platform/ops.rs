@@ -15,6 +15,7 @@ use super::{CommandError, Effect, Platform, SOURCE_VERSION, Upload, app_settings
 use crate::apps::RunningApp;
 use crate::cache::store::Selector;
 use crate::progress::Reporter;
+use crate::statics::StaticFiles;
 use bext_proto::control::v1 as pb;
 
 /// What makes a new generation.
@@ -87,6 +88,11 @@ impl Platform {
             let result = reporter
                 .clone()
                 .scope(async move {
+                    let app_dir = log
+                        .parent()
+                        .and_then(std::path::Path::parent)
+                        .ok_or("a build log is in an app's directory")?;
+                    deploy::app_dirs(app_dir)?;
                     deploy::open_log(&reporter, &log)?;
                     deploy::unpack(&reporter, upload, &dir, user.as_ref()).await?;
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
@@ -237,16 +243,25 @@ impl Platform {
                     "{} of app '{name}' failed: {reason}",
                     op.as_str()
                 )));
+                self.after_operation(&name);
                 return;
             }
         };
         let Some(entry) = self.configured(&name).cloned() else {
             // Removed from the platform file meanwhile.
             self.busy.remove(&name);
+            if op == Op::Deploy {
+                self.state.app_mut(&name).fail(
+                    &version,
+                    "the app was removed from the platform file".to_string(),
+                );
+                let _ = self.save_state();
+            }
             self.retire(new, Duration::ZERO);
             reporter.finish(Err(format!(
                 "app '{name}' was removed from the platform file"
             )));
+            self.after_operation(&name);
             return;
         };
         let cache = if entry.deploy.purge_cache && op != Op::Restart {
@@ -259,12 +274,24 @@ impl Platform {
             format!("routing app '{name}' to {version}{cache}"),
         );
         let old = self.apps.remove(&name);
+        // The old generation's version may not be pruned while it drains.
+        let draining = old
+            .as_ref()
+            .map(|o| o.version.clone())
+            .filter(|v| !v.is_empty() && *v != version);
+        if let Some(v) = &draining {
+            self.draining
+                .entry(name.clone())
+                .or_default()
+                .push(v.clone());
+        }
         let pruned = if op == Op::Restart {
             Vec::new()
         } else {
+            let protect = self.draining.get(&name).cloned().unwrap_or_default();
             let app = self.state.app_mut(&name);
             app.activate(&version);
-            app.prune(entry.deploy.keep_versions)
+            app.prune(entry.deploy.keep_versions, &protect)
         };
         new.version.clone_from(&version);
         if let Some(old) = &old {
@@ -273,30 +300,17 @@ impl Platform {
             if !entry.deploy.purge_cache || op == Op::Restart {
                 new.adopt_cache(old);
             }
-            // Hashed assets of the versions still retained stay reachable.
-            let retained = |id: &str| {
-                id != version
-                    && (id == SOURCE_VERSION
-                        || self
-                            .state
-                            .app(&name)
-                            .and_then(|a| a.version(id))
-                            .is_some_and(|v| v.state == VersionState::Retained))
-            };
-            let mut older: Vec<_> = old
-                .statics_by_version()
-                .into_iter()
-                .filter(|(id, _)| retained(id))
-                .collect();
-            older.dedup_by(|a, b| a.0 == b.0);
-            older.truncate(entry.deploy.keep_versions);
-            new.set_older_statics(older);
         }
+        // Hashed assets of the versions still retained stay reachable.
+        new.set_older_statics(self.older_statics(&name));
         self.apps.insert(name.clone(), new);
         self.not_running.remove(&name);
         let saved = self.save_state();
         self.publish();
         info!(app = %name, %version, "{}: {version} is live", op.as_str());
+        // The app takes operations again (a rollback right after a deploy
+        // must not wait for the old generation's drain).
+        self.busy.remove(&name);
         self.announce();
         let drain = entry
             .deploy
@@ -305,29 +319,80 @@ impl Platform {
         let dirs: Vec<_> = pruned
             .iter()
             .map(|id| self.state.version_dir(&name, id))
+            .filter(|dir| dir.exists())
+            .collect();
+        let pruned: Vec<_> = pruned
+            .into_iter()
+            .filter(|id| self.state.version_dir(&name, id).exists())
             .collect();
         let hook = self
             .apps
             .get(&name)
             .and_then(RunningApp::post_deploy_hook)
             .map(|h| Box::pin(h) as _);
-        let kill = self.shutdown.immediate.clone();
-        let live = format!("{version} of app '{name}' is live");
+        let tail = deploy::Tail {
+            reporter,
+            old,
+            drain,
+            hurry: self.shutdown.graceful.clone(),
+            kill: self.shutdown.immediate.clone(),
+            hook,
+            pruned,
+            dirs,
+            saved,
+            live: format!("{version} of app '{name}' is live"),
+        };
+        // Tracked, so a shutdown waits for the old generation to stop.
+        let running = self.tails.spawn(deploy::finish(tail));
+        self.after_operation(&name);
         self.spawn_effect(async move {
-            deploy::finish(deploy::Tail {
-                reporter,
-                old,
-                drain,
-                kill,
-                hook,
-                pruned,
-                dirs,
-                saved,
-                live,
-            })
-            .await;
-            Effect::Finished { name }
+            let _ = running.await;
+            Effect::Finished {
+                name,
+                drained: draining,
+            }
         });
+    }
+
+    /// Static files of `name`'s retained versions (newest first, at most
+    /// `keep_versions`), whose hashed assets its active version serves.
+    pub(super) fn older_statics(&self, name: &str) -> Vec<(String, Arc<StaticFiles>)> {
+        let Some(entry) = self.configured(name) else {
+            return Vec::new();
+        };
+        let Some(app) = self.state.app(name) else {
+            return Vec::new();
+        };
+        let mut retained: Vec<(String, std::path::PathBuf)> = app
+            .versions
+            .iter()
+            .rev()
+            .filter(|v| v.state == VersionState::Retained)
+            .map(|v| (v.id.clone(), self.state.version_dir(name, &v.id)))
+            .collect();
+        if app.active.is_some() {
+            retained.push((SOURCE_VERSION.to_string(), entry.source.clone()));
+        }
+        retained.truncate(entry.deploy.keep_versions);
+        retained
+            .into_iter()
+            .filter_map(|(id, dir)| {
+                let settings = app_settings(&self.config, entry, dir).ok()?;
+                let detected = crate::app::detect(&settings.dir, &settings.config).ok()?;
+                let files =
+                    StaticFiles::open(&detected.mounts(), Some(detected.dir.as_path())).ok()?;
+                Some((id, Arc::new(files)))
+            })
+            .collect()
+    }
+
+    /// An operation on `name` is over: settings a reload skipped while it
+    /// ran are applied now.
+    pub(super) fn after_operation(&mut self, name: &str) {
+        if self.stale.remove(name) {
+            info!(app = %name, "applying the platform file's new settings, skipped during the operation");
+            self.reload(None);
+        }
     }
 
     pub(super) fn status(&self, names: &[String]) -> Result<Vec<pb::AppStatus>, CommandError> {

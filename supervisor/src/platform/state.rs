@@ -268,17 +268,21 @@ impl AppState {
     }
 
     /// Versions beyond the newest `keep` retained ones, which `keep_versions`
-    /// removes (never the active one, nor the one a rollback would pick),
+    /// removes (never the active one, the one a rollback would pick, nor
+    /// those in `protect`: generations still draining),
     /// and failed versions whose files are still there: marked pruned (or
     /// left failed), and returned so their files can go.
-    pub fn prune(&mut self, keep: usize) -> Vec<String> {
+    pub fn prune(&mut self, keep: usize, protect: &[String]) -> Vec<String> {
         let previous = self.previous();
         let mut kept = 0;
         let mut gone = Vec::new();
         for version in self.versions.iter_mut().rev() {
             match version.state {
                 VersionState::Retained => {
-                    if kept < keep || previous.as_deref() == Some(version.id.as_str()) {
+                    if kept < keep
+                        || previous.as_deref() == Some(version.id.as_str())
+                        || protect.contains(&version.id)
+                    {
                         kept += 1;
                     } else {
                         version.state = VersionState::Pruned;
@@ -327,7 +331,7 @@ mod tests {
         let mut app = AppState::default();
         let ids = deployed(&mut app, 5);
         assert_eq!(ids, ["v1", "v2", "v3", "v4", "v5"]);
-        let gone = app.prune(2);
+        let gone = app.prune(2, &[]);
         assert_eq!(gone, ["v2", "v1"]);
         let states: Vec<_> = app.versions.iter().map(|v| v.state.as_str()).collect();
         assert_eq!(
@@ -343,9 +347,20 @@ mod tests {
         deployed(&mut app, 3);
         // Rolled back to v1: v2 and v3 are newer, v1 active, previous is source.
         app.activate("v1");
-        let gone = app.prune(1);
+        let gone = app.prune(1, &[]);
         assert_eq!(gone, ["v2"], "v3 is the newest retained");
         assert_eq!(app.previous().as_deref(), Some(SOURCE_VERSION));
+    }
+
+    #[test]
+    fn a_draining_version_is_not_pruned() {
+        let mut app = AppState::default();
+        deployed(&mut app, 4);
+        assert_eq!(app.prune(1, &["v2".to_string()]), ["v1"]);
+        assert_eq!(
+            app.version("v2").map(|v| v.state),
+            Some(VersionState::Retained)
+        );
     }
 
     #[test]
@@ -354,7 +369,7 @@ mod tests {
         deployed(&mut app, 1);
         let bad = app.begin("x".into(), 9);
         app.fail(&bad, "build failed".into());
-        assert_eq!(app.prune(5), std::slice::from_ref(&bad));
+        assert_eq!(app.prune(5, &[]), std::slice::from_ref(&bad));
         assert_eq!(
             app.version(&bad).map(|v| v.state),
             Some(VersionState::Failed)

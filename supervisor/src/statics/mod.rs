@@ -181,6 +181,23 @@ impl StaticFiles {
         }
     }
 
+    /// Whether `raw_path` could name a hashed asset of these mounts (a
+    /// cheap test before [`Self::serve_hashed`]).
+    pub fn may_have_hashed(&self, raw_path: &str) -> bool {
+        let last = raw_path.rsplit('/').next().unwrap_or("");
+        looks_hashed(last.as_bytes())
+            || self.mounts.iter().any(|m| {
+                m.immutable && {
+                    let mut segments = raw_path.split('/').filter(|s| !s.is_empty());
+                    m.prefix.iter().all(|p| {
+                        segments
+                            .next()
+                            .is_some_and(|s| s.as_bytes() == p.as_slice())
+                    })
+                }
+            })
+    }
+
     /// Serves `req` only if it names a content-hashed file these mounts
     /// have: one under an immutable mount (`/_next/static`), or whose name
     /// carries a hash (`app.3f9a1c2b.js`, `index-BQ3nUq1z.css`). For an
@@ -236,8 +253,9 @@ impl StaticFiles {
 }
 
 /// A file name with a build hash in it: a part between dots or dashes,
-/// before the extension, of 8 to 64 letters, digits or `_`, at least one a
-/// digit (`main.3f9a1c2b.js`, `index-BQ3nUq1z.js`, `chunk.5d41402abc4b2a76.css`).
+/// before the extension, of 8 to 64 letters, digits or `_`, with both
+/// letters and digits (`main.3f9a1c2b.js`, `index-BQ3nUq1z.js`,
+/// `chunk.5d41402abc4b2a76.css`; not `report-20240115.pdf`).
 pub fn looks_hashed(name: &[u8]) -> bool {
     let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
         return false;
@@ -249,6 +267,7 @@ pub fn looks_hashed(name: &[u8]) -> bool {
             (8..=64).contains(&part.len())
                 && part.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
                 && part.iter().any(u8::is_ascii_digit)
+                && part.iter().any(u8::is_ascii_alphabetic)
         })
 }
 
@@ -299,7 +318,7 @@ mod tests {
             "index-BQ3nUq1z.js",
             "chunk.5d41402abc4b2a76.css",
             "main.a1b2c3d4.chunk.js",
-            "logo.0123456789.svg",
+            "logo.0a23456789.svg",
         ] {
             assert!(looks_hashed(name.as_bytes()), "{name}");
         }
@@ -312,6 +331,8 @@ mod tests {
             "jquery-3.7.1.min.js",
             "3f9a1c2b",
             "app.3f9a1c2b",
+            "report-20240115.pdf",
+            "logo.0123456789.svg",
         ] {
             assert!(!looks_hashed(name.as_bytes()), "{name}");
         }
