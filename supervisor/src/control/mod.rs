@@ -311,12 +311,23 @@ impl Control for ControlService {
                 "the first message of a deploy names the app",
             ));
         }
-        // An unknown app is refused before its upload is read.
-        self.ask(|reply| Command::Status {
-            apps: vec![app.clone()],
-            reply,
-        })
-        .await?;
+        // An unknown or busy app is refused before its upload is read (the
+        // platform checks again when the upload is in).
+        let status = self
+            .ask(|reply| Command::Status {
+                apps: vec![app.clone()],
+                reply,
+            })
+            .await?;
+        if let Some(under_way) = status
+            .first()
+            .map(|s| &s.operation)
+            .filter(|o| !o.is_empty())
+        {
+            return Err(Status::aborted(format!(
+                "a {under_way} of app '{app}' is in progress; try again when it is over"
+            )));
+        }
         let upload = self.receive(first, chunks).await?;
         info!(%app, bytes = upload.bytes, digest = %upload.digest, "control: deploy uploaded");
         let (reporter, events) = Reporter::new();

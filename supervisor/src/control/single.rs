@@ -101,5 +101,6 @@ fn status(app: &RunningApp, names: &[String]) -> Result<Vec<pb::AppStatus>, Comm
         state: "running".to_string(),
         detail: String::new(),
         domains: Vec::new(),
+        operation: String::new(),
     }])
 }

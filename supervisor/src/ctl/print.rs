@@ -118,6 +118,8 @@ pub fn status_json(reply: &StatusReply) -> String {
         restarts: u64,
         domains: &'a [String],
         detail: &'a str,
+        /// The operation under way (deploy, rollback, ...), null when none.
+        operation: Option<&'a str>,
         workers: Vec<Worker<'a>>,
     }
     #[derive(Serialize)]
@@ -141,6 +143,7 @@ pub fn status_json(reply: &StatusReply) -> String {
                 restarts: a.restarts,
                 domains: &a.domains,
                 detail: &a.detail,
+                operation: Some(a.operation.as_str()).filter(|o| !o.is_empty()),
                 workers: a
                     .workers
                     .iter()
@@ -352,6 +355,7 @@ api        failed   -                     hono       0         -
                 "domains",
                 "framework",
                 "name",
+                "operation",
                 "restarts",
                 "state",
                 "version",

@@ -237,6 +237,15 @@ pub(super) async fn start_gated(
     Ok(app)
 }
 
+/// The Host a health check sends: the app's first exact domain (a wildcard
+/// names no host a request could carry), or `localhost`.
+pub(super) fn health_host(domains: &[String]) -> &str {
+    domains
+        .iter()
+        .find(|d| !d.contains('*'))
+        .map_or("localhost", String::as_str)
+}
+
 /// Asks each worker for `path` until it answers 2xx or 3xx, for at most
 /// `timeout` in all.
 async fn health_gate(
@@ -365,4 +374,21 @@ pub(super) async fn finish(tail: Tail) {
             reporter.finish(Ok(message));
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::health_host;
+
+    #[test]
+    fn a_health_check_names_an_exact_domain() {
+        let domains = |d: &[&str]| d.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            health_host(&domains(&["*.example.com", "example.com"])),
+            "example.com"
+        );
+        assert_eq!(health_host(&domains(&["*.example.com"])), "localhost");
+        assert_eq!(health_host(&[]), "localhost");
+        assert_eq!(health_host(&domains(&["a.test", "b.test"])), "a.test");
+    }
 }

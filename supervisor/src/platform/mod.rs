@@ -569,6 +569,20 @@ impl Platform {
             warn!(old = %current.data_dir.display(), new = %new.data_dir.display(), "[platform] data_dir changed; restart bext to apply it");
             new.data_dir = current.data_dir.clone();
         }
+        if new.control_group != current.control_group {
+            warn!(
+                old = current
+                    .control_group
+                    .as_ref()
+                    .map_or("(none)", |g| g.0.as_str()),
+                new = new
+                    .control_group
+                    .as_ref()
+                    .map_or("(none)", |g| g.0.as_str()),
+                "[platform] control_group changed; restart bext to apply it"
+            );
+            new.control_group.clone_from(&current.control_group);
+        }
         Ok(new)
     }
 

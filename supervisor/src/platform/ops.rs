@@ -96,7 +96,7 @@ impl Platform {
                     deploy::open_log(&reporter, &log)?;
                     deploy::unpack(&reporter, upload, &dir, user.as_ref()).await?;
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
-                    let host = entry.domains.first().map_or("localhost", String::as_str);
+                    let host = deploy::health_host(&entry.domains);
                     deploy::start_gated(settings, &entry.deploy, host, metrics).await
                 })
                 .await;
@@ -201,7 +201,7 @@ impl Platform {
             let result = reporter
                 .scope(async move {
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
-                    let host = entry.domains.first().map_or("localhost", String::as_str);
+                    let host = deploy::health_host(&entry.domains);
                     deploy::start_gated(settings, &entry.deploy, host, metrics).await
                 })
                 .await;
@@ -439,6 +439,11 @@ impl Platform {
                     state: state.to_string(),
                     detail,
                     domains: entry.domains.clone(),
+                    operation: self
+                        .busy
+                        .get(&entry.name)
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 }
             })
             .collect())
