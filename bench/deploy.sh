@@ -91,8 +91,65 @@ latency() {
   echo "$name|$rps|$p99|$max|${errors:-none}"
 }
 
+# switch_cost NAME APP HOST: the paced probe (bench/probe.py, PROBE_RATE
+# req/s over 20 connections, well under saturation) for DURATION steady,
+# then for DURATION with `bextctl rollback APP --to v1` (back to the
+# deployed version, after the wrk run rolled back to `source`) started a
+# quarter in. The
+# switch instant is bext's "APP ... is live" log line. Prints
+# "NAME|steady p99|steady max|start p99|start max|switch max|after p99|after max|errors":
+# "start" is the requests scheduled while the new generation started and
+# was health-gated (from the rollback's start to the switch), "switch" those
+# in flight at the switch or scheduled within 50 ms after it, "after" the
+# rest of the second after it (the old generation drains and exits, the
+# cache is cold if the deploy purged it).
+PROBE_RATE="${BENCH_PROBE_RATE:-1000}"
+switch_cost() {
+  local name="$1" app="$2" host="$3" secs probe began
+  secs="${DURATION%s}"
+  taskset -c "$CLIENT_CPU" python3 "$BENCH_DIR/probe.py" "$ADDR" "$host" "$PROBE_RATE" 20 "$secs" "$WORK/steady.txt"
+  taskset -c "$CLIENT_CPU" python3 "$BENCH_DIR/probe.py" "$ADDR" "$host" "$PROBE_RATE" 20 "$secs" "$WORK/during.txt" &
+  probe=$!
+  sleep "$(python3 -c "print(max(0.2, float('$secs') / 4))")"
+  began="$(date +%s.%N)"
+  ctl rollback "$app" --to v1 >/dev/null 2>"$WORK/during.log" || { echo "bench: rollback failed:" >&2; cat "$WORK/during.log" >&2; }
+  wait "$probe"
+  python3 - "$WORK/steady.txt" "$WORK/during.txt" "$WORK/bext.log" "$app" "$began" "$name" <<'PY'
+import datetime, json, sys
+steady_f, during_f, log, app, began, name = sys.argv[1:7]
+began = float(began)
+def rows(path):
+    return [(float(d), float(l), int(s)) for d, l, s in (line.split() for line in open(path))]
+switch = None
+for line in open(log):
+    try:
+        event = json.loads(line)
+    except ValueError:
+        continue
+    if event.get("app") == app and str(event.get("message", "")).endswith("is live"):
+        t = datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+        if t >= began:
+            switch = t
+if switch is None:
+    sys.exit(f"bench: no switch of {app} in the log after the rollback")
+def p99(xs):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else 0.0
+ms = lambda x: f"{x * 1000:.1f}ms"
+steady, during = rows(steady_f), rows(during_f)
+start = [l for d, l, s in during if began <= d < switch]
+around = [l for d, l, s in during if d <= switch + 0.05 and switch <= d + l]
+after = [l for d, l, s in during if switch + 0.05 < d <= switch + 1.0]
+errors = sum(1 for r in steady + during if not 200 <= r[2] < 400)
+sl = [l for _, l, _ in steady]
+print(f"{name}|{ms(p99(sl))}|{ms(max(sl))}|{ms(p99(start))}|{ms(max(start, default=0))}|"
+      f"{ms(max(around, default=0))} ({len(around)} requests)|{ms(p99(after))}|{ms(max(after, default=0))}|{errors}")
+PY
+}
+
 steps=()
 switches=()
+costs=()
 apps=(api)
 [[ -z "$SMOKE" ]] && apps+=(web)
 for app in "${apps[@]}"; do
@@ -108,6 +165,7 @@ for app in "${apps[@]}"; do
   fi
   switches+=("$(latency "$app steady" "$host")")
   switches+=("$(latency "$app during a rollback" "$host" during ctl rollback "$app")")
+  costs+=("$(switch_cost "$app" "$app" "$host")")
 done
 
 echo "## Deploys: time by step, and what a switch costs clients ($(date -u +%Y-%m-%d))"
@@ -129,4 +187,13 @@ echo "|---|---:|---:|---:|---|"
 for s in "${switches[@]}"; do
   IFS='|' read -r n rps p99 max errors <<<"$s"
   echo "| $n | $rps | $p99 | $max | $errors |"
+done
+echo
+echo "Paced load (\`bench/probe.py\`: $PROBE_RATE req/s over 20 keep-alive connections, latency from each request's scheduled time), steady for $DURATION, then $DURATION with \`bextctl rollback\` a quarter in. *start*: requests scheduled while the new generation started and was health-gated; *switch*: requests in flight at the switch or scheduled within 50 ms after it; *after*: the rest of the second after the switch (the old generation drains and exits; the cache starts cold: \`deploy.purge_cache\` is on)."
+echo
+echo "| app | steady p99 | steady max | start p99 | start max | switch max | after p99 | after max | failed |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for s in "${costs[@]}"; do
+  IFS='|' read -r n sp sm tp tm wm ap am errors <<<"$s"
+  echo "| $n | $sp | $sm | $tp | $tm | $wm | $ap | $am | $errors |"
 done
