@@ -59,9 +59,11 @@ deploy_steps() {
 import re, sys
 steps = {}
 for line in open(sys.argv[1]):
-    m = re.match(r"\[(\w+)\] done \(([\d.]+)s\)", line.strip())
+    # "1.2s" under a minute, "2m05s" above.
+    m = re.match(r"\[(\w+)\] done \((?:(\d+)m)?([\d.]+)s\)", line.strip())
     if m:
-        steps[m.group(1)] = steps.get(m.group(1), 0.0) + float(m.group(2))
+        secs = 60 * int(m.group(2) or 0) + float(m.group(3))
+        steps[m.group(1)] = steps.get(m.group(1), 0.0) + secs
 total = float(sys.argv[3]) - float(sys.argv[2])
 print(" ".join(f"{k}={v:.1f}" for k, v in steps.items()) + f"|{total:.1f}")
 PY
@@ -79,7 +81,7 @@ latency() {
     shift
     secs="$(python3 -c "print(max(0.2, float('${DURATION%s}') / 4))")"
     sleep "$secs"
-    "$@" >/dev/null 2>"$WORK/during.log" || { echo "bench: $* failed:" >&2; cat "$WORK/during.log" >&2; }
+    "$@" >/dev/null 2>"$WORK/during.log" || { echo "bench: $* failed:" >&2; cat "$WORK/during.log" >&2; kill "$wrk" 2>/dev/null; exit 1; }
   fi
   wait "$wrk"
   out="$(cat "$WORK/wrk.out")"
@@ -112,7 +114,7 @@ switch_cost() {
   probe=$!
   sleep "$(python3 -c "print(max(0.2, float('$secs') / 4))")"
   began="$(date +%s.%N)"
-  ctl rollback "$app" --to v1 >/dev/null 2>"$WORK/during.log" || { echo "bench: rollback failed:" >&2; cat "$WORK/during.log" >&2; }
+  ctl rollback "$app" --to v1 >/dev/null 2>"$WORK/during.log" || { echo "bench: rollback failed:" >&2; cat "$WORK/during.log" >&2; kill "$probe" 2>/dev/null; exit 1; }
   wait "$probe"
   python3 - "$WORK/steady.txt" "$WORK/during.txt" "$WORK/bext.log" "$app" "$began" "$name" <<'PY'
 import datetime, json, sys

@@ -43,10 +43,10 @@ def client(addr, host, interval, offset, until, rows):
                 conn.close()
             conn = None
         rows.append((due, time.time() - due, status))
+        # A request that overran its slots leaves the ones it missed due:
+        # they go out back to back, each measured from its own schedule
+        # (so a stall counts against every request it held up).
         due += interval
-        # A request that overran its slot does not queue up the ones it
-        # missed: the next one is sent at once, and measured from its own
-        # schedule.
 
 
 def main():

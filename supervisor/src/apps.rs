@@ -705,7 +705,7 @@ fn trusted_path(path: &Path) -> std::io::Result<()> {
 
 /// `dir` is a real directory (not a symlink), owned by this process's user,
 /// that no one else may enter.
-fn verify_private(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn verify_private(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(dir)?;
     let uid = nix::unistd::geteuid().as_raw();

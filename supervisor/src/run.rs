@@ -144,14 +144,19 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     // The control socket (status, restart, purge, logs) beside the
     // workers' runtime directories; without it, bext serves all the same.
     let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
-    let control_path = default_runtime_base().join(format!("bext-{}.control.sock", app.name));
-    let control = match crate::control::serve(&control_path, None, None, commands) {
+    let control_path = control_dir().map(|d| d.join(format!("bext-{}.control.sock", app.name)));
+    let control = match control_path
+        .as_ref()
+        .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+        .and_then(|path| crate::control::serve(path, None, None, commands))
+    {
         Ok(task) => {
-            info!(socket = %control_path.display(), "control socket: bextctl --socket {}", control_path.display());
+            let path = control_path.as_deref().unwrap_or(Path::new(""));
+            info!(socket = %path.display(), "control socket: bextctl --socket {}", path.display());
             Some(task)
         }
         Err(e) => {
-            warn!(socket = %control_path.display(), "no control socket: {e}");
+            warn!("no control socket: {e}");
             None
         }
     };
@@ -162,7 +167,9 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     };
     if let Some(control) = control {
         control.abort();
-        let _ = std::fs::remove_file(&control_path);
+        if let Ok(path) = &control_path {
+            let _ = std::fs::remove_file(path);
+        }
     }
     if let Err(source) = served {
         app.stop(grace, &shutdown.immediate).await;
@@ -198,4 +205,28 @@ pub async fn watch_signals(shutdown: Shutdown) {
     }
     warn!("second signal: stopping at once");
     shutdown.immediate.cancel();
+}
+
+/// Where `bext run` puts its control socket: `$XDG_RUNTIME_DIR` (the
+/// user's own, made by systemd-logind or the unit's `RuntimeDirectory`),
+/// else `bext-UID` in the temp dir, made private (0700) and checked to be
+/// this user's: a name anyone could create first in `/tmp` would let
+/// another user stand in for bext.
+fn control_dir() -> std::io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+    {
+        return Ok(dir);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("bext-{}", nix::unistd::geteuid().as_raw()));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    crate::apps::verify_private(&dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    Ok(dir)
 }

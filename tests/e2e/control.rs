@@ -780,8 +780,13 @@ async fn issue12_a_supervisor_killed_during_a_build_comes_back_clean() {
         crate::support::alive(background),
         "the build's background job outlives a SIGKILLed supervisor (until its successor)"
     );
+    // An upload a crash cut off (the deploy's own was removed once
+    // unpacked) is removed at the next start.
+    let cut_off = platform.data().join("uploads/upload-cut-off");
+    std::fs::write(&cut_off, b"half an archive").expect("write");
 
     let bext = platform.serve();
+    assert!(!cut_off.exists(), "a dead supervisor's upload is removed");
     wait_for("the leftover to be killed", Duration::from_secs(10), || {
         (!crate::support::alive(background)).then_some(())
     });

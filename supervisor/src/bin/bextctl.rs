@@ -34,6 +34,6 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &CtlError) -> ExitCode {
-    eprintln!("bextctl: {error}");
+    eprintln!("bextctl: {}", bext::ctl::printable(&error.to_string()));
     ExitCode::from(error.exit_code())
 }

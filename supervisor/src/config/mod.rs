@@ -157,13 +157,26 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// or `/dev/zero` behind the name is refused instead of hanging or filling
 /// bext's memory.
 pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    open_regular_with(path, 0)
+}
+
+/// [`open_regular`], refusing a symlink as the last component: for a file
+/// in a directory a tenant writes, read by bext (perhaps root), where a
+/// link could point it at another tenant's file or at bext's own
+/// `/proc/self/environ`.
+pub fn open_regular_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    open_regular_with(path, libc::O_NOFOLLOW)
+}
+
+fn open_regular_with(path: &Path, flags: i32) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     // O_PATH names the file without opening it: a device's open routine
     // (a watchdog, a tape) never runs for what is not a regular file.
+    // With O_NOFOLLOW it names a symlink itself, which is not one either.
     let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_PATH)
+        .custom_flags(libc::O_PATH | flags)
         .open(path)?;
     if !handle.metadata()?.is_file() {
         return Err(std::io::Error::new(
@@ -181,11 +194,13 @@ pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
 /// The text of a regular file of at most [`MAX_FILE_BYTES`] (see
 /// [`open_regular`]).
 pub fn read_small_file(path: &Path) -> std::io::Result<String> {
+    read_small(open_regular(path)?)
+}
+
+fn read_small(file: std::fs::File) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
-    open_regular(path)?
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)?;
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -213,6 +228,22 @@ impl Config {
             source,
         })?;
         Self::parse(path, &text)
+    }
+
+    /// [`Config::load_dir`] for a tenant's directory (multi-app mode): a
+    /// `bext.config.toml` that is a symlink is refused.
+    pub fn load_tenant_dir(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join(CONFIG_FILE_NAME);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(Self::from_raw(None, raw::RawConfig::default()));
+        }
+        let text = open_regular_nofollow(&path)
+            .and_then(read_small)
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        Self::parse(&path, &text)
     }
 
     /// Parses `text` as if read from `path` (used in error messages).

@@ -486,7 +486,7 @@ impl AppEntry {
     /// [`Self::merged_config`] with the app's own `bext.config.toml` read
     /// from `dir` (a deployed version of the app).
     pub fn merged_config_in(&self, dir: &Path) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut config = Config::load_dir(dir)?;
+        let mut config = Config::load_tenant_dir(dir)?;
         let notes = cap_tenant_limits(&mut config);
         if let Some(framework) = self.runtime {
             config.runtime.framework = Some(framework);

@@ -167,3 +167,22 @@ fn config_files_must_be_small_regular_files() {
     let err = Config::load_dir(dir.path()).expect_err("too big");
     assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
 }
+
+/// A tenant's `bext.config.toml` that is a symlink is refused in
+/// multi-app mode (it could point bext at another tenant's file or at its
+/// own environment); in single-app mode the operator's symlink is followed.
+#[test]
+fn a_tenant_config_may_not_be_a_symlink() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real.toml");
+    std::fs::write(&real, "[server]\nlisten = \"127.0.0.1:4100\"\n").expect("write");
+    std::os::unix::fs::symlink(&real, dir.path().join("bext.config.toml")).expect("symlink");
+    let config = Config::load_dir(dir.path()).expect("followed in single-app mode");
+    assert_eq!(config.server.listen.port(), 4100);
+    let err = Config::load_tenant_dir(dir.path()).expect_err("a symlink");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    std::fs::remove_file(dir.path().join("bext.config.toml")).expect("rm");
+    std::fs::rename(&real, dir.path().join("bext.config.toml")).expect("mv");
+    let config = Config::load_tenant_dir(dir.path()).expect("a regular file");
+    assert_eq!(config.server.listen.port(), 4100);
+}

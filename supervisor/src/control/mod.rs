@@ -10,9 +10,11 @@
 //! it decides nothing about apps itself. Uploads are bounded in size and in
 //! time between chunks.
 
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -39,6 +41,9 @@ pub const MAX_UPLOAD: u64 = 1024 * 1024 * 1024;
 
 /// Lines `logs` sends from the ring when the client does not say.
 pub const DEFAULT_LOG_LINES: u32 = 100;
+
+/// Uploads received at once (each up to [`MAX_UPLOAD`] on disk).
+pub const MAX_UPLOADS: usize = 4;
 
 /// Longest wait for the next chunk of an upload.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -85,8 +90,18 @@ pub fn serve(
             .recursive(true)
             .mode(0o700)
             .create(uploads)?;
+        // What is there is a dead supervisor's (this one holds the socket).
+        for entry in std::fs::read_dir(uploads)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("upload-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
-    let service = ControlService { commands, uploads };
+    let service = ControlService {
+        commands,
+        uploads,
+        receiving: Arc::new(std::sync::Mutex::new(HashSet::new())),
+    };
     let incoming = futures_util::stream::unfold(listener, move |listener| async move {
         loop {
             match listener.accept().await {
@@ -145,6 +160,23 @@ fn allowed(stream: &UnixStream, group: Option<u32>) -> Result<(), String> {
 struct ControlService {
     commands: mpsc::Sender<Command>,
     uploads: Option<PathBuf>,
+    /// Apps whose upload is being received: one at a time each, and at
+    /// most [`MAX_UPLOADS`] in all.
+    receiving: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// An app's place in [`ControlService::receiving`], given up on drop.
+struct Receiving {
+    apps: Arc<std::sync::Mutex<HashSet<String>>>,
+    app: String,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.remove(&self.app);
+        }
+    }
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
@@ -180,6 +212,29 @@ impl ControlService {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx)).await?;
         rx.await.map_err(|_| gone())?.map_err(status_of)
+    }
+
+    /// Takes `app`'s place among the uploads being received.
+    fn receiving(&self, app: &str) -> Result<Receiving, Status> {
+        let mut apps = self
+            .receiving
+            .lock()
+            .map_err(|_| Status::internal("the upload table is poisoned"))?;
+        if apps.contains(app) {
+            return Err(Status::aborted(format!(
+                "a deploy of app '{app}' is in progress (uploading); try again when it is over"
+            )));
+        }
+        if apps.len() >= MAX_UPLOADS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_UPLOADS} uploads are being received; try again when one is over"
+            )));
+        }
+        apps.insert(app.to_string());
+        Ok(Receiving {
+            apps: Arc::clone(&self.receiving),
+            app: app.to_string(),
+        })
     }
 
     /// Reads an upload into a file in `uploads`, hashing it.
@@ -324,11 +379,13 @@ impl Control for ControlService {
             .map(|s| &s.operation)
             .filter(|o| !o.is_empty())
         {
-            return Err(Status::aborted(format!(
-                "a {under_way} of app '{app}' is in progress; try again when it is over"
+            return Err(Status::aborted(crate::platform::busy_message(
+                &app, under_way,
             )));
         }
+        let receiving = self.receiving(&app)?;
         let upload = self.receive(first, chunks).await?;
+        drop(receiving);
         info!(%app, bytes = upload.bytes, digest = %upload.digest, "control: deploy uploaded");
         let (reporter, events) = Reporter::new();
         reporter.step(

@@ -21,6 +21,17 @@ pub async fn answer(app: &RunningApp, mut commands: mpsc::Receiver<Command>) {
                 let _ = reply.send(status(app, &apps));
             }
             Command::Purge {
+                app: name, reply, ..
+            } if name != app.name => {
+                let _ = reply.send(Err(not_this_app(app, &name)));
+            }
+            Command::Restart {
+                app: name,
+                reporter,
+            } if name != app.name => {
+                reporter.finish(Err(not_this_app(app, &name).to_string()));
+            }
+            Command::Purge {
                 selectors,
                 soft,
                 reply,
@@ -84,12 +95,13 @@ pub async fn answer(app: &RunningApp, mut commands: mpsc::Receiver<Command>) {
     }
 }
 
+fn not_this_app(app: &RunningApp, other: &str) -> CommandError {
+    CommandError::NotFound(format!("this bext runs app '{}', not '{other}'", app.name))
+}
+
 fn status(app: &RunningApp, names: &[String]) -> Result<Vec<pb::AppStatus>, CommandError> {
     if let Some(other) = names.iter().find(|n| **n != app.name) {
-        return Err(CommandError::NotFound(format!(
-            "this bext runs app '{}', not '{other}'",
-            app.name
-        )));
+        return Err(not_this_app(app, other));
     }
     Ok(vec![pb::AppStatus {
         name: app.name.clone(),

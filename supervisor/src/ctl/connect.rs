@@ -128,9 +128,11 @@ impl Session {
             // The server closes a refused peer's connection at once, before
             // any HTTP/2 exchange: the call then fails with a bare
             // transport error rather than a status of its own.
+            // (The same closed connection is what a supervisor that stops
+            // at that moment leaves: then the hint is wrong, and says so.)
             Code::Unknown | Code::Internal if connection_closed(status) => CtlError::Refused {
                 socket,
-                reason: "it closed the connection at once".into(),
+                reason: "it closed the connection at once; unless it just stopped".into(),
             },
             _ => CtlError::Call {
                 message: status_reason(status),

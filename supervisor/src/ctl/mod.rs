@@ -28,6 +28,25 @@ use connect::Session;
 use pack::{PackError, PackOptions};
 use progress::{Outcome, View};
 
+/// `text` with control characters other than newline and tab (terminal
+/// escapes a tenant's build output or worker log could carry) shown as
+/// `\u{1b}` instead of acted on by the operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Exit code: the operation failed.
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code (`EX_UNAVAILABLE`): the supervisor could not be reached, or
@@ -97,7 +116,7 @@ impl Console<'_> {
     fn emit(&mut self, text: &str) -> Result<(), CtlError> {
         match self
             .out
-            .write_all(text.as_bytes())
+            .write_all(printable(text).as_bytes())
             .and_then(|()| self.out.flush())
         {
             Ok(()) => Ok(()),
@@ -257,6 +276,16 @@ async fn watch(
         .await
         .map_err(|s| session.stream_error(&s))?
     {
+        let event = Progress {
+            step: printable(&event.step).into_owned(),
+            message: printable(&event.message).into_owned(),
+            log_lines: event
+                .log_lines
+                .iter()
+                .map(|l| printable(l).into_owned())
+                .collect(),
+            ..event
+        };
         match view.event(&event) {
             None => {}
             Some(Outcome::Done(message)) => {

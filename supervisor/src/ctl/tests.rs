@@ -355,3 +355,12 @@ async fn replies_are_printed() {
         "[worker 0 pid 100] line 0\n[worker 1 pid 101] line 1\n[bext] line 2\n"
     );
 }
+
+#[test]
+fn terminal_escapes_from_the_server_are_shown_not_acted_on() {
+    assert_eq!(super::printable("plain\tline\n"), "plain\tline\n");
+    assert_eq!(
+        super::printable("\u{1b}]0;pwned\u{7}red\u{1b}[31m \u{9b}2J"),
+        "\\u{1b}]0;pwned\\u{7}red\\u{1b}[31m \\u{9b}2J"
+    );
+}

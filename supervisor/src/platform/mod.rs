@@ -24,7 +24,7 @@ pub mod leftovers;
 mod ops;
 mod reload;
 
-pub use ops::workers_of;
+pub use ops::{busy_message, workers_of};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -460,7 +460,9 @@ impl Platform {
     /// Drains and stops `app` (already unrouted) in the background.
     fn retire(&self, app: RunningApp, grace: Duration) {
         let kill = self.shutdown.immediate.clone();
-        tokio::spawn(async move { app.stop(grace, &kill).await });
+        // Tracked: a shutdown waits for the drain as for its own apps'.
+        self.tails
+            .spawn(async move { app.stop(grace, &kill).await });
     }
 
     fn shutdown_grace(&self) -> Duration {
@@ -546,7 +548,7 @@ pub fn recover(data_dir: &Path) -> Result<State, RunError> {
     let (mut state, interrupted) = State::load(data_dir)?;
     for (app, id) in &interrupted {
         warn!(%app, version = %id, "version {id} was being deployed when bext stopped; marked failed");
-        let _ = std::fs::remove_dir_all(state.version_dir(app, id));
+        let _ = deploy::remove_tree(&state.version_dir(app, id));
     }
     let names: Vec<String> = state.apps.keys().cloned().collect();
     let mut changed = !interrupted.is_empty();
@@ -566,12 +568,14 @@ pub fn recover(data_dir: &Path) -> Result<State, RunError> {
             .unwrap_or_default();
         for dir in gone {
             info!(app = %name, dir = %dir.display(), "removing the files of a pruned or failed version");
-            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = deploy::remove_tree(&dir) {
+                error!(app = %name, dir = %dir.display(), "could not remove a pruned or failed version: {e}");
+            }
         }
         let staging = state.app_dir(name).join("staging");
         if let Ok(entries) = std::fs::read_dir(&staging) {
             for entry in entries.flatten() {
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = deploy::remove_tree(&entry.path());
             }
         }
     }

@@ -43,9 +43,7 @@ impl Platform {
             return Err(format!("no app is named '{app}' in the platform file"));
         }
         if let Some(under_way) = self.busy.get(app) {
-            return Err(format!(
-                "a {under_way} of app '{app}' is in progress; try again when it is over"
-            ));
+            return Err(busy_message(app, under_way));
         }
         self.busy.insert(app.to_string(), op.as_str());
         Ok(())
@@ -83,6 +81,8 @@ impl Platform {
         let config = self.config.clone();
         let metrics = Arc::clone(&self.metrics);
         let user = entry.user.clone();
+        let stop = self.shutdown.graceful.clone();
+        let keep_logs = self.state.app_mut(&name).logs_to_keep();
         self.spawn_effect(async move {
             let reporter_for_effect = reporter.clone();
             let result = reporter
@@ -93,8 +93,9 @@ impl Platform {
                         .and_then(std::path::Path::parent)
                         .ok_or("a build log is in an app's directory")?;
                     deploy::app_dirs(app_dir)?;
+                    deploy::forget_logs(&app_dir.join("logs"), &keep_logs);
                     deploy::open_log(&reporter, &log)?;
-                    deploy::unpack(&reporter, upload, &dir, user.as_ref()).await?;
+                    deploy::unpack(&reporter, upload, &dir, user.as_ref(), stop).await?;
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
                     let host = deploy::health_host(&entry.domains);
                     deploy::start_gated(settings, &entry.deploy, host, metrics).await
@@ -236,7 +237,7 @@ impl Platform {
                     self.state.app_mut(&name).fail(&version, reason.clone());
                     let _ = self.save_state();
                     let dir = self.state.version_dir(&name, &version);
-                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir));
+                    tokio::task::spawn_blocking(move || deploy::remove_tree(&dir));
                 }
                 self.busy.remove(&name);
                 reporter.finish(Err(format!(
@@ -316,6 +317,9 @@ impl Platform {
             .deploy
             .drain_timeout
             .unwrap_or_else(|| self.shutdown_grace());
+        // Files go only once the state says so: a version the state file
+        // still calls retained keeps them.
+        let pruned = if saved.is_ok() { pruned } else { Vec::new() };
         let dirs: Vec<_> = pruned
             .iter()
             .map(|id| self.state.version_dir(&name, id))
@@ -537,4 +541,14 @@ pub fn workers_of(app: &RunningApp) -> Vec<pb::WorkerStatus> {
             rss_bytes: w.pid.and_then(crate::pool::rss_bytes).unwrap_or(0),
         })
         .collect()
+}
+
+/// Why an operation is refused while `under_way` runs on `app`.
+pub fn busy_message(app: &str, under_way: &str) -> String {
+    let under_way = if under_way == "starting" {
+        "start"
+    } else {
+        under_way
+    };
+    format!("a {under_way} of app '{app}' is in progress; try again when it is over")
 }

@@ -24,6 +24,8 @@ const FORMAT: u32 = 1;
 /// Versions' records kept per app (pruned and failed ones included);
 /// the oldest pruned or failed records go first beyond this.
 const MAX_RECORDS: usize = 200;
+/// Build logs of failed versions kept per app (each at most 16 MiB).
+pub const FAILED_LOGS: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -213,6 +215,25 @@ impl AppState {
         self.versions.iter_mut().find(|v| v.id == id)
     }
 
+    /// Versions whose build logs are worth keeping: every one with files,
+    /// and the newest [`FAILED_LOGS`] failures (their logs say why).
+    pub fn logs_to_keep(&self) -> std::collections::HashSet<String> {
+        let mut failed = 0;
+        self.versions
+            .iter()
+            .rev()
+            .filter(|v| match v.state {
+                VersionState::Pruned => false,
+                VersionState::Failed => {
+                    failed += 1;
+                    failed <= FAILED_LOGS
+                }
+                _ => true,
+            })
+            .map(|v| v.id.clone())
+            .collect()
+    }
+
     /// Records a new version as `building`, and returns its id.
     pub fn begin(&mut self, digest: String, now: i64) -> String {
         self.next = self.next.max(1);
@@ -339,6 +360,24 @@ mod tests {
             ["pruned", "pruned", "retained", "retained", "active"]
         );
         assert_eq!(app.previous().as_deref(), Some("v4"));
+    }
+
+    #[test]
+    fn build_logs_are_kept_for_versions_with_files_and_the_newest_failures() {
+        let mut app = AppState::default();
+        deployed(&mut app, 3);
+        for i in 0..(FAILED_LOGS + 2) {
+            let id = app.begin(format!("f{i}"), 100);
+            app.fail(&id, "build failed".into());
+        }
+        app.prune(1, &[]);
+        let keep = app.logs_to_keep();
+        // v1 pruned; v2 retained, v3 active; v4 and v5 the oldest failures.
+        assert!(!keep.contains("v1"));
+        assert!(keep.contains("v2") && keep.contains("v3"));
+        assert!(!keep.contains("v4") && !keep.contains("v5"));
+        assert!(keep.contains("v6") && keep.contains(&format!("v{}", FAILED_LOGS + 5)));
+        assert_eq!(keep.len(), 2 + FAILED_LOGS);
     }
 
     #[test]
