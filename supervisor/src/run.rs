@@ -57,6 +57,8 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -162,7 +164,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     };
     let limits = app.settings.config.server.limits;
     let served = tokio::select! {
-        served = crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards) => served,
+        served = crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards, None) => served,
         () = crate::control::single::answer(&app, inbox), if control.is_some() => Ok(false),
     };
     if let Some(control) = control {

@@ -25,6 +25,7 @@ use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
+use crate::listener::tls::Certificates;
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::platform::{Platform, Signals};
@@ -32,6 +33,7 @@ use crate::router::{self, RouteTable};
 use crate::run::RunError;
 use crate::server::AppService;
 use crate::shards::Shards;
+use rustls::sign::CertifiedKey;
 
 /// Workers per app in multi-app mode when neither the app's config nor
 /// its platform table says.
@@ -54,7 +56,30 @@ pub struct PlatformService {
     metrics: Arc<Metrics>,
     /// `admin_networks` and `trusted_proxies`, as of the last reload.
     access: ArcSwap<(Vec<IpNet>, Vec<IpNet>)>,
+    /// The HTTPS listener's certificates (`[platform.tls]`).
+    certificates: Option<Arc<Certificates>>,
 }
+
+/// Every app's certificate by its domains, and the default one (the
+/// default app's, else the first app's): loaded from `config`'s files.
+fn certificate_routes(config: &PlatformConfig) -> Result<CertificateRoutes, String> {
+    let mut routes = Vec::new();
+    let mut default = None;
+    for entry in &config.apps {
+        let Some(tls) = &entry.tls else { continue };
+        let pair = Arc::new(
+            crate::listener::tls::load_pair(&tls.cert, &tls.key)
+                .map_err(|e| format!("app '{}': {e}", entry.name))?,
+        );
+        if default.is_none() || config.default_app.as_deref() == Some(entry.name.as_str()) {
+            default = Some(Arc::clone(&pair));
+        }
+        routes.extend(entry.domains.iter().map(|d| (d.clone(), Arc::clone(&pair))));
+    }
+    Ok((routes, default))
+}
+
+type CertificateRoutes = (Vec<(String, Arc<CertifiedKey>)>, Option<Arc<CertifiedKey>>);
 
 impl PlatformService {
     /// Routes `apps` for `config`'s domains.
@@ -108,6 +133,17 @@ impl PlatformService {
     }
 
     /// `admin_networks` and `trusted_proxies` of a reloaded file.
+    /// Takes `config`'s certificates for new handshakes; on an error the
+    /// ones in use stay.
+    pub fn set_certificates(&self, config: &PlatformConfig) -> Result<(), String> {
+        let Some(certificates) = &self.certificates else {
+            return Ok(());
+        };
+        let (routes, default) = certificate_routes(config)?;
+        certificates.replace(routes, default);
+        Ok(())
+    }
+
     pub fn set_access(&self, config: &PlatformConfig) {
         self.access.store(Arc::new((
             config.admin_networks.clone(),
@@ -291,6 +327,28 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             addr: config.listen,
             source,
         })?;
+    if config.tls.is_none() && config.listen.port() == 443 {
+        warn!(
+            "listening on port 443 in plain HTTP: add a [platform.tls] table (and [apps.NAME.tls] certificates) for HTTPS"
+        );
+    }
+    // HTTPS: the certificates, and the plain listener that redirects.
+    let tls = match &config.tls {
+        Some(settings) => {
+            let (routes, default) = certificate_routes(&config).map_err(RunError::Tls)?;
+            let certificates = Arc::new(Certificates::new(routes, default));
+            let server = crate::listener::tls::server_config(Arc::clone(&certificates))
+                .map_err(RunError::Tls)?;
+            let plain = TcpListener::bind(settings.http_listen)
+                .await
+                .map_err(|source| RunError::Listen {
+                    addr: settings.http_listen,
+                    source,
+                })?;
+            Some((certificates, server, plain))
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     if std::env::var_os(ENV_PURGE_TOKEN).is_some() {
         warn!(
@@ -318,6 +376,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             config.admin_networks.clone(),
             config.trusted_proxies.clone(),
         )),
+        certificates: tls.as_ref().map(|(c, _, _)| Arc::clone(c)),
     });
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: config.listen,
@@ -326,19 +385,44 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // bext serves at once: each app is routed as soon as it has started (a
     // slow or hung build holds up only its own app, whose hosts get 503
     // meanwhile).
-    info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), control = %control_path.display(), "listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(%addr, apps = config.apps.len(), threads = shards.handles().len(), control = %control_path.display(), "listening on {scheme}://{addr}");
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
+    let (server_tls, plain) = match tls {
+        Some((_, server, plain)) => (Some(server), Some(plain)),
+        None => (None, None),
+    };
+    let redirecting = plain
+        .map(|plain| {
+            let plain_addr = plain
+                .local_addr()
+                .map_err(|source| RunError::Listen { addr, source })?;
+            info!(addr = %plain_addr, "redirecting http://{plain_addr} to https://");
+            Ok::<_, RunError>((plain, plain_addr))
+        })
+        .transpose()?;
     let serving = {
         let (platform, shutdown) = (Arc::clone(&platform), shutdown.clone());
         async move {
-            let served =
-                crate::listener::serve(listener, platform, limits, &shutdown, grace, &shards).await;
+            let https = crate::listener::serve(
+                listener, platform, limits, &shutdown, grace, &shards, server_tls,
+            );
+            let redirect = async {
+                let Some((plain, plain_addr)) = redirecting else {
+                    return Ok(true);
+                };
+                let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port()));
+                crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None)
+                    .await
+                    .inspect_err(|e| error!("could not serve on {plain_addr}: {e}"))
+            };
+            let (served, redirected) = futures_util::future::join(https, redirect).await;
             if let Err(e) = &served {
                 error!("could not serve on {addr}: {e}");
             }
-            served.unwrap_or(false)
+            served.unwrap_or(false) && redirected.unwrap_or(false)
         }
     };
     Platform::new(

@@ -196,7 +196,11 @@ impl Handler for AppService {
         let client = ClientInfo {
             peer,
             trusted_peer,
-            scheme: "http",
+            scheme: if crate::listener::is_secure(&req) {
+                "https"
+            } else {
+                "http"
+            },
             request_id: headers::request_id(req.headers()),
         };
         let request_id = client.request_id.clone();

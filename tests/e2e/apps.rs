@@ -177,7 +177,7 @@ async fn static_sites_are_served_without_workers() {
         .await
         .expect("GET /about");
     assert_eq!(about.status(), 200);
-    let no_redirect = reqwest::Client::builder()
+    let no_redirect = crate::support::client_builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .build()

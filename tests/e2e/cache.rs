@@ -192,7 +192,7 @@ async fn next_rsc_and_html_variants_are_never_mixed_up() {
             content_type(&rsc)
         );
         // Same URL as the HTML page, RSC header: never the HTML entry.
-        let no_redirect = reqwest::Client::builder()
+        let no_redirect = crate::support::client_builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -17,5 +17,6 @@ mod proxying;
 mod shutdown;
 mod statics;
 mod streaming;
+mod tls;
 mod worker_http;
 mod workers;

@@ -90,7 +90,7 @@ async fn requests_are_served_by_the_number_of_threads_asked_for() {
 #[tokio::test(flavor = "multi_thread")]
 async fn h2c_prior_knowledge_is_served() {
     let bext = Bext::run(&fixture("hono"), &["--workers", "1"]);
-    let h2 = reqwest::Client::builder()
+    let h2 = crate::support::client_builder()
         .no_proxy()
         .http2_prior_knowledge()
         .build()

@@ -384,12 +384,19 @@ pub fn raw_get(addr: SocketAddr, target: &str) -> (u16, String, Vec<u8>) {
     (status, head, response[split + 4..].to_vec())
 }
 
+/// A reqwest client builder. reqwest's rustls takes the process's default
+/// crypto provider: bext's (aws-lc-rs), installed once here.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
 /// An HTTP client that never uses a proxy.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
+    client_builder().no_proxy().build().expect("client")
 }
 
 /// Writes `files` into a fresh temp dir (an app made up by a test).

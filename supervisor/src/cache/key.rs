@@ -8,7 +8,9 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 
-/// `host` + path + query; the host lowercased, without port or trailing dot.
+/// `host` + path + query; the host lowercased, without port or trailing
+/// dot; prefixed with `https:` for a request that came over TLS (answers
+/// for `http` and `https` are never mixed).
 pub fn primary<B>(req: &Request<B>) -> String {
     let host = req
         .headers()
@@ -22,12 +24,26 @@ pub fn primary<B>(req: &Request<B>) -> String {
         .map_or(host, |(h, _)| h);
     let host = host.trim_end_matches('.');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut key = String::with_capacity(host.len() + target.len() + 1);
+    let mut key = String::with_capacity(HTTPS.len() + host.len() + target.len() + 1);
+    if crate::listener::is_secure(req) {
+        key.push_str(HTTPS);
+    }
     key.push_str(host);
     key.make_ascii_lowercase();
     key.push(' ');
     key.push_str(target);
     key
+}
+
+const HTTPS: &str = "https:";
+
+/// The same primary key for the other scheme (an unsafe request over one
+/// invalidates what was stored for both).
+pub fn other_scheme(primary: &str) -> String {
+    match primary.strip_prefix(HTTPS) {
+        Some(plain) => plain.to_string(),
+        None => format!("{HTTPS}{primary}"),
+    }
 }
 
 /// The response's `Vary` names that select variants.
@@ -86,6 +102,18 @@ mod tests {
             .header("host", host)
             .body(())
             .expect("request")
+    }
+
+    #[test]
+    fn https_and_http_answers_have_their_own_keys() {
+        let plain = primary(&req("a.test", "/x"));
+        let mut secure = req("a.test", "/x");
+        secure.extensions_mut().insert(crate::listener::Secure);
+        let secure = primary(&secure);
+        assert_ne!(plain, secure);
+        assert_eq!(secure, "https:a.test /x");
+        assert_eq!(other_scheme(&plain), secure);
+        assert_eq!(other_scheme(&secure), plain);
     }
 
     #[test]

@@ -317,6 +317,9 @@ impl<S: Store> IsrCache<S> {
                     primaries.push(other);
                 }
             }
+            // What is stored for the other scheme is as stale.
+            let other_schemes: Vec<_> = primaries.iter().map(|p| key::other_scheme(p)).collect();
+            primaries.extend(other_schemes);
             let selector = Selector {
                 primaries,
                 ..Selector::default()

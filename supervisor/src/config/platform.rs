@@ -66,6 +66,20 @@ struct RawPlatform {
     keepalive_timeout: Option<HumanDuration>,
     send_timeout: Option<PositiveDuration>,
     control_group: Option<Spanned<String>>,
+    tls: Option<Spanned<RawPlatformTls>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlatformTls {
+    http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppTls {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +96,7 @@ struct RawApp {
     hooks: Option<RawHooks>,
     env: Option<EnvVars>,
     user: Option<Spanned<String>>,
+    tls: Option<Spanned<RawAppTls>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +167,26 @@ pub struct PlatformConfig {
     pub apps: Vec<AppEntry>,
     /// `control_group`: its members may use the control socket (name, gid).
     pub control_group: Option<(String, u32)>,
+    /// `[platform.tls]`: the listener is HTTPS.
+    pub tls: Option<PlatformTls>,
+}
+
+/// `[platform.tls]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlatformTls {
+    /// Plain HTTP: redirects to `https://` (308).
+    pub http_listen: SocketAddr,
+}
+
+/// `platform.tls.http_listen` when not set.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:80";
+
+/// `[apps.NAME.tls]`: the app's certificate (PEM; the chain after the
+/// leaf in `cert`), absolute paths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One `[apps.NAME]` table.
@@ -178,6 +213,8 @@ pub struct AppEntry {
     pub env: EnvVars,
     /// `apps.NAME.user`: the app's processes run as this user.
     pub user: Option<AppUser>,
+    /// `[apps.NAME.tls]`.
+    pub tls: Option<AppTls>,
 }
 
 /// A system user an app's processes run as (bext must run as root).
@@ -319,6 +356,7 @@ impl PlatformConfig {
                 }
                 domains.push(normalized);
             }
+            let source_at = app.source.span().start;
             let source = app.source.into_inner();
             let source = if source.is_absolute() {
                 source
@@ -356,6 +394,55 @@ impl PlatformConfig {
                     })?),
                     None => None,
                 };
+            let absolute = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+            let tls = match &app.tls {
+                Some(raw) if platform.tls.is_none() => {
+                    return Err(invalid(
+                        raw.span().start,
+                        format!("apps.{name}.tls"),
+                        "a certificate needs an HTTPS listener: add a [platform.tls] table"
+                            .to_string(),
+                    ));
+                }
+                Some(raw) => {
+                    let raw = raw.get_ref();
+                    let tls = AppTls {
+                        cert: absolute(raw.cert.get_ref().clone()),
+                        key: absolute(raw.key.get_ref().clone()),
+                    };
+                    let pair =
+                        crate::listener::tls::load_pair(&tls.cert, &tls.key).map_err(|why| {
+                            invalid(raw.cert.span().start, format!("apps.{name}.tls.cert"), why)
+                        })?;
+                    for (i, domain) in domains.iter().enumerate() {
+                        if !crate::listener::tls::covers(&pair, domain) {
+                            return Err(invalid(
+                                app.domains[i].span().start,
+                                format!("apps.{name}.domains[{i}]"),
+                                format!(
+                                    "the certificate of apps.{name}.tls.cert ({}) does not cover `{domain}`",
+                                    tls.cert.display()
+                                ),
+                            ));
+                        }
+                    }
+                    Some(tls)
+                }
+                None => {
+                    if platform.tls.is_some()
+                        && let Some(first) = domains.first()
+                    {
+                        return Err(invalid(
+                            source_at,
+                            format!("apps.{name}.tls"),
+                            format!(
+                                "app `{name}` has no certificate for `{first}`: set [apps.{name}.tls] cert and key (automatic certificates are not there yet)"
+                            ),
+                        ));
+                    }
+                    None
+                }
+            };
             let cache = app.cache.unwrap_or_default();
             let isolate = app.isolate.unwrap_or_default();
             let hooks = app.hooks.unwrap_or_default();
@@ -394,6 +481,7 @@ impl PlatformConfig {
                 },
                 env: app.env.unwrap_or_default(),
                 user,
+                tls,
                 hooks: Hooks {
                     pre_build: hooks.pre_build.filter(|h| !h.trim().is_empty()),
                     post_deploy: hooks.post_deploy.filter(|h| !h.trim().is_empty()),
@@ -430,7 +518,14 @@ impl PlatformConfig {
             },
             None => None,
         };
+        let tls = platform.tls.map(|t| PlatformTls {
+            http_listen: t
+                .into_inner()
+                .http_listen
+                .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default")),
+        });
         Ok(PlatformConfig {
+            tls,
             control_group,
             source: path.to_path_buf(),
             listen: platform

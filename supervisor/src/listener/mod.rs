@@ -6,7 +6,9 @@
 //! grace period. It hands each request to a [`Handler`] and knows nothing of
 //! what happens next.
 
+pub mod redirect;
 mod timed;
+pub mod tls;
 
 pub use timed::ConnLimits;
 use timed::{Activity, InFlight, TimedIo};
@@ -46,6 +48,16 @@ pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// connection, before the connection is closed (CVE-2023-44487, "rapid
 /// reset").
 pub const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// In a request's extensions when it came over TLS: its scheme is
+/// `https` (the cache key, `X-Forwarded-Proto`).
+#[derive(Debug, Clone, Copy)]
+pub struct Secure;
+
+/// Whether `req` came over TLS.
+pub fn is_secure<B>(req: &http::Request<B>) -> bool {
+    req.extensions().get::<Secure>().is_some()
+}
 
 /// What the listener calls for every request.
 pub trait Handler: Send + Sync + 'static {
@@ -97,6 +109,7 @@ pub async fn serve<H: Handler>(
     shutdown: &Shutdown,
     grace: Duration,
     shards: &Shards,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> io::Result<bool> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -124,17 +137,25 @@ pub async fn serve<H: Handler>(
     let listener = listener.into_std()?;
     let mut acceptors = Vec::with_capacity(shards.handles().len());
     for shard in shards.handles() {
-        let (listener, builder, handler, graceful, stop) = (
+        let (listener, builder, handler, graceful, stop, tls) = (
             listener.try_clone()?,
             builder.clone(),
             Arc::clone(&handler),
             Arc::clone(&graceful),
             shutdown.graceful.clone(),
+            tls.clone().map(tokio_rustls::TlsAcceptor::from),
         );
         acceptors.push(shard.spawn(async move {
             match TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    accept(listener, &builder, &handler, limits, &graceful, &stop).await;
+                    let conns = Conns {
+                        builder: &builder,
+                        handler: &handler,
+                        limits,
+                        graceful: &graceful,
+                        tls,
+                    };
+                    accept(listener, &conns, &stop).await;
                 }
                 Err(e) => error!("a shard could not take the listener: {e}"),
             }
@@ -171,8 +192,12 @@ async fn respond<H: Handler>(
     mut req: http::Request<Incoming>,
     client: Peer,
     activity: Arc<Activity>,
+    secure: bool,
 ) -> Result<http::Response<WithGuard<Body, InFlight>>, Infallible> {
     let in_flight = activity.begin();
+    if secure {
+        req.extensions_mut().insert(Secure);
+    }
     let response = match check_host(&mut req) {
         Ok(()) => handler.handle(req, client).await,
         Err(why) => bad_request(why),
@@ -237,16 +262,19 @@ fn bad_request(why: &'static str) -> http::Response<Body> {
     response
 }
 
+/// What every connection of a shard is served with.
+struct Conns<'a, H> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    handler: &'a Arc<H>,
+    limits: ConnLimits,
+    graceful: &'a GracefulShutdown,
+    /// TLS first, when the listener is HTTPS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// One shard's accept loop: serves each connection on this shard until
 /// `stop`.
-async fn accept<H: Handler>(
-    listener: TcpListener,
-    builder: &auto::Builder<TokioExecutor>,
-    handler: &Arc<H>,
-    limits: ConnLimits,
-    graceful: &GracefulShutdown,
-    stop: &CancellationToken,
-) {
+async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -261,27 +289,76 @@ async fn accept<H: Handler>(
             () = stop.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let handler = Arc::clone(handler);
+        let handler = Arc::clone(conns.handler);
         let client = Peer::new(peer);
         let activity = Activity::new();
-        let io = TimedIo::new(stream, Arc::clone(&activity), limits);
+        let io = TimedIo::new(stream, Arc::clone(&activity), conns.limits);
+        let secure = conns.tls.is_some();
         let service = service_fn(move |req| {
             respond(
                 Arc::clone(&handler),
                 req,
                 client.clone(),
                 Arc::clone(&activity),
+                secure,
             )
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = &conns.tls else {
+            serve_connection(conns, io, service, peer);
+            continue;
+        };
+        // The handshake on the connection's own task: a slow client holds
+        // up no one. It is bounded by the header timeout (TimedIo counts
+        // it as the head of the first request; this is the backstop).
+        let handshake = tokio::time::timeout(conns.limits.client_header_timeout, tls.accept(io));
+        let (builder, graceful_watch) = (conns.builder.clone(), conns.graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                // Resets and early closes are the client's business.
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = graceful_watch.watch(conn).await {
                 debug!(%peer, "connection ended: {e}");
             }
         });
     }
+}
+
+/// Serves one plain connection on a task of its own until it ends or the
+/// listener drains.
+fn serve_connection<H, S>(
+    conns: &Conns<'_, H>,
+    io: TimedIo<tokio::net::TcpStream>,
+    service: S,
+    peer: SocketAddr,
+) where
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = http::Response<WithGuard<Body, InFlight>>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = conns
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    let conn = conns.graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            // Resets and early closes are the client's business.
+            debug!(%peer, "connection ended: {e}");
+        }
+    });
 }

@@ -123,6 +123,12 @@ impl Platform {
             );
             new.control_group.clone_from(&current.control_group);
         }
+        if new.tls != current.tls {
+            warn!(
+                "[platform] the [platform.tls] table changed; restart bext to apply it (certificates of apps are reloaded)"
+            );
+            new.tls.clone_from(&current.tls);
+        }
         Ok(new)
     }
 
@@ -216,6 +222,9 @@ impl Platform {
         }
         self.config = new;
         self.service.set_access(&self.config);
+        if let Err(e) = self.service.set_certificates(&self.config) {
+            error!("reload: the certificates in use stay: {e}");
+        }
         self.publish();
         for name in fresh {
             if let Some(app) = self.apps.get(&name) {

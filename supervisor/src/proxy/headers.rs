@@ -229,6 +229,24 @@ pub fn set_forwarded(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
+/// An HTTP/2 client may send its cookies as separate `cookie` fields
+/// (browsers do, for compression); an HTTP/1.1 server expects one line:
+/// they are joined with `; ` (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for cookie in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// The client's `X-Request-Id` if it is sane (1–128 characters of
 /// `[A-Za-z0-9._:-]`), else a fresh one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -273,6 +291,20 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn h2_cookie_fields_become_one_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2; c=3"));
+        super::join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        super::join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1");
+    }
+
     use super::*;
 
     #[test]

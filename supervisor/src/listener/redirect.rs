@@ -1,0 +1,106 @@
+//! The plain-HTTP listener beside an HTTPS one: every request is sent to
+//! the same host, path and query over `https://` (308, which keeps the
+//! method and body). ACME HTTP-01 challenges will be answered here too.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use super::{Handler, Peer};
+use crate::body::{self, Body};
+
+/// Redirects to the HTTPS listener on `https_port`.
+#[derive(Debug)]
+pub struct ToHttps {
+    /// Left out of the `Location` when it is 443.
+    https_port: u16,
+}
+
+impl ToHttps {
+    pub fn new(https_port: u16) -> Self {
+        ToHttps { https_port }
+    }
+
+    /// `https://host[:port]/path?query` for `req`, or `None` when its host
+    /// is unusable.
+    fn location<B>(&self, req: &Request<B>) -> Option<HeaderValue> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host())?;
+        let host = crate::router::normalize(host);
+        if host.is_empty() || host.contains(['/', '\\', '@', '?', '#']) {
+            return None;
+        }
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = if self.https_port == 443 {
+            format!("https://{host}{target}")
+        } else {
+            format!("https://{host}:{}{target}", self.https_port)
+        };
+        HeaderValue::from_str(&location).ok()
+    }
+}
+
+impl Handler for ToHttps {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<Body> {
+        match self.location(&req) {
+            Some(location) => {
+                let mut response = Response::new(body::empty());
+                *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                response.headers_mut().insert(header::LOCATION, location);
+                response
+            }
+            None => {
+                let mut response = Response::new(body::full("a Host is required\n"));
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(port: u16, host: &str, target: &str) -> Option<String> {
+        let req = Request::get(target)
+            .header(header::HOST, host)
+            .body(())
+            .expect("request");
+        ToHttps::new(port)
+            .location(&req)
+            .map(|v| v.to_str().expect("ascii").to_string())
+    }
+
+    #[test]
+    fn the_same_host_path_and_query_over_https() {
+        assert_eq!(
+            location(443, "Example.COM:80", "/a/b?c=d&e").as_deref(),
+            Some("https://example.com/a/b?c=d&e")
+        );
+        assert_eq!(
+            location(8443, "example.com", "/").as_deref(),
+            Some("https://example.com:8443/")
+        );
+        assert_eq!(
+            location(443, "[::1]:80", "/x").as_deref(),
+            Some("https://[::1]/x")
+        );
+    }
+
+    #[test]
+    fn a_host_that_would_redirect_elsewhere_is_refused() {
+        assert_eq!(location(443, "evil.test/x", "/"), None);
+        assert_eq!(location(443, "a@evil.test", "/"), None);
+        assert_eq!(location(443, "", "/"), None);
+    }
+}

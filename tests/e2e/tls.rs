@@ -1,0 +1,349 @@
+//! Issue 13: HTTPS. Certificates from a test CA made here (rcgen), three
+//! apps (an exact domain, a wildcard, a third as the default), real TLS
+//! clients (rustls through tokio-rustls and reqwest).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+
+use crate::support::{Bext, Options, bext_command, temp_app};
+
+/// A CA, and leaf certificates it signs, as PEM files in a temp dir.
+struct TestCa {
+    dir: tempfile::TempDir,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bext test CA");
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).expect("CA");
+        TestCa {
+            dir: tempfile::tempdir().expect("tempdir"),
+            issuer,
+        }
+    }
+
+    fn root(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` for a certificate of `names`;
+    /// returns (cert path, key path, the leaf's DER).
+    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(
+            names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        )
+        .expect("params")
+        .signed_by(&key, &self.issuer)
+        .expect("leaf");
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{file}.pem")),
+            self.dir.path().join(format!("{file}.key")),
+        );
+        // The chain: leaf, then the CA.
+        std::fs::write(&cert_path, format!("{}{}", cert.pem(), self.issuer.pem()))
+            .expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path, cert.der().clone())
+    }
+}
+
+/// A Node app that answers with what it was sent, as JSON.
+fn echo_app(name: &str) -> tempfile::TempDir {
+    temp_app(&[
+        (
+            "package.json",
+            &format!(
+                r#"{{"name": "{name}", "private": true, "scripts": {{"start": "node server.js"}}}}"#
+            ),
+        ),
+        (
+            "server.js",
+            &format!(
+                r#"
+const http = require('http');
+http.createServer((req, res) => {{
+  res.setHeader('content-type', 'application/json');
+  res.end(JSON.stringify({{
+    app: '{name}',
+    proto: req.headers['x-forwarded-proto'] || null,
+    cookies: req.rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'cookie').length,
+    cookie: req.headers['cookie'] || null,
+  }}));
+}}).listen(process.env.PORT || 3000);
+"#
+            ),
+        ),
+    ])
+}
+
+/// A TLS client trusting only `ca`, offering h2 and http/1.1.
+fn client_config(ca: &TestCa) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.root()).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(bext::listener::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+/// One handshake with `sni` (or none): the server's leaf and the ALPN
+/// protocol it chose.
+async fn handshake(
+    addr: SocketAddr,
+    ca: &TestCa,
+    sni: Option<&str>,
+) -> (CertificateDer<'static>, Option<Vec<u8>>) {
+    let mut config = client_config(ca);
+    let name = match sni {
+        Some(name) => ServerName::try_from(name.to_string()).expect("name"),
+        None => {
+            // No SNI sent; the client still checks the certificate it
+            // gets against a name: the default app's.
+            config.enable_sni = false;
+            ServerName::try_from("c.test").expect("name")
+        }
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let (_, session) = tls.get_ref();
+    let leaf = session.peer_certificates().expect("certs")[0].clone();
+    (leaf, session.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+fn https_client(ca: &TestCa, addr: SocketAddr, names: &[&str]) -> reqwest::Client {
+    let mut builder = crate::support::client_builder()
+        .use_preconfigured_tls(client_config(ca))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20));
+    for name in names {
+        builder = builder.resolve(name, addr);
+    }
+    builder.build().expect("client")
+}
+
+struct Site {
+    bext: Bext,
+    ca: TestCa,
+    plain: SocketAddr,
+    leaves: [CertificateDer<'static>; 3],
+    _apps: Vec<tempfile::TempDir>,
+    _config: tempfile::TempDir,
+}
+
+fn platform_file(
+    ca: &TestCa,
+    apps: &[tempfile::TempDir],
+) -> (tempfile::TempDir, PathBuf, [CertificateDer<'static>; 3]) {
+    let (a_cert, a_key, a) = ca.leaf("a", &["a.test"]);
+    let (b_cert, b_key, b) = ca.leaf("b", &["*.b.test", "b.test"]);
+    let (c_cert, c_key, c) = ca.leaf("c", &["c.test"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("platform.toml");
+    let p = |p: &Path| p.display().to_string();
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[platform]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+default_app = "c"
+
+[platform.tls]
+http_listen = "127.0.0.1:0"
+
+[apps.a]
+source = "{a_src}"
+domains = ["a.test"]
+tls = {{ cert = "{a_cert}", key = "{a_key}" }}
+
+[apps.b]
+source = "{b_src}"
+domains = ["*.b.test", "b.test"]
+tls = {{ cert = "{b_cert}", key = "{b_key}" }}
+
+[apps.c]
+source = "{c_src}"
+domains = ["c.test"]
+tls = {{ cert = "{c_cert}", key = "{c_key}" }}
+"#,
+            data = dir.path().join("data").display(),
+            a_src = p(apps[0].path()),
+            b_src = p(apps[1].path()),
+            c_src = p(apps[2].path()),
+            a_cert = p(&a_cert),
+            a_key = p(&a_key),
+            b_cert = p(&b_cert),
+            b_key = p(&b_key),
+            c_cert = p(&c_cert),
+            c_key = p(&c_key),
+        ),
+    )
+    .expect("write");
+    (dir, file, [a, b, c])
+}
+
+fn start() -> Site {
+    let ca = TestCa::new();
+    let apps = vec![echo_app("a"), echo_app("b"), echo_app("c")];
+    let (dir, file, leaves) = platform_file(&ca, &apps);
+    let bext = Bext::serve(&file, &Options::default());
+    bext.wait_log(Duration::from_secs(60), |v| v["message"] == "apps started");
+    let line = bext.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("redirecting"))
+    });
+    let plain = line["addr"].as_str().expect("addr").parse().expect("addr");
+    Site {
+        bext,
+        ca,
+        plain,
+        leaves,
+        _apps: apps,
+        _config: dir,
+    }
+}
+
+/// Acceptance 1 (SNI, ALPN, redirect, request facts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_sni_picks_each_apps_certificate_and_alpn_gives_h2() {
+    let site = start();
+    let addr = site.bext.addr;
+    for (sni, leaf) in [
+        (Some("a.test"), &site.leaves[0]),
+        (Some("x.b.test"), &site.leaves[1]),
+        (Some("b.test"), &site.leaves[1]),
+        (Some("c.test"), &site.leaves[2]),
+        // No SNI: the default app's certificate.
+        (None, &site.leaves[2]),
+    ] {
+        let (got, alpn) = handshake(addr, &site.ca, sni).await;
+        assert!(got == *leaf, "SNI {sni:?} got another certificate");
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "ALPN for {sni:?}");
+    }
+
+    let client = https_client(&site.ca, addr, &["a.test", "x.b.test"]);
+    let response = client
+        .get(format!("https://x.b.test:{}/hello", addr.port()))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .expect("GET over h2");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["app"], "b");
+    assert_eq!(body["proto"], "https", "the app sees https");
+    assert_eq!(
+        body["cookies"], 1,
+        "one cookie header reaches the app: {body}"
+    );
+    assert_eq!(body["cookie"], "a=1; b=2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_the_plain_listener_redirects_to_https() {
+    let site = start();
+    let client = crate::support::client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let response = client
+        .post(format!("http://{}/path/x?q=1&r", site.plain))
+        .header("host", "a.test")
+        .body("kept by a 308")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 308);
+    assert_eq!(
+        response.headers()["location"],
+        format!("https://a.test:{}/path/x?q=1&r", site.bext.addr.port()).as_str()
+    );
+    // The redirect's target answers.
+    let https = https_client(&site.ca, site.bext.addr, &["a.test"]);
+    let followed = https
+        .get(response.headers()["location"].to_str().expect("ascii"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(followed.status(), 200);
+    let body: Value = followed.json().await.expect("json");
+    assert_eq!(body["app"], "a");
+}
+
+/// Config errors name the key: a certificate that does not cover the
+/// app's domain, a key of another certificate, an app without one.
+#[test]
+fn issue13_bad_certificates_are_config_errors() {
+    let ca = TestCa::new();
+    let (cert, key, _) = ca.leaf("only-a", &["a.test"]);
+    let (_, other_key, _) = ca.leaf("other", &["a.test"]);
+    let source = tempfile::tempdir().expect("tempdir");
+    let check = |app: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("platform.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[platform]\nlisten = \"127.0.0.1:0\"\n[platform.tls]\n[apps.x]\nsource = \"{}\"\n{app}\n",
+                source.path().display()
+            ),
+        )
+        .expect("write");
+        let (code, out, err) = bext_command(&["check", "--config", file.to_str().expect("utf8")]);
+        (code, format!("{out}{err}"))
+    };
+    let (code, text) = check(&format!(
+        "domains = [\"b.test\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+        cert.display(),
+        key.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("apps.x.domains[0]") && text.contains("does not cover `b.test`"),
+        "{text}"
+    );
+    let (code, text) = check(&format!(
+        "domains = [\"a.test\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+        cert.display(),
+        other_key.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("apps.x.tls.cert") && text.contains("is not the key"),
+        "{text}"
+    );
+    let (code, text) = check("domains = [\"a.test\"]");
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("apps.x.tls") && text.contains("no certificate for `a.test`"),
+        "{text}"
+    );
+    let (code, text) = check(&format!(
+        "domains = [\"a.test\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+        cert.display(),
+        key.display()
+    ));
+    assert_eq!(code, 0, "{text}");
+}
