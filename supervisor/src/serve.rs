@@ -25,7 +25,7 @@ use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
-use crate::listener::tls::Certificates;
+use crate::listener::tls::{CertSource, Certificates};
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::platform::{Platform, Signals};
@@ -33,7 +33,6 @@ use crate::router::{self, RouteTable};
 use crate::run::RunError;
 use crate::server::AppService;
 use crate::shards::Shards;
-use rustls::sign::CertifiedKey;
 
 /// Workers per app in multi-app mode when neither the app's config nor
 /// its platform table says.
@@ -60,26 +59,24 @@ pub struct PlatformService {
     certificates: Option<Arc<Certificates>>,
 }
 
-/// Every app's certificate by its domains, and the default one (the
-/// default app's, else the first app's): loaded from `config`'s files.
-fn certificate_routes(config: &PlatformConfig) -> Result<CertificateRoutes, String> {
-    let mut routes = Vec::new();
-    let mut default = None;
-    for entry in &config.apps {
-        let Some(tls) = &entry.tls else { continue };
-        let pair = Arc::new(
-            crate::listener::tls::load_pair(&tls.cert, &tls.key)
-                .map_err(|e| format!("app '{}': {e}", entry.name))?,
-        );
-        if default.is_none() || config.default_app.as_deref() == Some(entry.name.as_str()) {
-            default = Some(Arc::clone(&pair));
-        }
-        routes.extend(entry.domains.iter().map(|d| (d.clone(), Arc::clone(&pair))));
-    }
-    Ok((routes, default))
+/// Where every app's certificate comes from; the default one (for clients
+/// without SNI) is the default app's, else the first app's.
+fn cert_sources(config: &PlatformConfig) -> Vec<CertSource> {
+    config
+        .apps
+        .iter()
+        .filter_map(|entry| {
+            let tls = entry.tls.as_ref()?;
+            Some(CertSource {
+                app: entry.name.clone(),
+                domains: entry.domains.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+                default: config.default_app.as_deref() == Some(entry.name.as_str()),
+            })
+        })
+        .collect()
 }
-
-type CertificateRoutes = (Vec<(String, Arc<CertifiedKey>)>, Option<Arc<CertifiedKey>>);
 
 impl PlatformService {
     /// Routes `apps` for `config`'s domains.
@@ -132,18 +129,16 @@ impl PlatformService {
         self.apps.store(Arc::new(services));
     }
 
-    /// `admin_networks` and `trusted_proxies` of a reloaded file.
     /// Takes `config`'s certificates for new handshakes; on an error the
     /// ones in use stay.
     pub fn set_certificates(&self, config: &PlatformConfig) -> Result<(), String> {
-        let Some(certificates) = &self.certificates else {
-            return Ok(());
-        };
-        let (routes, default) = certificate_routes(config)?;
-        certificates.replace(routes, default);
-        Ok(())
+        match &self.certificates {
+            Some(certificates) => certificates.set_sources(cert_sources(config)),
+            None => Ok(()),
+        }
     }
 
+    /// `admin_networks` and `trusted_proxies` of a reloaded file.
     pub fn set_access(&self, config: &PlatformConfig) {
         self.access.store(Arc::new((
             config.admin_networks.clone(),
@@ -335,8 +330,8 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // HTTPS: the certificates, and the plain listener that redirects.
     let tls = match &config.tls {
         Some(settings) => {
-            let (routes, default) = certificate_routes(&config).map_err(RunError::Tls)?;
-            let certificates = Arc::new(Certificates::new(routes, default));
+            let certificates =
+                Arc::new(Certificates::load(cert_sources(&config)).map_err(RunError::Tls)?);
             let server = crate::listener::tls::server_config(Arc::clone(&certificates))
                 .map_err(RunError::Tls)?;
             let plain = TcpListener::bind(settings.http_listen)
@@ -390,9 +385,18 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
-    let (server_tls, plain) = match tls {
-        Some((_, server, plain)) => (Some(server), Some(plain)),
-        None => (None, None),
+    let (server_tls, plain, watcher) = match tls {
+        Some((certificates, server, plain)) => {
+            // Certificate files replaced on disk are taken within a
+            // second; without the watcher, at the next reload.
+            let watcher = crate::listener::tls::watch(certificates)
+                .inspect_err(|e| {
+                    warn!("certificate files are not watched (a reload takes new ones): {e}");
+                })
+                .ok();
+            (Some(server), Some(plain), watcher)
+        }
+        None => (None, None, None),
     };
     let redirecting = plain
         .map(|plain| {
@@ -437,6 +441,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     .run(inbox, signals, serving)
     .await;
     control.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let _ = std::fs::remove_file(&control_path);
     crate::memory::release();
     info!("bye");

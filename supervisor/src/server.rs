@@ -168,7 +168,7 @@ impl AppService {
 }
 
 impl Handler for AppService {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
         let peer_ip = peer.addr.ip();
@@ -177,6 +177,13 @@ impl Handler for AppService {
             .iter()
             .any(|net| net.contains(&peer_ip));
         let client_ip = headers::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
+        // One scheme for the cache key and the app: the connection's, or a
+        // trusted TLS-terminating proxy's `X-Forwarded-Proto`.
+        let secure = crate::listener::is_secure(&req)
+            || (trusted_peer && headers::forwarded_https(req.headers()));
+        if secure {
+            req.extensions_mut().insert(crate::listener::Secure);
+        }
         let record = self.access_log.then(|| Record {
             app: Arc::clone(&self.app),
             method: req.method().clone(),
@@ -196,11 +203,7 @@ impl Handler for AppService {
         let client = ClientInfo {
             peer,
             trusted_peer,
-            scheme: if crate::listener::is_secure(&req) {
-                "https"
-            } else {
-                "http"
-            },
+            scheme: if secure { "https" } else { "http" },
             request_id: headers::request_id(req.headers()),
         };
         let request_id = client.request_id.clone();

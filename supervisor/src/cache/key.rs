@@ -35,7 +35,9 @@ pub fn primary<B>(req: &Request<B>) -> String {
     key
 }
 
-const HTTPS: &str = "https:";
+/// A control character no `Host` can carry: a client cannot forge an https
+/// key over plain HTTP.
+const HTTPS: &str = "\u{1}https:";
 
 /// The same primary key for the other scheme (an unsafe request over one
 /// invalidates what was stored for both).
@@ -68,8 +70,25 @@ pub fn vary_values(
 ) -> Vec<(HeaderName, Option<HeaderValue>)> {
     names
         .iter()
-        .map(|n| (n.clone(), headers.get(n).cloned()))
+        .map(|n| (n.clone(), combined(headers, n)))
         .collect()
+}
+
+/// Every line of `name` in `headers`, as one value (`, `-joined, as
+/// RFC 9110 §5.3 combines field lines): a variant is chosen by all of
+/// them, never by the first alone.
+pub fn combined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else {
+        return Some(first.clone());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for line in std::iter::once(second).chain(lines) {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// The full key: primary plus the varied header values.
@@ -83,7 +102,7 @@ pub fn full<'a>(primary: &'a str, headers: &HeaderMap, names: &[HeaderName]) -> 
         key.push('\n');
         key.push_str(name.as_str());
         key.push('=');
-        if let Some(value) = headers.get(name) {
+        if let Some(value) = combined(headers, name) {
             key.push_str(&String::from_utf8_lossy(value.as_bytes()));
         } else {
             key.push('\u{0}');
@@ -111,9 +130,26 @@ mod tests {
         secure.extensions_mut().insert(crate::listener::Secure);
         let secure = primary(&secure);
         assert_ne!(plain, secure);
-        assert_eq!(secure, "https:a.test /x");
+        assert_eq!(secure, "\u{1}https:a.test /x");
+        let mut forged = req("https:a.test", "/x");
+        forged.extensions_mut().clear();
+        assert_ne!(primary(&forged), secure, "a Host cannot forge the scheme");
         assert_eq!(other_scheme(&plain), secure);
         assert_eq!(other_scheme(&secure), plain);
+    }
+
+    #[test]
+    fn every_line_of_a_varied_header_selects_the_variant() {
+        let names = [header::ACCEPT_LANGUAGE];
+        let mut one = HeaderMap::new();
+        one.append(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        let mut two = one.clone();
+        two.append(header::ACCEPT_LANGUAGE, HeaderValue::from_static("fr"));
+        assert_ne!(full("p", &one, &names), full("p", &two, &names));
+        assert_eq!(
+            combined(&two, &header::ACCEPT_LANGUAGE).expect("value"),
+            "en, fr"
+        );
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Object {
     pub fn matches(&self, headers: &HeaderMap) -> bool {
         self.vary
             .iter()
-            .all(|(name, value)| headers.get(name) == value.as_ref())
+            .all(|(name, value)| super::key::combined(headers, name).as_ref() == value.as_ref())
     }
 
     /// Bytes this object holds, for the store's bound.

@@ -35,6 +35,8 @@ use super::{Config, Framework, MemorySize};
 
 /// Where multi-app mode listens when the file does not say.
 pub const DEFAULT_PLATFORM_LISTEN: &str = "0.0.0.0:80";
+/// `platform.listen` when not set and `[platform.tls]` is.
+pub const DEFAULT_PLATFORM_TLS_LISTEN: &str = "0.0.0.0:443";
 /// Where multi-app mode keeps its state when the file does not say.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/bext";
 /// How many apps one platform may run when the file does not say.
@@ -518,19 +520,48 @@ impl PlatformConfig {
             },
             None => None,
         };
-        let tls = platform.tls.map(|t| PlatformTls {
-            http_listen: t
-                .into_inner()
-                .http_listen
-                .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default")),
+        if let Some(table) = &platform.tls
+            && !apps.iter().any(|a| a.tls.is_some())
+        {
+            return Err(invalid(
+                table.span().start,
+                "platform.tls".to_string(),
+                "no app has a certificate: give at least one [apps.NAME.tls]".to_string(),
+            ));
+        }
+        let listen = platform.listen.unwrap_or_else(|| {
+            let default = if platform.tls.is_some() {
+                DEFAULT_PLATFORM_TLS_LISTEN
+            } else {
+                DEFAULT_PLATFORM_LISTEN
+            };
+            default.parse().expect("valid default")
         });
+        let tls = match platform.tls {
+            Some(table) => {
+                let at = table.span().start;
+                let http_listen = table
+                    .into_inner()
+                    .http_listen
+                    .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default"));
+                if http_listen == listen && listen.port() != 0 {
+                    return Err(invalid(
+                        at,
+                        "platform.tls.http_listen".to_string(),
+                        format!(
+                            "plain HTTP and HTTPS cannot share {listen}: set platform.listen (HTTPS, usually port 443) and platform.tls.http_listen (usually port 80) apart"
+                        ),
+                    ));
+                }
+                Some(PlatformTls { http_listen })
+            }
+            None => None,
+        };
         Ok(PlatformConfig {
             tls,
             control_group,
             source: path.to_path_buf(),
-            listen: platform
-                .listen
-                .unwrap_or_else(|| DEFAULT_PLATFORM_LISTEN.parse().expect("valid default")),
+            listen,
             data_dir: platform
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),

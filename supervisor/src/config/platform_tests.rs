@@ -235,3 +235,37 @@ fn a_tenants_own_file_cannot_raise_its_limits() {
         "the platform may"
     );
 }
+
+/// Issue 13: with [platform.tls], `listen` defaults to 443, and the plain
+/// listener may not take the HTTPS one's address.
+#[test]
+fn tls_listeners_default_and_may_not_collide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.path().join("a.pem"), cert.pem()).expect("cert");
+    std::fs::write(dir.path().join("a.key"), key.serialize_pem()).expect("key");
+    let file = |platform: &str| {
+        format!(
+            "[platform]\n{platform}\n[apps.a]\nsource = \"/srv/a\"\ndomains = [\"a.test\"]\ntls = {{ cert = \"{0}/a.pem\", key = \"{0}/a.key\" }}\n",
+            dir.path().display()
+        )
+    };
+    let config = PlatformConfig::parse(
+        Path::new("/etc/bext/platform.toml"),
+        &file("[platform.tls]"),
+    )
+    .expect("valid");
+    assert_eq!(config.listen.port(), 443);
+    assert_eq!(config.tls.expect("tls").http_listen.port(), 80);
+    let d = diag(&file(
+        "listen = \"0.0.0.0:8080\"\n[platform.tls]\nhttp_listen = \"0.0.0.0:8080\"",
+    ));
+    assert_eq!(d.key.as_deref(), Some("platform.tls.http_listen"));
+    assert!(d.message.contains("cannot share"), "{}", d.message);
+    let d = diag("[platform]\n[platform.tls]\n[apps.a]\nsource = \"/srv/a\"\n");
+    assert_eq!(d.key.as_deref(), Some("platform.tls"));
+}

@@ -49,6 +49,10 @@ pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// reset").
 pub const H2_MAX_PENDING_RESETS: usize = 20;
 
+/// Longest a TLS handshake may take (less if `client_header_timeout` is):
+/// a pending one holds a buffered ClientHello.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// In a request's extensions when it came over TLS: its scheme is
 /// `https` (the cache key, `X-Forwarded-Proto`).
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +202,9 @@ async fn respond<H: Handler>(
     if secure {
         req.extensions_mut().insert(Secure);
     }
+    // One `Cookie` line for everything after (the cache's `Vary: Cookie`
+    // key included), as an HTTP/2 client may split it.
+    crate::proxy::headers::join_cookies(req.headers_mut());
     let response = match check_host(&mut req) {
         Ok(()) => handler.handle(req, client).await,
         Err(why) => bad_request(why),
@@ -293,6 +300,7 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
         let client = Peer::new(peer);
         let activity = Activity::new();
         let io = TimedIo::new(stream, Arc::clone(&activity), conns.limits);
+        let tls_activity = Arc::clone(&activity);
         let secure = conns.tls.is_some();
         let service = service_fn(move |req| {
             respond(
@@ -310,11 +318,22 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
         // The handshake on the connection's own task: a slow client holds
         // up no one. It is bounded by the header timeout (TimedIo counts
         // it as the head of the first request; this is the backstop).
-        let handshake = tokio::time::timeout(conns.limits.client_header_timeout, tls.accept(io));
+        let handshake = tokio::time::timeout(
+            conns
+                .limits
+                .client_header_timeout
+                .min(TLS_HANDSHAKE_TIMEOUT),
+            tls.accept(io),
+        );
         let (builder, graceful_watch) = (conns.builder.clone(), conns.graceful.watcher());
         tokio::spawn(async move {
             let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(stream)) => {
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        tls_activity.set_h2();
+                    }
+                    stream
+                }
                 Ok(Err(e)) => {
                     debug!(%peer, "TLS handshake failed: {e}");
                     return;

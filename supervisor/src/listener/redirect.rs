@@ -39,7 +39,13 @@ impl ToHttps {
         } else {
             host
         };
-        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // (`OPTIONS *` and other non-path targets go to `/`.)
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|t| t.starts_with('/'))
+            .unwrap_or("/");
         let location = if self.https_port == 443 {
             format!("https://{host}{target}")
         } else {

@@ -43,6 +43,9 @@ pub(super) struct Activity {
     /// When the last request in flight ended, in ms after `accepted`.
     idle_since_ms: AtomicU64,
     upgraded: AtomicBool,
+    /// HTTP/2 by ALPN (under TLS the socket's bytes are records, not the
+    /// preface [`TimedIo`] looks for).
+    h2: AtomicBool,
 }
 
 impl Activity {
@@ -53,7 +56,13 @@ impl Activity {
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
         })
+    }
+
+    /// The TLS handshake chose HTTP/2.
+    pub(super) fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
     }
 
     /// A request's head is complete: until the returned guard is dropped
@@ -168,6 +177,9 @@ impl<S: AsyncRead> AsyncRead for TimedIo<S> {
         match polled {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
+                if this.h2.is_none() && activity.h2.load(Ordering::Relaxed) {
+                    *this.h2 = Some(true);
+                }
                 if this.h2.is_none() && !new.is_empty() {
                     let want = &H2_PREFIX[*this.preface_seen..];
                     let n = new.len().min(want.len());

@@ -8,8 +8,10 @@
 //! table is swapped whole (a reload), so a handshake sees the old
 //! certificates or the new ones, never a mix.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
@@ -76,33 +78,244 @@ pub fn covers(pair: &CertifiedKey, domain: &str) -> bool {
         .is_some_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
-/// Certificates by server name, swapped whole.
+/// Where one app's certificate comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertSource {
+    pub app: String,
+    /// The app's domains (`*.` patterns included): the certificate must
+    /// cover each.
+    pub domains: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Its certificate answers clients without SNI.
+    pub default: bool,
+}
+
+/// What identifies a file's content without reading it: a replaced or
+/// rewritten file has another.
+type Stamp = Option<(u64, u64, i64, i64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+}
+
+/// An app's certificate in use, and the stamps of the files it came from.
+#[derive(Debug)]
+struct InUse {
+    pair: Arc<CertifiedKey>,
+    stamps: (Stamp, Stamp),
+}
+
+/// Loads `source`'s pair and checks it covers the app's domains.
+fn load_source(source: &CertSource) -> Result<InUse, String> {
+    let stamps = (stamp(&source.cert), stamp(&source.key));
+    let pair = load_pair(&source.cert, &source.key)?;
+    if let Some(domain) = source.domains.iter().find(|d| !covers(&pair, d)) {
+        return Err(format!(
+            "the certificate in {} does not cover `{domain}`",
+            source.cert.display()
+        ));
+    }
+    Ok(InUse {
+        pair: Arc::new(pair),
+        stamps,
+    })
+}
+
+/// Certificates by server name, swapped whole; each app's is the last
+/// good pair its files held.
 #[derive(Debug)]
 pub struct Certificates {
     table: ArcSwap<RouteTable<CertifiedKey>>,
+    state: std::sync::Mutex<(Vec<CertSource>, BTreeMap<String, InUse>)>,
+    /// Told when a reload brings other sources (the watcher follows).
+    sources_changed: tokio::sync::Notify,
 }
 
 impl Certificates {
-    /// `routes`: (domain pattern, certificate); `default` answers clients
-    /// without SNI or with a name no pattern matches.
-    pub fn new(
-        routes: Vec<(String, Arc<CertifiedKey>)>,
-        default: Option<Arc<CertifiedKey>>,
-    ) -> Self {
-        Certificates {
-            table: ArcSwap::from_pointee(RouteTable::new(routes, default)),
-        }
+    /// Every source's pair, or the first error.
+    pub fn load(sources: Vec<CertSource>) -> Result<Self, String> {
+        let certificates = Certificates {
+            table: ArcSwap::from_pointee(RouteTable::new([], None)),
+            state: std::sync::Mutex::new((Vec::new(), BTreeMap::new())),
+            sources_changed: tokio::sync::Notify::new(),
+        };
+        certificates.set_sources(sources)?;
+        Ok(certificates)
     }
 
-    /// Takes over `routes` for the handshakes that follow.
-    pub fn replace(
-        &self,
-        routes: Vec<(String, Arc<CertifiedKey>)>,
-        default: Option<Arc<CertifiedKey>>,
-    ) {
+    /// Takes over `sources` (a reload): every pair must load, or nothing
+    /// changes.
+    pub fn set_sources(&self, sources: Vec<CertSource>) -> Result<(), String> {
+        if sources.is_empty() {
+            return Err("no app has a certificate".to_string());
+        }
+        let mut in_use = BTreeMap::new();
+        for source in &sources {
+            let loaded = load_source(source).map_err(|e| format!("app '{}': {e}", source.app))?;
+            in_use.insert(source.app.clone(), loaded);
+        }
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| "the certificate table is poisoned")?;
+        *state = (sources, in_use);
+        self.publish(&state.0, &state.1);
+        self.sources_changed.notify_one();
+        Ok(())
+    }
+
+    /// Reads the files again (they changed on disk): an app whose files
+    /// now hold a good pair that covers its domains gets it; one whose
+    /// files are broken (half-written, a key for another certificate)
+    /// keeps the pair in use. Returns what changed and what was refused,
+    /// one line each, for the log; files that did not change are not read.
+    pub fn refresh(&self) -> (Vec<String>, Vec<String>) {
+        let (mut changed, mut refused) = (Vec::new(), Vec::new());
+        let Ok(mut guard) = self.state.lock() else {
+            return (
+                changed,
+                vec!["the certificate table is poisoned".to_string()],
+            );
+        };
+        let (sources, in_use) = &mut *guard;
+        for source in sources.iter() {
+            let now = (stamp(&source.cert), stamp(&source.key));
+            if in_use.get(&source.app).is_some_and(|u| u.stamps == now) {
+                continue;
+            }
+            match load_source(source) {
+                Ok(loaded) => {
+                    changed.push(format!(
+                        "app '{}': new certificate from {}",
+                        source.app,
+                        source.cert.display()
+                    ));
+                    in_use.insert(source.app.clone(), loaded);
+                }
+                Err(e) => {
+                    refused.push(format!(
+                        "app '{}': {e}; the certificate in use stays",
+                        source.app
+                    ));
+                    // Not read again until the files change again.
+                    if let Some(used) = in_use.get_mut(&source.app) {
+                        used.stamps = now;
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.publish(sources, in_use);
+        }
+        (changed, refused)
+    }
+
+    /// The directories holding the certificate files (watched: a file
+    /// replaced by a rename is seen there, not on the old file).
+    pub fn directories(&self) -> Vec<PathBuf> {
+        let Ok(state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = state
+            .0
+            .iter()
+            .flat_map(|s| [&s.cert, &s.key])
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    fn publish(&self, sources: &[CertSource], in_use: &BTreeMap<String, InUse>) {
+        let mut routes = Vec::new();
+        let mut default = None;
+        for source in sources {
+            let Some(used) = in_use.get(&source.app) else {
+                continue;
+            };
+            if default.is_none() || source.default {
+                default = Some(Arc::clone(&used.pair));
+            }
+            routes.extend(
+                source
+                    .domains
+                    .iter()
+                    .map(|d| (d.clone(), Arc::clone(&used.pair))),
+            );
+        }
         self.table.store(Arc::new(RouteTable::new(routes, default)));
     }
 }
+
+/// Watches `certificates`' directories and refreshes them when a file
+/// there changes (within [`SETTLE`] of the last change: a copy in several
+/// writes is read once it is whole, or refused and read again at its next
+/// change). Runs until the task is aborted.
+pub fn watch(certificates: Arc<Certificates>) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // Full: a refresh is already due.
+            let _ = tx.try_send(());
+        }
+    })?;
+    let mut watched = Vec::new();
+    sync_watches(&certificates, &mut watcher, &mut watched);
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = rx.recv() => if event.is_none() { return },
+                // A reload named other files.
+                () = certificates.sources_changed.notified() => {
+                    sync_watches(&certificates, &mut watcher, &mut watched);
+                    continue;
+                }
+            }
+            // Let a burst of writes settle.
+            loop {
+                match tokio::time::timeout(SETTLE, rx.recv()).await {
+                    Ok(Some(())) => {}
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let (changed, refused) = certificates.refresh();
+            for line in changed {
+                tracing::info!("{line}");
+            }
+            for line in refused {
+                tracing::error!("{line}");
+            }
+        }
+    }))
+}
+
+/// Watches the directories `certificates` names now, and no others.
+fn sync_watches(
+    certificates: &Certificates,
+    watcher: &mut notify::RecommendedWatcher,
+    watched: &mut Vec<PathBuf>,
+) {
+    use notify::Watcher;
+    let wanted = certificates.directories();
+    for dir in watched.iter().filter(|d| !wanted.contains(d)) {
+        let _ = watcher.unwatch(dir);
+    }
+    for dir in wanted.iter().filter(|d| !watched.contains(d)) {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), "cannot watch certificate files: {e}");
+        }
+    }
+    *watched = wanted;
+}
+
+/// Quiet time after a change to certificate files before they are read.
+pub const SETTLE: Duration = Duration::from_millis(200);
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

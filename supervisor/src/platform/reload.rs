@@ -12,7 +12,6 @@ use tracing::{error, info, warn};
 
 use super::{Effect, Platform, settings_for};
 use crate::apps::{Gate, RunningApp};
-use crate::config::ConfigError;
 use crate::config::platform::PlatformConfig;
 use crate::run::RunError;
 
@@ -33,7 +32,15 @@ impl Platform {
         crate::notify::reloading();
         let mut replies: Vec<_> = std::mem::take(&mut self.reload_waiting);
         replies.extend(reply);
-        let new = match self.load_new_config() {
+        // New certificates take effect now (not once the starts are over);
+        // a broken pair refuses the whole reload.
+        let loaded = self.load_new_config().and_then(|new| {
+            self.service
+                .set_certificates(&new)
+                .map(|()| new)
+                .map_err(|e| format!("TLS: {e}"))
+        });
+        let new = match loaded {
             Ok(new) => new,
             Err(e) => {
                 self.announce();
@@ -95,8 +102,8 @@ impl Platform {
         });
     }
 
-    fn load_new_config(&self) -> Result<PlatformConfig, ConfigError> {
-        let mut new = PlatformConfig::load(&self.config_path)?;
+    fn load_new_config(&self) -> Result<PlatformConfig, String> {
+        let mut new = PlatformConfig::load(&self.config_path).map_err(|e| e.to_string())?;
         let current = &self.config;
         if self.listen_overridden {
             new.listen = current.listen;
@@ -128,6 +135,19 @@ impl Platform {
                 "[platform] the [platform.tls] table changed; restart bext to apply it (certificates of apps are reloaded)"
             );
             new.tls.clone_from(&current.tls);
+        }
+        // Still HTTPS (the listener is): every app with domains needs its
+        // certificate, as the file was not checked with [platform.tls].
+        if new.tls.is_some()
+            && let Some(bare) = new
+                .apps
+                .iter()
+                .find(|a| a.tls.is_none() && !a.domains.is_empty())
+        {
+            return Err(format!(
+                "app `{}` has no certificate ([apps.{}.tls]) and the listener is HTTPS",
+                bare.name, bare.name
+            ));
         }
         Ok(new)
     }
@@ -222,9 +242,6 @@ impl Platform {
         }
         self.config = new;
         self.service.set_access(&self.config);
-        if let Err(e) = self.service.set_certificates(&self.config) {
-            error!("reload: the certificates in use stay: {e}");
-        }
         self.publish();
         for name in fresh {
             if let Some(app) = self.apps.get(&name) {

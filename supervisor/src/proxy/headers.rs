@@ -229,6 +229,16 @@ pub fn set_forwarded(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
+/// Whether `X-Forwarded-Proto` (its first value: the proxy nearest the
+/// client) says `https`. Believe it only from a trusted peer.
+pub fn forwarded_https(headers: &HeaderMap) -> bool {
+    headers
+        .get(X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
 /// An HTTP/2 client may send its cookies as separate `cookie` fields
 /// (browsers do, for compression); an HTTP/1.1 server expects one line:
 /// they are joined with `; ` (RFC 9113 §8.2.3).

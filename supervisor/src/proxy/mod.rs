@@ -93,9 +93,6 @@ impl Proxy {
                 .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
         });
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        // (Whatever the version: a cache fill's request is HTTP/1.1 by then,
-        // and an HTTP/1.1 client must not send two lines anyway.)
-        headers::join_cookies(&mut parts.headers);
         if let Some(host) = &host
             && !parts.headers.contains_key(header::HOST)
         {
