@@ -566,6 +566,7 @@ fn build_service(
         .clone()
         .or_else(|| config.isr.purge_token.clone());
     AppService {
+        hsts: arc_swap::ArcSwapOption::empty(),
         app: Arc::from(app.name.as_str()),
         admin: Admin {
             app: app.name.clone(),

@@ -91,6 +91,11 @@ impl PlatformService {
             .iter()
             .map(|(name, app)| (name.clone(), app.service()))
             .collect();
+        for entry in &config.apps {
+            if let Some(service) = services.get(&entry.name) {
+                service.set_hsts(entry.tls.as_ref().and_then(|t| t.hsts));
+            }
+        }
         let routes = config
             .apps
             .iter()

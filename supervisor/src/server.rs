@@ -49,6 +49,8 @@ pub struct AppService {
     pub access_log: bool,
     /// Requests being answered (a removed app drains until zero).
     pub inflight: Arc<AtomicUsize>,
+    /// `Strict-Transport-Security` for answers over HTTPS (`tls.hsts`).
+    pub hsts: arc_swap::ArcSwapOption<HeaderValue>,
 }
 
 /// Counts a request as in flight until its response body is done.
@@ -69,6 +71,16 @@ impl Drop for InFlight {
 }
 
 impl AppService {
+    /// Sends `Strict-Transport-Security: max-age=…` on every HTTPS answer
+    /// from now on (`None`: none).
+    pub fn set_hsts(&self, max_age: Option<std::time::Duration>) {
+        self.hsts.store(max_age.and_then(|age| {
+            HeaderValue::from_str(&format!("max-age={}", age.as_secs()))
+                .ok()
+                .map(Arc::new)
+        }));
+    }
+
     /// The response, and which worker gave it (none for bext's own
     /// answers and cache hits).
     async fn respond(
@@ -211,6 +223,11 @@ impl Handler for AppService {
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id.clone());
+        if secure && let Some(hsts) = self.hsts.load().as_deref() {
+            response
+                .headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
         self.counters.count(response.status());
         let record = record.map(|mut r| {
             r.status = response.status();

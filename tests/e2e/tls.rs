@@ -178,7 +178,7 @@ http_listen = "127.0.0.1:0"
 [apps.a]
 source = "{a_src}"
 domains = ["a.test"]
-tls = {{ cert = "{a_cert}", key = "{a_key}" }}
+tls = {{ cert = "{a_cert}", key = "{a_key}", hsts = "1y" }}
 
 [apps.b]
 source = "{b_src}"
@@ -286,14 +286,32 @@ async fn issue13_the_plain_listener_redirects_to_https() {
         response.headers()["location"],
         format!("https://a.test:{}/path/x?q=1&r", site.bext.addr.port()).as_str()
     );
-    // The redirect's target answers.
-    let https = https_client(&site.ca, site.bext.addr, &["a.test"]);
+    assert!(
+        response
+            .headers()
+            .get("strict-transport-security")
+            .is_none(),
+        "never HSTS over plain HTTP"
+    );
+    // The redirect's target answers, with a's HSTS (`tls.hsts = "1y"`);
+    // b has none.
+    let https = https_client(&site.ca, site.bext.addr, &["a.test", "b.test"]);
     let followed = https
         .get(response.headers()["location"].to_str().expect("ascii"))
         .send()
         .await
         .expect("GET");
     assert_eq!(followed.status(), 200);
+    assert_eq!(
+        followed.headers()["strict-transport-security"],
+        "max-age=31557600"
+    );
+    let b = https
+        .get(format!("https://b.test:{}/", site.bext.addr.port()))
+        .send()
+        .await
+        .expect("GET b");
+    assert!(b.headers().get("strict-transport-security").is_none());
     let body: Value = followed.json().await.expect("json");
     assert_eq!(body["app"], "a");
 }

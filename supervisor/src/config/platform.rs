@@ -82,6 +82,7 @@ struct RawPlatformTls {
 struct RawAppTls {
     cert: Spanned<PathBuf>,
     key: Spanned<PathBuf>,
+    hsts: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +190,8 @@ pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:80";
 pub struct AppTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `Strict-Transport-Security: max-age` of the app's HTTPS answers.
+    pub hsts: Option<Duration>,
 }
 
 /// One `[apps.NAME]` table.
@@ -411,6 +414,7 @@ impl PlatformConfig {
                     let tls = AppTls {
                         cert: absolute(raw.cert.get_ref().clone()),
                         key: absolute(raw.key.get_ref().clone()),
+                        hsts: raw.hsts.map(|d| d.0).filter(|d| !d.is_zero()),
                     };
                     let pair =
                         crate::listener::tls::load_pair(&tls.cert, &tls.key).map_err(|why| {
