@@ -10,7 +10,7 @@ CARGO ?= cargo
 DEMO_APP ?= tests/fixtures/next
 DEMO_LISTEN ?= 127.0.0.1:3000
 
-.PHONY: build install fixtures lint test fuzz fuzz-smoke demo bench-deps bench bench-smoke clean
+.PHONY: build install fixtures lint test fuzz fuzz-smoke demo bench-deps bench bench-smoke testssl clean
 
 build:
 	$(CARGO) build --release -p bext
@@ -55,7 +55,12 @@ demo: build
 	./target/release/bext run $(DEMO_APP) --listen $(DEMO_LISTEN)
 
 bench-deps:
-	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux valgrind
+	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux valgrind testssl.sh openssl
+
+# testssl.sh against bext's HTTPS listener; fails on a HIGH or CRITICAL
+# finding (about a minute, so not part of bench-smoke).
+testssl: build bench-deps
+	bash bench/testssl.sh
 
 BENCHES ?= proxy cache platform deploy
 

@@ -336,6 +336,9 @@ pub fn server_config(certs: Arc<Certificates>) -> Result<Arc<ServerConfig>, Stri
         .with_no_client_auth()
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server's order of cipher suites (AEAD, strongest first), not the
+    // client's: as nginx's `ssl_prefer_server_ciphers on`.
+    config.ignore_client_order = true;
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| format!("TLS session tickets: {e}"))?;
     config.max_early_data_size = 0;
