@@ -68,5 +68,11 @@ for f in excluded:
 for f in findings:
     if f["id"] in ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2", "TLS1_3", "ALPN_HTTP2", "HSTS", "FS_KEMs", "FS_ECDHE_curves", "cipher_order"):
         print(f"- `{f['id']}`: {f['finding']}")
+# A scan that could not run has FATAL or scanProblem entries and few OKs.
+broken = [f for f in findings if f.get("severity") == "FATAL" or f["id"] == "scanProblem"]
+for f in broken:
+    print(f"- scan problem `{f['id']}`: {f['finding']}")
+if broken or counts["OK"] < 20:
+    sys.exit("testssl.sh did not complete its scan")
 sys.exit(1 if counts["CRITICAL"] or counts["HIGH"] else 0)
 PY

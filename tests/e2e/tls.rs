@@ -474,20 +474,24 @@ async fn issue13_split_cookies_select_the_cached_variant_whole() {
         async move {
             let response = request.send().await.expect("GET");
             assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            let cache = response.headers()["x-bext-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_string();
             let body: Value = response.json().await.expect("json");
-            body["cookie"].as_str().unwrap_or_default().to_string()
+            (
+                body["cookie"].as_str().unwrap_or_default().to_string(),
+                cache,
+            )
         }
     };
-    assert_eq!(
-        get(&["lang=en", "session=victim"]).await,
-        "lang=en; session=victim"
-    );
-    assert_eq!(
-        get(&["lang=en", "session=victim"]).await,
-        "lang=en; session=victim",
-        "the victim's own page"
-    );
-    assert_eq!(get(&["lang=en"]).await, "lang=en", "not the victim's page");
+    let victim = "lang=en; session=victim".to_string();
+    assert_eq!(get(&["lang=en", "session=victim"]).await.0, victim);
+    let (page, cache) = get(&["lang=en", "session=victim"]).await;
+    assert_eq!(page, victim, "the victim's own page");
+    assert!(cache.starts_with("HIT"), "stored for the victim: {cache}");
+    let (page, cache) = get(&["lang=en"]).await;
+    assert_eq!(page, "lang=en", "not the victim's page ({cache})");
 }
 
 /// A reload takes new certificate files at once; one that would leave an

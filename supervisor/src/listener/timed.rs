@@ -177,7 +177,9 @@ impl<S: AsyncRead> AsyncRead for TimedIo<S> {
         match polled {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
-                if this.h2.is_none() && activity.h2.load(Ordering::Relaxed) {
+                // ALPN's word wins over the sniffed bytes (under TLS they
+                // were the handshake's).
+                if *this.h2 != Some(true) && activity.h2.load(Ordering::Relaxed) {
                     *this.h2 = Some(true);
                 }
                 if this.h2.is_none() && !new.is_empty() {
@@ -398,6 +400,29 @@ mod tests {
         let err = io.read(&mut buf).await.expect_err("slow head");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.client_header_timeout);
+    }
+
+    /// Under TLS the first bytes are a ClientHello, not the preface: once
+    /// ALPN says h2, a frame on an idle connection (a PING's answer) gets
+    /// the keep-alive time, not the header timeout.
+    #[tokio::test(start_paused = true)]
+    async fn alpn_h2_keeps_the_idle_timeout_under_tls() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = TimedIo::new(server, Arc::clone(&activity), LIMITS);
+        let mut buf = [0u8; 64];
+        client.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+        assert!(io.read(&mut buf).await.expect("hello") > 0);
+        assert_eq!(io.h2, Some(false), "sniffed: not the preface");
+        activity.set_h2();
+        drop(activity.begin());
+        let idle = Instant::now();
+        client.write_all(b"ping").await.expect("write");
+        assert!(io.read(&mut buf).await.expect("a frame") > 0);
+        assert_eq!(io.h2, Some(true));
+        let err = io.read(&mut buf).await.expect_err("idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(idle.elapsed(), LIMITS.keepalive_timeout);
     }
 
     #[tokio::test(start_paused = true)]

@@ -147,21 +147,45 @@ impl Certificates {
         Ok(certificates)
     }
 
-    /// Takes over `sources` (a reload): every pair must load, or nothing
-    /// changes.
+    /// Takes over `sources` (a reload): every new or changed source must
+    /// load, or nothing changes; one whose files are the same and broken
+    /// right now (a tenant's, or a renewal half done) keeps the pair in
+    /// use, with a warning, rather than holding up every reload.
     pub fn set_sources(&self, sources: Vec<CertSource>) -> Result<(), String> {
         if sources.is_empty() {
             return Err("no app has a certificate".to_string());
-        }
-        let mut in_use = BTreeMap::new();
-        for source in &sources {
-            let loaded = load_source(source).map_err(|e| format!("app '{}': {e}", source.app))?;
-            in_use.insert(source.app.clone(), loaded);
         }
         let mut state = self
             .state
             .lock()
             .map_err(|_| "the certificate table is poisoned")?;
+        let mut in_use = BTreeMap::new();
+        for source in &sources {
+            match load_source(source) {
+                Ok(loaded) => {
+                    in_use.insert(source.app.clone(), loaded);
+                }
+                Err(e) => {
+                    let same = state.0.iter().any(|s| s == source);
+                    match state.1.get(&source.app) {
+                        Some(used) if same => {
+                            tracing::warn!(
+                                "app '{}': {e}; the certificate in use stays",
+                                source.app
+                            );
+                            in_use.insert(
+                                source.app.clone(),
+                                InUse {
+                                    pair: Arc::clone(&used.pair),
+                                    stamps: used.stamps,
+                                },
+                            );
+                        }
+                        _ => return Err(format!("app '{}': {e}", source.app)),
+                    }
+                }
+            }
+        }
         *state = (sources, in_use);
         self.publish(&state.0, &state.1);
         self.sources_changed.notify_one();
@@ -266,25 +290,44 @@ pub fn watch(certificates: Arc<Certificates>) -> notify::Result<tokio::task::Joi
     })?;
     let mut watched = Vec::new();
     sync_watches(&certificates, &mut watcher, &mut watched);
+    // A backstop for what inotify cannot see (a symlinked directory
+    // swapped, a watch that could not be set): the files' stamps, now and
+    // then.
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
-                event = rx.recv() => if event.is_none() { return },
+                event = rx.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    // Let a burst of writes settle, but not for long: a
+                    // busy directory must not hold refreshes off.
+                    let until = tokio::time::Instant::now() + SETTLE * 5;
+                    loop {
+                        let next = until.min(tokio::time::Instant::now() + SETTLE);
+                        match tokio::time::timeout_at(next, rx.recv()).await {
+                            Ok(Some(())) if tokio::time::Instant::now() < until => {}
+                            Ok(None) => return,
+                            _ => break,
+                        }
+                    }
+                }
+                _ = poll.tick() => {}
                 // A reload named other files.
                 () = certificates.sources_changed.notified() => {
                     sync_watches(&certificates, &mut watcher, &mut watched);
                     continue;
                 }
             }
-            // Let a burst of writes settle.
-            loop {
-                match tokio::time::timeout(SETTLE, rx.recv()).await {
-                    Ok(Some(())) => {}
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
-            }
-            let (changed, refused) = certificates.refresh();
+            // Reading and parsing files is blocking work.
+            let reading = Arc::clone(&certificates);
+            let Ok((changed, refused)) =
+                tokio::task::spawn_blocking(move || reading.refresh()).await
+            else {
+                continue;
+            };
             for line in changed {
                 tracing::info!("{line}");
             }
@@ -306,16 +349,24 @@ fn sync_watches(
     for dir in watched.iter().filter(|d| !wanted.contains(d)) {
         let _ = watcher.unwatch(dir);
     }
-    for dir in wanted.iter().filter(|d| !watched.contains(d)) {
-        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), "cannot watch certificate files: {e}");
+    watched.retain(|d| wanted.contains(d));
+    for dir in &wanted {
+        if watched.contains(dir) {
+            continue;
+        }
+        match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => watched.push(dir.clone()),
+            // Tried again at the next reload; the poll covers it meanwhile.
+            Err(e) => tracing::warn!(dir = %dir.display(), "cannot watch certificate files: {e}"),
         }
     }
-    *watched = wanted;
 }
 
-/// Quiet time after a change to certificate files before they are read.
+/// Quiet time after a change to certificate files before they are read
+/// (at most five times this after the first change).
 pub const SETTLE: Duration = Duration::from_millis(200);
+/// How often the files' stamps are looked at without an event.
+pub const POLL: Duration = Duration::from_secs(10);
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

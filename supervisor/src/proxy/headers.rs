@@ -229,13 +229,16 @@ pub fn set_forwarded(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-/// Whether `X-Forwarded-Proto` (its first value: the proxy nearest the
-/// client) says `https`. Believe it only from a trusted peer.
+/// Whether `X-Forwarded-Proto` says `https` in its last value: the one the
+/// trusted peer wrote (a proxy that appends leaves the client's own in
+/// front). Believe it only from a trusted peer.
 pub fn forwarded_https(headers: &HeaderMap) -> bool {
     headers
-        .get(X_FORWARDED_PROTO)
+        .get_all(X_FORWARDED_PROTO)
+        .iter()
+        .next_back()
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
@@ -301,6 +304,16 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_trusted_peers_own_proto_counts() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https, http"));
+        assert!(!super::forwarded_https(&h), "the client's `https` in front");
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        h.append(X_FORWARDED_PROTO, HeaderValue::from_static("HTTPS"));
+        assert!(super::forwarded_https(&h));
+    }
+
     #[test]
     fn h2_cookie_fields_become_one_line() {
         let mut h = HeaderMap::new();
