@@ -148,7 +148,7 @@ struct Site {
     bext: Bext,
     ca: TestCa,
     plain: SocketAddr,
-    leaves: [CertificateDer<'static>; 3],
+    leaves: [CertificateDer<'static>; 4],
     _apps: Vec<tempfile::TempDir>,
     _config: tempfile::TempDir,
 }
@@ -156,10 +156,12 @@ struct Site {
 fn platform_file(
     ca: &TestCa,
     apps: &[tempfile::TempDir],
-) -> (tempfile::TempDir, PathBuf, [CertificateDer<'static>; 3]) {
+) -> (tempfile::TempDir, PathBuf, [CertificateDer<'static>; 4]) {
     let (a_cert, a_key, a) = ca.leaf("a", &["a.test"]);
     let (b_cert, b_key, b) = ca.leaf("b", &["*.b.test", "b.test"]);
     let (c_cert, c_key, c) = ca.leaf("c", &["c.test"]);
+    // An exact name under b's wildcard, with its own certificate.
+    let (d_cert, d_key, d) = ca.leaf("d", &["exact.b.test"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("platform.toml");
     let p = |p: &Path| p.display().to_string();
@@ -171,6 +173,7 @@ fn platform_file(
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 default_app = "c"
+client_header_timeout = "2s"
 
 [platform.tls]
 http_listen = "127.0.0.1:0"
@@ -189,6 +192,11 @@ tls = {{ cert = "{b_cert}", key = "{b_key}" }}
 source = "{c_src}"
 domains = ["c.test"]
 tls = {{ cert = "{c_cert}", key = "{c_key}" }}
+
+[apps.d]
+source = "{d_src}"
+domains = ["exact.b.test"]
+tls = {{ cert = "{d_cert}", key = "{d_key}" }}
 "#,
             data = dir.path().join("data").display(),
             a_src = p(apps[0].path()),
@@ -200,10 +208,13 @@ tls = {{ cert = "{c_cert}", key = "{c_key}" }}
             b_key = p(&b_key),
             c_cert = p(&c_cert),
             c_key = p(&c_key),
+            d_src = p(&crate::support::fixture("static")),
+            d_cert = p(&d_cert),
+            d_key = p(&d_key),
         ),
     )
     .expect("write");
-    (dir, file, [a, b, c])
+    (dir, file, [a, b, c, d])
 }
 
 fn start() -> Site {
@@ -239,6 +250,8 @@ async fn issue13_sni_picks_each_apps_certificate_and_alpn_gives_h2() {
         (Some("x.b.test"), &site.leaves[1]),
         (Some("b.test"), &site.leaves[1]),
         (Some("c.test"), &site.leaves[2]),
+        // An exact name beats the wildcard that also matches it.
+        (Some("exact.b.test"), &site.leaves[3]),
         // No SNI: the default app's certificate.
         (None, &site.leaves[2]),
     ] {
@@ -260,6 +273,17 @@ async fn issue13_sni_picks_each_apps_certificate_and_alpn_gives_h2() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["app"], "b");
     assert_eq!(body["proto"], "https", "the app sees https");
+    // A client's own X-Forwarded-Proto changes nothing.
+    let spoofed: Value = client
+        .get(format!("https://a.test:{}/", addr.port()))
+        .header("x-forwarded-proto", "http")
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(spoofed["proto"], "https");
     assert_eq!(
         body["cookies"], 1,
         "one cookie header reaches the app: {body}"
@@ -548,4 +572,37 @@ async fn issue13_a_reload_swaps_certificates_or_is_refused() {
         },
     )
     .await;
+}
+
+/// A client that opens a connection and never finishes its handshake is
+/// closed after `client_header_timeout` (2 s here), and others are served
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_a_stalled_handshake_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let site = start();
+    let addr = site.bext.addr;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut partial = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The first bytes of a ClientHello record, then nothing.
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let (leaf, _) = handshake(addr, &site.ca, Some("a.test")).await;
+    assert!(leaf == site.leaves[0], "others are served meanwhile");
+    for stream in [&mut silent, &mut partial] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf))
+            .await
+            .expect("closed by bext, not by this test's timeout");
+        // A close (0) or a reset; an alert record is fine too.
+        assert!(read.is_err() || read.is_ok_and(|n| n == 0 || buf[0] == 0x15));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(12),
+        "closed after {waited:?}, not near client_header_timeout"
+    );
 }
