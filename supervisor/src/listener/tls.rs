@@ -109,6 +109,27 @@ struct InUse {
     stamps: (Stamp, Stamp),
 }
 
+/// When `pair`'s certificate expires (its notAfter), Unix seconds.
+pub fn not_after(pair: &CertifiedKey) -> Option<i64> {
+    let der = pair.end_entity_cert().ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// "expired on DATE" when `pair`'s certificate has expired.
+fn expired(pair: &CertifiedKey) -> Option<String> {
+    let end = not_after(pair)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let end_secs = u64::try_from(end).unwrap_or(0);
+    (end_secs <= now).then(|| {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(end_secs);
+        format!("expired on {}", humantime::format_rfc3339_seconds(at))
+    })
+}
+
 /// Loads `source`'s pair and checks it covers the app's domains.
 fn load_source(source: &CertSource) -> Result<InUse, String> {
     let stamps = (stamp(&source.cert), stamp(&source.key));
@@ -163,6 +184,15 @@ impl Certificates {
         for source in &sources {
             match load_source(source) {
                 Ok(loaded) => {
+                    // Served all the same (refusing would stop the listener
+                    // for every app), but said.
+                    if let Some(when) = expired(&loaded.pair) {
+                        tracing::warn!(
+                            "app '{}': the certificate in {} {when}: renew it",
+                            source.app,
+                            source.cert.display()
+                        );
+                    }
                     in_use.insert(source.app.clone(), loaded);
                 }
                 Err(e) => {
@@ -211,7 +241,16 @@ impl Certificates {
             if in_use.get(&source.app).is_some_and(|u| u.stamps == now) {
                 continue;
             }
-            match load_source(source) {
+            let loaded = load_source(source).and_then(|loaded| match expired(&loaded.pair) {
+                // A replacement older than it should be (a backup put
+                // back) does not displace a pair in use.
+                Some(when) if in_use.contains_key(&source.app) => Err(format!(
+                    "the certificate in {} {when}",
+                    source.cert.display()
+                )),
+                _ => Ok(loaded),
+            });
+            match loaded {
                 Ok(loaded) => {
                     changed.push(format!(
                         "app '{}': new certificate from {}",
@@ -445,6 +484,55 @@ mod tests {
             error.contains("is not the key of the certificate"),
             "{error}"
         );
+    }
+
+    /// Writes a certificate of `names` (expired when `expired`) and its key
+    /// at `cert` and `key`.
+    fn write_pair(cert: &Path, key: &Path, names: &[&str], expired: bool) -> Vec<u8> {
+        let pair = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        )
+        .expect("params");
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let made = params.self_signed(&pair).expect("cert");
+        std::fs::write(cert, made.pem()).expect("cert");
+        std::fs::write(key, pair.serialize_pem()).expect("key");
+        made.der().to_vec()
+    }
+
+    #[test]
+    fn an_expired_replacement_does_not_displace_the_pair_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("a.pem"), dir.path().join("a.key"));
+        let good = write_pair(&cert, &key, &["a.test"], false);
+        let certificates = Certificates::load(vec![CertSource {
+            app: "a".into(),
+            domains: vec!["a.test".into()],
+            cert: cert.clone(),
+            key: key.clone(),
+            default: true,
+        }])
+        .expect("loads");
+        let in_use = |c: &Certificates| {
+            c.table
+                .load()
+                .route("a.test")
+                .map(|p| p.end_entity_cert().expect("leaf").as_ref().to_vec())
+        };
+        assert_eq!(in_use(&certificates), Some(good.clone()));
+        write_pair(&cert, &key, &["a.test"], true);
+        let (changed, refused) = certificates.refresh();
+        assert!(changed.is_empty());
+        assert!(refused[0].contains("expired on 2021-01-01"), "{refused:?}");
+        assert_eq!(in_use(&certificates), Some(good), "the good pair stays");
+        let newer = write_pair(&cert, &key, &["a.test"], false);
+        let (changed, _) = certificates.refresh();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(in_use(&certificates), Some(newer));
     }
 
     #[test]
