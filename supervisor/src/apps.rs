@@ -173,12 +173,12 @@ impl RunningApp {
             info!(app = %app.name, "serving {} at {}", mount.root.display(), mount.prefix);
         }
         let statics = Arc::new(
-            StaticFiles::open(&mounts, settings.confined.then_some(app.dir.as_path())).map_err(
-                |source| RunError::Static {
+            StaticFiles::open(&mounts, settings.confined.then_some(app.dir.as_path()))
+                .map_err(|source| RunError::Static {
                     dir: app.dir.clone(),
                     source,
-                },
-            )?,
+                })?
+                .with_compression(settings.config.compression),
         );
 
         let config = &settings.config;
@@ -309,6 +309,7 @@ impl RunningApp {
     pub fn apply(&mut self, settings: AppSettings) {
         let current = self.service.load_full();
         let keep_cache = settings.config.isr == self.settings.config.isr
+            && settings.config.compression == self.settings.config.compression
             && settings.config.server.upstream_timeout
                 == self.settings.config.server.upstream_timeout;
         let cache = keep_cache.then(|| current.cache.clone()).flatten();
@@ -554,11 +555,14 @@ fn build_service(
     // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
         (config.isr.enabled && proxy.is_some()).then(|| {
-            Arc::new(IsrCache::in_memory(
-                config.isr.clone(),
-                config.server.upstream_timeout,
-                metrics.cache_counters(&app.name),
-            ))
+            Arc::new(
+                IsrCache::in_memory(
+                    config.isr.clone(),
+                    config.server.upstream_timeout,
+                    metrics.cache_counters(&app.name),
+                )
+                .with_compression(config.compression),
+            )
         })
     });
     let purge_token = settings
@@ -597,6 +601,7 @@ fn build_service(
         trusted_proxies: Arc::from(settings.trusted_proxies.as_slice()),
         counters: metrics.counters(&app.name),
         access_log: config.server.access_log,
+        compression: config.compression,
         inflight: Arc::new(AtomicUsize::new(0)),
     }
 }

@@ -16,6 +16,7 @@ pub mod body;
 pub mod cache;
 pub mod check;
 pub mod cli;
+pub mod compress;
 pub mod config;
 pub mod control;
 pub mod ctl;

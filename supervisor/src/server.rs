@@ -22,6 +22,7 @@ use crate::access_log::{Logged, Record};
 use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
+use crate::compress;
 use crate::listener::{Handler, Peer};
 use crate::metrics::AppCounters;
 use crate::proxy::{ClientFill, ClientInfo, Proxy, headers};
@@ -51,6 +52,8 @@ pub struct AppService {
     pub inflight: Arc<AtomicUsize>,
     /// `Strict-Transport-Security` for answers over HTTPS (`tls.hsts`).
     pub hsts: arc_swap::ArcSwapOption<HeaderValue>,
+    /// `[compression]`: what the app sends is compressed here.
+    pub compression: compress::Settings,
 }
 
 /// Counts a request as in flight until its response body is done.
@@ -150,7 +153,19 @@ impl AppService {
             return (statics::plain(StatusCode::NOT_FOUND, "not found\n"), None);
         };
         let fill = ClientFill::new(proxy.clone(), client);
-        let req = req.map(body::incoming);
+        let mut req = req.map(body::incoming);
+        // Compression happens here: the app is asked for identity bodies,
+        // and what the client accepts travels with the request (the cache
+        // answers from its variants).
+        let accepted = compress::Accepted::parse(req.headers());
+        let head = req.method() == http::Method::HEAD;
+        if self.compression.enabled {
+            req.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            req.extensions_mut().insert(accepted);
+        }
         // The cache in front of the workers; it reaches them through `fill`.
         let mut response = match &self.cache {
             Some(cache) => cache.handle(req, &fill).await,
@@ -165,7 +180,36 @@ impl AppService {
         {
             return (older, None);
         }
+        if response.extensions().get::<compress::Decided>().is_none() {
+            self.compress_stream(&mut response, &accepted, head);
+        }
         (response, fill.served_by())
+    }
+
+    /// Compresses what the app streams (an answer the cache did not make
+    /// from a stored object), as it streams.
+    fn compress_stream(
+        &self,
+        response: &mut Response<Body>,
+        accepted: &compress::Accepted,
+        head: bool,
+    ) {
+        match compress::decide(
+            &self.compression,
+            accepted,
+            &compress::STREAMED_ORDER,
+            response.status(),
+            response.headers(),
+            head,
+        ) {
+            compress::Decision::Leave => {}
+            compress::Decision::Vary => compress::add_vary(response.headers_mut()),
+            compress::Decision::Encode(coding) => {
+                compress::mark_encoded(response.headers_mut(), coding, None);
+                let body = std::mem::replace(response.body_mut(), body::empty());
+                *response.body_mut() = compress::stream(body, coding, &self.compression.streamed);
+            }
+        }
     }
 
     /// A retained version's copy of the hashed asset `req` names.

@@ -8,6 +8,7 @@ mod support;
 
 mod apps;
 mod cache;
+mod compression;
 mod control;
 mod errors;
 mod hardening;

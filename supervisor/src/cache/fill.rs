@@ -161,12 +161,14 @@ impl<S: Store> IsrCache<S> {
             Fetched::Stored(object, extensions) => {
                 self.counters.misses.inc();
                 self.pass.invalidate(key);
-                let mut response = respond::serve(
-                    &client,
-                    &object,
-                    Served::Miss { collapsed: false },
-                    SystemTime::now(),
-                );
+                let mut response = self
+                    .answer(
+                        &client,
+                        &object,
+                        Served::Miss { collapsed: false },
+                        SystemTime::now(),
+                    )
+                    .await;
                 response.extensions_mut().extend(extensions);
                 response
             }
@@ -188,12 +190,13 @@ impl<S: Store> IsrCache<S> {
                 Some(object) => {
                     self.counters.stale.inc();
                     tracing::warn!(status = response.status().as_u16(), path = %object.path, "the app failed; serving a stale copy (stale-if-error)");
-                    respond::serve(
+                    self.answer(
                         &client,
                         &object,
                         Served::StaleIfError(response.status()),
                         SystemTime::now(),
                     )
+                    .await
                 }
                 None => {
                     self.counters.misses.inc();

@@ -93,16 +93,38 @@ pub fn combined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
 
 /// The full key: primary plus the varied header values.
 pub fn full<'a>(primary: &'a str, headers: &HeaderMap, names: &[HeaderName]) -> Cow<'a, str> {
-    if names.is_empty() {
+    with_values(
+        primary,
+        names.iter().map(|name| (name, combined(headers, name))),
+    )
+}
+
+/// The key an object was stored under (its primary key and the values it
+/// was stored for, in the order of its `Vary` names).
+pub fn stored(object: &super::object::Object) -> Cow<'_, str> {
+    with_values(
+        &object.primary,
+        object
+            .vary
+            .iter()
+            .map(|(name, value)| (name, value.clone())),
+    )
+}
+
+fn with_values<'a, 'n>(
+    primary: &'a str,
+    values: impl ExactSizeIterator<Item = (&'n HeaderName, Option<HeaderValue>)>,
+) -> Cow<'a, str> {
+    if values.len() == 0 {
         return Cow::Borrowed(primary);
     }
     let mut key = String::with_capacity(primary.len() + 32);
     key.push_str(primary);
-    for name in names {
+    for (name, value) in values {
         key.push('\n');
         key.push_str(name.as_str());
         key.push('=');
-        if let Some(value) = combined(headers, name) {
+        if let Some(value) = value {
             key.push_str(&String::from_utf8_lossy(value.as_bytes()));
         } else {
             key.push('\u{0}');

@@ -82,6 +82,9 @@ pub struct IsrCache<S: Store = MemoryStore> {
     /// as already stale.
     purge_epoch: AtomicU64,
     pub counters: CacheCounters,
+    /// How stored bodies are compressed for clients (the variants are made
+    /// once per object and kept with it).
+    compression: crate::compress::Settings,
 }
 
 impl<S: Store> std::fmt::Debug for IsrCache<S> {
@@ -170,7 +173,61 @@ impl<S: Store> IsrCache<S> {
             wait_timeout,
             purge_epoch: AtomicU64::new(0),
             counters,
+            compression: crate::compress::Settings::default(),
         }
+    }
+
+    /// Compresses answers with `settings` (default: [`crate::compress::Settings::default`]).
+    pub fn with_compression(mut self, settings: crate::compress::Settings) -> Self {
+        self.compression = settings;
+        self
+    }
+
+    /// Answers `req` from `object`, compressed for its client if it may be
+    /// (the request's [`Accepted`](crate::compress::Accepted) extension,
+    /// set by the server; none: identity). A compressed variant is made
+    /// once per object, at the stored levels, and kept with it.
+    async fn answer<B>(
+        &self,
+        req: &Request<B>,
+        object: &Arc<Object>,
+        served: Served,
+        now: SystemTime,
+    ) -> Response<Body> {
+        use crate::compress::{self, Decision};
+        let mut response = respond::serve(req, object, served, now);
+        let accepted = req
+            .extensions()
+            .get::<compress::Accepted>()
+            .copied()
+            .unwrap_or_default();
+        let head = req.method() == Method::HEAD;
+        match compress::decide(
+            &self.compression,
+            &accepted,
+            &compress::STORED_ORDER,
+            response.status(),
+            response.headers(),
+            head,
+        ) {
+            Decision::Leave => {}
+            Decision::Vary => compress::add_vary(response.headers_mut()),
+            Decision::Encode(coding) => {
+                let (variant, made) = object.variant(coding, &self.compression.stored).await;
+                if made {
+                    self.store.resized(&key::stored(object), object).await;
+                }
+                match variant {
+                    Some(bytes) => {
+                        compress::mark_encoded(response.headers_mut(), coding, Some(bytes.len()));
+                        *response.body_mut() = crate::body::full(bytes);
+                    }
+                    None => compress::add_vary(response.headers_mut()),
+                }
+            }
+        }
+        response.extensions_mut().insert(compress::Decided);
+        response
     }
 
     pub fn stats(&self) -> store::StoreStats {
@@ -224,12 +281,14 @@ impl<S: Store> IsrCache<S> {
             match object.freshness(now) {
                 Freshness::Fresh => {
                     self.counters.hits.inc();
-                    return respond::serve(&req, object, Served::Hit, now);
+                    return self.answer(&req, object, Served::Hit, now).await;
                 }
                 Freshness::Stale => {
                     self.counters.stale.inc();
                     self.revalidate(key, &primary, &req, rule, fill, object);
-                    return respond::serve(&req, object, Served::StaleWhileRevalidate, now);
+                    return self
+                        .answer(&req, object, Served::StaleWhileRevalidate, now)
+                        .await;
                 }
                 Freshness::StaleIfError | Freshness::Dead => {}
             }
@@ -261,12 +320,14 @@ impl<S: Store> IsrCache<S> {
                     && object.matches(req.headers())
                     && (!has_auth || object.shared_with_auth)
                 {
-                    return respond::serve(
-                        &req,
-                        &object,
-                        Served::Miss { collapsed: true },
-                        SystemTime::now(),
-                    );
+                    return self
+                        .answer(
+                            &req,
+                            &object,
+                            Served::Miss { collapsed: true },
+                            SystemTime::now(),
+                        )
+                        .await;
                 }
                 // Nothing to share (not storable, another variant, failed):
                 // this request fills for itself.
@@ -522,5 +583,133 @@ mod panic_tests {
         let hit = cache.handle(get(), &fill).await;
         assert_eq!(hit.headers()["x-bext-cache"], "HIT", "stored and served");
         assert!(cache.inflight.lock().expect("lock").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod compression_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::body;
+    use crate::compress::{Accepted, Coding};
+
+    /// A cacheable page, counting fetches.
+    #[derive(Clone)]
+    struct Page(Arc<AtomicUsize>);
+
+    const PAGE: &str = "<p>a page worth compressing</p>";
+
+    impl Fill for Page {
+        fn fetch(&self, _req: Request<Body>) -> impl Future<Output = Response<Body>> + Send {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut response = Response::new(body::full(PAGE.repeat(200)));
+                let h = response.headers_mut();
+                h.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=60"),
+                );
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+                h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+                response
+            }
+        }
+    }
+
+    fn get(accept: &str) -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        *req.uri_mut() = "/page".parse().expect("uri");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a.test"));
+        req.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_str(accept).expect("value"),
+        );
+        let accepted = Accepted::parse(req.headers());
+        req.extensions_mut().insert(accepted);
+        req
+    }
+
+    /// Acceptance 4 (unit): one stored entry answers br, zstd, gzip and
+    /// identity clients; each variant is made once, kept with the entry
+    /// and counted in the store's bytes (and uncounted when it goes).
+    #[tokio::test]
+    async fn one_entry_serves_every_coding_and_counts_its_variants() {
+        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
+            .expect("defaults")
+            .isr;
+        let cache = Arc::new(IsrCache::in_memory(
+            settings,
+            Duration::from_secs(30),
+            CacheCounters::default(),
+        ));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let fill = Page(Arc::clone(&fetches));
+        let identity = PAGE.repeat(200);
+        // The first request stores the entry (identity only).
+        let first = cache.handle(get("identity"), &fill).await;
+        assert_eq!(first.headers()[respond::X_BEXT_CACHE], "MISS");
+        assert!(!first.headers().contains_key(header::CONTENT_ENCODING));
+        assert_eq!(first.headers()[header::VARY], "accept-encoding");
+        let bare = cache.stats().bytes;
+        let mut grown = bare;
+        for round in 0..2 {
+            for (accept, coding) in [
+                ("br", Some(Coding::Br)),
+                ("zstd, gzip;q=0.5", Some(Coding::Zstd)),
+                ("gzip", Some(Coding::Gzip)),
+                ("deflate", None),
+            ] {
+                let response = cache.handle(get(accept), &fill).await;
+                let headers = response.headers().clone();
+                assert_eq!(headers[respond::X_BEXT_CACHE], "HIT", "{accept}");
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                assert_eq!(
+                    headers[header::CONTENT_LENGTH],
+                    body.len().to_string().as_str()
+                );
+                match coding {
+                    Some(coding) => {
+                        assert_eq!(headers[header::CONTENT_ENCODING], coding.as_str());
+                        assert_eq!(headers[header::ETAG], "W/\"v1\"");
+                        let decoded = crate::compress::tests::decode(coding, &body);
+                        assert_eq!(decoded, identity.as_bytes(), "{accept}");
+                        assert!(body.len() < identity.len() / 10);
+                        if round == 0 {
+                            grown += body.len() as u64;
+                        }
+                    }
+                    None => {
+                        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+                        assert_eq!(body, identity.as_bytes());
+                    }
+                }
+                assert_eq!(cache.stats().bytes, grown, "{accept}, round {round}");
+            }
+        }
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            1,
+            "every answer came from one entry"
+        );
+        assert_eq!(cache.counters.hits.get(), 8);
+        cache
+            .purge(
+                &Selector {
+                    all: true,
+                    ..Selector::default()
+                },
+                false,
+            )
+            .await;
+        assert_eq!(cache.stats().bytes, 0, "the variants went with the entry");
     }
 }

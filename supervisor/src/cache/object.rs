@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::policy::Lifetime;
+use crate::compress::{Coding, Levels};
 
 /// How long an expired response with a validator is kept for conditional
 /// revalidation (bounded, like everything stored, by the cache's size).
@@ -43,6 +44,12 @@ pub struct Object {
     /// Unix milliseconds of a soft purge (0: none): from then on the object
     /// counts as stale.
     soft_purged_ms: AtomicU64,
+    /// Compressed copies of `body` (in [`Coding::ALL`] order), each made
+    /// on first demand and kept; `None` inside: the coding did not make it
+    /// smaller, or failed.
+    variants: [tokio::sync::OnceCell<Option<Bytes>>; 3],
+    /// The size a store has counted for it (see [`Object::size`]).
+    pub(super) charged: AtomicU64,
 }
 
 /// Where an object stands at a given moment.
@@ -93,7 +100,31 @@ impl Object {
             vary,
             shared_with_auth,
             soft_purged_ms: AtomicU64::new(0),
+            variants: Default::default(),
+            charged: AtomicU64::new(0),
         }
+    }
+
+    /// The body compressed with `coding` (made now, at `levels`, if no
+    /// request made it before: concurrent first requests share one
+    /// compression), and whether this call made it (the object grew: its
+    /// store must weigh it again). `None`: send the identity body.
+    pub async fn variant(&self, coding: Coding, levels: &Levels) -> (Option<Bytes>, bool) {
+        let mut made = false;
+        let variant = self.variants[coding.index()]
+            .get_or_init(|| async {
+                made = true;
+                match crate::compress::encode_off_loop(self.body.clone(), coding, *levels).await {
+                    Ok(packed) if packed.len() < self.body.len() => Some(packed),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(path = %self.path, coding = coding.as_str(), "could not compress a cached body: {e}");
+                        None
+                    }
+                }
+            })
+            .await;
+        (variant.clone(), made)
     }
 
     /// Current age (RFC 9111 §4.2.3, simplified: arrival age plus time here).
@@ -176,7 +207,13 @@ impl Object {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        (self.body.len() + headers + self.path.len() + 256) as u64
+        let variants: usize = self
+            .variants
+            .iter()
+            .filter_map(|v| v.get().and_then(Option::as_ref))
+            .map(Bytes::len)
+            .sum();
+        (self.body.len() + variants + headers + self.path.len() + 256) as u64
     }
 }
 

@@ -46,6 +46,9 @@ pub struct StoreStats {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> impl Future<Output = Option<Arc<Object>>> + Send;
     fn insert(&self, key: String, object: Arc<Object>) -> impl Future<Output = ()> + Send;
+    /// `object`, stored under `key`, grew (a compressed variant was added):
+    /// count it again, if it is still the one stored there.
+    fn resized(&self, key: &str, object: &Arc<Object>) -> impl Future<Output = ()> + Send;
     /// Drops (hard) or marks stale (soft) every matching object; returns
     /// how many were affected.
     fn purge(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send;
@@ -110,8 +113,10 @@ impl MemoryStore {
                 u32::try_from(object.size().max(floor)).unwrap_or(u32::MAX)
             })
             .expire_after(KeepWhileUseful)
+            // Called on the thread that removes or replaces the entry, before
+            // the operation returns (moka 0.12 delivers immediately).
             .eviction_listener(move |_, object: Arc<Object>, cause| {
-                bytes_out.fetch_sub(object.size(), Ordering::Relaxed);
+                bytes_out.fetch_sub(object.charged.swap(0, Ordering::Relaxed), Ordering::Relaxed);
                 if cause == RemovalCause::Size {
                     evicted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -131,8 +136,30 @@ impl Store for MemoryStore {
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
-        self.bytes.fetch_add(object.size(), Ordering::Relaxed);
+        let size = object.size();
+        object.charged.store(size, Ordering::Relaxed);
+        self.bytes.fetch_add(size, Ordering::Relaxed);
         self.objects.insert(key, object);
+    }
+
+    async fn resized(&self, key: &str, object: &Arc<Object>) {
+        use moka::ops::compute::{CompResult, Op};
+        // Put again (moka weighs it anew) only if it is still the object
+        // stored there: a newer one may have replaced it meanwhile.
+        let result = self
+            .objects
+            .entry_by_ref(key)
+            .and_compute_with(|entry| match entry {
+                Some(entry) if Arc::ptr_eq(entry.value(), object) => Op::Put(Arc::clone(object)),
+                _ => Op::Nop,
+            });
+        if let CompResult::ReplacedWith(_) = result {
+            // The listener has uncharged it (cause: Replaced).
+            let size = object.size();
+            let before = object.charged.swap(size, Ordering::Relaxed);
+            self.bytes
+                .fetch_add(size.saturating_sub(before), Ordering::Relaxed);
+        }
     }
 
     async fn purge(&self, selector: &Selector, soft: bool) -> u64 {

@@ -75,6 +75,8 @@ pub struct Config {
     pub isr: IsrConfig,
     pub runtime: RuntimeConfig,
     pub isolate: IsolateConfig,
+    /// `[compression]`.
+    pub compression: crate::compress::Settings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -257,6 +259,7 @@ impl Config {
         let isr = raw.cache.unwrap_or_default().isr.unwrap_or_default();
         let runtime = raw.runtime.unwrap_or_default();
         let isolate = raw.isolate.unwrap_or_default();
+        let compression = raw.compression.unwrap_or_default().settings();
         let ms = |m: Millis| m.0;
         Config {
             source,
@@ -318,6 +321,7 @@ impl Config {
                 start_timeout: isolate.start_timeout_ms.map_or(DEFAULT_START_TIMEOUT, ms),
                 max_inflight: isolate.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
             },
+            compression,
         }
     }
 }

@@ -69,6 +69,7 @@ struct RawPlatform {
     send_timeout: Option<PositiveDuration>,
     control_group: Option<Spanned<String>>,
     tls: Option<Spanned<RawPlatformTls>>,
+    compression: Option<super::raw::RawCompression>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +173,9 @@ pub struct PlatformConfig {
     pub control_group: Option<(String, u32)>,
     /// `[platform.tls]`: the listener is HTTPS.
     pub tls: Option<PlatformTls>,
+    /// `[platform.compression]`: every app's levels; an app's own file may
+    /// turn compression off or raise its minimum size.
+    pub compression: crate::compress::Settings,
 }
 
 /// `[platform.tls]`.
@@ -220,6 +224,8 @@ pub struct AppEntry {
     pub user: Option<AppUser>,
     /// `[apps.NAME.tls]`.
     pub tls: Option<AppTls>,
+    /// The platform's `[platform.compression]`.
+    pub compression: crate::compress::Settings,
 }
 
 /// A system user an app's processes run as (bext must run as root).
@@ -317,6 +323,11 @@ impl PlatformConfig {
             )))
         };
         let platform = raw.platform.unwrap_or_default();
+        let compression = platform
+            .compression
+            .as_ref()
+            .map(super::raw::RawCompression::settings)
+            .unwrap_or_default();
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let max_apps = platform
             .max_apps
@@ -488,6 +499,7 @@ impl PlatformConfig {
                 env: app.env.unwrap_or_default(),
                 user,
                 tls,
+                compression,
                 hooks: Hooks {
                     pre_build: hooks.pre_build.filter(|h| !h.trim().is_empty()),
                     post_deploy: hooks.post_deploy.filter(|h| !h.trim().is_empty()),
@@ -563,6 +575,7 @@ impl PlatformConfig {
         };
         Ok(PlatformConfig {
             tls,
+            compression,
             control_group,
             source: path.to_path_buf(),
             listen,
@@ -617,7 +630,24 @@ impl AppEntry {
     /// from `dir` (a deployed version of the app).
     pub fn merged_config_in(&self, dir: &Path) -> Result<(Config, Vec<String>), ConfigError> {
         let mut config = Config::load_tenant_dir(dir)?;
-        let notes = cap_tenant_limits(&mut config);
+        let mut notes = cap_tenant_limits(&mut config);
+        // Compression runs on the platform's threads: the levels are the
+        // platform's; an app may only do less (off, or a larger minimum).
+        let own = config.compression;
+        if own.stored != self.compression.stored && own.stored != crate::compress::DEFAULT_STORED
+            || own.streamed != self.compression.streamed
+                && own.streamed != crate::compress::DEFAULT_STREAMED
+        {
+            notes.push(
+                "its bext.config.toml sets compression levels; in multi-app mode they are the platform's ([platform.compression])"
+                    .to_string(),
+            );
+        }
+        config.compression = crate::compress::Settings {
+            enabled: own.enabled && self.compression.enabled,
+            min_size: own.min_size.max(self.compression.min_size),
+            ..self.compression
+        };
         if let Some(framework) = self.runtime {
             config.runtime.framework = Some(framework);
         }

@@ -269,3 +269,49 @@ fn tls_listeners_default_and_may_not_collide() {
     let d = diag("[platform]\n[platform.tls]\n[apps.a]\nsource = \"/srv/a\"\n");
     assert_eq!(d.key.as_deref(), Some("platform.tls"));
 }
+
+/// Issue 13: compression levels are the platform's; a tenant's own file may
+/// only do less (turn it off, raise the minimum size).
+#[test]
+fn compression_levels_are_the_platforms() {
+    let greedy = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        greedy.path().join("bext.config.toml"),
+        "[compression]\nmin_size = \"4kb\"\nstored = { br = 11, zstd = 19 }\nstreamed = { br = 11 }\n",
+    )
+    .expect("write");
+    let off = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        off.path().join("bext.config.toml"),
+        "[compression]\nenabled = false\n",
+    )
+    .expect("write");
+    let text = format!(
+        "[platform.compression]\nstreamed = {{ br = 2 }}\n\
+         [apps.a]\nsource = \"{}\"\ndomains = [\"a.test\"]\n\
+         [apps.b]\nsource = \"{}\"\ndomains = [\"b.test\"]\n",
+        greedy.path().display(),
+        off.path().display()
+    );
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), &text).expect("valid");
+    assert_eq!(config.compression.streamed.br, 2);
+    let (a, notes) = config.app("a").expect("a").merged_config().expect("merged");
+    assert!(a.compression.enabled);
+    assert_eq!(
+        a.compression.min_size, 4096,
+        "a larger minimum is less work"
+    );
+    assert_eq!(a.compression.stored, crate::compress::DEFAULT_STORED);
+    assert_eq!(a.compression.streamed.br, 2);
+    assert!(
+        notes.iter().any(|n| n.contains("compression levels")),
+        "{notes:#?}"
+    );
+    let (b, notes) = config.app("b").expect("b").merged_config().expect("merged");
+    assert!(!b.compression.enabled);
+    assert!(notes.is_empty(), "{notes:#?}");
+    // A level out of range in the platform file is located.
+    let err = diag("[platform.compression]\nstored = { gzip = 10 }\n");
+    assert_eq!(err.line, 2);
+    assert_eq!(err.key.as_deref(), Some("platform.compression.stored.gzip"));
+}

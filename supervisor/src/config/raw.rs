@@ -19,6 +19,70 @@ pub(super) struct RawConfig {
     pub(super) runtime: Option<RawRuntime>,
     pub(super) isolate: Option<RawIsolate>,
     pub(super) route_rules: Option<Vec<RawRouteRule>>,
+    pub(super) compression: Option<RawCompression>,
+}
+
+/// `[compression]` (and `[platform.compression]`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCompression {
+    pub(super) enabled: Option<bool>,
+    pub(super) min_size: Option<MemorySize>,
+    pub(super) stored: Option<RawLevels>,
+    pub(super) streamed: Option<RawLevels>,
+}
+
+/// `stored = { zstd = 15, br = 9, gzip = 9 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLevels {
+    pub(super) zstd: Option<Level<1, 19>>,
+    pub(super) br: Option<Level<0, 11>>,
+    pub(super) gzip: Option<Level<1, 9>>,
+}
+
+impl RawCompression {
+    /// The settings, defaults filled in.
+    pub(super) fn settings(&self) -> crate::compress::Settings {
+        use crate::compress::{DEFAULT_MIN_SIZE, DEFAULT_STORED, DEFAULT_STREAMED, Settings};
+        Settings {
+            enabled: self.enabled.unwrap_or(true),
+            min_size: self.min_size.map_or(DEFAULT_MIN_SIZE, MemorySize::bytes),
+            stored: RawLevels::levels(self.stored.as_ref(), DEFAULT_STORED),
+            streamed: RawLevels::levels(self.streamed.as_ref(), DEFAULT_STREAMED),
+        }
+    }
+}
+
+impl RawLevels {
+    fn levels(
+        raw: Option<&RawLevels>,
+        default: crate::compress::Levels,
+    ) -> crate::compress::Levels {
+        let Some(raw) = raw else { return default };
+        crate::compress::Levels {
+            zstd: raw.zstd.map_or(default.zstd, |l| l.0 as i32),
+            br: raw.br.map_or(default.br, |l| l.0 as u32),
+            gzip: raw.gzip.map_or(default.gzip, |l| l.0 as u32),
+        }
+    }
+}
+
+/// A compression level, checked against its coding's range where it is
+/// read (so the error points at it).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Level<const MIN: i64, const MAX: i64>(i64);
+
+impl<'de, const MIN: i64, const MAX: i64> Deserialize<'de> for Level<MIN, MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let level = i64::deserialize(deserializer)?;
+        if !(MIN..=MAX).contains(&level) {
+            return Err(serde::de::Error::custom(format!(
+                "level {level} is out of range: this coding's levels are {MIN} to {MAX}"
+            )));
+        }
+        Ok(Level(level))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

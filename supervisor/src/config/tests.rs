@@ -132,6 +132,29 @@ fn the_annotated_example_states_the_real_defaults() {
     assert_eq!(example.isr, defaults.isr);
     assert_eq!(example.runtime, defaults.runtime);
     assert_eq!(example.isolate, defaults.isolate);
+    assert_eq!(example.compression, defaults.compression);
+    assert_eq!(defaults.compression, crate::compress::Settings::default());
+}
+
+#[test]
+fn compression_levels_are_checked_where_they_are_written() {
+    let text = "[compression]\nstored = { zstd = 15, br = 12 }\n";
+    let err = Config::parse(Path::new("bext.config.toml"), text).expect_err("br 12");
+    let message = err.to_string();
+    assert!(message.contains("bext.config.toml:2:"), "{message}");
+    assert!(message.contains("compression.stored.br"), "{message}");
+    assert!(message.contains("0 to 11"), "{message}");
+    let ok = Config::parse(
+        Path::new("bext.config.toml"),
+        "[compression]\nmin_size = \"2kb\"\nstreamed = { gzip = 1 }\n",
+    )
+    .expect("valid");
+    assert_eq!(ok.compression.min_size, 2048);
+    assert_eq!(ok.compression.streamed.gzip, 1);
+    assert_eq!(
+        ok.compression.streamed.br,
+        crate::compress::DEFAULT_STREAMED.br
+    );
 }
 
 #[test]

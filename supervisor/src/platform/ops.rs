@@ -383,8 +383,9 @@ impl Platform {
             .filter_map(|(id, dir)| {
                 let settings = app_settings(&self.config, entry, dir).ok()?;
                 let detected = crate::app::detect(&settings.dir, &settings.config).ok()?;
-                let files =
-                    StaticFiles::open(&detected.mounts(), Some(detected.dir.as_path())).ok()?;
+                let files = StaticFiles::open(&detected.mounts(), Some(detected.dir.as_path()))
+                    .ok()?
+                    .with_compression(settings.config.compression);
                 Some((id, Arc::new(files)))
             })
             .collect()

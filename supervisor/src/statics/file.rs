@@ -1,11 +1,13 @@
 //! One file's HTTP representation: content type, validators (ETag,
-//! Last-Modified) and 304s, single byte ranges, HEAD, precompressed `.br` /
-//! `.gz` siblings, and how long clients may cache it.
+//! Last-Modified) and 304s, single byte ranges, HEAD, compression
+//! (precompressed `.zst` / `.br` / `.gz` siblings first, else a copy
+//! compressed once and remembered), and how long clients may cache it.
 
 use std::io::{Seek, SeekFrom};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Frame;
@@ -15,6 +17,7 @@ use tokio_util::io::ReaderStream;
 
 use super::lookup::{FileEntry, Variant, open_beneath};
 use crate::body::{self, Body};
+use crate::compress::{self, Coding};
 
 /// Chunk size when streaming a large file.
 const STREAM_CHUNK: usize = 64 * 1024;
@@ -23,24 +26,108 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// Everything else: cacheable, but revalidated (cheap: a 304).
 const REVALIDATE: &str = "public, max-age=0, must-revalidate";
 
-/// Builds the response for a file found at `rel` under `dir`.
+/// Compressed copies of kept files that have no precompressed sibling,
+/// made on first demand (at the streamed levels: on the event loop, at
+/// most [`super::lookup::FILE_CACHE_MAX_FILE`] bytes) and remembered by
+/// file, version (ETag) and coding within [`PACKED_BYTES`].
+pub(super) struct Packed {
+    pub(super) settings: compress::Settings,
+    copies: moka::sync::Cache<CopyKey, Bytes>,
+}
+
+/// Mount, file, version (ETag), coding.
+type CopyKey = (u16, Box<[u8]>, HeaderValue, Coding);
+
+/// Memory the compressed copies of one app's files may use.
+pub(super) const PACKED_BYTES: u64 = 32 * 1024 * 1024;
+/// A copy not asked for in this long is dropped.
+const PACKED_IDLE: Duration = Duration::from_secs(3600);
+
+impl Packed {
+    pub(super) fn new(settings: compress::Settings) -> Self {
+        Packed {
+            settings,
+            copies: moka::sync::Cache::builder()
+                .max_capacity(PACKED_BYTES)
+                .time_to_idle(PACKED_IDLE)
+                .weigher(|key: &CopyKey, copy: &Bytes| {
+                    u32::try_from(copy.len() + key.1.len() + 64).unwrap_or(u32::MAX)
+                })
+                .build(),
+        }
+    }
+
+    /// `bytes` (the file at `rel` of mount `mount`, version `etag`)
+    /// compressed with `coding`; `None` when that does not make it smaller.
+    fn copy(
+        &self,
+        mount: u16,
+        rel: &[u8],
+        etag: &HeaderValue,
+        coding: Coding,
+        bytes: &Bytes,
+    ) -> Option<Bytes> {
+        let key = (mount, Box::<[u8]>::from(rel), etag.clone(), coding);
+        let copy = self.copies.get_with(key, || {
+            compress::encode_all(bytes, coding, &self.settings.streamed).unwrap_or_default()
+        });
+        (!copy.is_empty() && copy.len() < bytes.len()).then_some(copy)
+    }
+}
+
+/// Where a file was found: its mount's directory and id.
+pub(super) struct Place<'a> {
+    pub(super) dir: &'a OwnedFd,
+    pub(super) mount: u16,
+    pub(super) packed: &'a Packed,
+}
+
+/// Builds the response for a file found at `rel` in `place`.
 pub(super) fn respond<B>(
     req: &Request<B>,
-    dir: &OwnedFd,
+    place: &Place<'_>,
     rel: &[u8],
     entry: &FileEntry,
     immutable: bool,
 ) -> Response<Body> {
-    // A precompressed sibling the client accepts replaces the file's bytes;
-    // the response varies on Accept-Encoding whenever a sibling exists.
-    let accepted = req
-        .headers()
-        .get(header::ACCEPT_ENCODING)
-        .and_then(|v| v.to_str().ok());
-    let chosen = entry.variants[1..]
-        .iter()
-        .find(|v| accepted.is_some_and(|a| v.encoding.is_some_and(|e| accepts(a, e))))
+    let dir = place.dir;
+    let settings = &place.packed.settings;
+    // A precompressed sibling the client accepts replaces the file's bytes.
+    let accepted = compress::Accepted::parse(req.headers());
+    let mut offered = [Coding::Zstd; 3];
+    let mut n = 0;
+    for coding in compress::STORED_ORDER {
+        if entry.variants[1..]
+            .iter()
+            .any(|v| v.encoding == Some(coding))
+        {
+            offered[n] = coding;
+            n += 1;
+        }
+    }
+    let chosen = accepted
+        .best_among(&offered[..n])
+        .and_then(|c| entry.variants.iter().find(|v| v.encoding == Some(c)))
         .unwrap_or(&entry.variants[0]);
+    // Else a compressed copy of a kept file (never for a range: ranges are
+    // of the file's own bytes).
+    let head = req.method() == Method::HEAD;
+    let packed = if chosen.encoding.is_none()
+        && entry.compressible
+        && settings.enabled
+        && !head
+        && !req.headers().contains_key(header::RANGE)
+        && (chosen.len >= settings.min_size || accepted.identity_refused())
+        && let Some(bytes) = &chosen.bytes
+        && let Some(coding) = accepted.best_among(&compress::STORED_ORDER)
+    {
+        place
+            .packed
+            .copy(place.mount, rel, &chosen.etag, coding, bytes)
+            .map(|copy| (coding, copy))
+    } else {
+        None
+    };
 
     let mut headers = HeaderMap::with_capacity(10);
     headers.insert(header::CONTENT_TYPE, entry.content_type.clone());
@@ -58,10 +145,26 @@ pub(super) fn respond<B>(
         HeaderValue::from_static("nosniff"),
     );
     if let Some(encoding) = chosen.encoding {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        headers.insert(header::CONTENT_ENCODING, encoding.header_value());
     }
-    if entry.variants.len() > 1 {
+    // The answer varies on Accept-Encoding whenever another client could
+    // get other bytes.
+    if entry.variants.len() > 1 || (entry.compressible && settings.enabled) {
         headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if let Some((coding, copy)) = packed {
+        // `"<mtime>-<size>-<coding>"`, weak: the bytes depend on the level.
+        let tag = chosen.etag.to_str().unwrap_or("\"\"").trim_end_matches('"');
+        let etag = value(&format!("W/{tag}-{}\"", coding.as_str()));
+        headers.insert(header::ETAG, etag.clone());
+        headers.insert(header::CONTENT_ENCODING, coding.header_value());
+        headers.remove(header::ACCEPT_RANGES);
+        if not_modified(req.headers(), etag.to_str().unwrap_or(""), chosen.modified) {
+            headers.remove(header::CONTENT_TYPE);
+            return build(StatusCode::NOT_MODIFIED, headers, body::empty());
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+        return build(StatusCode::OK, headers, body::full(copy));
     }
 
     let etag = chosen.etag.to_str().unwrap_or("");
@@ -198,19 +301,6 @@ fn requested_range(headers: &HeaderMap, etag: &str, modified: SystemTime, len: u
     }
 }
 
-/// Does `accept_encoding` accept `coding` with a non-zero q?
-fn accepts(accept_encoding: &str, coding: &str) -> bool {
-    accept_encoding.split(',').any(|item| {
-        let mut parts = item.split(';');
-        let name = parts.next().unwrap_or("").trim();
-        let q = parts
-            .find_map(|p| p.trim().strip_prefix("q="))
-            .and_then(|q| q.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
-        name.eq_ignore_ascii_case(coding) && q > 0.0
-    })
-}
-
 /// A file name with a content hash in it (`app.3f9a1c2b.js`,
 /// `index-BnK3x9aZ.js`): a dot- or dash-separated part of at least 8
 /// alphanumeric characters mixing letters and digits.
@@ -238,13 +328,5 @@ mod tests {
         assert!(!looks_hashed(b"jquery-3.7.1.min.js"));
         assert!(!looks_hashed(b"logo-final.png"));
         assert!(!looks_hashed(b"background-20240101.png"));
-    }
-
-    #[test]
-    fn accept_encoding_honours_q_zero() {
-        assert!(accepts("gzip, deflate, br", "br"));
-        assert!(accepts("br;q=0.5", "br"));
-        assert!(!accepts("br;q=0, gzip", "br"));
-        assert!(!accepts("gzip", "br"));
     }
 }

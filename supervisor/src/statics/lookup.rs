@@ -18,6 +18,8 @@ use http::HeaderValue;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
+use crate::compress::Coding;
+
 /// How long what was found on disk is trusted before it is looked at again.
 pub const FILE_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Files up to this size are kept in memory; larger ones are streamed from
@@ -26,8 +28,12 @@ pub const FILE_CACHE_MAX_FILE: u64 = 256 * 1024;
 /// Memory the file cache may use, per app.
 pub const FILE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The precompressed encodings bext looks for, best first.
-pub const ENCODINGS: [(&str, &[u8]); 2] = [("br", b".br"), ("gzip", b".gz")];
+/// The precompressed siblings bext looks for.
+pub const ENCODINGS: [(Coding, &[u8]); 3] = [
+    (Coding::Zstd, b".zst"),
+    (Coding::Br, b".br"),
+    (Coding::Gzip, b".gz"),
+];
 
 /// What a path resolved to.
 #[derive(Debug)]
@@ -41,7 +47,9 @@ pub enum Lookup {
 #[derive(Debug)]
 pub struct FileEntry {
     pub content_type: HeaderValue,
-    /// The file itself, then any `.br` / `.gz` sibling.
+    /// Worth compressing (text, JSON, SVG, wasm…).
+    pub compressible: bool,
+    /// The file itself, then any `.zst` / `.br` / `.gz` sibling.
     pub variants: Vec<Variant>,
 }
 
@@ -49,7 +57,7 @@ pub struct FileEntry {
 #[derive(Debug)]
 pub struct Variant {
     /// `None` for the file itself.
-    pub encoding: Option<&'static str>,
+    pub encoding: Option<Coding>,
     /// The path to open when the bytes are not kept.
     pub rel: Vec<u8>,
     pub len: u64,
@@ -107,7 +115,8 @@ pub fn resolve(dir: &OwnedFd, rel: &[u8]) -> Lookup {
         mime.to_string()
     };
     let mut variants = vec![variant(None, rel.to_vec(), &file, &meta)];
-    if is_compressible(&mime) {
+    let compressible = crate::compress::compressible(mime.essence_str());
+    if compressible {
         for (encoding, suffix) in ENCODINGS {
             let sibling = [rel, suffix].concat();
             if let Some((file, meta)) = open_beneath(dir, &sibling).filter(|(_, m)| m.is_file()) {
@@ -118,12 +127,13 @@ pub fn resolve(dir: &OwnedFd, rel: &[u8]) -> Lookup {
     Lookup::File(FileEntry {
         content_type: HeaderValue::from_str(&content_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        compressible,
         variants,
     })
 }
 
 fn variant(
-    encoding: Option<&'static str>,
+    encoding: Option<Coding>,
     rel: Vec<u8>,
     file: &std::fs::File,
     meta: &std::fs::Metadata,
@@ -134,7 +144,7 @@ fn variant(
     // bytes of one mtime and size are the bytes on disk.
     let mtime = meta.mtime() as u64;
     let etag = match encoding {
-        Some(e) => format!("\"{mtime:x}-{len:x}-{e}\""),
+        Some(e) => format!("\"{mtime:x}-{len:x}-{}\"", e.as_str()),
         None => format!("\"{mtime:x}-{len:x}\""),
     };
     let bytes = (len <= FILE_CACHE_MAX_FILE).then(|| {
@@ -205,12 +215,6 @@ pub fn open_beneath(dir: &OwnedFd, rel: &[u8]) -> Option<(std::fs::File, std::fs
 fn is_text(mime: &mime_guess::Mime) -> bool {
     mime.type_() == mime_guess::mime::TEXT
         || matches!(mime.subtype().as_str(), "javascript" | "json" | "xml")
-}
-
-fn is_compressible(mime: &mime_guess::Mime) -> bool {
-    is_text(mime)
-        || matches!(mime.subtype().as_str(), "svg" | "wasm" | "manifest+json")
-        || mime.suffix().is_some_and(|s| s == "xml" || s == "json")
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ pub enum Outcome {
 pub struct StaticFiles {
     mounts: Vec<MountDir>,
     cache: LookupCache,
+    packed: file::Packed,
 }
 
 impl std::fmt::Debug for StaticFiles {
@@ -109,7 +110,22 @@ impl StaticFiles {
         Ok(StaticFiles {
             mounts: dirs,
             cache: lookup::new_cache(),
+            packed: file::Packed::new(crate::compress::Settings::default()),
         })
+    }
+
+    /// Compresses with `settings` (default: the defaults).
+    pub fn with_compression(mut self, settings: crate::compress::Settings) -> Self {
+        self.packed = file::Packed::new(settings);
+        self
+    }
+
+    fn place<'a>(&'a self, mount: &'a MountDir) -> file::Place<'a> {
+        file::Place {
+            dir: &mount.dir,
+            mount: mount.id,
+            packed: &self.packed,
+        }
     }
 
     /// Whether a whole static site is mounted (no app behind it).
@@ -147,9 +163,13 @@ impl StaticFiles {
         }
         let rel = path.segments[mount.prefix.len()..].join(&b'/');
         match &*self.lookup(mount, &rel) {
-            Lookup::File(entry) => {
-                Outcome::Response(file::respond(req, &mount.dir, &rel, entry, mount.immutable))
-            }
+            Lookup::File(entry) => Outcome::Response(file::respond(
+                req,
+                &self.place(mount),
+                &rel,
+                entry,
+                mount.immutable,
+            )),
             Lookup::Dir if mount.site => {
                 if !path.trailing_slash && !rel.is_empty() {
                     return Outcome::Response(redirect_to_slash(req));
@@ -160,9 +180,13 @@ impl StaticFiles {
                     [&rel[..], b"/index.html"].concat()
                 };
                 match &*self.lookup(mount, &index) {
-                    Lookup::File(entry) => {
-                        Outcome::Response(file::respond(req, &mount.dir, &index, entry, false))
-                    }
+                    Lookup::File(entry) => Outcome::Response(file::respond(
+                        req,
+                        &self.place(mount),
+                        &index,
+                        entry,
+                        false,
+                    )),
                     _ => self.miss(mount, req),
                 }
             }
@@ -172,7 +196,11 @@ impl StaticFiles {
                     let html = [&rel[..], b".html"].concat();
                     if let Lookup::File(entry) = &*self.lookup(mount, &html) {
                         return Outcome::Response(file::respond(
-                            req, &mount.dir, &html, entry, false,
+                            req,
+                            &self.place(mount),
+                            &html,
+                            entry,
+                            false,
                         ));
                     }
                 }
@@ -220,7 +248,7 @@ impl StaticFiles {
         }
         let rel = path.segments[mount.prefix.len()..].join(&b'/');
         match &*self.lookup(mount, &rel) {
-            Lookup::File(entry) => Some(file::respond(req, &mount.dir, &rel, entry, true)),
+            Lookup::File(entry) => Some(file::respond(req, &self.place(mount), &rel, entry, true)),
             _ => None,
         }
     }
@@ -238,7 +266,7 @@ impl StaticFiles {
             return Outcome::Pass;
         }
         if let Lookup::File(entry) = &*self.lookup(mount, b"404.html") {
-            let mut response = file::respond(req, &mount.dir, b"404.html", entry, false);
+            let mut response = file::respond(req, &self.place(mount), b"404.html", entry, false);
             if response.status() == StatusCode::OK {
                 *response.status_mut() = StatusCode::NOT_FOUND;
                 let headers = response.headers_mut();
