@@ -55,14 +55,14 @@ demo: build
 	./target/release/bext run $(DEMO_APP) --listen $(DEMO_LISTEN)
 
 bench-deps:
-	scripts/apt-install.sh nginx-light varnish wrk curl python3 util-linux valgrind testssl.sh openssl
+	scripts/apt-install.sh nginx-light varnish wrk curl python3 python3-pip util-linux valgrind testssl.sh openssl nghttp2-client
 
 # testssl.sh against bext's HTTPS listener; fails on a HIGH or CRITICAL
 # finding (about a minute, so not part of bench-smoke).
 testssl: build bench-deps
 	bash bench/testssl.sh
 
-BENCHES ?= proxy cache platform deploy
+BENCHES ?= proxy cache platform deploy tls
 
 bench: build fixtures bench-deps
 	mkdir -p bench/results

@@ -38,7 +38,8 @@ pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log $WORK/nginx/access.log;
+  access_log $WORK/nginx/access.log combined buffer=64k flush=1s;
+  keepalive_requests 100000;
   proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=bench:64m max_size=1g inactive=1h;
   upstream origin { server 127.0.0.1:$origin_port; keepalive 64; }
   server {
@@ -111,7 +112,7 @@ echo
 machine_info
 echo "- $(varnishd -V 2>&1 | head -1), Next.js $(node -p "require('$NEXT/node_modules/next/package.json').version")"
 echo "- pages: origin fixture \`$PAGE_1K\` and \`$PAGE_32K\` (\`Cache-Control: public, max-age=3600\`); Next fixture \`/isr\` (\`s-maxage=5, stale-while-revalidate\`)"
-echo "- access logs: bext (JSON) and nginx to files; Varnish to its shared-memory log"
+echo "- access logs: bext (JSON) to a file; nginx to a file, buffered (\`buffer=64k\`), \`keepalive_requests 100000\`; Varnish to its shared-memory log"
 echo "- command: \`BENCH_DURATION=$DURATION bench/cache.sh\`"
 echo
 results_table

@@ -15,6 +15,7 @@ SERVER_CPU="${BENCH_SERVER_CPU:-0}"
 CLIENT_CPU="${BENCH_CLIENT_CPU:-1}"
 
 cleanup() {
+  [[ -n "${BENCH_KEEP:-}" ]] && cp -r "$WORK" /tmp/bench-kept || true
   for pid in "${PIDS[@]:-}"; do
     [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
   done
@@ -76,15 +77,25 @@ run_wrk() {
 # ticks PID: user and system clock ticks of every thread of PID.
 ticks() { awk '{u+=$14; s+=$15} END {print u, s}' /proc/"$1"/task/*/stat; }
 
-# cpu_per_request PID URL: one wrk run against URL (after a warm-up);
+# ticks_tree PID: the same for PID and its child processes (nginx's
+# worker under its master; bext's app workers, idle on cache hits).
+ticks_tree() {
+  local p files=()
+  for p in "$1" $(pgrep -P "$1" || true); do files+=(/proc/"$p"/task/*/stat); done
+  awk '{u+=$14; s+=$15} END {print u, s}' "${files[@]}"
+}
+
+# cpu_per_request PID URL [WRK ARGS...]: one wrk run against URL (after a
+# warm-up);
 # prints "REQ/S USER_US SYS_US": the user and system CPU microseconds PID
 # (all its threads) spent per request, from /proc.
 cpu_per_request() {
   local pid="$1" url="$2" out u0 s0 u1 s1
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1 || true
-  read -r u0 s0 < <(ticks "$pid")
-  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")"
-  read -r u1 s1 < <(ticks "$pid")
+  shift 2
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d1s "$@" "$url" >/dev/null 2>&1 || true
+  read -r u0 s0 < <(ticks_tree "$pid")
+  out="$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$@" "$url")"
+  read -r u1 s1 < <(ticks_tree "$pid")
   python3 - "$(awk '/^Requests\/sec/ {print $2}' <<<"$out")" "${DURATION%s}" "$(getconf CLK_TCK)" \
     "$((u1 - u0))" "$((s1 - s0))" <<'PY'
 import sys
@@ -121,7 +132,8 @@ user root; worker_processes 1; daemon off; $main
 pid $WORK/nginx/pid; error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log $WORK/nginx/access.log;
+  access_log $WORK/nginx/access.log combined buffer=64k flush=1s;
+  keepalive_requests 100000;
   upstream hono { server unix:$sock; keepalive 64; }
   server {
     listen 127.0.0.1:$port;

@@ -62,7 +62,7 @@ error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
   include /etc/nginx/mime.types;
-  access_log $WORK/nginx/access.log;
+  access_log $WORK/nginx/access.log combined buffer=64k flush=1s;
   sendfile on;
   tcp_nopush on;
   keepalive_requests 100000;

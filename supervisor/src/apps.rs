@@ -309,10 +309,17 @@ impl RunningApp {
     pub fn apply(&mut self, settings: AppSettings) {
         let current = self.service.load_full();
         let keep_cache = settings.config.isr == self.settings.config.isr
-            && settings.config.compression == self.settings.config.compression
             && settings.config.server.upstream_timeout
                 == self.settings.config.server.upstream_timeout;
         let cache = keep_cache.then(|| current.cache.clone()).flatten();
+        // Compression settings change in place: the entries stay.
+        if let Some(cache) = &cache {
+            cache.set_compression(settings.config.compression);
+        }
+        self.statics.set_compression(settings.config.compression);
+        for older in self.older().iter() {
+            older.set_compression(settings.config.compression);
+        }
         let service = build_service(
             &self.app,
             &settings,

@@ -154,22 +154,23 @@ impl AppService {
         };
         let fill = ClientFill::new(proxy.clone(), client);
         let mut req = req.map(body::incoming);
-        // Compression happens here: the app is asked for identity bodies,
-        // and what the client accepts travels with the request (the cache
-        // answers from its variants).
+        // Compression happens at the edge: the app is asked for identity
+        // bodies (by the cache's fills, or here), and the client gets a
+        // coding it accepts.
         let accepted = compress::Accepted::parse(req.headers());
-        let head = req.method() == http::Method::HEAD;
-        if self.compression.enabled {
-            req.headers_mut().insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-            req.extensions_mut().insert(accepted);
-        }
-        // The cache in front of the workers; it reaches them through `fill`.
+        // The cache in front of the workers; it reaches them through `fill`
+        // and compresses what it answers.
         let mut response = match &self.cache {
-            Some(cache) => cache.handle(req, &fill).await,
-            None => fill.fetch(req).await,
+            Some(cache) => cache.handle(req, &fill, accepted).await,
+            None => {
+                let head = req.method() == http::Method::HEAD;
+                if self.compression.enabled {
+                    compress::ask_identity(req.headers_mut());
+                }
+                let mut response = fill.fetch(req).await;
+                compress::compress_streamed(&self.compression, &accepted, &mut response, head);
+                response
+            }
         };
         // Purge tags and Surrogate-Control are for bext, never for clients:
         // this is the one place every answer from the app passes.
@@ -180,36 +181,7 @@ impl AppService {
         {
             return (older, None);
         }
-        if response.extensions().get::<compress::Decided>().is_none() {
-            self.compress_stream(&mut response, &accepted, head);
-        }
         (response, fill.served_by())
-    }
-
-    /// Compresses what the app streams (an answer the cache did not make
-    /// from a stored object), as it streams.
-    fn compress_stream(
-        &self,
-        response: &mut Response<Body>,
-        accepted: &compress::Accepted,
-        head: bool,
-    ) {
-        match compress::decide(
-            &self.compression,
-            accepted,
-            &compress::STREAMED_ORDER,
-            response.status(),
-            response.headers(),
-            head,
-        ) {
-            compress::Decision::Leave => {}
-            compress::Decision::Vary => compress::add_vary(response.headers_mut()),
-            compress::Decision::Encode(coding) => {
-                compress::mark_encoded(response.headers_mut(), coding, None);
-                let body = std::mem::replace(response.body_mut(), body::empty());
-                *response.body_mut() = compress::stream(body, coding, &self.compression.streamed);
-            }
-        }
     }
 
     /// A retained version's copy of the hashed asset `req` names.

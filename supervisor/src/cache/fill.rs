@@ -126,6 +126,12 @@ impl<S: Store> IsrCache<S> {
     ) -> Response<Body> {
         let (parts, _) = req.into_parts();
         let client = Request::from_parts(parts, ());
+        let accepted = client
+            .extensions()
+            .get::<crate::compress::Accepted>()
+            .copied()
+            .unwrap_or_default();
+        let settings = **self.compression.load();
         let fill_req = fill_request(
             client.method(),
             client.uri(),
@@ -164,6 +170,7 @@ impl<S: Store> IsrCache<S> {
                 let mut response = self
                     .answer(
                         &client,
+                        &accepted,
                         &object,
                         Served::Miss { collapsed: false },
                         SystemTime::now(),
@@ -184,6 +191,7 @@ impl<S: Store> IsrCache<S> {
                 if head {
                     *response.body_mut() = body::empty();
                 }
+                crate::compress::compress_streamed(&settings, &accepted, &mut response, head);
                 response
             }
             Fetched::Failed(response) => match fallback {
@@ -192,6 +200,7 @@ impl<S: Store> IsrCache<S> {
                     tracing::warn!(status = response.status().as_u16(), path = %object.path, "the app failed; serving a stale copy (stale-if-error)");
                     self.answer(
                         &client,
+                        &accepted,
                         &object,
                         Served::StaleIfError(response.status()),
                         SystemTime::now(),
@@ -206,6 +215,7 @@ impl<S: Store> IsrCache<S> {
                     if head {
                         *response.body_mut() = body::empty();
                     }
+                    crate::compress::compress_streamed(&settings, &accepted, &mut response, head);
                     response
                 }
             },
@@ -291,7 +301,7 @@ impl<S: Store> IsrCache<S> {
     /// answer if the policy allows; the variant is keyed on the headers of
     /// the client request it was made for.
     async fn fetch_and_store<F: Fill>(
-        &self,
+        self: &Arc<Self>,
         req: Request<Body>,
         request_headers: &HeaderMap,
         fill: &F,
@@ -305,6 +315,7 @@ impl<S: Store> IsrCache<S> {
         let conditional = req.headers().contains_key(header::IF_NONE_MATCH)
             || req.headers().contains_key(header::IF_MODIFIED_SINCE);
         let mut response = fill.fetch(req).await;
+        let mut freshened_from = None;
         if response.status().is_server_error() {
             return Fetched::Failed(response);
         }
@@ -323,6 +334,7 @@ impl<S: Store> IsrCache<S> {
             );
             *freshened.extensions_mut() = parts.extensions;
             response = freshened;
+            freshened_from = Some(Arc::clone(previous));
         }
         let now = SystemTime::now();
         let verdict = policy::response_verdict(
@@ -389,6 +401,13 @@ impl<S: Store> IsrCache<S> {
             parts.headers.remove(name);
         }
         respond::unmark(&mut parts.headers);
+        // Every answer from it will vary on Accept-Encoding: said once
+        // here, not on every hit.
+        if self.compression.load().enabled
+            && crate::compress::candidate(parts.status, &parts.headers)
+        {
+            crate::compress::add_vary(&mut parts.headers);
+        }
         let names = key::vary_names(&parts.headers);
         let vary = key::vary_values(request_headers, &names);
         let full_key = key::full(primary, request_headers, &names);
@@ -408,6 +427,16 @@ impl<S: Store> IsrCache<S> {
             // predate it.
             object.soft_purge();
         }
+        // A revalidated page stays compressed: the same body keeps its
+        // variants; a new body gets the ones clients asked for, made now.
+        let remake: Vec<_> = match (&freshened_from, &previous) {
+            (Some(same), _) => {
+                object.adopt_variants(same);
+                Vec::new()
+            }
+            (None, Some(previous)) => previous.codings_made().collect(),
+            (None, None) => Vec::new(),
+        };
         self.index.insert(
             primary.to_string(),
             Arc::new(UrlInfo {
@@ -418,6 +447,10 @@ impl<S: Store> IsrCache<S> {
         self.store
             .insert(full_key.into_owned(), Arc::clone(&object))
             .await;
+        let settings = **self.compression.load();
+        for coding in remake {
+            self.start_variant(&object, coding, &settings);
+        }
         Fetched::Stored(object, parts.extensions)
     }
 }

@@ -83,8 +83,8 @@ pub struct IsrCache<S: Store = MemoryStore> {
     purge_epoch: AtomicU64,
     pub counters: CacheCounters,
     /// How stored bodies are compressed for clients (the variants are made
-    /// once per object and kept with it).
-    compression: crate::compress::Settings,
+    /// once per object and kept with it); a reload may change it.
+    compression: arc_swap::ArcSwap<crate::compress::Settings>,
 }
 
 impl<S: Store> std::fmt::Debug for IsrCache<S> {
@@ -173,61 +173,113 @@ impl<S: Store> IsrCache<S> {
             wait_timeout,
             purge_epoch: AtomicU64::new(0),
             counters,
-            compression: crate::compress::Settings::default(),
+            compression: arc_swap::ArcSwap::from_pointee(crate::compress::Settings::default()),
         }
     }
 
     /// Compresses answers with `settings` (default: [`crate::compress::Settings::default`]).
-    pub fn with_compression(mut self, settings: crate::compress::Settings) -> Self {
-        self.compression = settings;
+    pub fn with_compression(self, settings: crate::compress::Settings) -> Self {
+        self.set_compression(settings);
         self
+    }
+
+    /// Compresses answers with `settings` from now on (variants already
+    /// made stay until their entries go).
+    pub fn set_compression(&self, settings: crate::compress::Settings) {
+        self.compression.store(Arc::new(settings));
     }
 
     /// Answers `req` from `object`, compressed for its client if it may be
     /// (the request's [`Accepted`](crate::compress::Accepted) extension,
     /// set by the server; none: identity). A compressed variant is made
-    /// once per object, at the stored levels, and kept with it.
+    /// once per object, by a task of its own, and kept with it; a request
+    /// waits for one being made at most [`crate::compress::VARIANT_WAIT`],
+    /// else gets identity.
     async fn answer<B>(
-        &self,
+        self: &Arc<Self>,
         req: &Request<B>,
+        accepted: &crate::compress::Accepted,
         object: &Arc<Object>,
         served: Served,
         now: SystemTime,
     ) -> Response<Body> {
-        use crate::compress::{self, Decision};
+        use crate::compress;
         let mut response = respond::serve(req, object, served, now);
-        let accepted = req
-            .extensions()
-            .get::<compress::Accepted>()
-            .copied()
-            .unwrap_or_default();
+        let settings = **self.compression.load();
         let head = req.method() == Method::HEAD;
-        match compress::decide(
-            &self.compression,
-            &accepted,
-            &compress::STORED_ORDER,
-            response.status(),
-            response.headers(),
-            head,
-        ) {
-            Decision::Leave => {}
-            Decision::Vary => compress::add_vary(response.headers_mut()),
-            Decision::Encode(coding) => {
-                let (variant, made) = object.variant(coding, &self.compression.stored).await;
-                if made {
-                    self.store.resized(&key::stored(object), object).await;
+        // Decided on the stored answer, so that a 304 and a HEAD say what
+        // the 200 to a GET would (its Vary was stored with it).
+        let coding = if object.compressible {
+            compress::stored_coding(&settings, accepted, object.body.len())
+        } else {
+            None
+        };
+        if let Some(coding) = coding {
+            let not_modified = response.status() == http::StatusCode::NOT_MODIFIED;
+            let variant = match object.variant(coding) {
+                Some(variant) => variant,
+                None if head || not_modified => None,
+                None => {
+                    self.start_variant(object, coding, &settings);
+                    tokio::time::timeout(compress::VARIANT_WAIT, object.wait_variant(coding))
+                        .await
+                        .ok()
+                        .flatten()
                 }
+            };
+            let headers = response.headers_mut();
+            if not_modified {
+                if let Some(etag) = &object.weak_etag {
+                    headers.insert(header::ETAG, etag.clone());
+                }
+                if !object.varies_on_encoding {
+                    compress::add_vary(headers);
+                }
+            } else {
                 match variant {
                     Some(bytes) => {
-                        compress::mark_encoded(response.headers_mut(), coding, Some(bytes.len()));
-                        *response.body_mut() = crate::body::full(bytes);
+                        compress::mark_variant(
+                            headers,
+                            coding,
+                            bytes.len(),
+                            object.weak_etag.as_ref(),
+                            object.varies_on_encoding,
+                        );
+                        if !head {
+                            *response.body_mut() = crate::body::full(bytes);
+                        }
                     }
-                    None => compress::add_vary(response.headers_mut()),
+                    None if !object.varies_on_encoding => compress::add_vary(headers),
+                    None => {}
                 }
             }
         }
-        response.extensions_mut().insert(compress::Decided);
         response
+    }
+
+    /// Starts making `object`'s variant for `coding` unless it is being
+    /// made: on a task of its own, which then weighs the object again in
+    /// the store. Bodies over [`crate::compress::STORED_HIGH_MAX`] are
+    /// compressed at the streamed levels (still once).
+    fn start_variant(
+        self: &Arc<Self>,
+        object: &Arc<Object>,
+        coding: crate::compress::Coding,
+        settings: &crate::compress::Settings,
+    ) {
+        if !object.start_variant(coding) {
+            return;
+        }
+        let levels = if object.body.len() > crate::compress::STORED_HIGH_MAX {
+            settings.streamed
+        } else {
+            settings.stored
+        };
+        let (cache, object) = (Arc::clone(self), Arc::clone(object));
+        tokio::spawn(async move {
+            object.make_variant(coding, levels).await;
+            cache.store.resized(&key::stored(&object), &object).await;
+        });
     }
 
     pub fn stats(&self) -> store::StoreStats {
@@ -241,11 +293,17 @@ impl<S: Store> IsrCache<S> {
             .find(|r| r.path.matcher.is_match(path))
     }
 
-    /// Answers `req` from the cache, or through `fill`.
-    pub async fn handle<F: Fill>(self: &Arc<Self>, req: Request<Body>, fill: &F) -> Response<Body> {
+    /// Answers `req` from the cache, or through `fill`, compressed for a
+    /// client that accepts these codings.
+    pub async fn handle<F: Fill>(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+        fill: &F,
+        accepted: crate::compress::Accepted,
+    ) -> Response<Body> {
         let rule = self.rule_for(req.uri().path()).cloned();
         if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
-            return self.pass_through(req, fill, reason).await;
+            return self.pass_through(req, fill, reason, &accepted).await;
         }
         let primary = key::primary(&req);
         let info = self.index.get(&primary).unwrap_or_default();
@@ -267,7 +325,7 @@ impl<S: Store> IsrCache<S> {
             with_copy: false,
         }) = pass
         {
-            return self.pass_through(req, fill, reason).await;
+            return self.pass_through(req, fill, reason, &accepted).await;
         }
         let has_auth = req.headers().contains_key(header::AUTHORIZATION);
         let now = SystemTime::now();
@@ -281,13 +339,13 @@ impl<S: Store> IsrCache<S> {
             match object.freshness(now) {
                 Freshness::Fresh => {
                     self.counters.hits.inc();
-                    return self.answer(&req, object, Served::Hit, now).await;
+                    return self.answer(&req, &accepted, object, Served::Hit, now).await;
                 }
                 Freshness::Stale => {
                     self.counters.stale.inc();
                     self.revalidate(key, &primary, &req, rule, fill, object);
                     return self
-                        .answer(&req, object, Served::StaleWhileRevalidate, now)
+                        .answer(&req, &accepted, object, Served::StaleWhileRevalidate, now)
                         .await;
                 }
                 Freshness::StaleIfError | Freshness::Dead => {}
@@ -296,6 +354,8 @@ impl<S: Store> IsrCache<S> {
         // From here on `cached`, if any, is a stale copy: it makes the fill
         // conditional, and may stand in if the app fails.
         let previous = cached;
+        // (The slow path: what the client accepts goes with the request.)
+        req.extensions_mut().insert(accepted);
         // Recently not storable (hit-for-pass, as Varnish calls it): a burst
         // on a dynamic page must not queue behind one request, nor pay for
         // a fill it cannot store. With no stored copy to stand in, pass the
@@ -303,7 +363,7 @@ impl<S: Store> IsrCache<S> {
         // or stand in if the app fails).
         if let Some(Pass { reason, .. }) = pass {
             return match previous {
-                None => self.pass_through(req, fill, reason).await,
+                None => self.pass_through(req, fill, reason, &accepted).await,
                 Some(_) => {
                     Box::pin(self.miss(req, key, &primary, rule.as_ref(), fill, previous, None))
                         .await
@@ -323,6 +383,7 @@ impl<S: Store> IsrCache<S> {
                     return self
                         .answer(
                             &req,
+                            &accepted,
                             &object,
                             Served::Miss { collapsed: true },
                             SystemTime::now(),
@@ -353,11 +414,17 @@ impl<S: Store> IsrCache<S> {
     /// `Location` and `Content-Location` name (RFC 9111 §4.4).
     async fn pass_through<F: Fill>(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         fill: &F,
         reason: &'static str,
+        accepted: &crate::compress::Accepted,
     ) -> Response<Body> {
         self.counters.bypasses.inc();
+        let settings = **self.compression.load();
+        let head = req.method() == Method::HEAD;
+        if settings.enabled {
+            crate::compress::ask_identity(req.headers_mut());
+        }
         let unsafe_method = !matches!(
             *req.method(),
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -392,6 +459,7 @@ impl<S: Store> IsrCache<S> {
         }
         // (Purge tags are stripped by the caller, from every answer.)
         respond::mark(response.headers_mut(), Served::Bypass(reason));
+        crate::compress::compress_streamed(&settings, accepted, &mut response, head);
         response
     }
 
@@ -558,7 +626,7 @@ mod panic_tests {
         };
         let leader = {
             let (cache, fill) = (Arc::clone(&cache), fill.clone());
-            tokio::spawn(async move { cache.handle(get(), &fill).await })
+            tokio::spawn(async move { cache.handle(get(), &fill, Default::default()).await })
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while fill.calls.load(Ordering::SeqCst) == 0 {
@@ -567,7 +635,7 @@ mod panic_tests {
         }
         let waiter = {
             let (cache, fill) = (Arc::clone(&cache), fill.clone());
-            tokio::spawn(async move { cache.handle(get(), &fill).await })
+            tokio::spawn(async move { cache.handle(get(), &fill, Default::default()).await })
         };
         while cache.counters.coalesced.get() == 0 {
             assert!(Instant::now() < deadline, "the second request never waited");
@@ -580,7 +648,7 @@ mod panic_tests {
             .expect("the waiter was released")
             .expect("no panic");
         assert_eq!(answered.status(), 200);
-        let hit = cache.handle(get(), &fill).await;
+        let hit = cache.handle(get(), &fill, Default::default()).await;
         assert_eq!(hit.headers()["x-bext-cache"], "HIT", "stored and served");
         assert!(cache.inflight.lock().expect("lock").is_empty());
     }
@@ -628,9 +696,48 @@ mod compression_tests {
             header::ACCEPT_ENCODING,
             HeaderValue::from_str(accept).expect("value"),
         );
-        let accepted = Accepted::parse(req.headers());
-        req.extensions_mut().insert(accepted);
         req
+    }
+
+    async fn fetch(cache: &Arc<IsrCache>, fill: &Page, accept: &str) -> Response<Body> {
+        let req = get(accept);
+        let accepted = Accepted::parse(req.headers());
+        cache.handle(req, fill, accepted).await
+    }
+
+    /// Review (issue 13): a client that goes away while a variant is being
+    /// made cancels nothing: the variant is finished and kept, and served
+    /// to the next client at once.
+    #[tokio::test]
+    async fn a_variant_outlives_the_request_that_started_it() {
+        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
+            .expect("defaults")
+            .isr;
+        let cache = Arc::new(IsrCache::in_memory(
+            settings,
+            Duration::from_secs(30),
+            CacheCounters::default(),
+        ));
+        let fill = Page(Arc::new(AtomicUsize::new(0)));
+        fetch(&cache, &fill, "identity").await;
+        // Polled once (it starts the variant, then waits), then dropped.
+        let started = {
+            let mut request = std::pin::pin!(fetch(&cache, &fill, "gzip"));
+            futures_util::poll!(request.as_mut()).is_pending()
+        };
+        assert!(started, "the request waited for the variant");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored = cache.store.get("a.test /page").await.expect("stored");
+            if let Some(variant) = stored.variant(Coding::Gzip) {
+                assert!(variant.is_some(), "made and kept");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never made");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let answer = fetch(&cache, &fill, "gzip").await;
+        assert_eq!(answer.headers()[header::CONTENT_ENCODING], "gzip");
     }
 
     /// Acceptance 4 (unit): one stored entry answers br, zstd, gzip and
@@ -650,7 +757,7 @@ mod compression_tests {
         let fill = Page(Arc::clone(&fetches));
         let identity = PAGE.repeat(200);
         // The first request stores the entry (identity only).
-        let first = cache.handle(get("identity"), &fill).await;
+        let first = fetch(&cache, &fill, "identity").await;
         assert_eq!(first.headers()[respond::X_BEXT_CACHE], "MISS");
         assert!(!first.headers().contains_key(header::CONTENT_ENCODING));
         assert_eq!(first.headers()[header::VARY], "accept-encoding");
@@ -663,7 +770,23 @@ mod compression_tests {
                 ("gzip", Some(Coding::Gzip)),
                 ("deflate", None),
             ] {
-                let response = cache.handle(get(accept), &fill).await;
+                // The first request for a coding starts its variant and
+                // waits a little for it; on a slow machine it may get
+                // identity, and a later one the variant.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let response = loop {
+                    let response = fetch(&cache, &fill, accept).await;
+                    if coding.is_none() || response.headers().contains_key(header::CONTENT_ENCODING)
+                    {
+                        break response;
+                    }
+                    assert_eq!(round, 0, "a made variant is served at once");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{accept}: never compressed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
                 let headers = response.headers().clone();
                 assert_eq!(headers[respond::X_BEXT_CACHE], "HIT", "{accept}");
                 let body = response
@@ -692,7 +815,17 @@ mod compression_tests {
                         assert_eq!(body, identity.as_bytes());
                     }
                 }
-                assert_eq!(cache.stats().bytes, grown, "{accept}, round {round}");
+                // The maker weighs the entry again just after it wakes
+                // the requests waiting.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while cache.stats().bytes != grown {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{accept}, round {round}: {} bytes, not {grown}",
+                        cache.stats().bytes
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
         }
         assert_eq!(
@@ -700,7 +833,30 @@ mod compression_tests {
             1,
             "every answer came from one entry"
         );
-        assert_eq!(cache.counters.hits.get(), 8);
+        assert!(cache.counters.hits.get() >= 8);
+        // HEAD gets the headers a GET would: the variant's coding and length.
+        let mut head = get("br");
+        *head.method_mut() = Method::HEAD;
+        let accepted = Accepted::parse(head.headers());
+        let answer = cache.handle(head, &fill, accepted).await;
+        assert_eq!(answer.headers()[header::CONTENT_ENCODING], "br");
+        let br_len: usize = answer.headers()[header::CONTENT_LENGTH]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("a length");
+        assert!(br_len < identity.len() / 10);
+        assert!(answer.into_body().collect().await.expect("body").to_bytes().is_empty());
+        // A 304 says what the 200 would: the weak ETag, Vary.
+        let mut conditional = get("br");
+        conditional
+            .headers_mut()
+            .insert(header::IF_NONE_MATCH, HeaderValue::from_static("W/\"v1\""));
+        let accepted = Accepted::parse(conditional.headers());
+        let answer = cache.handle(conditional, &fill, accepted).await;
+        assert_eq!(answer.status(), http::StatusCode::NOT_MODIFIED);
+        assert_eq!(answer.headers()[header::ETAG], "W/\"v1\"");
+        assert_eq!(answer.headers()[header::VARY], "accept-encoding");
         cache
             .purge(
                 &Selector {

@@ -44,12 +44,29 @@ pub struct Object {
     /// Unix milliseconds of a soft purge (0: none): from then on the object
     /// counts as stale.
     soft_purged_ms: AtomicU64,
-    /// Compressed copies of `body` (in [`Coding::ALL`] order), each made
-    /// on first demand and kept; `None` inside: the coding did not make it
-    /// smaller, or failed.
-    variants: [tokio::sync::OnceCell<Option<Bytes>>; 3],
+    /// Could be compressed ([`crate::compress::candidate`]).
+    pub compressible: bool,
+    /// Its `Vary` names Accept-Encoding (added when it was stored, if
+    /// compression was on).
+    pub varies_on_encoding: bool,
+    /// The `ETag` of its compressed variants.
+    pub weak_etag: Option<HeaderValue>,
+    /// Compressed copies of `body`, each made once, on first demand.
+    variants: Variants,
     /// The size a store has counted for it (see [`Object::size`]).
     pub(super) charged: AtomicU64,
+}
+
+/// An object's compressed copies (in [`Coding::ALL`] order). Each is made
+/// once by a detached task; requests wait for it a little, or not at all.
+#[derive(Debug, Default)]
+struct Variants {
+    /// `Some(None)`: the coding did not make the body smaller (or failed).
+    cells: [std::sync::OnceLock<Option<Bytes>>; 3],
+    /// Being made (or made): no second maker.
+    building: [std::sync::atomic::AtomicBool; 3],
+    /// Woken when any variant is made.
+    made: tokio::sync::Notify,
 }
 
 /// Where an object stands at a given moment.
@@ -86,7 +103,13 @@ impl Object {
             .iter()
             .filter_map(|f| HeaderName::from_bytes(f.as_bytes()).ok())
             .collect();
+        let compressible = crate::compress::candidate(status, &headers);
         Object {
+            compressible,
+            varies_on_encoding: crate::compress::varies_on_encoding(&headers),
+            weak_etag: compressible
+                .then(|| crate::compress::weak_etag(&headers))
+                .flatten(),
             status,
             omit_on_reuse,
             headers,
@@ -100,31 +123,75 @@ impl Object {
             vary,
             shared_with_auth,
             soft_purged_ms: AtomicU64::new(0),
-            variants: Default::default(),
+            variants: Variants::default(),
             charged: AtomicU64::new(0),
         }
     }
 
-    /// The body compressed with `coding` (made now, at `levels`, if no
-    /// request made it before: concurrent first requests share one
-    /// compression), and whether this call made it (the object grew: its
-    /// store must weigh it again). `None`: send the identity body.
-    pub async fn variant(&self, coding: Coding, levels: &Levels) -> (Option<Bytes>, bool) {
-        let mut made = false;
-        let variant = self.variants[coding.index()]
-            .get_or_init(|| async {
-                made = true;
-                match crate::compress::encode_off_loop(self.body.clone(), coding, *levels).await {
-                    Ok(packed) if packed.len() < self.body.len() => Some(packed),
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(path = %self.path, coding = coding.as_str(), "could not compress a cached body: {e}");
-                        None
-                    }
-                }
-            })
-            .await;
-        (variant.clone(), made)
+    /// The body compressed with `coding`, if it was made: `Some(None)`
+    /// when the coding did not make it smaller.
+    pub fn variant(&self, coding: Coding) -> Option<Option<Bytes>> {
+        self.variants.cells[coding.index()].get().cloned()
+    }
+
+    /// Marks the variant for `coding` as being made; true for the one
+    /// caller that must make it.
+    pub fn start_variant(&self, coding: Coding) -> bool {
+        !self.variants.building[coding.index()].swap(true, Ordering::AcqRel)
+    }
+
+    /// Makes the variant for `coding` at `levels` (off the event loop,
+    /// within the process-wide encoder bound) and wakes whoever waits.
+    /// Run by the one caller [`Object::start_variant`] chose, on a task of
+    /// its own: a client that goes away cancels nothing.
+    pub async fn make_variant(&self, coding: Coding, levels: Levels) {
+        let made = match crate::compress::encode_off_loop(self.body.clone(), coding, levels).await {
+            Ok(packed) if packed.len() < self.body.len() => Some(packed),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %self.path, coding = coding.as_str(), "could not compress a cached body: {e}");
+                None
+            }
+        };
+        let _ = self.variants.cells[coding.index()].set(made);
+        self.variants.made.notify_waiters();
+    }
+
+    /// Waits for the variant for `coding` (being made by another task).
+    pub async fn wait_variant(&self, coding: Coding) -> Option<Bytes> {
+        loop {
+            let made = self.variants.made.notified();
+            tokio::pin!(made);
+            made.as_mut().enable();
+            if let Some(variant) = self.variant(coding) {
+                return variant;
+            }
+            made.await;
+        }
+    }
+
+    /// Takes over `previous`'s variants when the body is the same (a 304
+    /// freshened it): a revalidated page stays compressed without being
+    /// compressed again.
+    pub fn adopt_variants(&self, previous: &Object) {
+        if self.body != previous.body {
+            return;
+        }
+        for coding in Coding::ALL {
+            if let Some(variant) = previous.variant(coding)
+                && self.variants.cells[coding.index()].set(variant).is_ok()
+            {
+                self.variants.building[coding.index()].store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The codings `previous` had made (for making them again, ahead of
+    /// demand, for a replacement with a new body).
+    pub fn codings_made(&self) -> impl Iterator<Item = Coding> + '_ {
+        Coding::ALL
+            .into_iter()
+            .filter(|c| self.variants.cells[c.index()].get().is_some())
     }
 
     /// Current age (RFC 9111 §4.2.3, simplified: arrival age plus time here).
@@ -182,6 +249,15 @@ impl Object {
             .saturating_sub(self.initial_age)
     }
 
+    /// What is left of [`Object::keep_for`], counted from when it was
+    /// stored.
+    pub fn keep_left(&self) -> Duration {
+        let since = SystemTime::now()
+            .duration_since(self.stored_at)
+            .unwrap_or_default();
+        self.keep_for().saturating_sub(since)
+    }
+
     /// Marks it stale from now on (soft purge). True if it was not already.
     pub fn soft_purge(&self) -> bool {
         let now = SystemTime::now()
@@ -209,6 +285,7 @@ impl Object {
             .sum();
         let variants: usize = self
             .variants
+            .cells
             .iter()
             .filter_map(|v| v.get().and_then(Option::as_ref))
             .map(Bytes::len)

@@ -87,9 +87,11 @@ impl moka::Expiry<String, Arc<Object>> for KeepWhileUseful {
         object: &Arc<Object>,
         _: Instant,
     ) -> Option<Duration> {
-        Some(object.keep_for())
+        Some(object.keep_left())
     }
 
+    /// From the object's own storing time: putting the same object again
+    /// (it grew a variant) must not extend its life.
     fn expire_after_update(
         &self,
         _: &String,
@@ -97,7 +99,7 @@ impl moka::Expiry<String, Arc<Object>> for KeepWhileUseful {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(object.keep_for())
+        Some(object.keep_left())
     }
 }
 
@@ -139,7 +141,11 @@ impl Store for MemoryStore {
         let size = object.size();
         object.charged.store(size, Ordering::Relaxed);
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.objects.insert(key, object);
+        // Every write goes through the entry API, which orders writes to
+        // one key (see `resized`).
+        self.objects
+            .entry(key)
+            .and_compute_with(|_| moka::ops::compute::Op::Put(object));
     }
 
     async fn resized(&self, key: &str, object: &Arc<Object>) {
@@ -172,8 +178,21 @@ impl Store for MemoryStore {
                 if object.soft_purge() {
                     affected += 1;
                 }
-            } else if self.objects.remove(key.as_str()).is_some() {
-                affected += 1;
+            } else {
+                // Only if what is stored there now still matches (a fill
+                // may have replaced it since the scan saw it).
+                let removed = self
+                    .objects
+                    .entry_by_ref(key.as_str())
+                    .and_compute_with(|entry| match entry {
+                        Some(entry) if selector.matches(entry.value()) => {
+                            moka::ops::compute::Op::Remove
+                        }
+                        _ => moka::ops::compute::Op::Nop,
+                    });
+                if let moka::ops::compute::CompResult::Removed(_) = removed {
+                    affected += 1;
+                }
             }
         }
         affected

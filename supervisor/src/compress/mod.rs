@@ -15,11 +15,12 @@ mod negotiate;
 mod stream;
 
 use std::io::Write as _;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tokio::sync::Semaphore;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use negotiate::{Accepted, Coding};
 pub use stream::stream;
@@ -90,11 +91,6 @@ impl Default for Settings {
     }
 }
 
-/// A response extension: compression was already decided for it (a cached
-/// answer, a static file); the server must not compress it again.
-#[derive(Debug, Clone, Copy)]
-pub struct Decided;
-
 /// What to do with one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -119,25 +115,54 @@ pub fn decide(
     headers: &HeaderMap,
     head: bool,
 ) -> Decision {
-    if !settings.enabled || !candidate(status, headers) {
-        return Decision::Leave;
-    }
     let len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    match decide_with_len(settings, accepted, prefer, status, headers, len) {
+        Decision::Encode(_) if head => Decision::Vary,
+        decision => decision,
+    }
+}
+
+/// [`decide`] for a GET whose body is `len` bytes (when known).
+fn decide_with_len(
+    settings: &Settings,
+    accepted: &Accepted,
+    prefer: &[Coding],
+    status: StatusCode,
+    headers: &HeaderMap,
+    len: Option<u64>,
+) -> Decision {
+    if !settings.enabled || accepted.no_transform() || !candidate(status, headers) {
+        return Decision::Leave;
+    }
     // A client that refuses identity gets a coding even for a small body.
     if len.is_some_and(|len| len < settings.min_size) && !accepted.identity_refused() {
         return Decision::Leave;
     }
     match accepted.best_among(prefer) {
-        Some(coding) if !head => Decision::Encode(coding),
-        _ => Decision::Vary,
+        Some(coding) => Decision::Encode(coding),
+        None => Decision::Vary,
     }
 }
 
-/// May this response be compressed at all (whatever the client accepts)?
-fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
+/// [`decide_with_len`] for a stored answer already known to be a
+/// [`candidate`] (its `Vary` already names Accept-Encoding): `None` for
+/// identity.
+pub fn stored_coding(settings: &Settings, accepted: &Accepted, len: usize) -> Option<Coding> {
+    if !settings.enabled
+        || accepted.no_transform()
+        || (len as u64) < settings.min_size && !accepted.identity_refused()
+    {
+        return None;
+    }
+    accepted.best_among(&STORED_ORDER)
+}
+
+/// May this response be compressed at all (whatever the client accepts
+/// and the settings say)? The cache asks once per stored object.
+pub fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
     if status.is_informational()
         || matches!(
             status,
@@ -153,12 +178,11 @@ fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
     {
         return false;
     }
-    if headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
-        })
-    }) {
+    // Digests of the bytes sent (RFC 9530, RFC 1864) would no longer match.
+    if DIGESTS.iter().any(|name| headers.contains_key(name)) {
+        return false;
+    }
+    if says_no_transform(headers) {
         return false;
     }
     headers
@@ -167,37 +191,55 @@ fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
         .is_some_and(compressible)
 }
 
+/// `Cache-Control: no-transform` (in a request or a response).
+fn says_no_transform(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+        })
+    })
+}
+
+/// Response fields that describe the bytes sent, not the content.
+const DIGESTS: [HeaderName; 4] = [
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("repr-digest"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("content-md5"),
+];
+
 /// Does a body of this media type shrink when compressed? Text, JSON, XML,
 /// JavaScript, SVG, wasm and the uncompressed font formats do; images,
 /// video, archives and fonts that are already compressed do not.
 pub fn compressible(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    // (Runs on every cached answer: no allocation.)
+    let essence = content_type.split(';').next().unwrap_or("").trim();
     let Some((kind, sub)) = essence.split_once('/') else {
         return false;
     };
-    kind == "text"
-        || sub.ends_with("+json")
-        || sub.ends_with("+xml")
-        || matches!(
-            sub,
-            "json"
-                | "javascript"
-                | "x-javascript"
-                | "ecmascript"
-                | "xml"
-                | "wasm"
-                | "x-ndjson"
-                | "graphql-response+json"
-                | "vnd.ms-fontobject"
-                | "x-font-ttf"
-                | "ttf"
-                | "otf"
-        )
+    let ends_with = |suffix: &str| {
+        sub.len() >= suffix.len()
+            && sub.as_bytes()[sub.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    kind.eq_ignore_ascii_case("text")
+        || ends_with("+json")
+        || ends_with("+xml")
+        || [
+            "json",
+            "javascript",
+            "x-javascript",
+            "ecmascript",
+            "xml",
+            "wasm",
+            "x-ndjson",
+            "vnd.ms-fontobject",
+            "x-font-ttf",
+            "ttf",
+            "otf",
+        ]
+        .iter()
+        .any(|s| sub.eq_ignore_ascii_case(s))
 }
 
 /// The headers of an answer compressed with `coding`: `Content-Encoding`,
@@ -219,34 +261,117 @@ pub fn mark_encoded(headers: &mut HeaderMap, coding: Coding, len: Option<usize>)
     }
 }
 
+/// Compresses a response the app streams (not a stored one), as it
+/// streams, at the streamed levels; or only says `Vary`; or, for the app's
+/// 304 to a client whose 200 would have been compressed, gives it the same
+/// `Vary` and weak `ETag`.
+pub fn compress_streamed(
+    settings: &Settings,
+    accepted: &Accepted,
+    response: &mut http::Response<crate::body::Body>,
+    head: bool,
+) {
+    match decide(
+        settings,
+        accepted,
+        &STREAMED_ORDER,
+        response.status(),
+        response.headers(),
+        head,
+    ) {
+        Decision::Leave => {
+            if response.status() == StatusCode::NOT_MODIFIED
+                && settings.enabled
+                && !accepted.no_transform()
+                && accepted.best_among(&STREAMED_ORDER).is_some()
+                && response.headers().contains_key(header::ETAG)
+            {
+                mark_not_modified(response.headers_mut());
+            }
+        }
+        Decision::Vary => add_vary(response.headers_mut()),
+        Decision::Encode(coding) => {
+            // Every compressor in use: this one goes out as it is.
+            let Some(slot) = stream_slot() else {
+                add_vary(response.headers_mut());
+                return;
+            };
+            mark_encoded(response.headers_mut(), coding, None);
+            let body = std::mem::replace(response.body_mut(), crate::body::empty());
+            *response.body_mut() = stream(body, coding, &settings.streamed, slot);
+        }
+    }
+}
+
+/// Asks the app for an identity body (bext compresses).
+pub fn ask_identity(headers: &mut HeaderMap) {
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+}
+
+/// The headers of a 304 for a client whose 200 would have been
+/// compressed: the same `Vary` and weak `ETag` (RFC 9110 §15.4.5).
+pub fn mark_not_modified(headers: &mut HeaderMap) {
+    add_vary(headers);
+    weaken_etag(headers);
+}
+
 /// Adds `accept-encoding` to `Vary` unless it is there (or `*` is).
 pub fn add_vary(headers: &mut HeaderMap) {
-    let present = headers.get_all(header::VARY).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').any(|n| {
-                let n = n.trim();
-                n == "*" || n.eq_ignore_ascii_case("accept-encoding")
-            })
-        })
-    });
-    if !present {
+    if !varies_on_encoding(headers) {
         headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
+}
+
+/// Does `Vary` already name Accept-Encoding (or `*`)?
+pub fn varies_on_encoding(headers: &HeaderMap) -> bool {
+    headers.get_all(header::VARY).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|name| {
+            let name = name.trim_ascii();
+            name == b"*" || name.eq_ignore_ascii_case(b"accept-encoding")
+        })
+    })
+}
+
+/// The weak form of a strong `ETag` (`None` if there is none, or it is
+/// weak already).
+pub fn weak_etag(headers: &HeaderMap) -> Option<HeaderValue> {
+    let etag = headers.get(header::ETAG)?;
+    if etag.as_bytes().starts_with(b"W/") {
+        return None;
+    }
+    let mut weak = Vec::with_capacity(etag.len() + 2);
+    weak.extend_from_slice(b"W/");
+    weak.extend_from_slice(etag.as_bytes());
+    HeaderValue::from_bytes(&weak).ok()
+}
+
+/// [`mark_encoded`] for a stored variant whose weak `ETag` and `Vary` were
+/// worked out once, when it was stored (this runs on every compressed hit).
+pub fn mark_variant(
+    headers: &mut HeaderMap,
+    coding: Coding,
+    len: usize,
+    weak_etag: Option<&HeaderValue>,
+    varies: bool,
+) {
+    headers.insert(header::CONTENT_ENCODING, coding.header_value());
+    if let Some(etag) = weak_etag {
+        headers.insert(header::ETAG, etag.clone());
+    }
+    if !varies {
+        add_vary(headers);
+    }
+    headers.remove(header::ACCEPT_RANGES);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 /// `"x"` becomes `W/"x"` (nginx does the same for gzip): a compressed
 /// variant is the same content, not the same bytes.
 fn weaken_etag(headers: &mut HeaderMap) {
-    let Some(etag) = headers.get(header::ETAG) else {
-        return;
-    };
-    if etag.as_bytes().starts_with(b"W/") {
-        return;
-    }
-    let mut weak = Vec::with_capacity(etag.len() + 2);
-    weak.extend_from_slice(b"W/");
-    weak.extend_from_slice(etag.as_bytes());
-    if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+    if let Some(weak) = weak_etag(headers) {
         headers.insert(header::ETAG, weak);
     }
 }
@@ -278,34 +403,52 @@ pub fn encode_all(data: &[u8], coding: Coding, levels: &Levels) -> std::io::Resu
     Ok(Bytes::from(out))
 }
 
-/// Bodies up to this size are compressed on the event loop (well under a
-/// millisecond at the stored levels); larger ones on the blocking pool.
-const INLINE_MAX: usize = 2048;
+/// Bodies larger than this get their stored variants at the streamed
+/// levels (still made once): an 8 MiB page at br 9 would take a core for
+/// over a second.
+pub const STORED_HIGH_MAX: usize = 1 << 20;
 
-/// Compressions of large bodies at once, process-wide: a burst of misses
-/// on big pages must not take every core from the requests being served.
-static ENCODERS: LazyLock<Semaphore> = LazyLock::new(|| {
+/// How long a request waits for a variant another task is making; then it
+/// gets identity, and the variant serves the requests after it.
+pub const VARIANT_WAIT: Duration = Duration::from_millis(50);
+
+/// Whole-body compressions at once, process-wide (each on the blocking
+/// pool, holding its permit until it ends, whoever waits for it): a burst
+/// of misses on big pages must not take every core from the requests being
+/// served.
+static ENCODERS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Semaphore::new(cpus.div_ceil(2))
+    Arc::new(Semaphore::new(cpus.div_ceil(2)))
 });
 
-/// [`encode_all`] off the event loop (unless the body is tiny), at most
-/// half the CPUs at once.
+/// [`encode_all`] on the blocking pool, at most half the CPUs at once.
 pub async fn encode_off_loop(
     data: Bytes,
     coding: Coding,
     levels: Levels,
 ) -> std::io::Result<Bytes> {
-    if data.len() <= INLINE_MAX {
-        return encode_all(&data, coding, &levels);
-    }
-    let _permit = ENCODERS
-        .acquire()
+    let permit = Arc::clone(&ENCODERS)
+        .acquire_owned()
         .await
         .map_err(|_| std::io::Error::other("the encoder pool is closed"))?;
-    tokio::task::spawn_blocking(move || encode_all(&data, coding, &levels))
-        .await
-        .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        encode_all(&data, coding, &levels)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Bodies compressed as they stream at once, process-wide. Each holds a
+/// compressor (about 1 MiB for zstd at the default level, less for br and
+/// gzip): beyond this many, answers go out uncompressed.
+pub const MAX_STREAMS: usize = 512;
+
+static STREAMS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(MAX_STREAMS)));
+
+/// A place for one more streamed compressor, if there is one.
+pub fn stream_slot() -> Option<OwnedSemaphorePermit> {
+    Arc::clone(&STREAMS).try_acquire_owned().ok()
 }
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct Accepted {
     /// `None`: not named (identity is then acceptable, with no weight to
     /// compare).
     identity: Option<u16>,
+    /// The request said `Cache-Control: no-transform` (RFC 9111 §5.2.1.6).
+    no_transform: bool,
 }
 
 impl Accepted {
@@ -62,6 +64,32 @@ impl Accepted {
     /// RFC allows any coding then, but clients that send none are tools
     /// that would not decode it).
     pub fn parse(headers: &HeaderMap) -> Accepted {
+        let no_transform = super::says_no_transform(headers);
+        let mut lines = headers.get_all(header::ACCEPT_ENCODING).iter();
+        let accepted = match (lines.next(), lines.next()) {
+            (None, _) => Accepted::default(),
+            // One line, as browsers send it: the same few strings over and
+            // over, so the last one parsed on this thread is remembered.
+            (Some(line), None) => LAST.with(|last| {
+                let mut last = last.borrow_mut();
+                match &*last {
+                    Some((seen, accepted)) if seen == line => *accepted,
+                    _ => {
+                        let accepted = Self::parse_lines(headers);
+                        *last = Some((line.clone(), accepted));
+                        accepted
+                    }
+                }
+            }),
+            _ => Self::parse_lines(headers),
+        };
+        Accepted {
+            no_transform,
+            ..accepted
+        }
+    }
+
+    fn parse_lines(headers: &HeaderMap) -> Accepted {
         let mut named: [Option<u16>; 3] = [None; 3];
         let mut identity = None;
         let mut star = None;
@@ -99,6 +127,7 @@ impl Accepted {
         Accepted {
             q: named.map(|q| q.or(star).unwrap_or(0)),
             identity: identity.or(star),
+            no_transform: false,
         }
     }
 
@@ -120,10 +149,21 @@ impl Accepted {
         }
     }
 
+    /// The client asked that nothing transform the answer.
+    pub fn no_transform(&self) -> bool {
+        self.no_transform
+    }
+
     /// `identity;q=0`, or `*;q=0` without naming identity.
     pub fn identity_refused(&self) -> bool {
         self.identity == Some(0)
     }
+}
+
+thread_local! {
+    /// The last single `Accept-Encoding` line parsed on this thread.
+    static LAST: std::cell::RefCell<Option<(HeaderValue, Accepted)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// RFC 9110 §12.4.2: `0[.ddd]` or `1[.000]`, in thousandths.

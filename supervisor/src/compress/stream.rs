@@ -11,6 +11,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use http_body::Frame;
 use http_body_util::{BodyDataStream, StreamBody};
 use tokio::io::AsyncRead;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::{Coding, Levels, STREAM_WINDOW_LOG};
@@ -21,7 +22,12 @@ const OUT_CHUNK: usize = 16 * 1024;
 
 /// `body`, compressed with `coding` at `levels` (trailers are dropped: a
 /// compressed HTTP/1 response to a client carries none).
-pub fn stream(body: Body, coding: Coding, levels: &Levels) -> Body {
+/// `slot` ([`super::stream_slot`]) is held until the body ends.
+pub fn stream(body: Body, coding: Coding, levels: &Levels, slot: OwnedSemaphorePermit) -> Body {
+    body::boxed(body::WithGuard::new(encoded(body, coding, levels), slot))
+}
+
+fn encoded(body: Body, coding: Coding, levels: &Levels) -> Body {
     let reader = StreamReader::new(BodyDataStream::new(body).map_err(std::io::Error::other));
     match coding {
         Coding::Zstd => frames(ZstdEncoder::with_quality_and_params(

@@ -226,6 +226,24 @@ fn only_candidates_are_compressed() {
             "{status} {headers:?} head={head}"
         );
     }
+    // Digests of the sent bytes would be wrong after compression.
+    for digest in ["content-digest", "repr-digest", "digest", "content-md5"] {
+        let h = response_headers(&[("content-type", "text/html"), (digest, "sha-256=:x:")]);
+        assert_eq!(
+            decide(&settings, &all, &STREAMED_ORDER, StatusCode::OK, &h, false),
+            Decision::Leave,
+            "{digest}"
+        );
+    }
+    // A request with `Cache-Control: no-transform`.
+    let mut request = HeaderMap::new();
+    request.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    request.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    let h = response_headers(&html);
+    assert_eq!(
+        decide(&settings, &Accepted::parse(&request), &STREAMED_ORDER, StatusCode::OK, &h, false),
+        Decision::Leave
+    );
     // A client that accepts nothing bext makes: Vary only.
     let h = response_headers(&html);
     assert_eq!(
@@ -260,6 +278,34 @@ fn only_candidates_are_compressed() {
         decide(&off, &all, &STREAMED_ORDER, StatusCode::OK, &h, false),
         Decision::Leave
     );
+}
+
+#[test]
+fn compressible_types() {
+    for t in [
+        "text/html; charset=utf-8",
+        "TEXT/CSS",
+        "application/json",
+        "application/manifest+json",
+        "application/rss+XML",
+        "application/javascript",
+        "image/svg+xml",
+        "application/wasm",
+        "font/ttf",
+    ] {
+        assert!(compressible(t), "{t}");
+    }
+    for t in [
+        "image/png",
+        "video/mp4",
+        "application/zip",
+        "font/woff2",
+        "",
+        "json",
+        "application/octet-stream",
+    ] {
+        assert!(!compressible(t), "{t}");
+    }
 }
 
 #[test]
@@ -310,7 +356,12 @@ fn whole_bodies_round_trip_in_every_coding() {
 async fn a_streamed_body_is_flushed_whenever_the_app_pauses() {
     for coding in Coding::ALL {
         let (mut tx, rx) = futures_channel_body();
-        let mut out = stream(rx, coding, &DEFAULT_STREAMED);
+        let mut out = stream(
+            rx,
+            coding,
+            &DEFAULT_STREAMED,
+            stream_slot().expect("a slot"),
+        );
         let mut received = Vec::new();
         for i in 0..3 {
             let event = format!("data: event {i}\n\n");

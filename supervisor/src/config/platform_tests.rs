@@ -277,7 +277,7 @@ fn compression_levels_are_the_platforms() {
     let greedy = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         greedy.path().join("bext.config.toml"),
-        "[compression]\nmin_size = \"4kb\"\nstored = { br = 11, zstd = 19 }\nstreamed = { br = 11 }\n",
+        "[compression]\nmin_size = \"4kb\"\nstored = { br = 11, zstd = 19 }\nstreamed = { br = 6 }\n",
     )
     .expect("write");
     let off = tempfile::tempdir().expect("tempdir");

@@ -28,16 +28,18 @@ pub(super) struct RawConfig {
 pub(super) struct RawCompression {
     pub(super) enabled: Option<bool>,
     pub(super) min_size: Option<MemorySize>,
-    pub(super) stored: Option<RawLevels>,
-    pub(super) streamed: Option<RawLevels>,
+    pub(super) stored: Option<RawLevels<19, 11>>,
+    /// Paid on every response, and held in memory per open stream: the
+    /// slow, memory-hungry top levels are refused.
+    pub(super) streamed: Option<RawLevels<9, 6>>,
 }
 
 /// `stored = { zstd = 15, br = 9, gzip = 9 }`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawLevels {
-    pub(super) zstd: Option<Level<1, 19>>,
-    pub(super) br: Option<Level<0, 11>>,
+pub(super) struct RawLevels<const ZSTD_MAX: i64, const BR_MAX: i64> {
+    pub(super) zstd: Option<Level<1, ZSTD_MAX>>,
+    pub(super) br: Option<Level<0, BR_MAX>>,
     pub(super) gzip: Option<Level<1, 9>>,
 }
 
@@ -54,11 +56,8 @@ impl RawCompression {
     }
 }
 
-impl RawLevels {
-    fn levels(
-        raw: Option<&RawLevels>,
-        default: crate::compress::Levels,
-    ) -> crate::compress::Levels {
+impl<const ZSTD_MAX: i64, const BR_MAX: i64> RawLevels<ZSTD_MAX, BR_MAX> {
+    fn levels(raw: Option<&Self>, default: crate::compress::Levels) -> crate::compress::Levels {
         let Some(raw) = raw else { return default };
         crate::compress::Levels {
             zstd: raw.zstd.map_or(default.zstd, |l| l.0 as i32),

@@ -144,6 +144,13 @@ fn compression_levels_are_checked_where_they_are_written() {
     assert!(message.contains("bext.config.toml:2:"), "{message}");
     assert!(message.contains("compression.stored.br"), "{message}");
     assert!(message.contains("0 to 11"), "{message}");
+    // Streamed levels are paid per response: the top ones are refused.
+    let err = Config::parse(
+        Path::new("bext.config.toml"),
+        "[compression]\nstreamed = { zstd = 12 }\n",
+    )
+    .expect_err("zstd 12 streamed");
+    assert!(err.to_string().contains("1 to 9"), "{err}");
     let ok = Config::parse(
         Path::new("bext.config.toml"),
         "[compression]\nmin_size = \"2kb\"\nstreamed = { gzip = 1 }\n",

@@ -31,7 +31,9 @@ const REVALIDATE: &str = "public, max-age=0, must-revalidate";
 /// most [`super::lookup::FILE_CACHE_MAX_FILE`] bytes) and remembered by
 /// file, version (ETag) and coding within [`PACKED_BYTES`].
 pub(super) struct Packed {
-    pub(super) settings: compress::Settings,
+    /// A reload may change them (the copies made before stay until they
+    /// go idle or are evicted).
+    settings: arc_swap::ArcSwap<compress::Settings>,
     copies: moka::sync::Cache<CopyKey, Bytes>,
 }
 
@@ -46,7 +48,7 @@ const PACKED_IDLE: Duration = Duration::from_secs(3600);
 impl Packed {
     pub(super) fn new(settings: compress::Settings) -> Self {
         Packed {
-            settings,
+            settings: arc_swap::ArcSwap::from_pointee(settings),
             copies: moka::sync::Cache::builder()
                 .max_capacity(PACKED_BYTES)
                 .time_to_idle(PACKED_IDLE)
@@ -57,8 +59,13 @@ impl Packed {
         }
     }
 
+    pub(super) fn set_settings(&self, settings: compress::Settings) {
+        self.settings.store(std::sync::Arc::new(settings));
+    }
+
     /// `bytes` (the file at `rel` of mount `mount`, version `etag`)
-    /// compressed with `coding`; `None` when that does not make it smaller.
+    /// compressed with `coding`; `None` when that does not make it smaller
+    /// (remembered as an empty copy, so it is not tried again).
     fn copy(
         &self,
         mount: u16,
@@ -68,10 +75,14 @@ impl Packed {
         bytes: &Bytes,
     ) -> Option<Bytes> {
         let key = (mount, Box::<[u8]>::from(rel), etag.clone(), coding);
+        let levels = self.settings.load().streamed;
         let copy = self.copies.get_with(key, || {
-            compress::encode_all(bytes, coding, &self.settings.streamed).unwrap_or_default()
+            compress::encode_all(bytes, coding, &levels)
+                .ok()
+                .filter(|copy| copy.len() < bytes.len())
+                .unwrap_or_default()
         });
-        (!copy.is_empty() && copy.len() < bytes.len()).then_some(copy)
+        (!copy.is_empty()).then_some(copy)
     }
 }
 
@@ -91,7 +102,7 @@ pub(super) fn respond<B>(
     immutable: bool,
 ) -> Response<Body> {
     let dir = place.dir;
-    let settings = &place.packed.settings;
+    let settings = **place.packed.settings.load();
     // A precompressed sibling the client accepts replaces the file's bytes.
     let accepted = compress::Accepted::parse(req.headers());
     let mut offered = [Coding::Zstd; 3];

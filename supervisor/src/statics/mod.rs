@@ -115,9 +115,14 @@ impl StaticFiles {
     }
 
     /// Compresses with `settings` (default: the defaults).
-    pub fn with_compression(mut self, settings: crate::compress::Settings) -> Self {
-        self.packed = file::Packed::new(settings);
+    pub fn with_compression(self, settings: crate::compress::Settings) -> Self {
+        self.set_compression(settings);
         self
+    }
+
+    /// Compresses with `settings` from now on (a reload).
+    pub fn set_compression(&self, settings: crate::compress::Settings) {
+        self.packed.set_settings(settings);
     }
 
     fn place<'a>(&'a self, mount: &'a MountDir) -> file::Place<'a> {
