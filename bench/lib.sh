@@ -14,6 +14,8 @@ CONNECTIONS="${BENCH_CONNECTIONS:-50}"
 SERVER_CPU="${BENCH_SERVER_CPU:-0}"
 CLIENT_CPU="${BENCH_CLIENT_CPU:-1}"
 
+# BENCH_KEEP=1 keeps a copy of the scratch directory (configs, logs) in
+# /tmp/bench-kept, to look at after a run.
 cleanup() {
   [[ -n "${BENCH_KEEP:-}" ]] && cp -r "$WORK" /tmp/bench-kept || true
   for pid in "${PIDS[@]:-}"; do

@@ -106,7 +106,7 @@ results+=("$(run_wrk "static via nginx" "http://127.0.0.1:$static_port$STATIC_FI
 echo "## Proxy and static throughput ($(date -u +%Y-%m-%d))"
 echo
 machine_info
-echo "- static file: tests/fixtures/static$STATIC_FILE ($(stat -c %s "$STATIC$STATIC_FILE") bytes); access logs on for both (bext: JSON to a file, nginx: combined to a file)"
+echo "- static file: tests/fixtures/static$STATIC_FILE ($(stat -c %s "$STATIC$STATIC_FILE") bytes); access logs on for both (bext: JSON to a file; nginx: combined to a file, \`buffer=64k\`, \`keepalive_requests 100000\`)"
 echo "- command: \`BENCH_DURATION=$DURATION bench/proxy.sh\`"
 echo
 results_table
