@@ -576,7 +576,7 @@ fn build_service(
         .purge_token_override
         .clone()
         .or_else(|| config.isr.purge_token.clone());
-    AppService {
+    let service = AppService {
         hsts: arc_swap::ArcSwapOption::empty(),
         app: Arc::from(app.name.as_str()),
         admin: Admin {
@@ -610,7 +610,13 @@ fn build_service(
         access_log: config.server.access_log,
         compression: config.compression,
         inflight: Arc::new(AtomicUsize::new(0)),
+    };
+    // Single-app HTTPS (`[server.tls] hsts`); in multi-app mode the
+    // platform sets it from `[apps.NAME.tls]`.
+    if let Some(tls) = &config.server.tls {
+        service.set_hsts(tls.hsts);
     }
+    service
 }
 
 /// The supervisor's private directory for one app's sockets and adapters,

@@ -13,6 +13,7 @@ use crate::apps::{AppSettings, Gate, RunningApp, default_runtime_base};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, ENV_PURGE_TOKEN};
 use crate::listener::Shutdown;
+use crate::listener::tls::{CertSource, Certificates};
 use crate::metrics::Metrics;
 use crate::pool::PlanError;
 use crate::shards::Shards;
@@ -99,6 +100,33 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             addr: config.server.listen,
             source,
         })?;
+    // HTTPS (`[server.tls]`): the certificate, and the plain listener
+    // that redirects to it.
+    let tls = match &config.server.tls {
+        Some(tls) => {
+            let certificates = Arc::new(
+                Certificates::load(vec![CertSource {
+                    app: "app".to_string(),
+                    domains: tls.domains.clone(),
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                    default: true,
+                }])
+                .map_err(RunError::Tls)?,
+            );
+            let server = crate::listener::tls::server_config(Arc::clone(&certificates))
+                .map_err(RunError::Tls)?;
+            let plain =
+                TcpListener::bind(tls.http_listen)
+                    .await
+                    .map_err(|source| RunError::Listen {
+                        addr: tls.http_listen,
+                        source,
+                    })?;
+            Some((certificates, server, plain))
+        }
+        None => None,
+    };
     let grace = config.server.shutdown_grace;
     let (trusted_proxies, admin_networks) = (
         config.server.trusted_proxies.clone(),
@@ -140,7 +168,8 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         addr: app.settings.config.server.listen,
         source,
     })?;
-    info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(app = %app.name, %addr, threads = shards.handles().len(), "listening on {scheme}://{addr}");
     crate::notify::ready(&format!("serving {} on {addr}", app.name));
 
     // The control socket (status, restart, purge, logs) beside the
@@ -163,8 +192,45 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         }
     };
     let limits = app.settings.config.server.limits;
+    let (server_tls, redirect, _watcher) = match tls {
+        Some((certificates, server, plain)) => {
+            // A certificate replaced on disk is taken within a second.
+            let watcher = crate::listener::tls::watch(certificates)
+                .inspect_err(|e| warn!("the certificate files are not watched: {e}"))
+                .ok();
+            let plain_addr = plain
+                .local_addr()
+                .map_err(|source| RunError::Listen { addr, source })?;
+            info!(addr = %plain_addr, "redirecting http://{plain_addr} to https://");
+            (Some(server), Some(plain), watcher)
+        }
+        None => (None, None, None),
+    };
+    let serving = async {
+        let https = crate::listener::serve(
+            listener,
+            app.service(),
+            limits,
+            &shutdown,
+            grace,
+            &shards,
+            server_tls,
+        );
+        let redirecting = async {
+            let Some(plain) = redirect else {
+                return Ok(true);
+            };
+            let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port()));
+            crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None).await
+        };
+        let (served, redirected) = futures_util::future::join(https, redirecting).await;
+        if let Err(e) = &redirected {
+            error!("could not serve plain HTTP: {e}");
+        }
+        served
+    };
     let served = tokio::select! {
-        served = crate::listener::serve(listener, app.service(), limits, &shutdown, grace, &shards, None) => served,
+        served = serving => served,
         () = crate::control::single::answer(&app, inbox), if control.is_some() => Ok(false),
     };
     if let Some(control) = control {

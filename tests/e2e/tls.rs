@@ -606,3 +606,50 @@ async fn issue13_a_stalled_handshake_is_closed() {
         "closed after {waited:?}, not near client_header_timeout"
     );
 }
+
+/// Single-app HTTPS (`[server.tls]` in bext.config.toml): the app over
+/// TLS with its HSTS, the scheme it sees, and the plain listener's 308.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_bext_run_serves_https_with_server_tls() {
+    let ca = TestCa::new();
+    let (cert, key, _) = ca.leaf("site", &["site.test"]);
+    let app = echo_app("single");
+    std::fs::write(
+        app.path().join("bext.config.toml"),
+        format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\ndomains = [\"site.test\"]\nhttp_listen = \"127.0.0.1:0\"\nhsts = \"1d\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let bext = Bext::run(app.path(), &["--workers", "1"]);
+    let line = bext.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("redirecting"))
+    });
+    let plain: SocketAddr = line["addr"].as_str().expect("addr").parse().expect("addr");
+    let https = https_client(&ca, bext.addr, &["site.test"]);
+    let url = format!("https://site.test:{}/hello?x=1", bext.addr.port());
+    let response = https.get(&url).send().await.expect("GET over TLS");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=86400"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["app"], "single");
+    assert_eq!(body["proto"], "https");
+    let redirect = crate::support::client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(format!("http://{plain}/hello?x=1"))
+        .header("host", "site.test")
+        .send()
+        .await
+        .expect("GET over plain HTTP");
+    assert_eq!(redirect.status(), 308);
+    assert_eq!(redirect.headers()["location"], url.as_str());
+}

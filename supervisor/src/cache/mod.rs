@@ -846,7 +846,15 @@ mod compression_tests {
             .parse()
             .expect("a length");
         assert!(br_len < identity.len() / 10);
-        assert!(answer.into_body().collect().await.expect("body").to_bytes().is_empty());
+        assert!(
+            answer
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .is_empty()
+        );
         // A 304 says what the 200 would: the weak ETag, Vary.
         let mut conditional = get("br");
         conditional

@@ -238,10 +238,20 @@ fn only_candidates_are_compressed() {
     // A request with `Cache-Control: no-transform`.
     let mut request = HeaderMap::new();
     request.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
-    request.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    request.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
     let h = response_headers(&html);
     assert_eq!(
-        decide(&settings, &Accepted::parse(&request), &STREAMED_ORDER, StatusCode::OK, &h, false),
+        decide(
+            &settings,
+            &Accepted::parse(&request),
+            &STREAMED_ORDER,
+            StatusCode::OK,
+            &h,
+            false
+        ),
         Decision::Leave
     );
     // A client that accepts nothing bext makes: Vary only.

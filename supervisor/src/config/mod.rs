@@ -95,7 +95,30 @@ pub struct ServerConfig {
     /// Clients allowed the full health report and the metrics.
     pub admin_networks: Vec<ipnet::IpNet>,
     pub access_log: bool,
+    /// `[server.tls]`: the listener is HTTPS.
+    pub tls: Option<ServerTls>,
 }
+
+/// `[server.tls]` (single-app mode): the certificate, checked when the
+/// file is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTls {
+    /// PEM: the chain after the leaf. Absolute (relative paths are
+    /// relative to the config file).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Names the certificate must cover (lowercase; `*.` wildcards).
+    pub domains: Vec<String>,
+    /// Plain HTTP: redirects to `https://` (308).
+    pub http_listen: SocketAddr,
+    /// `Strict-Transport-Security: max-age`.
+    pub hsts: Option<Duration>,
+}
+
+/// `server.listen` when `[server.tls]` is set and `listen` is not.
+pub const DEFAULT_TLS_LISTEN: &str = "0.0.0.0:443";
+/// `server.tls.http_listen` when not set.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:80";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IsrConfig {
@@ -233,7 +256,9 @@ impl Config {
     }
 
     /// [`Config::load_dir`] for a tenant's directory (multi-app mode): a
-    /// `bext.config.toml` that is a symlink is refused.
+    /// `bext.config.toml` that is a symlink is refused, and so is a
+    /// `[server.tls]` table (certificates are the platform's, and bext
+    /// never opens a file a tenant names).
     pub fn load_tenant_dir(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join(CONFIG_FILE_NAME);
         if std::fs::symlink_metadata(&path).is_err() {
@@ -245,13 +270,30 @@ impl Config {
                 path: path.clone(),
                 source,
             })?;
-        Self::parse(&path, &text)
+        let raw: raw::RawConfig = diag::deserialize(&path, &text)?;
+        if let Some(tls) = raw.server.as_ref().and_then(|s| s.tls.as_ref()) {
+            return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
+                &path,
+                &text,
+                tls.span().start,
+                Some("server.tls".to_string()),
+                "in multi-app mode an app's certificate is set in the platform file: [apps.NAME.tls]".to_string(),
+            ))));
+        }
+        Ok(Self::from_raw(Some(path.to_path_buf()), raw))
     }
 
     /// Parses `text` as if read from `path` (used in error messages).
+    /// `[server.tls]` files are read and checked here.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: raw::RawConfig = diag::deserialize(path, text)?;
-        Ok(Self::from_raw(Some(path.to_path_buf()), raw))
+        let tls = match raw.server.as_ref().and_then(|s| s.tls.as_ref()) {
+            Some(tls) => Some(server_tls(path, text, tls, &raw)?),
+            None => None,
+        };
+        let mut config = Self::from_raw(Some(path.to_path_buf()), raw);
+        config.server.tls = tls;
+        Ok(config)
     }
 
     fn from_raw(source: Option<PathBuf>, raw: raw::RawConfig) -> Self {
@@ -264,7 +306,13 @@ impl Config {
         Config {
             source,
             server: ServerConfig {
-                listen: server.listen.unwrap_or_else(default_listen),
+                listen: server.listen.unwrap_or_else(|| {
+                    if server.tls.is_some() {
+                        DEFAULT_TLS_LISTEN.parse().expect("valid default")
+                    } else {
+                        default_listen()
+                    }
+                }),
                 static_dir: server.static_dir,
                 upstream_timeout: server
                     .upstream_timeout_ms
@@ -283,6 +331,7 @@ impl Config {
                 trusted_proxies: server.trusted_proxies.unwrap_or_default(),
                 admin_networks: server.admin_networks.unwrap_or_else(loopback),
                 access_log: server.access_log.unwrap_or(true),
+                tls: None,
             },
             isr: IsrConfig {
                 enabled: isr.enabled.unwrap_or(true),
@@ -331,6 +380,87 @@ impl IsolateConfig {
     pub fn workers_or(&self, default: NonZeroU32) -> NonZeroU32 {
         self.workers.unwrap_or(default)
     }
+}
+
+/// Reads and checks `[server.tls]`: the pair loads and matches, covers
+/// every domain, and plain HTTP has an address of its own.
+fn server_tls(
+    path: &Path,
+    text: &str,
+    tls: &toml::Spanned<raw::RawServerTls>,
+    raw: &raw::RawConfig,
+) -> Result<ServerTls, ConfigError> {
+    let invalid = |offset: usize, key: String, message: String| {
+        ConfigError::Invalid(Box::new(Diagnostic::at(
+            path,
+            text,
+            offset,
+            Some(key),
+            message,
+        )))
+    };
+    let table = tls.get_ref();
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let absolute = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            base.join(p)
+        }
+    };
+    let (cert, key) = (
+        absolute(table.cert.get_ref()),
+        absolute(table.key.get_ref()),
+    );
+    let pair = crate::listener::tls::load_pair(&cert, &key)
+        .map_err(|why| invalid(table.cert.span().start, "server.tls.cert".to_string(), why))?;
+    let mut domains = Vec::new();
+    for (i, domain) in table.domains.iter().enumerate() {
+        let key = format!("server.tls.domains[{i}]");
+        let name = platform::normalize_domain(domain.get_ref())
+            .map_err(|why| invalid(domain.span().start, key.clone(), why))?;
+        if !crate::listener::tls::covers(&pair, &name) {
+            return Err(invalid(
+                domain.span().start,
+                key,
+                format!(
+                    "the certificate of server.tls.cert ({}) does not cover `{name}`",
+                    cert.display()
+                ),
+            ));
+        }
+        domains.push(name);
+    }
+    let http_listen = table
+        .http_listen
+        .as_ref()
+        .map(|a| *a.get_ref())
+        .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default"));
+    let listen = raw
+        .server
+        .as_ref()
+        .and_then(|s| s.listen)
+        .unwrap_or_else(|| DEFAULT_TLS_LISTEN.parse().expect("valid default"));
+    if http_listen == listen && listen.port() != 0 {
+        let at = table
+            .http_listen
+            .as_ref()
+            .map_or(tls.span().start, |a| a.span().start);
+        return Err(invalid(
+            at,
+            "server.tls.http_listen".to_string(),
+            format!(
+                "plain HTTP and HTTPS cannot share {listen}: set server.listen (HTTPS, usually port 443) and server.tls.http_listen (usually port 80) apart"
+            ),
+        ));
+    }
+    Ok(ServerTls {
+        cert,
+        key,
+        domains,
+        http_listen,
+        hsts: table.hsts.map(|d| d.0).filter(|d| !d.is_zero()),
+    })
 }
 
 /// The default `admin_networks`: this host only.

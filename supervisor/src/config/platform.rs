@@ -800,7 +800,7 @@ fn cap_tenant_limits(config: &mut Config) -> Vec<String> {
 }
 
 /// `Example.COM.` → `example.com`; `*.example.com` stays a wildcard.
-fn normalize_domain(domain: &str) -> Result<String, String> {
+pub(super) fn normalize_domain(domain: &str) -> Result<String, String> {
     let lower = domain.trim().trim_end_matches('.').to_ascii_lowercase();
     let (wildcard, rest) = match lower.strip_prefix("*.") {
         Some(rest) => (true, rest),

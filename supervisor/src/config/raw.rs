@@ -98,6 +98,19 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) admin_networks: Option<Vec<ipnet::IpNet>>,
     pub(super) access_log: Option<bool>,
+    pub(super) tls: Option<toml::Spanned<RawServerTls>>,
+}
+
+/// `[server.tls]`: HTTPS in single-app mode.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServerTls {
+    pub(super) cert: toml::Spanned<PathBuf>,
+    pub(super) key: toml::Spanned<PathBuf>,
+    #[serde(default)]
+    pub(super) domains: Vec<toml::Spanned<String>>,
+    pub(super) http_listen: Option<toml::Spanned<SocketAddr>>,
+    pub(super) hsts: Option<super::HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

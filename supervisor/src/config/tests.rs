@@ -216,3 +216,59 @@ fn a_tenant_config_may_not_be_a_symlink() {
     let config = Config::load_tenant_dir(dir.path()).expect("a regular file");
     assert_eq!(config.server.listen.port(), 4100);
 }
+
+/// Issue 13: `[server.tls]` is read and checked with the file: the pair,
+/// the domains it must cover, plain HTTP's own address; in a tenant's
+/// file (multi-app mode) it is refused before any file it names is read.
+#[test]
+fn server_tls_is_checked_when_the_file_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["site.test".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).expect("write");
+    let file = dir.path().join("bext.config.toml");
+    let parse = |text: &str| Config::parse(&file, text);
+    // Relative paths are the config file's.
+    let ok = parse("[server.tls]\ncert = \"site.pem\"\nkey = \"site.key\"\ndomains = [\"Site.Test\"]\nhsts = \"1y\"\n")
+        .expect("valid");
+    let tls = ok.server.tls.expect("tls");
+    assert_eq!(tls.cert, dir.path().join("site.pem"));
+    assert_eq!(tls.domains, ["site.test"]);
+    assert_eq!(
+        ok.server.listen.port(),
+        443,
+        "HTTPS listens on 443 unless told"
+    );
+    assert_eq!(tls.http_listen.port(), 80);
+    let err = parse(
+        "[server.tls]\ncert = \"site.pem\"\nkey = \"site.key\"\ndomains = [\"other.test\"]\n",
+    )
+    .expect_err("not covered")
+    .to_string();
+    assert!(err.contains(":4:"), "{err}");
+    assert!(err.contains("server.tls.domains[0]"), "{err}");
+    assert!(err.contains("does not cover `other.test`"), "{err}");
+    let err = parse("[server.tls]\ncert = \"missing.pem\"\nkey = \"site.key\"\n")
+        .expect_err("no file")
+        .to_string();
+    assert!(err.contains("server.tls.cert"), "{err}");
+    let err = parse("[server]\nlisten = \"0.0.0.0:8443\"\n[server.tls]\ncert = \"site.pem\"\nkey = \"site.key\"\nhttp_listen = \"0.0.0.0:8443\"\n")
+        .expect_err("one address for both")
+        .to_string();
+    assert!(err.contains("server.tls.http_listen"), "{err}");
+    // A tenant's file may not name certificate files.
+    std::fs::write(
+        &file,
+        "[server.tls]\ncert = \"/etc/shadow\"\nkey = \"/etc/shadow\"\n",
+    )
+    .expect("write");
+    let err = Config::load_tenant_dir(dir.path())
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("server.tls"), "{err}");
+    assert!(err.contains("[apps.NAME.tls]"), "{err}");
+}
