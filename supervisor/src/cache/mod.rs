@@ -46,6 +46,19 @@ pub trait Fill: Clone + Send + Sync + 'static {
     fn fetch(&self, req: Request<Body>) -> impl Future<Output = Response<Body>> + Send;
 }
 
+/// Variant jobs one app may have waiting or running (see
+/// [`IsrCache::start_variant`]).
+pub const MAX_VARIANT_JOBS: usize = 16;
+
+/// Counts a running job until dropped.
+struct JobCount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for JobCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How long "not storable" is remembered for a key: later requests go
 /// straight to the app, uncoalesced and unstored (Varnish's hit-for-pass).
 /// A page that turns cacheable is stored at most this much later; a purge
@@ -85,6 +98,8 @@ pub struct IsrCache<S: Store = MemoryStore> {
     /// How stored bodies are compressed for clients (the variants are made
     /// once per object and kept with it); a reload may change it.
     compression: arc_swap::ArcSwap<crate::compress::Settings>,
+    /// Variant jobs waiting or running.
+    variant_jobs: std::sync::atomic::AtomicUsize,
 }
 
 impl<S: Store> std::fmt::Debug for IsrCache<S> {
@@ -174,6 +189,7 @@ impl<S: Store> IsrCache<S> {
             purge_epoch: AtomicU64::new(0),
             counters,
             compression: arc_swap::ArcSwap::from_pointee(crate::compress::Settings::default()),
+            variant_jobs: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -221,15 +237,23 @@ impl<S: Store> IsrCache<S> {
                 None if head || not_modified => None,
                 None => {
                     self.start_variant(object, coding, &settings);
-                    tokio::time::timeout(compress::VARIANT_WAIT, object.wait_variant(coding))
-                        .await
-                        .ok()
-                        .flatten()
+                    if object.variant_started(coding) {
+                        tokio::time::timeout(compress::VARIANT_WAIT, object.wait_variant(coding))
+                            .await
+                            .ok()
+                            .flatten()
+                    } else {
+                        None
+                    }
                 }
             };
             let headers = response.headers_mut();
             if not_modified {
-                if let Some(etag) = &object.weak_etag {
+                // A client that holds a compressed copy (it sent the weak
+                // tag) is told the weak tag again.
+                if accepted.weak_if_none_match()
+                    && let Some(etag) = &object.weak_etag
+                {
                     headers.insert(header::ETAG, etag.clone());
                 }
                 if !object.varies_on_encoding {
@@ -261,13 +285,22 @@ impl<S: Store> IsrCache<S> {
     /// made: on a task of its own, which then weighs the object again in
     /// the store. Bodies over [`crate::compress::STORED_HIGH_MAX`] are
     /// compressed at the streamed levels (still once).
+    ///
+    /// At most [`MAX_VARIANT_JOBS`] wait or run per app: beyond, clients get
+    /// identity until a job ends. A job whose object was replaced, purged
+    /// or evicted while it waited for its turn does nothing.
     fn start_variant(
         self: &Arc<Self>,
         object: &Arc<Object>,
         coding: crate::compress::Coding,
         settings: &crate::compress::Settings,
     ) {
-        if !object.start_variant(coding) {
+        if !settings.enabled
+            || !object.compressible
+            || (object.body.len() as u64) < settings.min_size
+            || self.variant_jobs.load(Ordering::Relaxed) >= MAX_VARIANT_JOBS
+            || !object.start_variant(coding)
+        {
             return;
         }
         let levels = if object.body.len() > crate::compress::STORED_HIGH_MAX {
@@ -275,10 +308,24 @@ impl<S: Store> IsrCache<S> {
         } else {
             settings.stored
         };
+        self.variant_jobs.fetch_add(1, Ordering::Relaxed);
         let (cache, object) = (Arc::clone(self), Arc::clone(object));
         tokio::spawn(async move {
-            object.make_variant(coding, levels).await;
-            cache.store.resized(&key::stored(&object), &object).await;
+            let _job = JobCount(&cache.variant_jobs);
+            let key = key::stored(&object).into_owned();
+            let turn = crate::compress::encoder_turn().await;
+            let stored = cache
+                .store
+                .get(&key)
+                .await
+                .is_some_and(|current| Arc::ptr_eq(&current, &object));
+            match turn {
+                Ok(turn) if stored => {
+                    object.make_variant(coding, levels, turn).await;
+                    cache.store.resized(&key, &object).await;
+                }
+                _ => object.abandon_variant(coding),
+            }
         });
     }
 
@@ -865,6 +912,15 @@ mod compression_tests {
         assert_eq!(answer.status(), http::StatusCode::NOT_MODIFIED);
         assert_eq!(answer.headers()[header::ETAG], "W/\"v1\"");
         assert_eq!(answer.headers()[header::VARY], "accept-encoding");
+        // A client that holds the identity copy keeps the strong tag.
+        let mut conditional = get("br");
+        conditional
+            .headers_mut()
+            .insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\""));
+        let accepted = Accepted::parse(conditional.headers());
+        let answer = cache.handle(conditional, &fill, accepted).await;
+        assert_eq!(answer.status(), http::StatusCode::NOT_MODIFIED);
+        assert_eq!(answer.headers()[header::ETAG], "\"v1\"");
         cache
             .purge(
                 &Selector {

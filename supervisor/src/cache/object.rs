@@ -53,8 +53,6 @@ pub struct Object {
     pub weak_etag: Option<HeaderValue>,
     /// Compressed copies of `body`, each made once, on first demand.
     variants: Variants,
-    /// The size a store has counted for it (see [`Object::size`]).
-    pub(super) charged: AtomicU64,
 }
 
 /// An object's compressed copies (in [`Coding::ALL`] order). Each is made
@@ -124,7 +122,6 @@ impl Object {
             shared_with_auth,
             soft_purged_ms: AtomicU64::new(0),
             variants: Variants::default(),
-            charged: AtomicU64::new(0),
         }
     }
 
@@ -144,8 +141,15 @@ impl Object {
     /// within the process-wide encoder bound) and wakes whoever waits.
     /// Run by the one caller [`Object::start_variant`] chose, on a task of
     /// its own: a client that goes away cancels nothing.
-    pub async fn make_variant(&self, coding: Coding, levels: Levels) {
-        let made = match crate::compress::encode_off_loop(self.body.clone(), coding, levels).await {
+    pub async fn make_variant(
+        &self,
+        coding: Coding,
+        levels: Levels,
+        turn: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let made = match crate::compress::encode_off_loop(turn, self.body.clone(), coding, levels)
+            .await
+        {
             Ok(packed) if packed.len() < self.body.len() => Some(packed),
             Ok(_) => None,
             Err(e) => {
@@ -155,6 +159,17 @@ impl Object {
         };
         let _ = self.variants.cells[coding.index()].set(made);
         self.variants.made.notify_waiters();
+    }
+
+    /// Is the variant for `coding` being made (or made)?
+    pub fn variant_started(&self, coding: Coding) -> bool {
+        self.variants.building[coding.index()].load(Ordering::Acquire)
+    }
+
+    /// Gives up making the variant for `coding` (the object is no longer
+    /// stored): none is made, and a later caller may start again.
+    pub fn abandon_variant(&self, coding: Coding) {
+        self.variants.building[coding.index()].store(false, Ordering::Release);
     }
 
     /// Waits for the variant for `coding` (being made by another task).

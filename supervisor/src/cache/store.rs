@@ -65,9 +65,27 @@ pub trait Store: Send + Sync + 'static {
 /// object weighs at least `max_bytes / max_entries`, the count stays under
 /// `max_entries`.
 pub struct MemoryStore {
-    objects: moka::sync::Cache<String, Arc<Object>>,
+    objects: moka::sync::Cache<String, Stored>,
     bytes: Arc<AtomicU64>,
     evictions: Arc<AtomicU64>,
+}
+
+/// One stored object and the bytes counted for it when it was put: each
+/// put adds its own charge and each removal or replacement takes off the
+/// charge of the entry that goes, so the count never drifts.
+#[derive(Clone)]
+struct Stored {
+    object: Arc<Object>,
+    charged: u64,
+}
+
+impl Stored {
+    fn new(object: Arc<Object>) -> Self {
+        Stored {
+            charged: object.size(),
+            object,
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -80,14 +98,9 @@ impl std::fmt::Debug for MemoryStore {
 
 struct KeepWhileUseful;
 
-impl moka::Expiry<String, Arc<Object>> for KeepWhileUseful {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        object: &Arc<Object>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(object.keep_left())
+impl moka::Expiry<String, Stored> for KeepWhileUseful {
+    fn expire_after_create(&self, _: &String, stored: &Stored, _: Instant) -> Option<Duration> {
+        Some(stored.object.keep_left())
     }
 
     /// From the object's own storing time: putting the same object again
@@ -95,11 +108,11 @@ impl moka::Expiry<String, Arc<Object>> for KeepWhileUseful {
     fn expire_after_update(
         &self,
         _: &String,
-        object: &Arc<Object>,
+        stored: &Stored,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(object.keep_left())
+        Some(stored.object.keep_left())
     }
 }
 
@@ -111,14 +124,12 @@ impl MemoryStore {
         let (bytes_out, evicted) = (Arc::clone(&bytes), Arc::clone(&evictions));
         let objects = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(move |_: &String, object: &Arc<Object>| {
-                u32::try_from(object.size().max(floor)).unwrap_or(u32::MAX)
+            .weigher(move |_: &String, stored: &Stored| {
+                u32::try_from(stored.charged.max(floor)).unwrap_or(u32::MAX)
             })
             .expire_after(KeepWhileUseful)
-            // Called on the thread that removes or replaces the entry, before
-            // the operation returns (moka 0.12 delivers immediately).
-            .eviction_listener(move |_, object: Arc<Object>, cause| {
-                bytes_out.fetch_sub(object.charged.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            .eviction_listener(move |_, stored: Stored, cause| {
+                bytes_out.fetch_sub(stored.charged, Ordering::Relaxed);
                 if cause == RemovalCause::Size {
                     evicted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -130,48 +141,55 @@ impl MemoryStore {
             evictions,
         }
     }
+
+    /// Puts `stored` at `key` if `still` says so of what is there now;
+    /// the charge is counted before (so the count never goes below what
+    /// is stored) and taken back if nothing was put.
+    fn put_if(&self, key: &str, stored: Stored, still: impl FnOnce(Option<&Stored>) -> bool) {
+        use moka::ops::compute::{CompResult, Op};
+        let charged = stored.charged;
+        self.bytes.fetch_add(charged, Ordering::Relaxed);
+        // Every write goes through the entry API, which orders writes to
+        // one key.
+        let result = self.objects.entry_by_ref(key).and_compute_with(|entry| {
+            if still(entry.as_ref().map(|e| e.value())) {
+                Op::Put(stored)
+            } else {
+                Op::Nop
+            }
+        });
+        if !matches!(
+            result,
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+        ) {
+            self.bytes.fetch_sub(charged, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Option<Arc<Object>> {
-        self.objects.get(key)
+        self.objects.get(key).map(|stored| stored.object)
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
-        let size = object.size();
-        object.charged.store(size, Ordering::Relaxed);
-        self.bytes.fetch_add(size, Ordering::Relaxed);
-        // Every write goes through the entry API, which orders writes to
-        // one key (see `resized`).
-        self.objects
-            .entry(key)
-            .and_compute_with(|_| moka::ops::compute::Op::Put(object));
+        self.put_if(&key, Stored::new(object), |_| true);
     }
 
     async fn resized(&self, key: &str, object: &Arc<Object>) {
-        use moka::ops::compute::{CompResult, Op};
         // Put again (moka weighs it anew) only if it is still the object
-        // stored there: a newer one may have replaced it meanwhile.
-        let result = self
-            .objects
-            .entry_by_ref(key)
-            .and_compute_with(|entry| match entry {
-                Some(entry) if Arc::ptr_eq(entry.value(), object) => Op::Put(Arc::clone(object)),
-                _ => Op::Nop,
-            });
-        if let CompResult::ReplacedWith(_) = result {
-            // The listener has uncharged it (cause: Replaced).
-            let size = object.size();
-            let before = object.charged.swap(size, Ordering::Relaxed);
-            self.bytes
-                .fetch_add(size.saturating_sub(before), Ordering::Relaxed);
-        }
+        // stored there: a newer one may have replaced it meanwhile, or a
+        // purge removed it.
+        self.put_if(key, Stored::new(Arc::clone(object)), |current| {
+            current.is_some_and(|c| Arc::ptr_eq(&c.object, object))
+        });
     }
 
     async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
         let mut affected = 0;
-        for (key, object) in self.objects.iter() {
-            if !selector.matches(&object) {
+        for (key, stored) in self.objects.iter() {
+            let object = &stored.object;
+            if !selector.matches(object) {
                 continue;
             }
             if soft {
@@ -185,7 +203,7 @@ impl Store for MemoryStore {
                     .objects
                     .entry_by_ref(key.as_str())
                     .and_compute_with(|entry| match entry {
-                        Some(entry) if selector.matches(entry.value()) => {
+                        Some(entry) if selector.matches(&entry.value().object) => {
                             moka::ops::compute::Op::Remove
                         }
                         _ => moka::ops::compute::Op::Nop,

@@ -280,8 +280,11 @@ pub fn compress_streamed(
         head,
     ) {
         Decision::Leave => {
+            // The app's 304 to a client that holds a compressed copy (it
+            // sent the weak tag bext gave it): the same weak tag and Vary.
             if response.status() == StatusCode::NOT_MODIFIED
                 && settings.enabled
+                && accepted.weak_if_none_match()
                 && !accepted.no_transform()
                 && accepted.best_among(&STREAMED_ORDER).is_some()
                 && response.headers().contains_key(header::ETAG)
@@ -421,16 +424,23 @@ static ENCODERS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| {
     Arc::new(Semaphore::new(cpus.div_ceil(2)))
 });
 
-/// [`encode_all`] on the blocking pool, at most half the CPUs at once.
+/// A turn at whole-body compression (wait for it before deciding the work
+/// is still wanted).
+pub async fn encoder_turn() -> std::io::Result<OwnedSemaphorePermit> {
+    Arc::clone(&ENCODERS)
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("the encoder pool is closed"))
+}
+
+/// [`encode_all`] on the blocking pool, in `permit`'s turn (held until the
+/// compression ends, whoever waits for it).
 pub async fn encode_off_loop(
+    permit: OwnedSemaphorePermit,
     data: Bytes,
     coding: Coding,
     levels: Levels,
 ) -> std::io::Result<Bytes> {
-    let permit = Arc::clone(&ENCODERS)
-        .acquire_owned()
-        .await
-        .map_err(|_| std::io::Error::other("the encoder pool is closed"))?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         encode_all(&data, coding, &levels)

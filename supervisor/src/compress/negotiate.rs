@@ -57,6 +57,9 @@ pub struct Accepted {
     identity: Option<u16>,
     /// The request said `Cache-Control: no-transform` (RFC 9111 §5.2.1.6).
     no_transform: bool,
+    /// Its `If-None-Match` names a weak tag: the client may hold a copy
+    /// bext compressed.
+    weak_if_none_match: bool,
 }
 
 impl Accepted {
@@ -83,8 +86,12 @@ impl Accepted {
             }),
             _ => Self::parse_lines(headers),
         };
+        let weak_if_none_match = headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|v| v.as_bytes().windows(2).any(|w| w == b"W/"));
         Accepted {
             no_transform,
+            weak_if_none_match,
             ..accepted
         }
     }
@@ -128,6 +135,7 @@ impl Accepted {
             q: named.map(|q| q.or(star).unwrap_or(0)),
             identity: identity.or(star),
             no_transform: false,
+            weak_if_none_match: false,
         }
     }
 
@@ -152,6 +160,11 @@ impl Accepted {
     /// The client asked that nothing transform the answer.
     pub fn no_transform(&self) -> bool {
         self.no_transform
+    }
+
+    /// The request's `If-None-Match` names a weak tag.
+    pub fn weak_if_none_match(&self) -> bool {
+        self.weak_if_none_match
     }
 
     /// `identity;q=0`, or `*;q=0` without naming identity.

@@ -66,6 +66,7 @@ impl Packed {
     /// `bytes` (the file at `rel` of mount `mount`, version `etag`)
     /// compressed with `coding`; `None` when that does not make it smaller
     /// (remembered as an empty copy, so it is not tried again).
+    /// `make`: compress it now if no copy is remembered (else only look).
     fn copy(
         &self,
         mount: u16,
@@ -73,15 +74,20 @@ impl Packed {
         etag: &HeaderValue,
         coding: Coding,
         bytes: &Bytes,
+        make: bool,
     ) -> Option<Bytes> {
         let key = (mount, Box::<[u8]>::from(rel), etag.clone(), coding);
-        let levels = self.settings.load().streamed;
-        let copy = self.copies.get_with(key, || {
-            compress::encode_all(bytes, coding, &levels)
-                .ok()
-                .filter(|copy| copy.len() < bytes.len())
-                .unwrap_or_default()
-        });
+        let copy = if make {
+            let levels = self.settings.load().streamed;
+            self.copies.get_with(key, || {
+                compress::encode_all(bytes, coding, &levels)
+                    .ok()
+                    .filter(|copy| copy.len() < bytes.len())
+                    .unwrap_or_default()
+            })
+        } else {
+            self.copies.get(&key)?
+        };
         (!copy.is_empty()).then_some(copy)
     }
 }
@@ -123,19 +129,15 @@ pub(super) fn respond<B>(
     // Else a compressed copy of a kept file (never for a range: ranges are
     // of the file's own bytes).
     let head = req.method() == Method::HEAD;
-    let packed = if chosen.encoding.is_none()
+    let packed_coding = if chosen.encoding.is_none()
         && entry.compressible
         && settings.enabled
-        && !head
+        && !accepted.no_transform()
         && !req.headers().contains_key(header::RANGE)
         && (chosen.len >= settings.min_size || accepted.identity_refused())
-        && let Some(bytes) = &chosen.bytes
-        && let Some(coding) = accepted.best_among(&compress::STORED_ORDER)
+        && chosen.bytes.is_some()
     {
-        place
-            .packed
-            .copy(place.mount, rel, &chosen.etag, coding, bytes)
-            .map(|copy| (coding, copy))
+        accepted.best_among(&compress::STORED_ORDER)
     } else {
         None
     };
@@ -163,19 +165,37 @@ pub(super) fn respond<B>(
     if entry.variants.len() > 1 || (entry.compressible && settings.enabled) {
         headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
-    if let Some((coding, copy)) = packed {
+    if let Some(coding) = packed_coding
+        && let Some(bytes) = &chosen.bytes
+    {
         // `"<mtime>-<size>-<coding>"`, weak: the bytes depend on the level.
         let tag = chosen.etag.to_str().unwrap_or("\"\"").trim_end_matches('"');
         let etag = value(&format!("W/{tag}-{}\"", coding.as_str()));
-        headers.insert(header::ETAG, etag.clone());
-        headers.insert(header::CONTENT_ENCODING, coding.header_value());
-        headers.remove(header::ACCEPT_RANGES);
+        // A client holding the copy revalidates without any compression.
         if not_modified(req.headers(), etag.to_str().unwrap_or(""), chosen.modified) {
+            headers.insert(header::ETAG, etag);
+            headers.insert(header::CONTENT_ENCODING, coding.header_value());
+            headers.remove(header::ACCEPT_RANGES);
             headers.remove(header::CONTENT_TYPE);
             return build(StatusCode::NOT_MODIFIED, headers, body::empty());
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
-        return build(StatusCode::OK, headers, body::full(copy));
+        // (A HEAD says what a GET would once the copy exists; it never
+        // makes one.)
+        let copy = place
+            .packed
+            .copy(place.mount, rel, &chosen.etag, coding, bytes, !head);
+        if let Some(copy) = copy {
+            headers.insert(header::ETAG, etag);
+            headers.insert(header::CONTENT_ENCODING, coding.header_value());
+            headers.remove(header::ACCEPT_RANGES);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+            let body = if head {
+                body::empty()
+            } else {
+                body::full(copy)
+            };
+            return build(StatusCode::OK, headers, body);
+        }
     }
 
     let etag = chosen.etag.to_str().unwrap_or("");
