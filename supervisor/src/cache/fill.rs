@@ -401,9 +401,12 @@ impl<S: Store> IsrCache<S> {
             parts.headers.remove(name);
         }
         respond::unmark(&mut parts.headers);
-        // Every answer from it will vary on Accept-Encoding: said once
+        // Every answer from it will vary on Accept-Encoding (if it may be
+        // compressed at all: a body under min_size never is): said once
         // here, not on every hit.
-        if self.compression.load().enabled
+        let compression = self.compression.load();
+        if compression.enabled
+            && bytes.len() as u64 >= compression.min_size
             && crate::compress::candidate(parts.status, &parts.headers)
         {
             crate::compress::add_vary(&mut parts.headers);
