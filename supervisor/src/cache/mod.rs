@@ -746,6 +746,18 @@ mod compression_tests {
         req
     }
 
+    /// An in-memory cache with the default settings.
+    fn new_cache() -> Arc<IsrCache> {
+        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
+            .expect("defaults")
+            .isr;
+        Arc::new(IsrCache::in_memory(
+            settings,
+            Duration::from_secs(30),
+            CacheCounters::default(),
+        ))
+    }
+
     async fn fetch(cache: &Arc<IsrCache>, fill: &Page, accept: &str) -> Response<Body> {
         let req = get(accept);
         let accepted = Accepted::parse(req.headers());
@@ -757,14 +769,7 @@ mod compression_tests {
     /// to the next client at once.
     #[tokio::test]
     async fn a_variant_outlives_the_request_that_started_it() {
-        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
-            .expect("defaults")
-            .isr;
-        let cache = Arc::new(IsrCache::in_memory(
-            settings,
-            Duration::from_secs(30),
-            CacheCounters::default(),
-        ));
+        let cache = new_cache();
         let fill = Page(Arc::new(AtomicUsize::new(0)));
         fetch(&cache, &fill, "identity").await;
         // Polled once (it starts the variant, then waits), then dropped.
@@ -792,14 +797,7 @@ mod compression_tests {
     /// and counted in the store's bytes (and uncounted when it goes).
     #[tokio::test]
     async fn one_entry_serves_every_coding_and_counts_its_variants() {
-        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
-            .expect("defaults")
-            .isr;
-        let cache = Arc::new(IsrCache::in_memory(
-            settings,
-            Duration::from_secs(30),
-            CacheCounters::default(),
-        ));
+        let cache = new_cache();
         let fetches = Arc::new(AtomicUsize::new(0));
         let fill = Page(Arc::clone(&fetches));
         let identity = PAGE.repeat(200);
