@@ -32,6 +32,12 @@ pub struct AppStatusLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppDomainLabel {
+    pub app: String,
+    pub domain: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppWorkerLabel {
     pub app: String,
     pub worker: u32,
@@ -45,6 +51,8 @@ pub struct Metrics {
     rate_limited: Family<AppLabel, Counter>,
     cache: [Family<AppLabel, Counter>; 6],
     apps: Arc<ArcSwap<Vec<AppSource>>>,
+    /// The HTTPS listener's certificates, for their expiry.
+    certificates: OnceLock<Arc<crate::listener::tls::Certificates>>,
 }
 
 /// What the scrape reads from one app.
@@ -137,6 +145,7 @@ impl Metrics {
             rate_limited,
             cache,
             apps,
+            certificates: OnceLock::new(),
         }
     }
 
@@ -195,6 +204,11 @@ impl Metrics {
         });
     }
 
+    /// Reports `certificates`' expiry (`bext_tls_cert_expiry_seconds`).
+    pub fn set_certificates(&self, certificates: Arc<crate::listener::tls::Certificates>) {
+        let _ = self.certificates.set(certificates);
+    }
+
     /// The Prometheus text exposition, for every app or for one. For one,
     /// only that app's pool and cache are read.
     pub fn render(&self, only: Option<&str>) -> String {
@@ -233,7 +247,15 @@ impl Metrics {
             .cloned()
             .collect();
         let mut snapshot = Registry::with_prefix("bext");
-        snapshot.register_collector(Box::new(Snapshot { apps }));
+        let certificates = self
+            .certificates
+            .get()
+            .map(|c| c.info())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| only.is_none_or(|only| c.app == only))
+            .collect();
+        snapshot.register_collector(Box::new(Snapshot { apps, certificates }));
         if encode_registry(&mut out, &snapshot).is_err() || encode_eof(&mut out).is_err() {
             out.clear();
         }
@@ -261,6 +283,7 @@ impl Collector for Process {
 #[derive(Debug)]
 struct Snapshot {
     apps: Vec<AppSource>,
+    certificates: Vec<crate::listener::tls::CertInfo>,
 }
 
 impl Collector for Snapshot {
@@ -333,6 +356,23 @@ impl Collector for Snapshot {
             "worker_rss_bytes",
             "Resident memory of each worker process",
             rss.iter().map(|(l, v)| (l, *v)),
+        )?;
+        let expiry: Vec<_> = self
+            .certificates
+            .iter()
+            .filter_map(|c| {
+                let label = AppDomainLabel {
+                    app: c.app.clone(),
+                    domain: c.domain.clone(),
+                };
+                Some((label, c.not_after?))
+            })
+            .collect();
+        gauges(
+            &mut encoder,
+            "tls_cert_expiry_seconds",
+            "When the certificate in use for a domain expires (notAfter, Unix seconds)",
+            expiry.iter().map(|(l, v)| (l, *v)),
         )?;
         Ok(())
     }

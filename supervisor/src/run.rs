@@ -13,7 +13,7 @@ use crate::apps::{AppSettings, Gate, RunningApp, default_runtime_base};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, ENV_PURGE_TOKEN};
 use crate::listener::Shutdown;
-use crate::listener::tls::{CertSource, Certificates};
+use crate::listener::tls::{CertSource, Certificates, Origin};
 use crate::metrics::Metrics;
 use crate::pool::PlanError;
 use crate::shards::Shards;
@@ -108,8 +108,10 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
                 Certificates::load(vec![CertSource {
                     app: "app".to_string(),
                     domains: tls.domains.clone(),
-                    cert: tls.cert.clone(),
-                    key: tls.key.clone(),
+                    origin: Origin::Files {
+                        cert: tls.cert.clone(),
+                        key: tls.key.clone(),
+                    },
                     default: true,
                 }])
                 .map_err(RunError::Tls)?,
@@ -220,7 +222,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             let Some(plain) = redirect else {
                 return Ok(true);
             };
-            let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port()));
+            let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port(), None));
             crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None).await
         };
         let (served, redirected) = futures_util::future::join(https, redirecting).await;

@@ -25,7 +25,8 @@ use crate::body::{self, Body};
 use crate::cli::ServeArgs;
 use crate::config::platform::PlatformConfig;
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
-use crate::listener::tls::{CertSource, Certificates};
+use crate::listener::acme::Acme;
+use crate::listener::tls::{CertSource, Certificates, Origin};
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::platform::{Platform, Signals};
@@ -57,21 +58,30 @@ pub struct PlatformService {
     access: ArcSwap<(Vec<IpNet>, Vec<IpNet>)>,
     /// The HTTPS listener's certificates (`[platform.tls]`).
     certificates: Option<Arc<Certificates>>,
+    /// Keeps the certificates of apps without `[apps.NAME.tls]`.
+    acme: Option<Arc<Acme>>,
 }
 
-/// Where every app's certificate comes from; the default one (for clients
-/// without SNI) is the default app's, else the first app's.
+/// Where every app's certificate comes from (its files, else ACME for its
+/// domains); the default one (for clients without SNI) is the default
+/// app's, else the first app's.
 fn cert_sources(config: &PlatformConfig) -> Vec<CertSource> {
     config
         .apps
         .iter()
         .filter_map(|entry| {
-            let tls = entry.tls.as_ref()?;
+            let origin = match &entry.tls {
+                Some(tls) => Origin::Files {
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                },
+                None if entry.domains.is_empty() => return None,
+                None => Origin::Acme,
+            };
             Some(CertSource {
                 app: entry.name.clone(),
                 domains: entry.domains.clone(),
-                cert: tls.cert.clone(),
-                key: tls.key.clone(),
+                origin,
                 default: config.default_app.as_deref() == Some(entry.name.as_str()),
             })
         })
@@ -138,9 +148,33 @@ impl PlatformService {
     /// ones in use stay.
     pub fn set_certificates(&self, config: &PlatformConfig) -> Result<(), String> {
         match &self.certificates {
-            Some(certificates) => certificates.set_sources(cert_sources(config)),
+            Some(certificates) => {
+                certificates.set_sources(cert_sources(config))?;
+                if let Some(acme) = &self.acme {
+                    acme.sync();
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
+    }
+
+    /// `app`'s certificates, for `status`.
+    pub fn certificates_of(&self, app: &str) -> Vec<bext_proto::control::v1::CertificateStatus> {
+        let Some(certificates) = &self.certificates else {
+            return Vec::new();
+        };
+        certificates
+            .info()
+            .into_iter()
+            .filter(|c| c.app == app)
+            .map(|c| bext_proto::control::v1::CertificateStatus {
+                domain: c.domain,
+                source: if c.acme { "acme" } else { "files" }.to_string(),
+                not_after: c.not_after.unwrap_or(0),
+                problem: c.problem.unwrap_or_default(),
+            })
+            .collect()
     }
 
     /// `admin_networks` and `trusted_proxies` of a reloaded file.
@@ -327,16 +361,16 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             addr: config.listen,
             source,
         })?;
-    if config.tls.is_none() && config.listen.port() == 443 {
-        warn!(
-            "listening on port 443 in plain HTTP: add a [platform.tls] table (and [apps.NAME.tls] certificates) for HTTPS"
-        );
-    }
     // HTTPS: the certificates, and the plain listener that redirects.
     let tls = match &config.tls {
         Some(settings) => {
             let certificates =
                 Arc::new(Certificates::load(cert_sources(&config)).map_err(RunError::Tls)?);
+            let acme = Acme::new(
+                settings.acme.clone(),
+                &config.data_dir,
+                Arc::clone(&certificates),
+            );
             let server = crate::listener::tls::server_config(Arc::clone(&certificates))
                 .map_err(RunError::Tls)?;
             let plain = TcpListener::bind(settings.http_listen)
@@ -345,11 +379,14 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
                     addr: settings.http_listen,
                     source,
                 })?;
-            Some((certificates, server, plain))
+            Some((certificates, acme, server, plain))
         }
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some((certificates, _, _, _)) = &tls {
+        metrics.set_certificates(Arc::clone(certificates));
+    }
     if std::env::var_os(ENV_PURGE_TOKEN).is_some() {
         warn!(
             "{ENV_PURGE_TOKEN} is ignored in multi-app mode (one token would purge every app); \
@@ -376,7 +413,8 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             config.admin_networks.clone(),
             config.trusted_proxies.clone(),
         )),
-        certificates: tls.as_ref().map(|(c, _, _)| Arc::clone(c)),
+        certificates: tls.as_ref().map(|(c, _, _, _)| Arc::clone(c)),
+        acme: tls.as_ref().map(|(_, a, _, _)| Arc::clone(a)),
     });
     let addr = listener.local_addr().map_err(|source| RunError::Listen {
         addr: config.listen,
@@ -390,8 +428,13 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
+    let challenges = tls.as_ref().map(|(c, _, _, _)| Arc::clone(c.challenges()));
+    let acme = platform.acme.clone();
+    if let Some(acme) = &acme {
+        acme.sync();
+    }
     let (server_tls, plain, watcher) = match tls {
-        Some((certificates, server, plain)) => {
+        Some((certificates, _, server, plain)) => {
             // Certificate files replaced on disk are taken within a
             // second; without the watcher, at the next reload.
             let watcher = crate::listener::tls::watch(certificates)
@@ -422,7 +465,10 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
                 let Some((plain, plain_addr)) = redirecting else {
                     return Ok(true);
                 };
-                let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port()));
+                let to_https = Arc::new(crate::listener::redirect::ToHttps::new(
+                    addr.port(),
+                    challenges,
+                ));
                 crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None)
                     .await
                     .inspect_err(|e| error!("could not serve on {plain_addr}: {e}"))
@@ -448,6 +494,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     control.abort();
     if let Some(watcher) = watcher {
         watcher.abort();
+    }
+    if let Some(acme) = acme {
+        acme.stop();
     }
     let _ = std::fs::remove_file(&control_path);
     crate::memory::release();

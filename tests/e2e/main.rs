@@ -6,6 +6,7 @@
 
 mod support;
 
+mod acme;
 mod apps;
 mod cache;
 mod compression;

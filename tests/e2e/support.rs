@@ -278,10 +278,12 @@ impl Drop for Bext {
 fn spawn(subcommand: &[&OsStr], options: &Options) -> (Child, Arc<LogBook>, tempfile::TempDir) {
     let runtime_dir = tempfile::tempdir().expect("runtime dir");
     let mut command = Command::new(env!("CARGO_BIN_EXE_bext"));
+    command.args(["--log-format", "json"]).args(subcommand);
+    // An ephemeral port unless the test names one.
+    if !options.args.iter().any(|a| a == "--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
     command
-        .args(["--log-format", "json"])
-        .args(subcommand)
-        .args(["--listen", "127.0.0.1:0"])
         .args(&options.args)
         .env("PATH", child_path())
         .env("XDG_RUNTIME_DIR", runtime_dir.path())

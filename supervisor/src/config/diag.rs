@@ -86,7 +86,12 @@ pub(crate) fn deserialize<T: DeserializeOwned>(file: &Path, text: &str) -> Resul
         ))
     })?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
+        // A `Spanned` field adds a segment of toml's own to the path.
+        let path = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "")
+            .replace("$__serde_spanned_private_value", "");
         let inner = e.into_inner();
         let offset = inner.span().map_or(0, |s| s.start);
         let key = (!path.is_empty() && path != ".").then_some(path);

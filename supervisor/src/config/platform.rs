@@ -76,6 +76,10 @@ struct RawPlatform {
 #[serde(deny_unknown_fields)]
 struct RawPlatformTls {
     http_listen: Option<SocketAddr>,
+    acme_email: Option<Spanned<String>>,
+    acme_directory: Option<Spanned<String>>,
+    acme_ca_root: Option<Spanned<PathBuf>>,
+    acme_challenges: Option<Spanned<Vec<crate::listener::acme::ChallengeKind>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,11 +182,13 @@ pub struct PlatformConfig {
     pub compression: crate::compress::Settings,
 }
 
-/// `[platform.tls]`.
+/// `[platform.tls]` (or its defaults when `listen` is on port 443).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlatformTls {
-    /// Plain HTTP: redirects to `https://` (308).
+    /// Plain HTTP: redirects to `https://` (308), answers ACME HTTP-01.
     pub http_listen: SocketAddr,
+    /// How apps without `[apps.NAME.tls]` get their certificates.
+    pub acme: crate::listener::acme::AcmeSettings,
 }
 
 /// `platform.tls.http_listen` when not set.
@@ -323,6 +329,8 @@ impl PlatformConfig {
             )))
         };
         let platform = raw.platform.unwrap_or_default();
+        // The listener is HTTPS with a [platform.tls] table, or on port 443.
+        let https = platform.tls.is_some() || platform.listen.is_some_and(|l| l.port() == 443);
         let compression = platform
             .compression
             .as_ref()
@@ -372,7 +380,6 @@ impl PlatformConfig {
                 }
                 domains.push(normalized);
             }
-            let source_at = app.source.span().start;
             let source = app.source.into_inner();
             let source = if source.is_absolute() {
                 source
@@ -412,7 +419,7 @@ impl PlatformConfig {
                 };
             let absolute = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
             let tls = match &app.tls {
-                Some(raw) if platform.tls.is_none() => {
+                Some(raw) if !https => {
                     return Err(invalid(
                         raw.span().start,
                         format!("apps.{name}.tls"),
@@ -446,16 +453,18 @@ impl PlatformConfig {
                     Some(tls)
                 }
                 None => {
-                    if platform.tls.is_some()
-                        && let Some(first) = domains.first()
-                    {
-                        return Err(invalid(
-                            source_at,
-                            format!("apps.{name}.tls"),
-                            format!(
-                                "app `{name}` has no certificate for `{first}`: set [apps.{name}.tls] cert and key (automatic certificates are not there yet)"
-                            ),
-                        ));
+                    // Certificates from ACME: every domain must be one an
+                    // ACME server issues for.
+                    if https {
+                        for (i, domain) in domains.iter().enumerate() {
+                            if let Some(why) = crate::listener::acme::unusable(domain) {
+                                return Err(invalid(
+                                    app.domains[i].span().start,
+                                    format!("apps.{name}.domains[{i}]"),
+                                    format!("{why} ([apps.{name}.tls] cert and key)"),
+                                ));
+                            }
+                        }
                     }
                     None
                 }
@@ -537,12 +546,14 @@ impl PlatformConfig {
             None => None,
         };
         if let Some(table) = &platform.tls
-            && !apps.iter().any(|a| a.tls.is_some())
+            && !apps
+                .iter()
+                .any(|a| a.tls.is_some() || !a.domains.is_empty())
         {
             return Err(invalid(
                 table.span().start,
                 "platform.tls".to_string(),
-                "no app has a certificate: give at least one [apps.NAME.tls]".to_string(),
+                "no app has a certificate or a domain to get one for: give an app domains (certificates come from ACME) or an [apps.NAME.tls]".to_string(),
             ));
         }
         let listen = platform.listen.unwrap_or_else(|| {
@@ -554,10 +565,17 @@ impl PlatformConfig {
             default.parse().expect("valid default")
         });
         let tls = match platform.tls {
+            // Port 443 is HTTPS, with every default (certificates from
+            // Let's Encrypt).
+            None if https => Some(PlatformTls {
+                http_listen: DEFAULT_HTTP_LISTEN.parse().expect("valid default"),
+                acme: crate::listener::acme::AcmeSettings::default(),
+            }),
             Some(table) => {
                 let at = table.span().start;
+                let table = table.into_inner();
+                let acme = acme_settings(&table, &base, &invalid)?;
                 let http_listen = table
-                    .into_inner()
                     .http_listen
                     .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default"));
                 if http_listen == listen && listen.port() != 0 {
@@ -569,7 +587,7 @@ impl PlatformConfig {
                         ),
                     ));
                 }
-                Some(PlatformTls { http_listen })
+                Some(PlatformTls { http_listen, acme })
             }
             None => None,
         };
@@ -839,3 +857,83 @@ pub fn is_platform_file(text: &str) -> bool {
 #[cfg(test)]
 #[path = "platform_tests.rs"]
 pub(crate) mod tests;
+
+/// `[platform.tls]`'s ACME keys, checked: an email address, an `https://`
+/// directory, a readable PEM root, known challenge types.
+fn acme_settings(
+    table: &RawPlatformTls,
+    base: &Path,
+    invalid: &impl Fn(usize, String, String) -> ConfigError,
+) -> Result<crate::listener::acme::AcmeSettings, ConfigError> {
+    let mut acme = crate::listener::acme::AcmeSettings::default();
+    if let Some(email) = &table.acme_email {
+        let text = email.get_ref().trim();
+        let plausible = text
+            .split_once('@')
+            .is_some_and(|(user, domain)| !user.is_empty() && domain.contains('.'))
+            && !text.contains(|c: char| c.is_whitespace() || "<>,:;\"\\".contains(c));
+        if !plausible {
+            return Err(invalid(
+                email.span().start,
+                "platform.tls.acme_email".to_string(),
+                format!("`{text}` is not an email address"),
+            ));
+        }
+        acme.email = Some(text.to_string());
+    }
+    if let Some(directory) = &table.acme_directory {
+        let url = directory.get_ref().trim();
+        let https = url
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("https") && u.authority().is_some());
+        if !https {
+            return Err(invalid(
+                directory.span().start,
+                "platform.tls.acme_directory".to_string(),
+                format!(
+                    "`{url}` is not an https:// URL (Let's Encrypt's is {})",
+                    crate::listener::acme::LETS_ENCRYPT
+                ),
+            ));
+        }
+        acme.directory = url.to_string();
+    }
+    if let Some(root) = &table.acme_ca_root {
+        let path = if root.get_ref().is_absolute() {
+            root.get_ref().clone()
+        } else {
+            base.join(root.get_ref())
+        };
+        let usable = super::read_small_file(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| {
+                use rustls_pki_types::pem::PemObject;
+                match rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next() {
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) => Err(format!("not a PEM certificate: {e}")),
+                    None => Err("no certificate in it".to_string()),
+                }
+            });
+        if let Err(why) = usable {
+            return Err(invalid(
+                root.span().start,
+                "platform.tls.acme_ca_root".to_string(),
+                format!("{}: {why}", path.display()),
+            ));
+        }
+        acme.ca_root = Some(path);
+    }
+    if let Some(challenges) = &table.acme_challenges {
+        let mut list = challenges.get_ref().clone();
+        list.dedup();
+        if list.is_empty() {
+            return Err(invalid(
+                challenges.span().start,
+                "platform.tls.acme_challenges".to_string(),
+                "name at least one: \"http-01\", \"tls-alpn-01\"".to_string(),
+            ));
+        }
+        acme.challenges = list;
+    }
+    Ok(acme)
+}

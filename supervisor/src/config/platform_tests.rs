@@ -270,6 +270,101 @@ fn tls_listeners_default_and_may_not_collide() {
     assert_eq!(d.key.as_deref(), Some("platform.tls"));
 }
 
+/// Issue 13: the seed's file (port 443, no other key) is HTTPS with
+/// certificates from Let's Encrypt; `acme_email` is the one key a user adds.
+#[test]
+fn port_443_is_https_with_acme_certificates() {
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), SEED).expect("valid");
+    let tls = config.tls.expect("port 443 is HTTPS");
+    assert_eq!(tls.http_listen.port(), 80);
+    assert_eq!(tls.acme.directory, crate::listener::acme::LETS_ENCRYPT);
+    assert_eq!(tls.acme.email, None);
+    let with_email = SEED.replace(
+        "max_apps = 50\n",
+        "max_apps = 50\n[platform.tls]\nacme_email = \"ops@example.com\"\n",
+    );
+    let config =
+        PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), &with_email).expect("valid");
+    assert_eq!(
+        config.tls.expect("tls").acme.email.as_deref(),
+        Some("ops@example.com")
+    );
+    // Not 443, no table: plain HTTP.
+    let plain = SEED.replace("0.0.0.0:443", "0.0.0.0:8080");
+    let config =
+        PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), &plain).expect("valid");
+    assert_eq!(config.tls, None);
+}
+
+#[test]
+fn acme_keys_are_checked_where_they_are_written() {
+    let file = |tls: &str, domain: &str| {
+        format!(
+            "[platform]\nlisten = \"127.0.0.1:8443\"\n[platform.tls]\n{tls}\n[apps.a]\nsource = \"/srv/a\"\ndomains = [\"{domain}\"]\n"
+        )
+    };
+    for (tls, key, says) in [
+        (
+            "acme_email = \"not an address\"",
+            "platform.tls.acme_email",
+            "not an email",
+        ),
+        (
+            "acme_email = \"a@b.com, c@d.com\"",
+            "platform.tls.acme_email",
+            "not an email",
+        ),
+        (
+            "acme_directory = \"http://acme.test/dir\"",
+            "platform.tls.acme_directory",
+            "https://",
+        ),
+        (
+            "acme_ca_root = \"/nonexistent/root.pem\"",
+            "platform.tls.acme_ca_root",
+            "/nonexistent/root.pem",
+        ),
+        (
+            "acme_challenges = []",
+            "platform.tls.acme_challenges",
+            "at least one",
+        ),
+        (
+            "acme_challenges = [\"dns-01\"]",
+            "platform.tls.acme_challenges[0]",
+            "dns-01",
+        ),
+    ] {
+        let d = diag(&file(tls, "a.example.com"));
+        assert_eq!(d.key.as_deref(), Some(key), "{tls}: {}", d.message);
+        assert!(d.message.contains(says), "{tls}: {}", d.message);
+        assert!(d.line > 0, "{tls}: located");
+    }
+    for domain in ["*.example.com", "localhost", "10.0.0.1"] {
+        let d = diag(&file("", domain));
+        assert_eq!(d.key.as_deref(), Some("apps.a.domains[0]"), "{domain}");
+        assert!(
+            d.message.contains("certificate of its own"),
+            "{}",
+            d.message
+        );
+    }
+    let config = PlatformConfig::parse(
+        Path::new("/etc/bext/platform.toml"),
+        &file(
+            "acme_directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\nacme_challenges = [\"tls-alpn-01\"]",
+            "a.example.com",
+        ),
+    )
+    .expect("valid");
+    let acme = config.tls.expect("tls").acme;
+    assert!(acme.directory.contains("staging"));
+    assert_eq!(
+        acme.challenges,
+        vec![crate::listener::acme::ChallengeKind::TlsAlpn01]
+    );
+}
+
 /// Issue 13: compression levels are the platform's; a tenant's own file may
 /// only do less (turn it off, raise the minimum size).
 #[test]

@@ -114,5 +114,6 @@ fn status(app: &RunningApp, names: &[String]) -> Result<Vec<pb::AppStatus>, Comm
         detail: String::new(),
         domains: Vec::new(),
         operation: String::new(),
+        certificates: Vec::new(),
     }])
 }

@@ -48,8 +48,29 @@ pub fn status_table(reply: &StatusReply) -> String {
             out.push_str(&format!("  {}\n", app.detail));
         }
         out.push_str(&workers(app));
+        out.push_str(&certificates(app));
     }
     out
+}
+
+/// An app's certificates, one indented line each.
+fn certificates(app: &AppStatus) -> String {
+    app.certificates
+        .iter()
+        .map(|c| {
+            let until = if c.not_after > 0 {
+                format!("valid until {}", rfc3339(c.not_after))
+            } else {
+                "none yet".to_string()
+            };
+            let problem = if c.problem.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.problem)
+            };
+            format!("  certificate {} {} {until}{problem}\n", c.domain, c.source)
+        })
+        .collect()
 }
 
 /// An app's workers, one indented line each, aligned among themselves.
@@ -121,6 +142,17 @@ pub fn status_json(reply: &StatusReply) -> String {
         /// The operation under way (deploy, rollback, ...), null when none.
         operation: Option<&'a str>,
         workers: Vec<Worker<'a>>,
+        certificates: Vec<Certificate<'a>>,
+    }
+    #[derive(Serialize)]
+    struct Certificate<'a> {
+        domain: &'a str,
+        /// "files" or "acme".
+        source: &'a str,
+        /// RFC 3339, null while an ACME domain has none.
+        not_after: Option<String>,
+        /// The last ACME failure, null when none.
+        problem: Option<&'a str>,
     }
     #[derive(Serialize)]
     struct Worker<'a> {
@@ -153,6 +185,16 @@ pub fn status_json(reply: &StatusReply) -> String {
                         state: &w.state,
                         inflight: w.inflight,
                         rss_bytes: w.rss_bytes,
+                    })
+                    .collect(),
+                certificates: a
+                    .certificates
+                    .iter()
+                    .map(|c| Certificate {
+                        domain: &c.domain,
+                        source: &c.source,
+                        not_after: (c.not_after > 0).then(|| rfc3339(c.not_after)),
+                        problem: Some(c.problem.as_str()).filter(|p| !p.is_empty()),
                     })
                     .collect(),
             })
@@ -302,6 +344,20 @@ mod tests {
                             rss_bytes: 0,
                         },
                     ],
+                    certificates: vec![
+                        bext_proto::control::v1::CertificateStatus {
+                            domain: "example.com".into(),
+                            source: "acme".into(),
+                            not_after: 1_767_225_600,
+                            problem: String::new(),
+                        },
+                        bext_proto::control::v1::CertificateStatus {
+                            domain: "www.example.com".into(),
+                            source: "acme".into(),
+                            not_after: 0,
+                            problem: "validation failed: connection refused".into(),
+                        },
+                    ],
                     ..AppStatus::default()
                 },
                 AppStatus {
@@ -324,6 +380,8 @@ NAME       STATE    VERSION               FRAMEWORK  RESTARTS  DOMAINS
 marketing  running  20250101-120000-ab12  nextjs     2         example.com,www.example.com
   worker 0  pid 1234  ready    inflight 0   rss 45.1 MiB
   worker 1  pid -     stopped  inflight 12  rss -
+  certificate example.com acme valid until 2026-01-01T00:00:00Z
+  certificate www.example.com acme none yet (validation failed: connection refused)
 api        failed   -                     hono       0         -
   npm ci exited with status 1
 "
@@ -342,6 +400,13 @@ api        failed   -                     hono       0         -
         assert_eq!(app["workers"][0]["pid"], 1234);
         assert_eq!(app["workers"][0]["rss_bytes"], 47_290_777);
         assert!(app["workers"][1]["pid"].is_null());
+        assert_eq!(app["certificates"][0]["not_after"], "2026-01-01T00:00:00Z");
+        assert!(app["certificates"][0]["problem"].is_null());
+        assert!(app["certificates"][1]["not_after"].is_null());
+        assert_eq!(
+            app["certificates"][1]["problem"],
+            "validation failed: connection refused"
+        );
         let keys: Vec<&String> = value["apps"][1]
             .as_object()
             .expect("object")
@@ -350,6 +415,7 @@ api        failed   -                     hono       0         -
         assert_eq!(
             keys,
             [
+                "certificates",
                 "detail",
                 "dir",
                 "domains",

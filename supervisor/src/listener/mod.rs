@@ -6,6 +6,7 @@
 //! grace period. It hands each request to a [`Handler`] and knows nothing of
 //! what happens next.
 
+pub mod acme;
 pub mod redirect;
 mod timed;
 pub mod tls;
@@ -329,8 +330,12 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
         tokio::spawn(async move {
             let stream = match handshake.await {
                 Ok(Ok(stream)) => {
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        tls_activity.set_h2();
+                    match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => tls_activity.set_h2(),
+                        // An ACME validator has seen the challenge
+                        // certificate: that is all it came for.
+                        Some(tls::ACME_TLS_ALPN) => return,
+                        _ => {}
                     }
                     stream
                 }

@@ -1,12 +1,14 @@
 //! The plain-HTTP listener beside an HTTPS one: every request is sent to
 //! the same host, path and query over `https://` (308, which keeps the
-//! method and body). ACME HTTP-01 challenges will be answered here too.
+//! method and body); ACME HTTP-01 challenges of bext's own orders are
+//! answered here.
 
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
+use super::tls::Challenges;
 use super::{Handler, Peer};
 use crate::body::{self, Body};
 
@@ -15,11 +17,28 @@ use crate::body::{self, Body};
 pub struct ToHttps {
     /// Left out of the `Location` when it is 443.
     https_port: u16,
+    challenges: Option<Arc<Challenges>>,
 }
 
+/// Where ACME validators ask for HTTP-01 key authorizations.
+const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
 impl ToHttps {
-    pub fn new(https_port: u16) -> Self {
-        ToHttps { https_port }
+    pub fn new(https_port: u16, challenges: Option<Arc<Challenges>>) -> Self {
+        ToHttps {
+            https_port,
+            challenges,
+        }
+    }
+
+    /// The key authorization for `req`, when it asks for a pending
+    /// HTTP-01 challenge's token.
+    fn challenge<B>(&self, req: &Request<B>) -> Option<String> {
+        let token = req.uri().path().strip_prefix(CHALLENGE_PATH)?;
+        if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+            return None;
+        }
+        self.challenges.as_ref()?.http01(token)
     }
 
     /// `https://host[:port]/path?query` for `req`, or `None` when its host
@@ -57,6 +76,14 @@ impl ToHttps {
 
 impl Handler for ToHttps {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<Body> {
+        if let Some(key_authorization) = self.challenge(&req) {
+            let mut response = Response::new(body::full(key_authorization));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return response;
+        }
         match self.location(&req) {
             Some(location) => {
                 let mut response = Response::new(body::empty());
@@ -82,7 +109,7 @@ mod tests {
             .header(header::HOST, host)
             .body(())
             .expect("request");
-        ToHttps::new(port)
+        ToHttps::new(port, None)
             .location(&req)
             .map(|v| v.to_str().expect("ascii").to_string())
     }
@@ -100,6 +127,39 @@ mod tests {
         assert_eq!(
             location(443, "[::1]:80", "/x").as_deref(),
             Some("https://[::1]/x")
+        );
+    }
+
+    #[test]
+    fn only_a_pending_token_is_answered() {
+        let challenges = Arc::new(Challenges::default());
+        challenges.set_http01("tok3n", Some("tok3n.thumb".to_string()));
+        let to_https = ToHttps::new(443, Some(Arc::clone(&challenges)));
+        let get = |method: http::Method, target: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(target)
+                .header(header::HOST, "a.test")
+                .body(())
+                .expect("request");
+            to_https.challenge(&req)
+        };
+        assert_eq!(
+            get(http::Method::GET, "/.well-known/acme-challenge/tok3n").as_deref(),
+            Some("tok3n.thumb")
+        );
+        assert_eq!(
+            get(http::Method::GET, "/.well-known/acme-challenge/other"),
+            None
+        );
+        assert_eq!(
+            get(http::Method::POST, "/.well-known/acme-challenge/tok3n"),
+            None
+        );
+        challenges.set_http01("tok3n", None);
+        assert_eq!(
+            get(http::Method::GET, "/.well-known/acme-challenge/tok3n"),
+            None
         );
     }
 

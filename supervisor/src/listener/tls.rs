@@ -7,6 +7,11 @@
 //! sends no SNI (or a name no app has) gets the default certificate. The
 //! table is swapped whole (a reload), so a handshake sees the old
 //! certificates or the new ones, never a mix.
+//!
+//! An app's certificate comes from its own files or from ACME
+//! ([`super::acme`], one certificate per domain, installed here as it is
+//! issued). A ClientHello that offers only `acme-tls/1` gets the
+//! TLS-ALPN-01 challenge certificate for its name, if one is pending.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,10 +90,69 @@ pub struct CertSource {
     /// The app's domains (`*.` patterns included): the certificate must
     /// cover each.
     pub domains: Vec<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub origin: Origin,
     /// Its certificate answers clients without SNI.
     pub default: bool,
+}
+
+/// Files the operator keeps, or certificates bext gets itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// PEM files (the chain after the leaf in `cert`), watched.
+    Files { cert: PathBuf, key: PathBuf },
+    /// One certificate per domain, from ACME; a domain has none until it
+    /// is issued (its handshakes fail meanwhile).
+    Acme,
+}
+
+impl CertSource {
+    fn files(&self) -> Option<(&Path, &Path)> {
+        match &self.origin {
+            Origin::Files { cert, key } => Some((cert, key)),
+            Origin::Acme => None,
+        }
+    }
+}
+
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Answers to pending ACME challenges: HTTP-01 key authorizations by
+/// token, TLS-ALPN-01 certificates by domain. Holds only what bext's own
+/// orders put there, and each order takes its entries out when it ends.
+#[derive(Debug, Default)]
+pub struct Challenges {
+    http: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    alpn: std::sync::Mutex<std::collections::HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl Challenges {
+    /// The key authorization for an HTTP-01 `token`.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        self.http.lock().ok()?.get(token).cloned()
+    }
+
+    pub(super) fn set_http01(&self, token: &str, key_authorization: Option<String>) {
+        if let Ok(mut map) = self.http.lock() {
+            match key_authorization {
+                Some(value) => map.insert(token.to_string(), value),
+                None => map.remove(token),
+            };
+        }
+    }
+
+    fn alpn01(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        self.alpn.lock().ok()?.get(domain).cloned()
+    }
+
+    pub(super) fn set_alpn01(&self, domain: &str, pair: Option<Arc<CertifiedKey>>) {
+        if let Ok(mut map) = self.alpn.lock() {
+            match pair {
+                Some(pair) => map.insert(domain.to_string(), pair),
+                None => map.remove(domain),
+            };
+        }
+    }
 }
 
 /// What identifies a file's content without reading it: a replaced or
@@ -111,9 +175,18 @@ struct InUse {
 
 /// When `pair`'s certificate expires (its notAfter), Unix seconds.
 pub fn not_after(pair: &CertifiedKey) -> Option<i64> {
+    validity(pair).map(|(_, end)| end)
+}
+
+/// `pair`'s certificate's notBefore and notAfter, Unix seconds.
+pub fn validity(pair: &CertifiedKey) -> Option<(i64, i64)> {
     let der = pair.end_entity_cert().ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    Some(cert.validity().not_after.timestamp())
+    let validity = cert.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
 }
 
 /// "expired on DATE" when `pair`'s certificate has expired.
@@ -130,14 +203,14 @@ fn expired(pair: &CertifiedKey) -> Option<String> {
     })
 }
 
-/// Loads `source`'s pair and checks it covers the app's domains.
-fn load_source(source: &CertSource) -> Result<InUse, String> {
-    let stamps = (stamp(&source.cert), stamp(&source.key));
-    let pair = load_pair(&source.cert, &source.key)?;
-    if let Some(domain) = source.domains.iter().find(|d| !covers(&pair, d)) {
+/// Loads the pair in `cert` and `key` and checks it covers `domains`.
+fn load_source(domains: &[String], cert: &Path, key: &Path) -> Result<InUse, String> {
+    let stamps = (stamp(cert), stamp(key));
+    let pair = load_pair(cert, key)?;
+    if let Some(domain) = domains.iter().find(|d| !covers(&pair, d)) {
         return Err(format!(
             "the certificate in {} does not cover `{domain}`",
-            source.cert.display()
+            cert.display()
         ));
     }
     Ok(InUse {
@@ -147,13 +220,38 @@ fn load_source(source: &CertSource) -> Result<InUse, String> {
 }
 
 /// Certificates by server name, swapped whole; each app's is the last
-/// good pair its files held.
+/// good pair its files held, or each of its domains' last ACME issue.
 #[derive(Debug)]
 pub struct Certificates {
     table: ArcSwap<RouteTable<CertifiedKey>>,
-    state: std::sync::Mutex<(Vec<CertSource>, BTreeMap<String, InUse>)>,
+    state: std::sync::Mutex<State>,
     /// Told when a reload brings other sources (the watcher follows).
     sources_changed: tokio::sync::Notify,
+    challenges: Arc<Challenges>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sources: Vec<CertSource>,
+    /// File pairs by app.
+    in_use: BTreeMap<String, InUse>,
+    /// ACME pairs by domain.
+    issued: BTreeMap<String, Arc<CertifiedKey>>,
+    /// Why a domain's ACME certificate is not (or not freshly) there.
+    problems: BTreeMap<String, String>,
+}
+
+/// One certificate in use, for `status` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertInfo {
+    pub app: String,
+    /// The app's domain it serves (for files: the app's first domain).
+    pub domain: String,
+    pub acme: bool,
+    /// notAfter, Unix seconds; `None` while an ACME domain has none.
+    pub not_after: Option<i64>,
+    /// The last ACME failure, while it lasts.
+    pub problem: Option<String>,
 }
 
 impl Certificates {
@@ -161,11 +259,85 @@ impl Certificates {
     pub fn load(sources: Vec<CertSource>) -> Result<Self, String> {
         let certificates = Certificates {
             table: ArcSwap::from_pointee(RouteTable::new([], None)),
-            state: std::sync::Mutex::new((Vec::new(), BTreeMap::new())),
+            state: std::sync::Mutex::new(State::default()),
             sources_changed: tokio::sync::Notify::new(),
+            challenges: Arc::new(Challenges::default()),
         };
         certificates.set_sources(sources)?;
         Ok(certificates)
+    }
+
+    /// The pending ACME challenges the listeners answer.
+    pub fn challenges(&self) -> &Arc<Challenges> {
+        &self.challenges
+    }
+
+    /// The domains whose certificates come from ACME, with their apps.
+    pub fn acme_domains(&self) -> Vec<String> {
+        let Ok(state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut domains: Vec<String> = state
+            .sources
+            .iter()
+            .filter(|s| s.origin == Origin::Acme)
+            .flat_map(|s| s.domains.iter().cloned())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        domains
+    }
+
+    /// Serves `pair` for `domain` from the next handshake on (an ACME
+    /// issue or renewal).
+    pub fn install(&self, domain: &str, pair: Arc<CertifiedKey>) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        state.issued.insert(domain.to_string(), pair);
+        state.problems.remove(domain);
+        self.publish(&state);
+    }
+
+    /// Records (or clears) why `domain`'s ACME certificate could not be
+    /// had, for `status`.
+    pub fn set_problem(&self, domain: &str, problem: Option<String>) {
+        if let Ok(mut state) = self.state.lock() {
+            match problem {
+                Some(p) => state.problems.insert(domain.to_string(), p),
+                None => state.problems.remove(domain),
+            };
+        }
+    }
+
+    /// Every certificate in use or wanted, by app and domain.
+    pub fn info(&self) -> Vec<CertInfo> {
+        let Ok(state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for source in &state.sources {
+            match &source.origin {
+                Origin::Files { .. } => out.push(CertInfo {
+                    app: source.app.clone(),
+                    domain: source.domains.first().cloned().unwrap_or_default(),
+                    acme: false,
+                    not_after: state
+                        .in_use
+                        .get(&source.app)
+                        .and_then(|u| not_after(&u.pair)),
+                    problem: None,
+                }),
+                Origin::Acme => out.extend(source.domains.iter().map(|d| CertInfo {
+                    app: source.app.clone(),
+                    domain: d.clone(),
+                    acme: true,
+                    not_after: state.issued.get(d).and_then(|p| not_after(p)),
+                    problem: state.problems.get(d).cloned(),
+                })),
+            }
+        }
+        out
     }
 
     /// Takes over `sources` (a reload): every new or changed source must
@@ -182,7 +354,10 @@ impl Certificates {
             .map_err(|_| "the certificate table is poisoned")?;
         let mut in_use = BTreeMap::new();
         for source in &sources {
-            match load_source(source) {
+            let Some((cert, key)) = source.files() else {
+                continue;
+            };
+            match load_source(&source.domains, cert, key) {
                 Ok(loaded) => {
                     // Served all the same (refusing would stop the listener
                     // for every app), but said.
@@ -190,14 +365,14 @@ impl Certificates {
                         tracing::warn!(
                             "app '{}': the certificate in {} {when}: renew it",
                             source.app,
-                            source.cert.display()
+                            cert.display()
                         );
                     }
                     in_use.insert(source.app.clone(), loaded);
                 }
                 Err(e) => {
-                    let same = state.0.iter().any(|s| s == source);
-                    match state.1.get(&source.app) {
+                    let same = state.sources.iter().any(|s| s == source);
+                    match state.in_use.get(&source.app) {
                         Some(used) if same => {
                             tracing::warn!(
                                 "app '{}': {e}; the certificate in use stays",
@@ -216,8 +391,23 @@ impl Certificates {
                 }
             }
         }
-        *state = (sources, in_use);
-        self.publish(&state.0, &state.1);
+        state.sources = sources;
+        state.in_use = in_use;
+        // Issued certificates of domains no longer managed go.
+        let managed: std::collections::BTreeSet<&String> = state
+            .sources
+            .iter()
+            .filter(|s| s.origin == Origin::Acme)
+            .flat_map(|s| &s.domains)
+            .collect();
+        let kept: BTreeMap<String, Arc<CertifiedKey>> = state
+            .issued
+            .iter()
+            .filter(|(d, _)| managed.contains(d))
+            .map(|(d, p)| (d.clone(), Arc::clone(p)))
+            .collect();
+        state.issued = kept;
+        self.publish(&state);
         self.sources_changed.notify_one();
         Ok(())
     }
@@ -235,27 +425,32 @@ impl Certificates {
                 vec!["the certificate table is poisoned".to_string()],
             );
         };
-        let (sources, in_use) = &mut *guard;
-        for source in sources.iter() {
-            let now = (stamp(&source.cert), stamp(&source.key));
+        let state = &mut *guard;
+        let in_use = &mut state.in_use;
+        for source in &state.sources {
+            let Some((cert, key)) = source.files() else {
+                continue;
+            };
+            let now = (stamp(cert), stamp(key));
             if in_use.get(&source.app).is_some_and(|u| u.stamps == now) {
                 continue;
             }
-            let loaded = load_source(source).and_then(|loaded| match expired(&loaded.pair) {
-                // A replacement older than it should be (a backup put
-                // back) does not displace a pair in use.
-                Some(when) if in_use.contains_key(&source.app) => Err(format!(
-                    "the certificate in {} {when}",
-                    source.cert.display()
-                )),
-                _ => Ok(loaded),
+            let loaded = load_source(&source.domains, cert, key).and_then(|loaded| {
+                match expired(&loaded.pair) {
+                    // A replacement older than it should be (a backup put
+                    // back) does not displace a pair in use.
+                    Some(when) if in_use.contains_key(&source.app) => {
+                        Err(format!("the certificate in {} {when}", cert.display()))
+                    }
+                    _ => Ok(loaded),
+                }
             });
             match loaded {
                 Ok(loaded) => {
                     changed.push(format!(
                         "app '{}': new certificate from {}",
                         source.app,
-                        source.cert.display()
+                        cert.display()
                     ));
                     in_use.insert(source.app.clone(), loaded);
                 }
@@ -272,7 +467,7 @@ impl Certificates {
             }
         }
         if !changed.is_empty() {
-            self.publish(sources, in_use);
+            self.publish(&guard);
         }
         (changed, refused)
     }
@@ -284,9 +479,10 @@ impl Certificates {
             return Vec::new();
         };
         let mut dirs: Vec<PathBuf> = state
-            .0
+            .sources
             .iter()
-            .flat_map(|s| [&s.cert, &s.key])
+            .filter_map(CertSource::files)
+            .flat_map(|(cert, key)| [cert, key])
             .filter_map(|p| p.parent().map(Path::to_path_buf))
             .collect();
         dirs.sort();
@@ -294,22 +490,31 @@ impl Certificates {
         dirs
     }
 
-    fn publish(&self, sources: &[CertSource], in_use: &BTreeMap<String, InUse>) {
+    fn publish(&self, state: &State) {
         let mut routes = Vec::new();
         let mut default = None;
-        for source in sources {
-            let Some(used) = in_use.get(&source.app) else {
-                continue;
-            };
-            if default.is_none() || source.default {
-                default = Some(Arc::clone(&used.pair));
-            }
-            routes.extend(
-                source
+        for source in &state.sources {
+            let pairs: Vec<(String, Arc<CertifiedKey>)> = match source.origin {
+                Origin::Files { .. } => match state.in_use.get(&source.app) {
+                    Some(used) => source
+                        .domains
+                        .iter()
+                        .map(|d| (d.clone(), Arc::clone(&used.pair)))
+                        .collect(),
+                    None => continue,
+                },
+                Origin::Acme => source
                     .domains
                     .iter()
-                    .map(|d| (d.clone(), Arc::clone(&used.pair))),
-            );
+                    .filter_map(|d| state.issued.get(d).map(|p| (d.clone(), Arc::clone(p))))
+                    .collect(),
+            };
+            if let Some((_, first)) = pairs.first()
+                && (default.is_none() || source.default)
+            {
+                default = Some(Arc::clone(first));
+            }
+            routes.extend(pairs);
         }
         self.table.store(Arc::new(RouteTable::new(routes, default)));
     }
@@ -409,6 +614,16 @@ pub const POLL: Duration = Duration::from_secs(10);
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // An ACME validator (it offers `acme-tls/1` alone): the challenge
+        // certificate, and nothing else.
+        if let Some(mut offered) = hello.alpn()
+            && offered.next() == Some(ACME_TLS_ALPN)
+            && offered.next().is_none()
+        {
+            return hello
+                .server_name()
+                .and_then(|name| self.challenges.alpn01(name));
+        }
         let table = self.table.load();
         match hello.server_name() {
             Some(name) => table.route(name).cloned(),
@@ -425,7 +640,10 @@ pub fn server_config(certs: Arc<Certificates>) -> Result<Arc<ServerConfig>, Stri
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `acme-tls/1` last: only a client that offers nothing else gets it
+    // (an ACME validator), and its connection is closed after the
+    // handshake.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     // The server's order of cipher suites (AEAD, strongest first), not the
     // client's: as nginx's `ssl_prefer_server_ciphers on`.
     config.ignore_client_order = true;
@@ -512,8 +730,10 @@ mod tests {
         let certificates = Certificates::load(vec![CertSource {
             app: "a".into(),
             domains: vec!["a.test".into()],
-            cert: cert.clone(),
-            key: key.clone(),
+            origin: Origin::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
             default: true,
         }])
         .expect("loads");

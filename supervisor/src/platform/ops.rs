@@ -444,6 +444,7 @@ impl Platform {
                     state: state.to_string(),
                     detail,
                     domains: entry.domains.clone(),
+                    certificates: self.service.certificates_of(&entry.name),
                     operation: self
                         .busy
                         .get(&entry.name)

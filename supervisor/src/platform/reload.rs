@@ -136,18 +136,22 @@ impl Platform {
             );
             new.tls.clone_from(&current.tls);
         }
-        // Still HTTPS (the listener is): every app with domains needs its
-        // certificate, as the file was not checked with [platform.tls].
-        if new.tls.is_some()
-            && let Some(bare) = new
-                .apps
-                .iter()
-                .find(|a| a.tls.is_none() && !a.domains.is_empty())
-        {
-            return Err(format!(
-                "app `{}` has no certificate ([apps.{}.tls]) and the listener is HTTPS",
-                bare.name, bare.name
-            ));
+        // Still HTTPS (the listener is): an app without a certificate of
+        // its own gets its domains' from ACME, as the file was not checked
+        // with [platform.tls].
+        if new.tls.is_some() {
+            for app in new.apps.iter().filter(|a| a.tls.is_none()) {
+                if let Some(why) = app
+                    .domains
+                    .iter()
+                    .find_map(|d| crate::listener::acme::unusable(d))
+                {
+                    return Err(format!(
+                        "app `{}`: {why} ([apps.{}.tls]); the listener is HTTPS",
+                        app.name, app.name
+                    ));
+                }
+            }
         }
         Ok(new)
     }

@@ -1,0 +1,806 @@
+//! Automatic certificates (ACME, RFC 8555) through `instant-acme`: one
+//! certificate per domain, validated by HTTP-01 (answered by the plain
+//! listener) or TLS-ALPN-01 (answered by the HTTPS listener's resolver).
+//!
+//! Each managed domain has a task that keeps its certificate: it serves
+//! the one kept on disk from an earlier run if it is still good, orders a
+//! new one when there is none or when two thirds of its lifetime have
+//! passed, and after a failure tries again later (sooner as the expiry
+//! nears) while the current certificate keeps serving.
+//!
+//! On disk, under `data_dir/acme/SERVER/` (0700, files 0600): the account
+//! (`account.json`) and each domain's `certs/DOMAIN.pem` and `.key`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, Order, OrderStatus, RetryPolicy,
+};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::Deserialize;
+use tracing::{debug, error, info};
+
+use super::tls::{Certificates, Challenges, covers, load_pair, provider, validity};
+
+/// Let's Encrypt's production directory: `acme_directory` when not set.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// A challenge type bext can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ChallengeKind {
+    /// A token over plain HTTP on port 80 (`http_listen`).
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A certificate over TLS on port 443 (the HTTPS listener).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    fn acme(self) -> ChallengeType {
+        match self {
+            ChallengeKind::Http01 => ChallengeType::Http01,
+            ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
+/// How certificates are had from ACME.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeSettings {
+    /// The account's contact (`acme_email`), if any.
+    pub email: Option<String>,
+    /// The directory URL (`acme_directory`).
+    pub directory: String,
+    /// A PEM file of the root to trust for the ACME server instead of the
+    /// system's (`acme_ca_root`: a private CA such as Pebble).
+    pub ca_root: Option<PathBuf>,
+    /// The challenge types to use, in order of preference: after a failed
+    /// attempt the next is tried.
+    pub challenges: Vec<ChallengeKind>,
+}
+
+impl Default for AcmeSettings {
+    fn default() -> Self {
+        AcmeSettings {
+            email: None,
+            directory: LETS_ENCRYPT.to_string(),
+            ca_root: None,
+            challenges: vec![ChallengeKind::Http01, ChallengeKind::TlsAlpn01],
+        }
+    }
+}
+
+/// Why a domain cannot have an ACME certificate, if it cannot: wildcards
+/// need DNS-01, which bext does not do; ACME servers issue only for public
+/// names.
+pub fn unusable(domain: &str) -> Option<String> {
+    if domain.starts_with("*.") {
+        return Some(format!(
+            "`{domain}` is a wildcard: automatic certificates cannot cover it (that takes a DNS-01 challenge, which bext does not do); give the app a certificate of its own"
+        ));
+    }
+    if domain.parse::<std::net::IpAddr>().is_ok()
+        || !domain.contains('.')
+        || domain.ends_with(".localhost")
+        || !domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        || domain.starts_with(['.', '-'])
+    {
+        return Some(format!(
+            "`{domain}` is not a public DNS name an ACME server can issue for; give the app a certificate of its own"
+        ));
+    }
+    None
+}
+
+/// One ACME request's longest wait (the client has no timeout of its own).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for validation, and for the certificate after finalizing.
+const POLL_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest a whole issue may take.
+const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Orders under way at once, across domains.
+const CONCURRENT_ORDERS: usize = 2;
+/// The first retry after a failure; it doubles with each further one.
+/// (Let's Encrypt allows 5 failed validations per hostname an hour.)
+const RETRY_FIRST: Duration = Duration::from_secs(300);
+/// The longest wait between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+/// The longest a kept certificate is slept on before it is looked at again.
+const RECHECK: Duration = Duration::from_secs(24 * 3600);
+
+/// The ACME client: one account, one task per managed domain.
+pub struct Acme {
+    settings: AcmeSettings,
+    /// `data_dir/acme/SERVER`.
+    store: PathBuf,
+    certificates: Arc<Certificates>,
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// The server no longer knows the stored account: register its key
+    /// again.
+    account_gone: AtomicBool,
+    tasks: std::sync::Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    turns: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme")
+            .field("settings", &self.settings)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acme {
+    /// The client for `settings`, keeping its files under
+    /// `data_dir/acme` (created 0700 when there is something to keep).
+    pub fn new(
+        settings: AcmeSettings,
+        data_dir: &Path,
+        certificates: Arc<Certificates>,
+    ) -> Arc<Self> {
+        let store = data_dir.join("acme").join(server_dir(&settings.directory));
+        // The ACME client's HTTPS builds on the process's default crypto
+        // provider.
+        let _ = rustls::crypto::CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
+        Arc::new(Acme {
+            settings,
+            store,
+            certificates,
+            account: tokio::sync::Mutex::new(None),
+            account_gone: AtomicBool::new(false),
+            tasks: std::sync::Mutex::new(BTreeMap::new()),
+            turns: tokio::sync::Semaphore::new(CONCURRENT_ORDERS),
+        })
+    }
+
+    /// Keeps a certificate for each domain `certificates` has from ACME,
+    /// and stops keeping those it no longer has (a reload).
+    pub fn sync(self: &Arc<Self>) {
+        let wanted = self.certificates.acme_domains();
+        let Ok(mut tasks) = self.tasks.lock() else {
+            return;
+        };
+        tasks.retain(|domain, task| {
+            let keep = wanted.contains(domain);
+            if !keep {
+                task.abort();
+                info!(%domain, "no longer an ACME domain: its certificate is not renewed");
+            }
+            keep
+        });
+        for domain in wanted {
+            if tasks.contains_key(&domain) {
+                continue;
+            }
+            let task = tokio::spawn(Arc::clone(self).keep(domain.clone()));
+            tasks.insert(domain, task.abort_handle());
+        }
+    }
+
+    /// Stops every domain's task.
+    pub fn stop(&self) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for (_, task) in std::mem::take(&mut *tasks) {
+                task.abort();
+            }
+        }
+    }
+
+    fn paths(&self, domain: &str) -> (PathBuf, PathBuf) {
+        let certs = self.store.join("certs");
+        (
+            certs.join(format!("{domain}.pem")),
+            certs.join(format!("{domain}.key")),
+        )
+    }
+
+    /// Keeps `domain`'s certificate until aborted.
+    async fn keep(self: Arc<Self>, domain: String) {
+        let (cert_path, key_path) = self.paths(&domain);
+        let stored = {
+            let domain = domain.clone();
+            tokio::task::spawn_blocking(move || stored(&domain, &cert_path, &key_path))
+                .await
+                .ok()
+                .flatten()
+        };
+        let mut current = stored.inspect(|pair| {
+            info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(pair));
+            self.certificates.install(&domain, Arc::clone(pair));
+        });
+        let mut failures: u32 = 0;
+        let mut last_error = String::new();
+        loop {
+            let now = SystemTime::now();
+            let due = current.as_deref().map(renew_at);
+            if let Some(None) = due {
+                // A certificate whose dates cannot be read: looked at again
+                // later, not ordered in a loop.
+                tokio::time::sleep(RECHECK).await;
+                continue;
+            }
+            if let Some(Some(due)) = due
+                && due > now
+            {
+                let wait = due.duration_since(now).unwrap_or_default().min(RECHECK);
+                debug!(%domain, "certificate renewal due in {}", humantime::format_duration(wait));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let renewing = current.is_some();
+            let kind =
+                self.settings.challenges[failures as usize % self.settings.challenges.len().max(1)];
+            // The turn first: waiting for it is not the order's time.
+            let Ok(turn) = self.turns.acquire().await else {
+                return;
+            };
+            let result = match tokio::time::timeout(ISSUE_TIMEOUT, self.issue(&domain, kind)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "no certificate within {}",
+                    humantime::format_duration(ISSUE_TIMEOUT)
+                )),
+            };
+            drop(turn);
+            match result {
+                Ok(pair) => {
+                    info!(
+                        %domain,
+                        challenge = kind.name(),
+                        "certificate {} by {}, {}",
+                        if renewing { "renewed" } else { "issued" },
+                        self.settings.directory,
+                        describe_validity(&pair)
+                    );
+                    self.certificates.install(&domain, Arc::clone(&pair));
+                    current = Some(pair);
+                    failures = 0;
+                    last_error.clear();
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = retry_after(failures, current.as_deref());
+                    let serving = match &current {
+                        Some(pair) => format!(
+                            "the current certificate keeps serving ({})",
+                            describe_validity(pair)
+                        ),
+                        None => "the domain has no certificate meanwhile".to_string(),
+                    };
+                    let line = format!(
+                        "certificate {} failed ({} challenge): {e}; trying again in {}; {serving}",
+                        if renewing { "renewal" } else { "issue" },
+                        kind.name(),
+                        humantime::format_duration(wait),
+                    );
+                    // One line per change of state, not one per attempt.
+                    if e != last_error {
+                        error!(%domain, "{line}");
+                    } else {
+                        debug!(%domain, "{line}");
+                    }
+                    self.certificates.set_problem(&domain, Some(e.clone()));
+                    last_error = e;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// The account, loaded from its file or created (and saved) first.
+    async fn account(&self) -> Result<Account, String> {
+        let mut slot = self.account.lock().await;
+        if let Some(account) = &*slot
+            && !self.account_gone.load(Ordering::Relaxed)
+        {
+            return Ok(account.clone());
+        }
+        let path = self.store.join("account.json");
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => Some(
+                serde_json::from_slice::<AccountCredentials>(&bytes)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let builder = match &self.settings.ca_root {
+            Some(root) => Account::builder_with_root(root),
+            None => Account::builder(),
+        }
+        .map_err(|e| format!("the ACME client: {e}"))?;
+        let account = match saved {
+            Some(credentials) if self.account_gone.load(Ordering::Relaxed) => {
+                let der = credentials.private_key().clone_key();
+                let key = instant_acme::Key::from_pkcs8_der(der.clone_key())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let (account, credentials) = step(
+                    "registering the account's key again",
+                    builder.create_from_key(
+                        (key, PrivateKeyDer::Pkcs8(der)),
+                        self.settings.directory.clone(),
+                    ),
+                )
+                .await?;
+                if let Err(e) = serialize(&credentials).and_then(|b| save_private(&path, &b)) {
+                    error!("the ACME account could not be saved ({e})");
+                }
+                self.account_gone.store(false, Ordering::Relaxed);
+                info!(directory = %self.settings.directory, "ACME account registered again with its key");
+                account
+            }
+            Some(credentials) => {
+                step("the ACME directory", builder.from_credentials(credentials)).await?
+            }
+            None => {
+                let contact = self.settings.email.as_ref().map(|e| format!("mailto:{e}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let (account, credentials) = step(
+                    "creating the ACME account",
+                    builder.create(
+                        &NewAccount {
+                            contact: &contacts,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        self.settings.directory.clone(),
+                        None,
+                    ),
+                )
+                .await?;
+                // Kept in memory even if it cannot be saved: a new account
+                // per attempt would run into the CA's registration limits.
+                if let Err(e) = serialize(&credentials).and_then(|b| save_private(&path, &b)) {
+                    error!(
+                        "the ACME account could not be saved ({e}): a restart will create another"
+                    );
+                }
+                info!(directory = %self.settings.directory, account = %path.display(), "ACME account created");
+                account
+            }
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    /// Orders, validates and fetches a certificate for `domain`, and keeps
+    /// it on disk.
+    async fn issue(&self, domain: &str, kind: ChallengeKind) -> Result<Arc<CertifiedKey>, String> {
+        let account = self.account().await?;
+        let identifiers = [Identifier::Dns(domain.to_string())];
+        let mut order = step("new order", account.new_order(&NewOrder::new(&identifiers)))
+            .await
+            .inspect_err(|e| {
+                if e.contains("accountDoesNotExist") {
+                    self.account_gone.store(true, Ordering::Relaxed);
+                }
+            })?;
+        let mut pending = Pending {
+            challenges: Arc::clone(self.certificates.challenges()),
+            tokens: Vec::new(),
+            domains: Vec::new(),
+        };
+        {
+            let mut authorizations = order.authorizations();
+            while let Some(authorization) = authorizations.next().await {
+                let mut authorization = authorization.map_err(|e| format!("authorization: {e}"))?;
+                match authorization.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    other => return Err(format!("the authorization is {other:?}")),
+                }
+                let offered: Vec<ChallengeType> = authorization
+                    .challenges
+                    .iter()
+                    .map(|c| c.r#type.clone())
+                    .collect();
+                let kind = std::iter::once(kind)
+                    .chain(self.settings.challenges.iter().copied())
+                    .find(|k| offered.contains(&k.acme()))
+                    .ok_or_else(|| {
+                        format!("the ACME server offers none of the challenges bext answers ({offered:?})")
+                    })?;
+                let mut challenge = authorization
+                    .challenge(kind.acme())
+                    .ok_or("the challenge went away")?;
+                let key_authorization = challenge.key_authorization();
+                match kind {
+                    ChallengeKind::Http01 => {
+                        pending.http01(&challenge.token, key_authorization.as_str());
+                    }
+                    ChallengeKind::TlsAlpn01 => {
+                        let certificate =
+                            challenge_certificate(domain, key_authorization.digest().as_ref())?;
+                        pending.alpn01(domain, certificate);
+                    }
+                }
+                step("challenge ready", challenge.set_ready()).await?;
+            }
+        }
+        let status = step_poll(
+            "validation",
+            order.poll_ready(&RetryPolicy::new().timeout(POLL_TIMEOUT)),
+        )
+        .await;
+        match status {
+            Ok(OrderStatus::Ready) => {}
+            Ok(other) => {
+                return Err(why_invalid(&mut order, format!("the order is {other:?}")).await);
+            }
+            Err(e) => return Err(why_invalid(&mut order, e).await),
+        }
+        drop(pending);
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("a key: {e}"))?;
+        let mut params = rcgen::CertificateParams::new(vec![domain.to_string()])
+            .map_err(|e| format!("a request for `{domain}`: {e}"))?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let request = params
+            .serialize_request(&key)
+            .map_err(|e| format!("a request for `{domain}`: {e}"))?;
+        step("finalize", order.finalize_csr(request.der())).await?;
+        let chain = step_poll(
+            "the certificate",
+            order.poll_certificate(&RetryPolicy::new().timeout(POLL_TIMEOUT)),
+        )
+        .await?;
+        let (cert_path, key_path) = self.paths(domain);
+        let key_pem = key.serialize_pem();
+        let domain = domain.to_string();
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or("the CA sent no certificate")?;
+        let name = rustls_pki_types::ServerName::try_from(domain.to_string())
+            .map_err(|e| format!("`{domain}`: {e}"))?;
+        webpki::EndEntityCert::try_from(&leaf)
+            .ok()
+            .filter(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+            .ok_or_else(|| format!("the certificate issued does not cover `{domain}`"))?;
+        tokio::task::spawn_blocking(move || {
+            save_private(&key_path, key_pem.as_bytes())?;
+            save_private(&cert_path, chain.as_bytes())?;
+            let pair = load_pair(&cert_path, &key_path)?;
+            if !covers(&pair, &domain) {
+                return Err(format!("the certificate issued does not cover `{domain}`"));
+            }
+            Ok(Arc::new(pair))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// The challenge answers of one order, taken back when it ends however it
+/// ends.
+struct Pending {
+    challenges: Arc<Challenges>,
+    tokens: Vec<String>,
+    domains: Vec<String>,
+}
+
+impl Pending {
+    fn http01(&mut self, token: &str, key_authorization: &str) {
+        self.challenges
+            .set_http01(token, Some(key_authorization.to_string()));
+        self.tokens.push(token.to_string());
+    }
+
+    fn alpn01(&mut self, domain: &str, certificate: Arc<CertifiedKey>) {
+        self.challenges.set_alpn01(domain, Some(certificate));
+        self.domains.push(domain.to_string());
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        for token in &self.tokens {
+            self.challenges.set_http01(token, None);
+        }
+        for domain in &self.domains {
+            self.challenges.set_alpn01(domain, None);
+        }
+    }
+}
+
+/// One ACME request, bounded in time; errors say which step failed.
+async fn step<T>(
+    what: &str,
+    request: impl Future<Output = Result<T, instant_acme::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STEP_TIMEOUT, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {}", with_causes(&e))),
+        Err(_) => Err(format!(
+            "{what}: no answer within {}",
+            humantime::format_duration(STEP_TIMEOUT)
+        )),
+    }
+}
+
+/// A poll (its own policy bounds the number of requests; this, each
+/// request's wait).
+async fn step_poll<T>(
+    what: &str,
+    poll: impl Future<Output = Result<T, instant_acme::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(POLL_TIMEOUT + STEP_TIMEOUT, poll).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {}", with_causes(&e))),
+        Err(_) => Err(format!("{what}: no answer in time")),
+    }
+}
+
+/// `error` and what caused it ("client error (Connect): tcp connect
+/// error: Connection refused"), each cause once.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// What the server said about a failed validation (the challenge's
+/// error), else `fallback`.
+async fn why_invalid(order: &mut Order, fallback: String) -> String {
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authorization)) = authorizations.next().await {
+        let Ok(Ok(state)) = tokio::time::timeout(STEP_TIMEOUT, authorization.refresh()).await
+        else {
+            continue;
+        };
+        for challenge in &state.challenges {
+            if let Some(problem) = &challenge.error {
+                return format!(
+                    "validation failed: {}",
+                    problem.detail.as_deref().unwrap_or("no detail given")
+                );
+            }
+        }
+    }
+    fallback
+}
+
+/// The self-signed certificate of a TLS-ALPN-01 challenge (RFC 8737 §3):
+/// the domain as its one name, the key authorization's digest in the
+/// critical acmeIdentifier extension.
+fn challenge_certificate(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let failed = |e: rcgen::Error| format!("the tls-alpn-01 certificate: {e}");
+    let key = rcgen::KeyPair::generate().map_err(failed)?;
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(failed)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let certificate = params.self_signed(&key).map_err(failed)?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .map_err(|e| format!("the tls-alpn-01 key: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![certificate.der().clone()],
+        signing,
+    )))
+}
+
+/// A certificate kept from an earlier run, if it is whole, covers
+/// `domain` and has not expired.
+fn stored(domain: &str, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
+    if !cert.exists() {
+        return None;
+    }
+    let pair = match load_pair(cert, key) {
+        Ok(pair) => pair,
+        Err(e) => {
+            error!(%domain, "the kept certificate is unusable ({e}): a new one is ordered");
+            return None;
+        }
+    };
+    let now = unix_now();
+    let fresh = validity(&pair).is_some_and(|(_, end)| end > now);
+    (covers(&pair, domain) && fresh).then(|| Arc::new(pair))
+}
+
+/// When `pair` should be renewed: two thirds into its lifetime.
+fn renew_at(pair: &CertifiedKey) -> Option<SystemTime> {
+    let (start, end) = validity(pair)?;
+    let lifetime = u64::try_from(end.saturating_sub(start)).ok()?;
+    let start = u64::try_from(start).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(start.saturating_add(lifetime / 3 * 2)))
+}
+
+/// How long to wait after the `failures`-th failure in a row: doubling
+/// from five minutes up to six hours, but at most a quarter of the time the
+/// current certificate has left (at least a second), so a renewal gets
+/// several tries before it expires.
+fn retry_after(failures: u32, current: Option<&CertifiedKey>) -> Duration {
+    let doubling = RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(RETRY_MAX);
+    let left = current
+        .and_then(validity)
+        .map(|(_, end)| end.saturating_sub(unix_now()))
+        .filter(|left| *left > 0);
+    let wait = match left {
+        Some(left) => doubling.min(
+            Duration::from_secs(u64::try_from(left / 4).unwrap_or(0)).max(Duration::from_secs(1)),
+        ),
+        None => doubling,
+    };
+    // Up to a tenth more, so domains that failed together do not retry
+    // together.
+    let jitter = u64::from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos(),
+    ) % (wait.as_millis() as u64 / 10 + 1);
+    wait + Duration::from_millis(jitter)
+}
+
+fn describe_validity(pair: &CertifiedKey) -> String {
+    match validity(pair) {
+        Some((_, end)) => {
+            let end = UNIX_EPOCH + Duration::from_secs(u64::try_from(end).unwrap_or(0));
+            format!("valid until {}", humantime::format_rfc3339_seconds(end))
+        }
+        None => "validity unknown".to_string(),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A directory name for the ACME server of `url` (its host and port).
+fn server_dir(url: &str) -> String {
+    let authority = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_else(|| "acme".to_string());
+    authority
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn serialize(credentials: &AccountCredentials) -> Result<Vec<u8>, String> {
+    serde_json::to_vec_pretty(credentials).map_err(|e| format!("the ACME account: {e}"))
+}
+
+/// Creates `dir` and its parents, 0700.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes `bytes` to `path` whole or not at all, readable by bext only.
+fn save_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+    let dir = path
+        .parent()
+        .ok_or_else(|| format!("{}: no directory", path.display()))?;
+    private_dir(dir)?;
+    // NamedTempFile is created 0600.
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(failed)?;
+    temp.write_all(bytes).map_err(failed)?;
+    temp.as_file().sync_all().map_err(failed)?;
+    temp.persist(path).map_err(|e| failed(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_and_private_names_are_refused() {
+        assert!(unusable("example.com").is_none());
+        assert!(unusable("www.example-1.com").is_none());
+        let wildcard = unusable("*.example.com").expect("refused");
+        assert!(wildcard.contains("DNS-01"), "{wildcard}");
+        for name in [
+            "localhost",
+            "app.localhost",
+            "127.0.0.1",
+            "::1",
+            "../x.com",
+            "a_b.com",
+        ] {
+            assert!(unusable(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_server_directory_names_its_host_and_port() {
+        assert_eq!(server_dir(LETS_ENCRYPT), "acme-v02.api.letsencrypt.org");
+        assert_eq!(server_dir("https://127.0.0.1:14000/dir"), "127.0.0.1_14000");
+        assert_eq!(server_dir("not a url"), "acme");
+    }
+
+    fn certificate(days_before: i64, days_after: i64) -> CertifiedKey {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).expect("params");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(days_before);
+        params.not_after = now + time::Duration::days(days_after);
+        let cert = params.self_signed(&key).expect("cert");
+        let signing = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
+            .expect("key");
+        CertifiedKey::new(vec![cert.der().clone()], signing)
+    }
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_lifetime() {
+        let fresh = certificate(1, 89);
+        let due = renew_at(&fresh).expect("due");
+        let in_days = due
+            .duration_since(SystemTime::now())
+            .expect("future")
+            .as_secs_f64()
+            / 86_400.0;
+        assert!((58.5..=59.5).contains(&in_days), "{in_days}");
+        let old = certificate(80, 10);
+        assert!(renew_at(&old).expect("due") < SystemTime::now());
+    }
+
+    #[test]
+    fn retries_double_up_to_an_hour_and_quicken_near_expiry() {
+        let within = |d: Duration, base: u64| {
+            d >= Duration::from_secs(base) && d <= Duration::from_secs(base + base / 10 + 1)
+        };
+        assert!(within(retry_after(1, None), 300));
+        assert!(within(retry_after(2, None), 600));
+        assert!(within(retry_after(30, None), 6 * 3600));
+        // Ten days left: six hours at most still.
+        let ten_days = certificate(80, 10);
+        assert!(within(retry_after(30, Some(&ten_days)), 6 * 3600));
+        // Expired: no hurry beyond the doubling.
+        let expired = certificate(90, -1);
+        assert!(within(retry_after(3, Some(&expired)), 1200));
+    }
+}

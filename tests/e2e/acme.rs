@@ -1,0 +1,496 @@
+//! Issue 13, acceptance 2: automatic certificates against a real ACME
+//! server, Pebble (Debian package `pebble`), started here with its own
+//! config, and `pebble-challtestsrv` as its DNS (every name resolves to
+//! 127.0.0.1, where bext listens). Issuance by HTTP-01 and by
+//! TLS-ALPN-01, renewal of a short-lived certificate, a failing ACME
+//! server leaves the current certificate serving, and the account key
+//! survives a restart.
+//!
+//! Pebble's validator connects to the ports its config names, so bext's
+//! two listeners get ports picked free here first (bound, then released).
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::Value;
+
+use crate::support::{Bext, Options, wait_for};
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Pebble and its DNS, killed (by PID) when dropped.
+struct Pebble {
+    dir: tempfile::TempDir,
+    pebble: Option<Child>,
+    dns: Child,
+    listen: SocketAddr,
+    management: SocketAddr,
+    dns_addr: SocketAddr,
+    /// The root of Pebble's own HTTPS certificate (bext's `acme_ca_root`).
+    https_root: PathBuf,
+    https_root_der: CertificateDer<'static>,
+}
+
+impl Pebble {
+    /// Pebble validating against bext's ports, issuing certificates valid
+    /// for `validity`.
+    fn start(http_port: u16, tls_port: u16, validity: Duration) -> Pebble {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Pebble's HTTPS: a CA and a certificate for 127.0.0.1.
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pebble https test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(
+            ca_params,
+            rcgen::KeyPair::generate().expect("key"),
+        )
+        .expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("params")
+                .signed_by(&key, &ca)
+                .expect("leaf");
+        let https_root = dir.path().join("root.pem");
+        std::fs::write(&https_root, ca.pem()).expect("root");
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).expect("cert");
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).expect("key");
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+            .parse()
+            .expect("addr");
+        let management: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+            .parse()
+            .expect("addr");
+        let dns_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+            .parse()
+            .expect("addr");
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": listen.to_string(),
+                "managementListenAddress": management.to_string(),
+                "certificate": dir.path().join("cert.pem"),
+                "privateKey": dir.path().join("key.pem"),
+                "httpPort": http_port,
+                "tlsPort": tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+                "certificateValidityPeriod": validity.as_secs(),
+            }
+        });
+        std::fs::write(dir.path().join("pebble.json"), config.to_string()).expect("config");
+        let dns_management: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+            .parse()
+            .expect("addr");
+        let dns = Command::new("pebble-challtestsrv")
+            .args(["-management", &dns_management.to_string()])
+            .args(["-dns01", &dns_addr.to_string()])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble-challtestsrv (Debian package pebble)");
+        // Up once its management port answers (it opens the DNS port
+        // first).
+        wait_for("pebble-challtestsrv", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(dns_management).ok()
+        });
+        let https_root_der = CertificateDer::from_pem_file(&https_root).expect("root");
+        let mut pebble = Pebble {
+            dir,
+            pebble: None,
+            dns,
+            listen,
+            management,
+            dns_addr,
+            https_root,
+            https_root_der,
+        };
+        pebble.launch();
+        pebble
+    }
+
+    /// Starts Pebble (again: a new CA and no accounts) and waits for its
+    /// directory.
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("pebble.log")).expect("log");
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(self.dir.path().join("pebble.json"))
+            .args(["-dnsserver", &self.dns_addr.to_string()])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("pebble (Debian package pebble)");
+        self.pebble = Some(child);
+        let client = self.client();
+        let url = self.directory();
+        wait_for("Pebble's directory", Duration::from_secs(20), || {
+            let client = client.clone();
+            let url = url.clone();
+            block(async move { client.get(&url).send().await.ok() }).filter(|r| r.status() == 200)
+        });
+    }
+
+    /// Ends Pebble (not its DNS).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.pebble.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn directory(&self) -> String {
+        format!("https://{}/dir", self.listen)
+    }
+
+    fn client(&self) -> reqwest::Client {
+        crate::support::client_builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_der(self.https_root_der.as_ref()).expect("root"),
+            )
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client")
+    }
+
+    /// The root Pebble issues under now.
+    async fn issuing_root(&self) -> CertificateDer<'static> {
+        let pem = self
+            .client()
+            .get(format!("https://{}/roots/0", self.management))
+            .send()
+            .await
+            .expect("roots")
+            .text()
+            .await
+            .expect("pem");
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("root pem")
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = self.dns.kill();
+        let _ = self.dns.wait();
+    }
+}
+
+/// Runs `future` to completion on a runtime of its own (for `wait_for`'s
+/// synchronous checks).
+fn block<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    })
+    .join()
+    .expect("thread")
+}
+
+/// The certificate bext presents for `name`, checked against `root`
+/// (the handshake fails on any other).
+async fn served(
+    addr: SocketAddr,
+    name: &str,
+    root: &CertificateDer<'static>,
+) -> CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(bext::listener::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(name.to_string()).expect("name"), tcp)
+        .await
+        .unwrap_or_else(|e| panic!("handshake for {name}: {e}"));
+    tls.get_ref().1.peer_certificates().expect("certs")[0].clone()
+}
+
+struct Platform {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    https: u16,
+    http: u16,
+}
+
+impl Platform {
+    /// A platform on these ports, with its file not written yet.
+    fn new(https: u16, http: u16) -> Platform {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Platform {
+            file: dir.path().join("platform.toml"),
+            dir,
+            https,
+            http,
+        }
+    }
+
+    /// The file: one static app per domain, ACME from `pebble` with
+    /// `challenges`.
+    fn write(&self, pebble: &Pebble, challenges: &str, domains: &[&str]) {
+        let mut text = format!(
+            r#"
+[platform]
+listen = "127.0.0.1:{https}"
+data_dir = "{data}"
+
+[platform.tls]
+http_listen = "127.0.0.1:{http}"
+acme_email = "ops@example.com"
+acme_directory = "{directory}"
+acme_ca_root = "{root}"
+acme_challenges = [{challenges}]
+"#,
+            https = self.https,
+            http = self.http,
+            data = self.data_dir().display(),
+            directory = pebble.directory(),
+            root = pebble.https_root.display(),
+        );
+        for (i, domain) in domains.iter().enumerate() {
+            text.push_str(&format!(
+                "\n[apps.app{i}]\nsource = \"{}\"\ndomains = [\"{domain}\"]\n",
+                crate::support::fixture("static").display()
+            ));
+        }
+        std::fs::write(&self.file, text).expect("write");
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start(&self) -> Bext {
+        let bext = Bext::serve(
+            &self.file,
+            &Options {
+                args: vec!["--listen".into(), format!("127.0.0.1:{}", self.https)],
+                ..Options::default()
+            },
+        );
+        assert_eq!(bext.addr.port(), self.https);
+        bext
+    }
+
+    /// `data_dir/acme/SERVER`, Pebble's.
+    fn store(&self, pebble: &Pebble) -> PathBuf {
+        self.data_dir()
+            .join("acme")
+            .join(pebble.listen.to_string().replace(':', "_"))
+    }
+}
+
+/// The log line saying `domain`'s certificate was `what` ("issued",
+/// "renewed"), the `nth` such line (from 1).
+fn certificate_line(bext: &Bext, domain: &str, what: &str, nth: usize, timeout: Duration) -> Value {
+    let prefix = format!("certificate {what} by ");
+    let domain = domain.to_string();
+    wait_for(
+        &format!("certificate {what} for {domain} (#{nth})"),
+        timeout,
+        || {
+            bext.logs()
+                .into_iter()
+                .filter(|v| {
+                    v["domain"] == domain.as_str()
+                        && v["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with(&prefix))
+                })
+                .nth(nth - 1)
+        },
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// HTTP-01 issuance; renewal of a short-lived certificate; Pebble gone at
+/// renewal time (the current certificate keeps serving, status and the
+/// log say why); Pebble back (a new CA that no longer knows the account:
+/// its key is registered again) and the renewal goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_acme_http01_issues_renews_and_outlives_a_failing_server() {
+    const DOMAIN: &str = "h1.example.com";
+    // Renewal is due two thirds in: 30 s after issue.
+    let validity = Duration::from_secs(45);
+    let (https, http) = (free_tcp_port(), free_tcp_port());
+    let mut pebble = Pebble::start(http, https, validity);
+    let platform = Platform::new(https, http);
+    platform.write(&pebble, "\"http-01\"", &[DOMAIN]);
+    let bext = platform.start();
+    let issued = certificate_line(&bext, DOMAIN, "issued", 1, Duration::from_secs(60));
+    assert_eq!(issued["challenge"], "http-01", "{issued}");
+    let root = pebble.issuing_root().await;
+    let first = served(bext.addr, DOMAIN, &root).await;
+
+    // Served over HTTPS, and its expiry is in the metrics and the status.
+    let client = crate::support::client_builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_der(root.as_ref()).expect("root"))
+        .resolve(DOMAIN, bext.addr)
+        .build()
+        .expect("client");
+    let metrics = client
+        .get(format!("https://{DOMAIN}:{https}/__bext/platform/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("bext_tls_cert_expiry_seconds{") && l.contains(DOMAIN)),
+        "{metrics}"
+    );
+    let store = platform.store(&pebble);
+    assert_eq!(mode(&store), 0o700);
+    assert_eq!(mode(&store.join("account.json")), 0o600);
+    assert_eq!(
+        mode(&store.join("certs").join(format!("{DOMAIN}.key"))),
+        0o600
+    );
+
+    // Renewal of the short-lived certificate.
+    certificate_line(&bext, DOMAIN, "renewed", 1, Duration::from_secs(60));
+    let renewed = served(bext.addr, DOMAIN, &root).await;
+    assert!(renewed != first, "the renewed certificate is served");
+
+    // The ACME server goes away: the next renewal fails, and the current
+    // certificate keeps serving.
+    pebble.kill();
+    let failed = wait_for("a failed renewal", Duration::from_secs(60), || {
+        bext.logs().into_iter().find(|v| {
+            v["domain"] == DOMAIN
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("certificate renewal failed"))
+        })
+    });
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the current certificate keeps serving")),
+        "{failed}"
+    );
+    assert!(
+        served(bext.addr, DOMAIN, &root).await == renewed,
+        "the current certificate serves while the ACME server is down"
+    );
+    let (code, out, err) = crate::control::bextctl(
+        &platform.data_dir().join("control.sock"),
+        &["status", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).expect("json");
+    let certificate = &status["apps"][0]["certificates"][0];
+    assert_eq!(certificate["domain"], DOMAIN, "{status}");
+    assert_eq!(certificate["source"], "acme");
+    assert!(certificate["not_after"].is_string(), "{status}");
+    assert!(
+        certificate["problem"].is_string(),
+        "the failure shows: {status}"
+    );
+
+    // Back (a new Pebble: new CA, the account unknown): renewed again.
+    pebble.launch();
+    certificate_line(&bext, DOMAIN, "renewed", 2, Duration::from_secs(60));
+    let new_root = pebble.issuing_root().await;
+    let after = served(bext.addr, DOMAIN, &new_root).await;
+    assert!(after != renewed);
+    assert!(
+        bext.logs().iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ACME account registered again"))),
+        "{}",
+        bext.log_text()
+    );
+    drop(bext);
+}
+
+/// TLS-ALPN-01 issuance; a restart keeps the account (its file is the
+/// same, no new account is made) and the certificate (not ordered again),
+/// and a domain added then is ordered with the same account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_acme_tls_alpn01_issues_and_a_restart_keeps_the_account() {
+    const FIRST: &str = "t1.example.com";
+    const ADDED: &str = "t2.example.com";
+    let (https, http) = (free_tcp_port(), free_tcp_port());
+    let pebble = Pebble::start(http, https, Duration::from_secs(3600));
+    let platform = Platform::new(https, http);
+    platform.write(&pebble, "\"tls-alpn-01\"", &[FIRST]);
+    let bext = platform.start();
+    let issued = certificate_line(&bext, FIRST, "issued", 1, Duration::from_secs(60));
+    assert_eq!(issued["challenge"], "tls-alpn-01", "{issued}");
+    let root = pebble.issuing_root().await;
+    let first = served(bext.addr, FIRST, &root).await;
+    let store = platform.store(&pebble);
+    let account = std::fs::read(store.join("account.json")).expect("account");
+    drop(bext);
+
+    platform.write(&pebble, "\"tls-alpn-01\"", &[FIRST, ADDED]);
+    let bext = platform.start();
+    certificate_line(&bext, ADDED, "issued", 1, Duration::from_secs(60));
+    assert!(
+        served(bext.addr, FIRST, &root).await == first,
+        "the kept certificate serves after the restart"
+    );
+    served(bext.addr, ADDED, &root).await;
+    let logs = bext.logs();
+    assert!(
+        !logs.iter().any(|v| v["domain"] == FIRST
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("certificate issued"))),
+        "the kept certificate is not ordered again"
+    );
+    assert!(
+        !logs.iter().any(|v| v["message"] == "ACME account created"),
+        "no second account"
+    );
+    assert_eq!(
+        std::fs::read(store.join("account.json")).expect("account"),
+        account,
+        "the account file is the same"
+    );
+}
