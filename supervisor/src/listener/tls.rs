@@ -101,7 +101,8 @@ pub enum Origin {
     /// PEM files (the chain after the leaf in `cert`), watched.
     Files { cert: PathBuf, key: PathBuf },
     /// One certificate per domain, from ACME; a domain has none until it
-    /// is issued (its handshakes fail meanwhile).
+    /// is issued (its clients get the default certificate meanwhile, which
+    /// does not name it: the handshake fails in any client that checks).
     Acme,
 }
 
