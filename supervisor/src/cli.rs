@@ -70,7 +70,7 @@ pub struct ServeArgs {
     #[arg(long, short)]
     pub config: PathBuf,
 
-    /// Listen address, overriding [platform] listen.
+    /// Listen address, overriding [platform] listen (port 443 without a [platform.tls] table means HTTPS with ACME certificates).
     #[arg(long, short)]
     pub listen: Option<SocketAddr>,
 }

@@ -327,10 +327,7 @@ fn text(status: StatusCode, message: &'static str) -> Response<Body> {
 /// `bext serve`: listens at once, serves the control socket, and hands the
 /// apps to the [`Platform`], which starts them and owns them from then on.
 pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
-    let mut config = PlatformConfig::load(&args.config)?;
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
+    let config = PlatformConfig::load_listening(&args.config, args.listen)?;
     let dir_error = |source| RunError::RuntimeDir {
         dir: config.data_dir.clone(),
         source,
@@ -483,7 +480,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     Platform::new(
         config,
         args.config.clone(),
-        args.listen.is_some(),
+        args.listen,
         state,
         platform,
         metrics,

@@ -310,15 +310,33 @@ pub struct Hooks {
 
 impl PlatformConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_listening(path, None)
+    }
+
+    /// Loads the file as served with `bext serve --listen ADDR`: the
+    /// address replaces `platform.listen` before anything depends on it
+    /// (port 443 implies HTTPS only when bext really listens there).
+    pub fn load_listening(path: &Path, listen: Option<SocketAddr>) -> Result<Self, ConfigError> {
         let text = super::read_small_file(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse_listening(path, &text, listen)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawPlatformFile = diag::deserialize(path, text)?;
+        Self::parse_listening(path, text, None)
+    }
+
+    pub fn parse_listening(
+        path: &Path,
+        text: &str,
+        listen: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: RawPlatformFile = diag::deserialize(path, text)?;
+        if let Some(listen) = listen {
+            raw.platform.get_or_insert_with(Default::default).listen = Some(listen);
+        }
         let invalid = |offset: usize, key: String, message: String| {
             ConfigError::Invalid(Box::new(Diagnostic::at(
                 path,

@@ -297,6 +297,22 @@ fn port_443_is_https_with_acme_certificates() {
 }
 
 #[test]
+fn port_443_means_where_bext_really_listens() {
+    let path = Path::new("/etc/bext/platform.toml");
+    // `bext serve --listen 127.0.0.1:8080` of the seed: plain HTTP, no ACME.
+    let elsewhere = "127.0.0.1:8080".parse().expect("addr");
+    let config = PlatformConfig::parse_listening(path, SEED, Some(elsewhere)).expect("valid");
+    assert_eq!(config.listen, elsewhere);
+    assert_eq!(config.tls, None);
+    // And `--listen 0.0.0.0:443` of a file on another port: HTTPS.
+    let plain = SEED.replace("0.0.0.0:443", "0.0.0.0:8080");
+    let on_443 = "0.0.0.0:443".parse().expect("addr");
+    let config = PlatformConfig::parse_listening(path, &plain, Some(on_443)).expect("valid");
+    assert_eq!(config.listen, on_443);
+    assert!(config.tls.is_some(), "--listen on 443 is HTTPS");
+}
+
+#[test]
 fn acme_keys_are_checked_where_they_are_written() {
     let file = |tls: &str, domain: &str| {
         format!(

@@ -145,7 +145,8 @@ enum Effect {
 pub struct Platform {
     config: PlatformConfig,
     config_path: PathBuf,
-    listen_overridden: bool,
+    /// `bext serve --listen`: it stands for `platform.listen` on reload too.
+    listen_override: Option<std::net::SocketAddr>,
     apps: BTreeMap<String, RunningApp>,
     state: State,
     service: Arc<PlatformService>,
@@ -204,7 +205,7 @@ impl Platform {
     pub fn new(
         config: PlatformConfig,
         config_path: PathBuf,
-        listen_overridden: bool,
+        listen_override: Option<std::net::SocketAddr>,
         state: State,
         service: Arc<PlatformService>,
         metrics: Arc<Metrics>,
@@ -213,7 +214,7 @@ impl Platform {
         Platform {
             config,
             config_path,
-            listen_overridden,
+            listen_override,
             apps: BTreeMap::new(),
             state,
             service,

@@ -103,11 +103,9 @@ impl Platform {
     }
 
     fn load_new_config(&self) -> Result<PlatformConfig, String> {
-        let mut new = PlatformConfig::load(&self.config_path).map_err(|e| e.to_string())?;
+        let mut new = PlatformConfig::load_listening(&self.config_path, self.listen_override)
+            .map_err(|e| e.to_string())?;
         let current = &self.config;
-        if self.listen_overridden {
-            new.listen = current.listen;
-        }
         if new.listen != current.listen {
             warn!(old = %current.listen, new = %new.listen, "[platform] listen changed; restart bext to apply it");
             new.listen = current.listen;
