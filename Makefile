@@ -35,8 +35,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Tests named alone_* compare latencies: they run after the rest, one at
+# a time, so the other tests' load does not skew them.
 test: fixtures lint
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace -- --skip alone_
+	$(CARGO) test --workspace -- alone_ --test-threads 1
 	bash tests/cache-tests/check.sh
 	$(MAKE) fuzz-smoke
 

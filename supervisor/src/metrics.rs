@@ -374,6 +374,26 @@ impl Collector for Snapshot {
             "When the certificate in use for a domain expires (notAfter, Unix seconds)",
             expiry.iter().map(|(l, v)| (l, *v)),
         )?;
+        // 1 while a domain's last ACME attempt failed (with or without a
+        // certificate still serving): what to alert on before expiry.
+        let failing: Vec<_> = self
+            .certificates
+            .iter()
+            .filter(|c| c.acme)
+            .map(|c| {
+                let label = AppDomainLabel {
+                    app: c.app.clone(),
+                    domain: c.domain.clone(),
+                };
+                (label, i64::from(c.problem.is_some()))
+            })
+            .collect();
+        gauges(
+            &mut encoder,
+            "tls_acme_failing",
+            "1 while the last attempt to get a domain's ACME certificate failed, else 0",
+            failing.iter().map(|(l, v)| (l, *v)),
+        )?;
         Ok(())
     }
 }

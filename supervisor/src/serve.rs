@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use crate::apps::RunningApp;
 use crate::body::{self, Body};
 use crate::cli::ServeArgs;
-use crate::config::platform::PlatformConfig;
+use crate::config::platform::{PlatformConfig, PlatformTls};
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
 use crate::listener::acme::Acme;
 use crate::listener::tls::{CertSource, Certificates, Origin};
@@ -324,6 +324,25 @@ fn text(status: StatusCode, message: &'static str) -> Response<Body> {
     response
 }
 
+/// Says so when a challenge type bext will try cannot reach it: ACME
+/// servers validate on ports 80 (HTTP-01) and 443 (TLS-ALPN-01) only, so
+/// other ports work only behind a forward.
+fn warn_unreachable_challenges(listen: SocketAddr, settings: &PlatformTls) {
+    use crate::listener::acme::ChallengeKind;
+    for kind in &settings.acme.challenges {
+        let (port, key, wanted) = match kind {
+            ChallengeKind::Http01 => (settings.http_listen.port(), "platform.tls.http_listen", 80),
+            ChallengeKind::TlsAlpn01 => (listen.port(), "platform.listen", 443),
+        };
+        if port != wanted {
+            warn!(
+                "{key} is port {port}, but ACME servers validate {} on port {wanted}: it fails unless port {wanted} is forwarded here",
+                kind.name()
+            );
+        }
+    }
+}
+
 /// `bext serve`: listens at once, serves the control socket, and hands the
 /// apps to the [`Platform`], which starts them and owns them from then on.
 pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
@@ -363,6 +382,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         Some(settings) => {
             let certificates =
                 Arc::new(Certificates::load(cert_sources(&config)).map_err(RunError::Tls)?);
+            if !certificates.acme_domains().is_empty() {
+                warn_unreachable_challenges(config.listen, settings);
+            }
             let acme = Acme::new(
                 settings.acme.clone(),
                 &config.data_dir,

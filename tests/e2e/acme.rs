@@ -383,11 +383,17 @@ async fn issue13_acme_http01_issues_renews_and_outlives_a_failing_server() {
             .any(|l| l.starts_with("bext_tls_cert_expiry_seconds{") && l.contains(DOMAIN)),
         "{metrics}"
     );
+    let failing = |metrics: &str, value: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("bext_tls_acme_failing{") && l.contains(DOMAIN) && l.ends_with(value)
+        })
+    };
+    assert!(failing(&metrics, " 0"), "{metrics}");
     let store = platform.store(&pebble);
     assert_eq!(mode(&store), 0o700);
     assert_eq!(mode(&store.join("account.json")), 0o600);
     assert_eq!(
-        mode(&store.join("certs").join(format!("{DOMAIN}.key"))),
+        mode(&store.join("certs").join(format!("{DOMAIN}.pem"))),
         0o600
     );
 
@@ -431,6 +437,15 @@ async fn issue13_acme_http01_issues_renews_and_outlives_a_failing_server() {
         certificate["problem"].is_string(),
         "the failure shows: {status}"
     );
+    let metrics = client
+        .get(format!("https://{DOMAIN}:{https}/__bext/platform/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(failing(&metrics, " 1"), "{metrics}");
 
     // Back (a new Pebble: new CA, the account unknown): renewed again.
     pebble.launch();

@@ -473,8 +473,10 @@ fn p99(latencies: &mut [Duration]) -> Duration {
     latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
 }
 
+/// A latency comparison: `make test` runs it alone (`alone_` tests are
+/// skipped in the parallel run), as other tests' load would skew it.
 #[tokio::test(flavor = "multi_thread")]
-async fn one_app_crash_looping_and_flooded_does_not_touch_another() {
+async fn alone_one_app_crash_looping_and_flooded_does_not_touch_another() {
     let platform = Platform::new(&format!(
         r#"[platform]
 data_dir = "/var/lib/bext"

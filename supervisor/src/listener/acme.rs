@@ -9,7 +9,8 @@
 //! nears) while the current certificate keeps serving.
 //!
 //! On disk, under `data_dir/acme/SERVER/` (0700, files 0600): the account
-//! (`account.json`) and each domain's `certs/DOMAIN.pem` and `.key`.
+//! (`account.json`) and each domain's `certs/DOMAIN.pem`: the chain, then
+//! its key, in one file so that one rename replaces both.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ impl ChallengeKind {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             ChallengeKind::Http01 => "http-01",
             ChallengeKind::TlsAlpn01 => "tls-alpn-01",
@@ -135,6 +136,9 @@ pub struct Acme {
     /// The server no longer knows the stored account: register its key
     /// again.
     account_gone: AtomicBool,
+    /// The server says the stored account is deactivated: its key cannot
+    /// be used again, so a new account is created.
+    account_dead: AtomicBool,
     tasks: std::sync::Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
     turns: tokio::sync::Semaphore,
 }
@@ -166,6 +170,7 @@ impl Acme {
             certificates,
             account: tokio::sync::Mutex::new(None),
             account_gone: AtomicBool::new(false),
+            account_dead: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(BTreeMap::new()),
             turns: tokio::sync::Semaphore::new(CONCURRENT_ORDERS),
         })
@@ -204,20 +209,17 @@ impl Acme {
         }
     }
 
-    fn paths(&self, domain: &str) -> (PathBuf, PathBuf) {
-        let certs = self.store.join("certs");
-        (
-            certs.join(format!("{domain}.pem")),
-            certs.join(format!("{domain}.key")),
-        )
+    /// Where `domain`'s chain and key are kept (one file).
+    fn path(&self, domain: &str) -> PathBuf {
+        self.store.join("certs").join(format!("{domain}.pem"))
     }
 
     /// Keeps `domain`'s certificate until aborted.
     async fn keep(self: Arc<Self>, domain: String) {
-        let (cert_path, key_path) = self.paths(&domain);
+        let path = self.path(&domain);
         let stored = {
             let domain = domain.clone();
-            tokio::task::spawn_blocking(move || stored(&domain, &cert_path, &key_path))
+            tokio::task::spawn_blocking(move || stored(&domain, &path))
                 .await
                 .ok()
                 .flatten()
@@ -277,6 +279,8 @@ impl Acme {
                     last_error.clear();
                 }
                 Err(e) => {
+                    // The CA's words, in the log and in `status`.
+                    let e = printable(&e);
                     failures = failures.saturating_add(1);
                     let wait = retry_after(failures, current.as_deref());
                     let serving = match &current {
@@ -311,10 +315,24 @@ impl Acme {
         let mut slot = self.account.lock().await;
         if let Some(account) = &*slot
             && !self.account_gone.load(Ordering::Relaxed)
+            && !self.account_dead.load(Ordering::Relaxed)
         {
             return Ok(account.clone());
         }
         let path = self.store.join("account.json");
+        if self.account_dead.swap(false, Ordering::Relaxed) {
+            // Kept aside, not deleted: it is the operator's record.
+            let aside = path.with_extension(format!("json.deactivated-{}", unix_now()));
+            match std::fs::rename(&path, &aside) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    self.account_dead.store(true, Ordering::Relaxed);
+                    return Err(format!("{}: {e}", path.display()));
+                }
+                _ => {}
+            }
+            self.account_gone.store(false, Ordering::Relaxed);
+            error!(old = %aside.display(), "the ACME account is deactivated: creating a new one");
+        }
         let saved = match std::fs::read(&path) {
             Ok(bytes) => Some(
                 serde_json::from_slice::<AccountCredentials>(&bytes)
@@ -346,10 +364,14 @@ impl Acme {
                 }
                 self.account_gone.store(false, Ordering::Relaxed);
                 info!(directory = %self.settings.directory, "ACME account registered again with its key");
+                self.set_contact(&account).await;
                 account
             }
             Some(credentials) => {
-                step("the ACME directory", builder.from_credentials(credentials)).await?
+                let account =
+                    step("the ACME directory", builder.from_credentials(credentials)).await?;
+                self.set_contact(&account).await;
+                account
             }
             None => {
                 let contact = self.settings.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -382,6 +404,21 @@ impl Acme {
         Ok(account)
     }
 
+    /// Tells the server the account's contact as `acme_email` says now (it
+    /// may have changed since the account was created). A failure is only
+    /// logged: certificates do not depend on it.
+    async fn set_contact(&self, account: &Account) {
+        let contact = self.settings.email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        match step("the account's contact", account.update_contacts(&contacts)).await {
+            Ok(()) => debug!(contact = ?contact, "ACME account contact set"),
+            Err(e) => error!(
+                "the ACME account's contact could not be set: {}",
+                printable(&e)
+            ),
+        }
+    }
+
     /// Orders, validates and fetches a certificate for `domain`, and keeps
     /// it on disk.
     async fn issue(&self, domain: &str, kind: ChallengeKind) -> Result<Arc<CertifiedKey>, String> {
@@ -392,12 +429,14 @@ impl Acme {
             .inspect_err(|e| {
                 if e.contains("accountDoesNotExist") {
                     self.account_gone.store(true, Ordering::Relaxed);
+                } else if e.contains("unauthorized") && e.contains("deactivated") {
+                    self.account_dead.store(true, Ordering::Relaxed);
                 }
             })?;
         let mut pending = Pending {
             challenges: Arc::clone(self.certificates.challenges()),
             tokens: Vec::new(),
-            domains: Vec::new(),
+            certificates: Vec::new(),
         };
         {
             let mut authorizations = order.authorizations();
@@ -462,7 +501,7 @@ impl Acme {
             order.poll_certificate(&RetryPolicy::new().timeout(POLL_TIMEOUT)),
         )
         .await?;
-        let (cert_path, key_path) = self.paths(domain);
+        let path = self.path(domain);
         let key_pem = key.serialize_pem();
         let domain = domain.to_string();
         let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
@@ -476,9 +515,11 @@ impl Acme {
             .filter(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
             .ok_or_else(|| format!("the certificate issued does not cover `{domain}`"))?;
         tokio::task::spawn_blocking(move || {
-            save_private(&key_path, key_pem.as_bytes())?;
-            save_private(&cert_path, chain.as_bytes())?;
-            let pair = load_pair(&cert_path, &key_path)?;
+            let mut pem = chain.trim_end().to_string();
+            pem.push('\n');
+            pem.push_str(&key_pem);
+            save_private(&path, pem.as_bytes())?;
+            let pair = load_pair(&path, &path)?;
             if !covers(&pair, &domain) {
                 return Err(format!("the certificate issued does not cover `{domain}`"));
             }
@@ -494,7 +535,7 @@ impl Acme {
 struct Pending {
     challenges: Arc<Challenges>,
     tokens: Vec<String>,
-    domains: Vec<String>,
+    certificates: Vec<(String, Arc<CertifiedKey>)>,
 }
 
 impl Pending {
@@ -505,8 +546,8 @@ impl Pending {
     }
 
     fn alpn01(&mut self, domain: &str, certificate: Arc<CertifiedKey>) {
-        self.challenges.set_alpn01(domain, Some(certificate));
-        self.domains.push(domain.to_string());
+        self.challenges.set_alpn01(domain, Arc::clone(&certificate));
+        self.certificates.push((domain.to_string(), certificate));
     }
 }
 
@@ -515,8 +556,8 @@ impl Drop for Pending {
         for token in &self.tokens {
             self.challenges.set_http01(token, None);
         }
-        for domain in &self.domains {
-            self.challenges.set_alpn01(domain, None);
+        for (domain, certificate) in &self.certificates {
+            self.challenges.clear_alpn01(domain, certificate);
         }
     }
 }
@@ -565,6 +606,25 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// `text` (words from the ACME server among them) fit for one log line:
+/// control characters become spaces, and it is cut at 512 bytes.
+fn printable(text: &str) -> String {
+    const MAX: usize = 512;
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX {
+        let mut end = MAX;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
 /// What the server said about a failed validation (the challenge's
 /// error), else `fallback`.
 async fn why_invalid(order: &mut Order, fallback: String) -> String {
@@ -607,13 +667,13 @@ fn challenge_certificate(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey
     )))
 }
 
-/// A certificate kept from an earlier run, if it is whole, covers
-/// `domain` and has not expired.
-fn stored(domain: &str, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
-    if !cert.exists() {
+/// A certificate kept from an earlier run (chain and key in `path`), if it
+/// is whole, covers `domain` and has not expired.
+fn stored(domain: &str, path: &Path) -> Option<Arc<CertifiedKey>> {
+    if !path.exists() {
         return None;
     }
-    let pair = match load_pair(cert, key) {
+    let pair = match load_pair(path, path) {
         Ok(pair) => pair,
         Err(e) => {
             error!(%domain, "the kept certificate is unusable ({e}): a new one is ordered");
@@ -802,5 +862,16 @@ mod tests {
         // Expired: no hurry beyond the doubling.
         let expired = certificate(90, -1);
         assert!(within(retry_after(3, Some(&expired)), 1200));
+    }
+
+    #[test]
+    fn words_from_the_server_fit_one_log_line() {
+        assert_eq!(
+            printable("validation failed:\nfake\x1b[31m line"),
+            "validation failed: fake [31m line"
+        );
+        let long = printable(&"é".repeat(1000));
+        assert!(long.len() <= 512 + '…'.len_utf8(), "{}", long.len());
+        assert!(long.ends_with('…'));
     }
 }

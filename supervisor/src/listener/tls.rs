@@ -101,8 +101,8 @@ pub enum Origin {
     /// PEM files (the chain after the leaf in `cert`), watched.
     Files { cert: PathBuf, key: PathBuf },
     /// One certificate per domain, from ACME; a domain has none until it
-    /// is issued (its clients get the default certificate meanwhile, which
-    /// does not name it: the handshake fails in any client that checks).
+    /// is issued, and its handshakes fail meanwhile (they never get another
+    /// app's certificate).
     Acme,
 }
 
@@ -146,12 +146,18 @@ impl Challenges {
         self.alpn.lock().ok()?.get(domain).cloned()
     }
 
-    pub(super) fn set_alpn01(&self, domain: &str, pair: Option<Arc<CertifiedKey>>) {
+    pub(super) fn set_alpn01(&self, domain: &str, pair: Arc<CertifiedKey>) {
         if let Ok(mut map) = self.alpn.lock() {
-            match pair {
-                Some(pair) => map.insert(domain.to_string(), pair),
-                None => map.remove(domain),
-            };
+            map.insert(domain.to_string(), pair);
+        }
+    }
+
+    /// Takes `pair` back, unless another order put its own there since.
+    pub(super) fn clear_alpn01(&self, domain: &str, pair: &Arc<CertifiedKey>) {
+        if let Ok(mut map) = self.alpn.lock()
+            && map.get(domain).is_some_and(|p| Arc::ptr_eq(p, pair))
+        {
+            map.remove(domain);
         }
     }
 }
@@ -224,11 +230,45 @@ fn load_source(domains: &[String], cert: &Path, key: &Path) -> Result<InUse, Str
 /// good pair its files held, or each of its domains' last ACME issue.
 #[derive(Debug)]
 pub struct Certificates {
-    table: ArcSwap<RouteTable<CertifiedKey>>,
+    table: ArcSwap<Published>,
     state: std::sync::Mutex<State>,
     /// Told when a reload brings other sources (the watcher follows).
     sources_changed: tokio::sync::Notify,
     challenges: Arc<Challenges>,
+}
+
+/// What handshakes read: certificates by name, and the ACME domains that
+/// have none yet (refused rather than given another name's certificate).
+#[derive(Debug)]
+struct Published {
+    routes: RouteTable<CertifiedKey>,
+    waiting: std::collections::HashSet<String>,
+}
+
+impl Published {
+    fn empty() -> Self {
+        Published {
+            routes: RouteTable::new([], None),
+            waiting: std::collections::HashSet::new(),
+        }
+    }
+
+    fn resolve(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = name else {
+            return self.routes.route("").cloned();
+        };
+        if !self.waiting.is_empty() {
+            let waiting = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.waiting.contains(&name.to_ascii_lowercase())
+            } else {
+                self.waiting.contains(name)
+            };
+            if waiting {
+                return None;
+            }
+        }
+        self.routes.route(name).cloned()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -259,7 +299,7 @@ impl Certificates {
     /// Every source's pair, or the first error.
     pub fn load(sources: Vec<CertSource>) -> Result<Self, String> {
         let certificates = Certificates {
-            table: ArcSwap::from_pointee(RouteTable::new([], None)),
+            table: ArcSwap::from_pointee(Published::empty()),
             state: std::sync::Mutex::new(State::default()),
             sources_changed: tokio::sync::Notify::new(),
             challenges: Arc::new(Challenges::default()),
@@ -395,19 +435,20 @@ impl Certificates {
         state.sources = sources;
         state.in_use = in_use;
         // Issued certificates of domains no longer managed go.
-        let managed: std::collections::BTreeSet<&String> = state
+        let managed: std::collections::BTreeSet<String> = state
             .sources
             .iter()
             .filter(|s| s.origin == Origin::Acme)
-            .flat_map(|s| &s.domains)
+            .flat_map(|s| s.domains.iter().cloned())
             .collect();
         let kept: BTreeMap<String, Arc<CertifiedKey>> = state
             .issued
             .iter()
-            .filter(|(d, _)| managed.contains(d))
+            .filter(|(d, _)| managed.contains(*d))
             .map(|(d, p)| (d.clone(), Arc::clone(p)))
             .collect();
         state.issued = kept;
+        state.problems.retain(|d, _| managed.contains(d));
         self.publish(&state);
         self.sources_changed.notify_one();
         Ok(())
@@ -493,6 +534,7 @@ impl Certificates {
 
     fn publish(&self, state: &State) {
         let mut routes = Vec::new();
+        let mut waiting = std::collections::HashSet::new();
         let mut default = None;
         for source in &state.sources {
             let pairs: Vec<(String, Arc<CertifiedKey>)> = match source.origin {
@@ -507,7 +549,13 @@ impl Certificates {
                 Origin::Acme => source
                     .domains
                     .iter()
-                    .filter_map(|d| state.issued.get(d).map(|p| (d.clone(), Arc::clone(p))))
+                    .filter_map(|d| match state.issued.get(d) {
+                        Some(p) => Some((d.clone(), Arc::clone(p))),
+                        None => {
+                            waiting.insert(d.clone());
+                            None
+                        }
+                    })
                     .collect(),
             };
             if let Some((_, first)) = pairs.first()
@@ -517,7 +565,10 @@ impl Certificates {
             }
             routes.extend(pairs);
         }
-        self.table.store(Arc::new(RouteTable::new(routes, default)));
+        self.table.store(Arc::new(Published {
+            routes: RouteTable::new(routes, default),
+            waiting,
+        }));
     }
 }
 
@@ -625,11 +676,7 @@ impl ResolvesServerCert for Certificates {
                 .server_name()
                 .and_then(|name| self.challenges.alpn01(name));
         }
-        let table = self.table.load();
-        match hello.server_name() {
-            Some(name) => table.route(name).cloned(),
-            None => table.route("").cloned(),
-        }
+        self.table.load().resolve(hello.server_name())
     }
 }
 
@@ -741,7 +788,7 @@ mod tests {
         let in_use = |c: &Certificates| {
             c.table
                 .load()
-                .route("a.test")
+                .resolve(Some("a.test"))
                 .map(|p| p.end_entity_cert().expect("leaf").as_ref().to_vec())
         };
         assert_eq!(in_use(&certificates), Some(good.clone()));
@@ -754,6 +801,61 @@ mod tests {
         let (changed, _) = certificates.refresh();
         assert_eq!(changed.len(), 1);
         assert_eq!(in_use(&certificates), Some(newer));
+    }
+
+    #[test]
+    fn an_acme_domain_without_a_certificate_is_refused_not_given_another() {
+        let (_dir, cert, key) = pair(&["a.test"]);
+        let files = CertSource {
+            app: "a".into(),
+            domains: vec!["a.test".into()],
+            origin: Origin::Files { cert, key },
+            default: true,
+        };
+        let acme = CertSource {
+            app: "b".into(),
+            domains: vec!["b.test".into()],
+            origin: Origin::Acme,
+            default: false,
+        };
+        let certificates = Certificates::load(vec![files.clone(), acme]).expect("loads");
+        let names = |c: &Certificates, name: &str| {
+            c.table.load().resolve(Some(name)).map(|p| {
+                let der = p.end_entity_cert().expect("leaf").as_ref().to_vec();
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+                cert.subject_alternative_name()
+                    .ok()
+                    .flatten()
+                    .map(|san| format!("{:?}", san.value.general_names))
+                    .unwrap_or_default()
+            })
+        };
+        assert!(names(&certificates, "a.test").is_some_and(|n| n.contains("a.test")));
+        assert_eq!(names(&certificates, "b.test"), None, "none yet: refused");
+        assert_eq!(names(&certificates, "B.Test"), None);
+        assert!(
+            names(&certificates, "c.test").is_some_and(|n| n.contains("a.test")),
+            "a name no app has gets the default"
+        );
+
+        let (_dir_b, cert_b, key_b) = pair(&["b.test"]);
+        let issued = Arc::new(load_pair(&cert_b, &key_b).expect("loads"));
+        certificates.set_problem("b.test", Some("the CA said no".into()));
+        certificates.install("b.test", issued);
+        assert!(names(&certificates, "b.test").is_some_and(|n| n.contains("b.test")));
+        assert!(names(&certificates, "B.TEST").is_some_and(|n| n.contains("b.test")));
+
+        // A reload without the ACME app forgets its certificate and its
+        // problem.
+        certificates.set_problem("b.test", Some("the CA said no".into()));
+        certificates.set_sources(vec![files]).expect("reload");
+        let state = certificates.state.lock().expect("state");
+        assert!(
+            state.issued.is_empty() && state.problems.is_empty(),
+            "{state:?}"
+        );
+        drop(state);
+        assert!(names(&certificates, "b.test").is_some_and(|n| n.contains("a.test")));
     }
 
     #[test]
