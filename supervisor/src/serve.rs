@@ -382,14 +382,20 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         Some(settings) => {
             let certificates =
                 Arc::new(Certificates::load(cert_sources(&config)).map_err(RunError::Tls)?);
-            if !certificates.acme_domains().is_empty() {
+            if !certificates.acme_domains().is_empty()
+                && settings.acme.issuer == crate::listener::acme::Issuer::Acme
+            {
                 warn_unreachable_challenges(config.listen, settings);
             }
             let acme = Acme::new(
                 settings.acme.clone(),
                 &config.data_dir,
                 Arc::clone(&certificates),
-            );
+            )
+            .map_err(RunError::Tls)?;
+            // Before the first handshake: a restart serves the kept
+            // certificates at once.
+            acme.load_kept();
             let server = crate::listener::tls::server_config(Arc::clone(&certificates))
                 .map_err(RunError::Tls)?;
             let plain = TcpListener::bind(settings.http_listen)
@@ -447,7 +453,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     let shutdown = Shutdown::default();
     let grace = config.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
     let limits = config.limits;
-    let challenges = tls.as_ref().map(|(c, _, _, _)| Arc::clone(c.challenges()));
+    let challenged = tls.as_ref().map(|(c, _, _, _)| Arc::clone(c));
     let acme = platform.acme.clone();
     if let Some(acme) = &acme {
         acme.sync();
@@ -486,7 +492,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
                 };
                 let to_https = Arc::new(crate::listener::redirect::ToHttps::new(
                     addr.port(),
-                    challenges,
+                    challenged,
                 ));
                 crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None)
                     .await

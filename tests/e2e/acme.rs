@@ -306,9 +306,10 @@ acme_challenges = [{challenges}]
 
     /// `data_dir/acme/SERVER`, Pebble's.
     fn store(&self, pebble: &Pebble) -> PathBuf {
-        self.data_dir()
-            .join("acme")
-            .join(pebble.listen.to_string().replace(':', "_"))
+        self.data_dir().join("acme").join(format!(
+            "{}-dir",
+            pebble.listen.to_string().replace(':', "_")
+        ))
     }
 }
 
@@ -485,11 +486,12 @@ async fn issue13_acme_tls_alpn01_issues_and_a_restart_keeps_the_account() {
 
     platform.write(&pebble, "\"tls-alpn-01\"", &[FIRST, ADDED]);
     let bext = platform.start();
-    certificate_line(&bext, ADDED, "issued", 1, Duration::from_secs(60));
+    // From the first handshake on (not once a task has read the disk).
     assert!(
         served(bext.addr, FIRST, &root).await == first,
         "the kept certificate serves after the restart"
     );
+    certificate_line(&bext, ADDED, "issued", 1, Duration::from_secs(60));
     served(bext.addr, ADDED, &root).await;
     let logs = bext.logs();
     assert!(
@@ -507,5 +509,122 @@ async fn issue13_acme_tls_alpn01_issues_and_a_restart_keeps_the_account() {
         std::fs::read(store.join("account.json")).expect("account"),
         account,
         "the account file is the same"
+    );
+}
+
+/// The status line of a plain-HTTP GET of `target` with `host`.
+async fn plain_status(addr: SocketAddr, host: &str, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `issuer = "internal"`: bext's own CA signs every domain at start, a
+/// wildcard and `localhost` too, and each chain verifies against
+/// `data_dir/internal-ca/root.crt`; a restart keeps the CA and the
+/// certificates (served from the first handshake, not issued again). On
+/// the plain port, a challenge token for a name no app has gets 404, one
+/// for an app's name the usual redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_internal_issuer_signs_every_domain_and_keeps_them() {
+    let (https, http) = (free_tcp_port(), free_tcp_port());
+    let platform = Platform::new(https, http);
+    let text = format!(
+        r#"
+[platform]
+listen = "127.0.0.1:{https}"
+data_dir = "{data}"
+
+[platform.tls]
+http_listen = "127.0.0.1:{http}"
+issuer = "internal"
+
+[apps.a]
+source = "{source}"
+domains = ["a.test", "*.w.test"]
+
+[apps.local]
+source = "{source}"
+domains = ["localhost"]
+"#,
+        data = platform.data_dir().display(),
+        source = crate::support::fixture("static").display(),
+    );
+    std::fs::write(&platform.file, text).expect("write");
+    let bext = platform.start();
+    for domain in ["a.test", "*.w.test", "localhost"] {
+        let line = certificate_line(&bext, domain, "issued", 1, Duration::from_secs(30));
+        assert!(
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the internal CA")),
+            "{line}"
+        );
+    }
+    let ca = platform.data_dir().join("internal-ca");
+    let root_pem = std::fs::read(ca.join("root.crt")).expect("root.crt");
+    let root = CertificateDer::from_pem_slice(&root_pem).expect("root");
+    assert_eq!(
+        mode(&ca.join("ca.pem")),
+        0o600,
+        "the CA key is bext's alone"
+    );
+    assert_eq!(mode(&ca.join("root.crt")), 0o644, "the root is public");
+    let mut leaves = Vec::new();
+    for name in ["a.test", "deep.w.test", "localhost"] {
+        leaves.push(served(bext.addr, name, &root).await);
+    }
+    assert!(
+        leaves[0] != leaves[1],
+        "each domain has its own certificate"
+    );
+    let plain: SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    let challenge = "/.well-known/acme-challenge/not-ours";
+    assert!(
+        plain_status(plain, "unclaimed.test", challenge)
+            .await
+            .contains(" 404 "),
+        "an unknown token for a name no app has"
+    );
+    assert!(
+        plain_status(plain, "a.test", challenge)
+            .await
+            .contains(" 308 "),
+        "an unknown token for an app's name is redirected"
+    );
+    drop(bext);
+
+    let bext = platform.start();
+    for (name, leaf) in ["a.test", "deep.w.test", "localhost"].iter().zip(&leaves) {
+        assert!(
+            served(bext.addr, name, &root).await == *leaf,
+            "{name}: the kept certificate serves after the restart"
+        );
+    }
+    assert_eq!(
+        std::fs::read(ca.join("root.crt")).expect("root.crt"),
+        root_pem,
+        "the same CA"
+    );
+    let logs = bext.logs();
+    assert!(
+        !logs.iter().any(|v| v["message"].as_str().is_some_and(|m| m
+            .starts_with("certificate issued")
+            || m.contains("made a new internal CA"))),
+        "nothing made again"
     );
 }

@@ -76,6 +76,7 @@ struct RawPlatform {
 #[serde(deny_unknown_fields)]
 struct RawPlatformTls {
     http_listen: Option<SocketAddr>,
+    issuer: Option<crate::listener::acme::Issuer>,
     acme_email: Option<Spanned<String>>,
     acme_directory: Option<Spanned<String>>,
     acme_ca_root: Option<Spanned<PathBuf>>,
@@ -349,6 +350,11 @@ impl PlatformConfig {
         let platform = raw.platform.unwrap_or_default();
         // The listener is HTTPS with a [platform.tls] table, or on port 443.
         let https = platform.tls.is_some() || platform.listen.is_some_and(|l| l.port() == 443);
+        // Certificates from bext's own CA: any name will do.
+        let internal = platform
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.get_ref().issuer == Some(crate::listener::acme::Issuer::Internal));
         let compression = platform
             .compression
             .as_ref()
@@ -473,7 +479,7 @@ impl PlatformConfig {
                 None => {
                     // Certificates from ACME: every domain must be one an
                     // ACME server issues for.
-                    if https {
+                    if https && !internal {
                         for (i, domain) in domains.iter().enumerate() {
                             if let Some(why) = crate::listener::acme::unusable(domain) {
                                 return Err(invalid(
@@ -883,7 +889,10 @@ fn acme_settings(
     base: &Path,
     invalid: &impl Fn(usize, String, String) -> ConfigError,
 ) -> Result<crate::listener::acme::AcmeSettings, ConfigError> {
-    let mut acme = crate::listener::acme::AcmeSettings::default();
+    let mut acme = crate::listener::acme::AcmeSettings {
+        issuer: table.issuer.unwrap_or_default(),
+        ..Default::default()
+    };
     if let Some(email) = &table.acme_email {
         let text = email.get_ref().trim();
         let plausible = text

@@ -381,6 +381,39 @@ fn acme_keys_are_checked_where_they_are_written() {
     );
 }
 
+/// Issue 13: `issuer = "internal"` signs any name (wildcards, localhost, IP
+/// addresses need no certificate of their own); an unknown issuer is a
+/// located error.
+#[test]
+fn the_internal_issuer_takes_any_name() {
+    let file = |issuer: &str, domain: &str| {
+        format!(
+            "[platform]\nlisten = \"127.0.0.1:8443\"\n[platform.tls]\nissuer = \"{issuer}\"\n[apps.a]\nsource = \"/srv/a\"\ndomains = [\"{domain}\"]\n"
+        )
+    };
+    for domain in ["*.example.com", "localhost", "10.0.0.1", "a.example.com"] {
+        let config = PlatformConfig::parse(
+            Path::new("/etc/bext/platform.toml"),
+            &file("internal", domain),
+        )
+        .unwrap_or_else(|e| panic!("{domain}: {e}"));
+        assert_eq!(
+            config.tls.expect("tls").acme.issuer,
+            crate::listener::acme::Issuer::Internal
+        );
+    }
+    let d = diag(&file("acme", "localhost"));
+    assert_eq!(d.key.as_deref(), Some("apps.a.domains[0]"));
+    let d = diag(&file("letsencrypt", "a.example.com"));
+    assert_eq!(
+        d.key.as_deref(),
+        Some("platform.tls.issuer"),
+        "{}",
+        d.message
+    );
+    assert!(d.message.contains("internal"), "{}", d.message);
+}
+
 /// Issue 13: compression levels are the platform's; a tenant's own file may
 /// only do less (turn it off, raise the minimum size).
 #[test]

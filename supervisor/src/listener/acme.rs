@@ -4,9 +4,12 @@
 //!
 //! Each managed domain has a task that keeps its certificate: it serves
 //! the one kept on disk from an earlier run if it is still good, orders a
-//! new one when there is none or when two thirds of its lifetime have
-//! passed, and after a failure tries again later (sooner as the expiry
-//! nears) while the current certificate keeps serving.
+//! new one when there is none or when it is due for renewal, and after a
+//! failure tries again later (sooner as the expiry nears) while the
+//! current certificate keeps serving. Renewal is due at a random moment in
+//! the window the CA suggests (ACME Renewal Information, RFC 9773) when it
+//! offers one, else two thirds into the certificate's lifetime; a renewal
+//! order names the certificate it replaces.
 //!
 //! On disk, under `data_dir/acme/SERVER/` (0700, files 0600): the account
 //! (`account.json`) and each domain's `certs/DOMAIN.pem`: the chain, then
@@ -19,16 +22,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
-    NewOrder, Order, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
+    Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
 };
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
-use super::tls::{Certificates, Challenges, covers, load_pair, provider, validity};
+use super::tls::{Certificates, Challenges, covers, load_pair, parse_pair, provider, validity};
 
 /// Let's Encrypt's production directory: `acme_directory` when not set.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -60,9 +62,22 @@ impl ChallengeKind {
     }
 }
 
-/// How certificates are had from ACME.
+/// Who issues the certificates of apps without their own
+/// (`[platform.tls] issuer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Issuer {
+    /// An ACME server (`acme_directory`).
+    #[default]
+    Acme,
+    /// bext's own CA in `data_dir/internal-ca` (staging, development).
+    Internal,
+}
+
+/// How certificates are had from ACME (or the internal CA).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AcmeSettings {
+    pub issuer: Issuer,
     /// The account's contact (`acme_email`), if any.
     pub email: Option<String>,
     /// The directory URL (`acme_directory`).
@@ -78,6 +93,7 @@ pub struct AcmeSettings {
 impl Default for AcmeSettings {
     fn default() -> Self {
         AcmeSettings {
+            issuer: Issuer::Acme,
             email: None,
             directory: LETS_ENCRYPT.to_string(),
             ca_root: None,
@@ -121,10 +137,20 @@ const CONCURRENT_ORDERS: usize = 2;
 /// The first retry after a failure; it doubles with each further one.
 /// (Let's Encrypt allows 5 failed validations per hostname an hour.)
 const RETRY_FIRST: Duration = Duration::from_secs(300);
+/// The shortest wait between attempts.
+const RETRY_FLOOR: Duration = Duration::from_secs(60);
 /// The longest wait between attempts.
 const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+/// The largest certificate chain taken from a CA.
+const MAX_CHAIN: usize = 1024 * 1024;
 /// The longest a kept certificate is slept on before it is looked at again.
 const RECHECK: Duration = Duration::from_secs(24 * 3600);
+/// The CA's renewal information is asked again after the time it says,
+/// within these bounds (RFC 9773 §4.3.2 suggests one minute and one day).
+const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
+const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
+/// After failing to get the renewal information, asked again after this.
+const ARI_RETRY: Duration = Duration::from_secs(3600);
 
 /// The ACME client: one account, one task per managed domain.
 pub struct Acme {
@@ -139,8 +165,14 @@ pub struct Acme {
     /// The server says the stored account is deactivated: its key cannot
     /// be used again, so a new account is created.
     account_dead: AtomicBool,
-    tasks: std::sync::Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    /// The server has no renewal information (ARI): renewal two thirds
+    /// into the lifetime, orders without `replaces`.
+    ari_unsupported: AtomicBool,
+    /// Each domain's task, and how to wake it from a retry wait.
+    tasks: std::sync::Mutex<BTreeMap<String, (tokio::task::AbortHandle, Arc<tokio::sync::Notify>)>>,
     turns: tokio::sync::Semaphore,
+    /// `issuer = "internal"`: the CA that signs instead of an ACME server.
+    local: Option<super::local_ca::LocalCa>,
 }
 
 impl std::fmt::Debug for Acme {
@@ -154,38 +186,92 @@ impl std::fmt::Debug for Acme {
 
 impl Acme {
     /// The client for `settings`, keeping its files under
-    /// `data_dir/acme` (created 0700 when there is something to keep).
+    /// `data_dir/acme` (created 0700 when there is something to keep); with
+    /// the internal issuer, its CA is opened (or made) in
+    /// `data_dir/internal-ca`.
     pub fn new(
         settings: AcmeSettings,
         data_dir: &Path,
         certificates: Arc<Certificates>,
-    ) -> Arc<Self> {
-        let store = data_dir.join("acme").join(server_dir(&settings.directory));
+    ) -> Result<Arc<Self>, String> {
+        let (store, local) = match settings.issuer {
+            Issuer::Acme => (
+                data_dir.join("acme").join(server_dir(&settings.directory)),
+                None,
+            ),
+            Issuer::Internal => {
+                let dir = data_dir.join("internal-ca");
+                private_dir(&dir)?;
+                let (ca, made) = super::local_ca::LocalCa::open(&dir)?;
+                info!(
+                    root = %ca.root_path.display(),
+                    "{} internal CA: its certificates are trusted where this root is (for staging and development, not for the public)",
+                    if made { "made a new" } else { "the" }
+                );
+                (data_dir.join("acme").join("internal"), Some(ca))
+            }
+        };
         // The ACME client's HTTPS builds on the process's default crypto
         // provider.
         let _ = rustls::crypto::CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
-        Arc::new(Acme {
+        let internal = local.is_some();
+        Ok(Arc::new(Acme {
             settings,
             store,
             certificates,
             account: tokio::sync::Mutex::new(None),
             account_gone: AtomicBool::new(false),
             account_dead: AtomicBool::new(false),
+            ari_unsupported: AtomicBool::new(internal),
             tasks: std::sync::Mutex::new(BTreeMap::new()),
             turns: tokio::sync::Semaphore::new(CONCURRENT_ORDERS),
-        })
+            local,
+        }))
+    }
+
+    /// Who issues: the ACME directory, or the internal CA.
+    fn issuer_name(&self) -> &str {
+        match self.local {
+            Some(_) => "the internal CA",
+            None => &self.settings.directory,
+        }
+    }
+
+    /// Serves the certificates kept from an earlier run at once (before
+    /// the listener takes its first handshake), and clears what a crash
+    /// mid-write left.
+    pub fn load_kept(&self) {
+        let certs = self.store.join("certs");
+        if let Ok(entries) = std::fs::read_dir(&certs) {
+            for entry in entries.flatten() {
+                // tempfile's names: `.tmpXXXXXX`.
+                if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        for domain in self.certificates.acme_domains() {
+            if let Some(pair) = stored(&domain, &self.path(&domain)) {
+                info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(&pair));
+                self.certificates.install(&domain, pair);
+            }
+        }
     }
 
     /// Keeps a certificate for each domain `certificates` has from ACME,
-    /// and stops keeping those it no longer has (a reload).
+    /// and stops keeping those it no longer has (a reload). Domains
+    /// waiting to retry a failed order try again now (a reload is how an
+    /// operator says "fixed, go").
     pub fn sync(self: &Arc<Self>) {
         let wanted = self.certificates.acme_domains();
         let Ok(mut tasks) = self.tasks.lock() else {
             return;
         };
-        tasks.retain(|domain, task| {
+        tasks.retain(|domain, (task, retry)| {
             let keep = wanted.contains(domain);
-            if !keep {
+            if keep {
+                retry.notify_waiters();
+            } else {
                 task.abort();
                 info!(%domain, "no longer an ACME domain: its certificate is not renewed");
             }
@@ -195,66 +281,115 @@ impl Acme {
             if tasks.contains_key(&domain) {
                 continue;
             }
-            let task = tokio::spawn(Arc::clone(self).keep(domain.clone()));
-            tasks.insert(domain, task.abort_handle());
+            let retry = Arc::new(tokio::sync::Notify::new());
+            let task = tokio::spawn(Arc::clone(self).keep(domain.clone(), Arc::clone(&retry)));
+            tasks.insert(domain, (task.abort_handle(), retry));
         }
     }
 
     /// Stops every domain's task.
     pub fn stop(&self) {
         if let Ok(mut tasks) = self.tasks.lock() {
-            for (_, task) in std::mem::take(&mut *tasks) {
+            for (_, (task, _)) in std::mem::take(&mut *tasks) {
                 task.abort();
             }
         }
     }
 
-    /// Where `domain`'s chain and key are kept (one file).
+    /// Where `domain`'s chain and key are kept (one file; a wildcard's
+    /// `*` is `_` there). Domains are checked names (letters, digits, `-`
+    /// between dots), so the name stays in `certs/`.
     fn path(&self, domain: &str) -> PathBuf {
-        self.store.join("certs").join(format!("{domain}.pem"))
+        let name = domain.replace('*', "_");
+        self.store.join("certs").join(format!("{name}.pem"))
     }
 
-    /// Keeps `domain`'s certificate until aborted.
-    async fn keep(self: Arc<Self>, domain: String) {
-        let path = self.path(&domain);
-        let stored = {
-            let domain = domain.clone();
-            tokio::task::spawn_blocking(move || stored(&domain, &path))
+    /// Keeps `domain`'s certificate until aborted; `retry` cuts short the
+    /// wait after a failure.
+    async fn keep(self: Arc<Self>, domain: String, retry: Arc<tokio::sync::Notify>) {
+        let mut current = self.certificates.issued(&domain);
+        if current.is_none() {
+            // A domain a reload added: its kept certificate, if any.
+            let path = self.path(&domain);
+            let name = domain.clone();
+            current = tokio::task::spawn_blocking(move || stored(&name, &path))
                 .await
                 .ok()
-                .flatten()
-        };
-        let mut current = stored.inspect(|pair| {
-            info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(pair));
-            self.certificates.install(&domain, Arc::clone(pair));
-        });
+                .flatten();
+            if let Some(pair) = &current {
+                info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(pair));
+                self.certificates.install(&domain, Arc::clone(pair));
+            }
+        }
         let mut failures: u32 = 0;
         let mut last_error = String::new();
+        let mut ari: Option<Ari> = None;
+        // Not renewed before this (set after an issue: a certificate that
+        // looks due at once, because the clock is off or the CA's window
+        // says so, must not make an order a minute).
+        let mut hold_until: Option<SystemTime> = None;
+        // A new certificate the disk refused: written again until it takes.
+        let mut unsaved: Option<Vec<u8>> = None;
         loop {
-            let now = SystemTime::now();
-            let due = current.as_deref().map(renew_at);
-            if let Some(None) = due {
-                // A certificate whose dates cannot be read: looked at again
-                // later, not ordered in a loop.
-                tokio::time::sleep(RECHECK).await;
-                continue;
+            if let Some(pem) = &unsaved {
+                let (path, pem) = (self.path(&domain), pem.clone());
+                match tokio::task::spawn_blocking(move || save_private(&path, &pem)).await {
+                    Ok(Ok(())) => {
+                        info!(%domain, "certificate saved to {}", self.store.display());
+                        unsaved = None;
+                    }
+                    Ok(Err(e)) => debug!(%domain, "certificate still not saved: {e}"),
+                    Err(_) => {}
+                }
             }
-            if let Some(Some(due)) = due
+            let due = match current.as_deref() {
+                None => None,
+                Some(pair) => match renew_at(pair) {
+                    // A certificate whose dates cannot be read: looked at
+                    // again later, not ordered in a loop.
+                    None => {
+                        tokio::time::sleep(RECHECK).await;
+                        continue;
+                    }
+                    Some(base) => Some(self.renewal_due(&domain, pair, base, &mut ari).await),
+                },
+            };
+            let due = match (due, hold_until) {
+                (Some(due), Some(hold)) => Some(due.max(hold)),
+                (due, _) => due,
+            };
+            let now = SystemTime::now();
+            if let Some(due) = due
                 && due > now
             {
-                let wait = due.duration_since(now).unwrap_or_default().min(RECHECK);
+                let mut wait = due.duration_since(now).unwrap_or_default().min(RECHECK);
+                if let Some(ari) = &ari {
+                    wait = wait.min(ari.next_check.duration_since(now).unwrap_or_default());
+                }
+                if unsaved.is_some() {
+                    wait = wait.min(RETRY_FIRST);
+                }
+                let wait = wait.max(Duration::from_secs(1));
                 debug!(%domain, "certificate renewal due in {}", humantime::format_duration(wait));
                 tokio::time::sleep(wait).await;
                 continue;
             }
             let renewing = current.is_some();
+            let replaces = current
+                .as_deref()
+                .filter(|_| !self.ari_unsupported.load(Ordering::Relaxed))
+                .and_then(certificate_id);
             let kind =
                 self.settings.challenges[failures as usize % self.settings.challenges.len().max(1)];
             // The turn first: waiting for it is not the order's time.
             let Ok(turn) = self.turns.acquire().await else {
                 return;
             };
-            let result = match tokio::time::timeout(ISSUE_TIMEOUT, self.issue(&domain, kind)).await
+            let result = match tokio::time::timeout(
+                ISSUE_TIMEOUT,
+                self.issue(&domain, kind, replaces.as_ref()),
+            )
+            .await
             {
                 Ok(result) => result,
                 Err(_) => Err(format!(
@@ -264,17 +399,40 @@ impl Acme {
             };
             drop(turn);
             match result {
-                Ok(pair) => {
+                Ok((pair, pem)) => {
                     info!(
                         %domain,
                         challenge = kind.name(),
                         "certificate {} by {}, {}",
                         if renewing { "renewed" } else { "issued" },
-                        self.settings.directory,
+                        self.issuer_name(),
                         describe_validity(&pair)
                     );
+                    // Served first, kept on disk second: a full disk does
+                    // not throw away a certificate (the CA limits how many
+                    // a name gets a week).
                     self.certificates.install(&domain, Arc::clone(&pair));
+                    let (path, bytes) = (self.path(&domain), pem.clone());
+                    match tokio::task::spawn_blocking(move || save_private(&path, &bytes)).await {
+                        Ok(Ok(())) => unsaved = None,
+                        Ok(Err(e)) => {
+                            error!(%domain, "the new certificate serves but could not be saved ({e}); trying again every {}", humantime::format_duration(RETRY_FIRST));
+                            unsaved = Some(pem);
+                        }
+                        Err(_) => unsaved = Some(pem),
+                    }
+                    let now = SystemTime::now();
+                    hold_until = Some(now + min_between_orders(&pair));
+                    if renew_at(&pair).is_some_and(|due| due <= now) {
+                        error!(
+                            %domain,
+                            "the new certificate is already due for renewal ({}): is the system clock right? Not ordering again before {}",
+                            describe_validity(&pair),
+                            humantime::format_rfc3339_seconds(hold_until.unwrap_or(now)),
+                        );
+                    }
                     current = Some(pair);
+                    ari = None;
                     failures = 0;
                     last_error.clear();
                 }
@@ -291,23 +449,134 @@ impl Acme {
                         None => "the domain has no certificate meanwhile".to_string(),
                     };
                     let line = format!(
-                        "certificate {} failed ({} challenge): {e}; trying again in {}; {serving}",
+                        "certificate {} failed ({} challenge): {e}; trying again in {} (or at a reload); {serving}",
                         if renewing { "renewal" } else { "issue" },
                         kind.name(),
                         humantime::format_duration(wait),
                     );
-                    // One line per change of state, not one per attempt.
-                    if e != last_error {
+                    // One line per change of state, not one per attempt
+                    // (the URLs in the CA's words change with each order).
+                    let state = without_urls(&e);
+                    if state != last_error {
                         error!(%domain, "{line}");
                     } else {
                         debug!(%domain, "{line}");
                     }
-                    self.certificates.set_problem(&domain, Some(e.clone()));
-                    last_error = e;
-                    tokio::time::sleep(wait).await;
+                    self.certificates.set_problem(&domain, Some(e));
+                    last_error = state;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = retry.notified() => {
+                            info!(%domain, "trying the certificate again now (a reload)");
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// When `pair` (due at `base` by its lifetime) should be renewed: per
+    /// the CA's renewal information if it offers some, asked again when
+    /// the CA says (`ari` remembers the answer for the certificate).
+    async fn renewal_due(
+        &self,
+        domain: &str,
+        pair: &CertifiedKey,
+        base: SystemTime,
+        ari: &mut Option<Ari>,
+    ) -> SystemTime {
+        if self.ari_unsupported.load(Ordering::Relaxed) {
+            return base;
+        }
+        let Some(id) = certificate_id(pair) else {
+            return base;
+        };
+        let key = id.to_string();
+        let now = SystemTime::now();
+        if let Some(known) = ari.as_ref().filter(|a| a.id == key)
+            && now < known.next_check
+        {
+            return known.due;
+        }
+        let previous = ari.take().filter(|a| a.id == key);
+        let answer = match self.account().await {
+            Err(e) => Err(e),
+            Ok(account) => {
+                match tokio::time::timeout(STEP_TIMEOUT, account.renewal_info(&id)).await {
+                    Err(_) => Err(format!(
+                        "no answer within {}",
+                        humantime::format_duration(STEP_TIMEOUT)
+                    )),
+                    Ok(Err(instant_acme::Error::Unsupported(_))) => {
+                        if !self.ari_unsupported.swap(true, Ordering::Relaxed) {
+                            info!(
+                                directory = %self.settings.directory,
+                                "the ACME server gives no renewal information (ARI): certificates are renewed two thirds into their lifetime"
+                            );
+                        }
+                        return base;
+                    }
+                    Ok(Err(e)) => Err(printable(&with_causes(&e))),
+                    Ok(Ok(answer)) => Ok(answer),
+                }
+            }
+        };
+        let (start, end) = validity(pair).unwrap_or_default();
+        let lifetime = (unix_time(start), unix_time(end));
+        let next = match answer {
+            Ok((info, retry)) => {
+                let window = (
+                    SystemTime::from(info.suggested_window.start),
+                    SystemTime::from(info.suggested_window.end),
+                );
+                // The same window keeps its moment; a new one gets another.
+                let pick = match &previous {
+                    Some(p) if p.window == Some(window) => p.pick,
+                    _ => pick_in(window, random_fraction()),
+                };
+                let due = ari_due(pick, lifetime);
+                if previous.as_ref().is_none_or(|p| p.window != Some(window)) {
+                    info!(
+                        %domain,
+                        explanation = info.explanation_url.as_deref().map(printable).unwrap_or_default(),
+                        "the CA suggests renewing between {} and {}: renewal set for {}",
+                        humantime::format_rfc3339_seconds(window.0),
+                        humantime::format_rfc3339_seconds(window.1),
+                        humantime::format_rfc3339_seconds(due.max(now)),
+                    );
+                }
+                Ari {
+                    id: key,
+                    window: Some(window),
+                    pick,
+                    due,
+                    next_check: now + retry.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX),
+                    failed: false,
+                }
+            }
+            Err(e) => {
+                let due = previous.as_ref().map_or(base, |p| p.due);
+                if previous.as_ref().is_none_or(|p| !p.failed) {
+                    warn!(
+                        %domain,
+                        "the CA's renewal information could not be had ({e}): renewal stays set for {}; asking again in {}",
+                        humantime::format_rfc3339_seconds(due.max(now)),
+                        humantime::format_duration(ARI_RETRY),
+                    );
+                }
+                Ari {
+                    id: key,
+                    window: previous.as_ref().and_then(|p| p.window),
+                    pick: previous.as_ref().map_or(base, |p| p.pick),
+                    due,
+                    next_check: now + ARI_RETRY,
+                    failed: true,
+                }
+            }
+        };
+        let due = next.due;
+        *ari = Some(next);
+        due
     }
 
     /// The account, loaded from its file or created (and saved) first.
@@ -396,6 +665,7 @@ impl Acme {
                         "the ACME account could not be saved ({e}): a restart will create another"
                     );
                 }
+                self.account_gone.store(false, Ordering::Relaxed);
                 info!(directory = %self.settings.directory, account = %path.display(), "ACME account created");
                 account
             }
@@ -421,18 +691,43 @@ impl Acme {
 
     /// Orders, validates and fetches a certificate for `domain`, and keeps
     /// it on disk.
-    async fn issue(&self, domain: &str, kind: ChallengeKind) -> Result<Arc<CertifiedKey>, String> {
+    /// A renewal names the certificate it `replaces` when the server has
+    /// renewal information (some CAs then lift rate limits); if the order
+    /// is refused with it, it is made again without.
+    async fn issue(
+        &self,
+        domain: &str,
+        kind: ChallengeKind,
+        replaces: Option<&CertificateIdentifier<'static>>,
+    ) -> Result<(Arc<CertifiedKey>, Vec<u8>), String> {
+        if let Some(ca) = &self.local {
+            return ca.issue(domain);
+        }
         let account = self.account().await?;
         let identifiers = [Identifier::Dns(domain.to_string())];
-        let mut order = step("new order", account.new_order(&NewOrder::new(&identifiers)))
+        let replacing = match replaces {
+            Some(id) => step(
+                "new order",
+                account.new_order(&NewOrder::new(&identifiers).replaces(id.clone())),
+            )
             .await
             .inspect_err(|e| {
-                if e.contains("accountDoesNotExist") {
-                    self.account_gone.store(true, Ordering::Relaxed);
-                } else if e.contains("unauthorized") && e.contains("deactivated") {
-                    self.account_dead.store(true, Ordering::Relaxed);
-                }
-            })?;
+                debug!(%domain, "a renewal order naming the old certificate was refused ({}): ordering without", printable(e));
+            })
+            .ok(),
+            None => None,
+        };
+        let mut order = match replacing {
+            Some(order) => Ok(order),
+            None => step("new order", account.new_order(&NewOrder::new(&identifiers))).await,
+        }
+        .inspect_err(|e| {
+            if e.contains("accountDoesNotExist") {
+                self.account_gone.store(true, Ordering::Relaxed);
+            } else if e.contains("unauthorized") && e.contains("deactivated") {
+                self.account_dead.store(true, Ordering::Relaxed);
+            }
+        })?;
         let mut pending = Pending {
             challenges: Arc::clone(self.certificates.challenges()),
             tokens: Vec::new(),
@@ -501,32 +796,32 @@ impl Acme {
             order.poll_certificate(&RetryPolicy::new().timeout(POLL_TIMEOUT)),
         )
         .await?;
-        let path = self.path(domain);
-        let key_pem = key.serialize_pem();
-        let domain = domain.to_string();
-        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
-            .next()
-            .and_then(Result::ok)
-            .ok_or("the CA sent no certificate")?;
-        let name = rustls_pki_types::ServerName::try_from(domain.to_string())
-            .map_err(|e| format!("`{domain}`: {e}"))?;
-        webpki::EndEntityCert::try_from(&leaf)
-            .ok()
-            .filter(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
-            .ok_or_else(|| format!("the certificate issued does not cover `{domain}`"))?;
-        tokio::task::spawn_blocking(move || {
-            let mut pem = chain.trim_end().to_string();
-            pem.push('\n');
-            pem.push_str(&key_pem);
-            save_private(&path, pem.as_bytes())?;
-            let pair = load_pair(&path, &path)?;
-            if !covers(&pair, &domain) {
-                return Err(format!("the certificate issued does not cover `{domain}`"));
-            }
-            Ok(Arc::new(pair))
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        if chain.len() > MAX_CHAIN {
+            return Err(format!(
+                "the CA sent a certificate chain of {} bytes (at most {MAX_CHAIN} are taken)",
+                chain.len()
+            ));
+        }
+        // Checked whole in memory: what is kept on disk is a good pair.
+        let mut pem = chain.trim_end().to_string();
+        pem.push('\n');
+        pem.push_str(&key.serialize_pem());
+        let pair = parse_pair(
+            pem.as_bytes(),
+            pem.as_bytes(),
+            "the CA's certificate",
+            "its key",
+        )?;
+        if !covers(&pair, domain) {
+            return Err(format!("the certificate issued does not cover `{domain}`"));
+        }
+        if validity(&pair).is_none_or(|(_, end)| end <= unix_now()) {
+            return Err(format!(
+                "the certificate issued has expired or has no dates ({})",
+                describe_validity(&pair)
+            ));
+        }
+        Ok((Arc::new(pair), pem.into_bytes()))
     }
 }
 
@@ -693,33 +988,106 @@ fn renew_at(pair: &CertifiedKey) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(start.saturating_add(lifetime / 3 * 2)))
 }
 
+/// What the CA said of one certificate's renewal (ARI).
+struct Ari {
+    /// The certificate (its ARI identifier).
+    id: String,
+    /// The suggested window, once had.
+    window: Option<(SystemTime, SystemTime)>,
+    /// The moment picked in the window.
+    pick: SystemTime,
+    /// When renewal is due (the pick, bounded by the lifetime).
+    due: SystemTime,
+    /// When to ask the CA again.
+    next_check: SystemTime,
+    /// The last question failed (logged once until one succeeds).
+    failed: bool,
+}
+
+/// The ARI identifier of `pair`'s certificate (its issuer's key
+/// identifier and its serial number), if it has one.
+fn certificate_id(pair: &CertifiedKey) -> Option<CertificateIdentifier<'static>> {
+    let leaf = pair.cert.first()?;
+    CertificateIdentifier::try_from(leaf)
+        .ok()
+        .map(CertificateIdentifier::into_owned)
+}
+
+fn unix_time(seconds: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+}
+
+/// A uniformly random number in [0, 1).
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    if provider().secure_random.fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The moment `fraction` of the way into `window` (its start if the window
+/// is empty or backwards).
+fn pick_in(window: (SystemTime, SystemTime), fraction: f64) -> SystemTime {
+    let (start, end) = window;
+    let width = end.duration_since(start).unwrap_or_default();
+    start + width.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+/// When to renew given the moment picked in the CA's window: that moment,
+/// but never later than five sixths into the certificate's `lifetime`
+/// (a window the CA gets wrong cannot let the certificate run out).
+fn ari_due(pick: SystemTime, lifetime: (SystemTime, SystemTime)) -> SystemTime {
+    let (start, end) = lifetime;
+    let latest = start + end.duration_since(start).unwrap_or_default() / 6 * 5;
+    pick.min(latest)
+}
+
+/// The least time between two orders for one domain: a tenth of the new
+/// certificate's lifetime, at most an hour.
+fn min_between_orders(pair: &CertifiedKey) -> Duration {
+    let lifetime = validity(pair)
+        .and_then(|(start, end)| u64::try_from(end.saturating_sub(start)).ok())
+        .unwrap_or(0);
+    Duration::from_secs(lifetime / 10).min(Duration::from_secs(3600))
+}
+
+/// `text` with its URLs taken out: what stays the same from one failed
+/// order to the next.
+fn without_urls(text: &str) -> String {
+    text.split(' ')
+        .map(|word| if word.contains("://") { "URL" } else { word })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// How long to wait after the `failures`-th failure in a row: doubling
 /// from five minutes up to six hours, but at most a quarter of the time the
-/// current certificate has left (at least a second), so a renewal gets
-/// several tries before it expires.
+/// current certificate has left, so a renewal gets several tries before it
+/// expires; never less than a minute (a tenth of the lifetime for
+/// certificates shorter than ten minutes).
 fn retry_after(failures: u32, current: Option<&CertifiedKey>) -> Duration {
     let doubling = RETRY_FIRST
         .saturating_mul(1 << failures.saturating_sub(1).min(10))
         .min(RETRY_MAX);
-    let left = current
-        .and_then(validity)
+    let dates = current.and_then(validity);
+    let floor = dates
+        .and_then(|(start, end)| u64::try_from(end.saturating_sub(start)).ok())
+        .map_or(RETRY_FLOOR, |lifetime| {
+            Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), RETRY_FLOOR)
+        });
+    let left = dates
         .map(|(_, end)| end.saturating_sub(unix_now()))
         .filter(|left| *left > 0);
     let wait = match left {
-        Some(left) => doubling.min(
-            Duration::from_secs(u64::try_from(left / 4).unwrap_or(0)).max(Duration::from_secs(1)),
-        ),
+        Some(left) => {
+            doubling.min(Duration::from_secs(u64::try_from(left / 4).unwrap_or(0)).max(floor))
+        }
         None => doubling,
     };
     // Up to a tenth more, so domains that failed together do not retry
     // together.
-    let jitter = u64::from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos(),
-    ) % (wait.as_millis() as u64 / 10 + 1);
-    wait + Duration::from_millis(jitter)
+    wait + wait.mul_f64(random_fraction() / 10.0)
 }
 
 fn describe_validity(pair: &CertifiedKey) -> String {
@@ -738,15 +1106,23 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// A directory name for the ACME server of `url` (its host and port).
+/// A directory name for the ACME server of `url`: its host, port and path
+/// (two directories on one host are two CAs, e.g. step-ca provisioners).
 fn server_dir(url: &str) -> String {
-    let authority = url
+    let name = url
         .parse::<http::Uri>()
         .ok()
-        .and_then(|u| u.authority().map(|a| a.as_str().to_string()))
+        .and_then(|u| {
+            let authority = u.authority()?.as_str().to_string();
+            let path = u.path().trim_matches('/').replace('/', "-");
+            Some(if path.is_empty() {
+                authority
+            } else {
+                format!("{authority}-{path}")
+            })
+        })
         .unwrap_or_else(|| "acme".to_string());
-    authority
-        .chars()
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
                 c
@@ -762,7 +1138,7 @@ fn serialize(credentials: &AccountCredentials) -> Result<Vec<u8>, String> {
 }
 
 /// Creates `dir` and its parents, 0700.
-fn private_dir(dir: &Path) -> Result<(), String> {
+pub(super) fn private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -772,7 +1148,7 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Writes `bytes` to `path` whole or not at all, readable by bext only.
-fn save_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(super) fn save_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write;
     let failed = |e: std::io::Error| format!("{}: {e}", path.display());
     let dir = path
@@ -813,17 +1189,32 @@ mod tests {
 
     #[test]
     fn the_server_directory_names_its_host_and_port() {
-        assert_eq!(server_dir(LETS_ENCRYPT), "acme-v02.api.letsencrypt.org");
-        assert_eq!(server_dir("https://127.0.0.1:14000/dir"), "127.0.0.1_14000");
+        assert_eq!(
+            server_dir(LETS_ENCRYPT),
+            "acme-v02.api.letsencrypt.org-directory"
+        );
+        assert_eq!(
+            server_dir("https://127.0.0.1:14000/dir"),
+            "127.0.0.1_14000-dir"
+        );
+        assert_eq!(
+            server_dir("https://ca.test/acme/b/directory"),
+            "ca.test-acme-b-directory"
+        );
+        assert_eq!(server_dir("https://ca.test"), "ca.test");
         assert_eq!(server_dir("not a url"), "acme");
     }
 
     fn certificate(days_before: i64, days_after: i64) -> CertifiedKey {
+        certificate_secs(days_before * 86_400, days_after * 86_400)
+    }
+
+    fn certificate_secs(before: i64, after: i64) -> CertifiedKey {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).expect("params");
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(days_before);
-        params.not_after = now + time::Duration::days(days_after);
+        params.not_before = now - time::Duration::seconds(before);
+        params.not_after = now + time::Duration::seconds(after);
         let cert = params.self_signed(&key).expect("cert");
         let signing = provider()
             .key_provider
@@ -862,6 +1253,68 @@ mod tests {
         // Expired: no hurry beyond the doubling.
         let expired = certificate(90, -1);
         assert!(within(retry_after(3, Some(&expired)), 1200));
+        // An hour left: a quarter of it, then no less than a minute.
+        let hour = certificate_secs(90 * 86_400, 3600);
+        assert!(within(retry_after(30, Some(&hour)), 900));
+        let minute = certificate_secs(90 * 86_400, 30);
+        assert!(within(retry_after(30, Some(&minute)), 60));
+        // A certificate of a few minutes: a tenth of its lifetime.
+        let short = certificate_secs(36, 4);
+        assert!(within(retry_after(30, Some(&short)), 4));
+    }
+
+    #[test]
+    fn renewal_follows_the_cas_window_within_the_lifetime() {
+        let day = Duration::from_secs(86_400);
+        let issued = UNIX_EPOCH + 20_000 * day;
+        let lifetime = (issued, issued + 90 * day);
+        let window = (issued + 60 * day, issued + 62 * day);
+        // A uniform pick across the window, ends included.
+        assert_eq!(pick_in(window, 0.0), window.0);
+        assert_eq!(pick_in(window, 0.5), issued + 61 * day);
+        assert!(pick_in(window, 0.999_999) <= window.1);
+        // A backwards window means its start.
+        assert_eq!(pick_in((window.1, window.0), 0.7), window.1);
+        // An early window (the CA wants the certificate replaced) is kept.
+        let early = pick_in((issued + day, issued + 2 * day), 0.0);
+        assert_eq!(ari_due(early, lifetime), issued + day);
+        // A window past five sixths of the lifetime is cut there.
+        let late = pick_in((issued + 89 * day, issued + 95 * day), 0.5);
+        assert_eq!(ari_due(late, lifetime), issued + 75 * day);
+        let picks: Vec<f64> = (0..64).map(|_| random_fraction()).collect();
+        assert!(picks.iter().all(|f| (0.0..1.0).contains(f)));
+        assert!(
+            picks.windows(2).any(|w| w[0] != w[1]),
+            "the picks are not random"
+        );
+    }
+
+    #[test]
+    fn an_issued_certificate_has_an_ari_identifier() {
+        // A certificate signed by a CA carries the CA's key identifier.
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut leaf = rcgen::CertificateParams::new(vec!["a.test".to_string()]).expect("params");
+        leaf.use_authority_key_identifier_extension = true;
+        leaf.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x02, 0x03]));
+        let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+        let signing = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
+            .expect("key");
+        let pair = CertifiedKey::new(vec![cert.der().clone(), ca_cert.der().clone()], signing);
+        let id = certificate_id(&pair).expect("an identifier");
+        assert_eq!(id.serial, "AQID");
+        assert!(!id.authority_key_identifier.is_empty());
+        // A self-signed one without the extension has none.
+        assert!(certificate_id(&certificate(1, 89)).is_none());
     }
 
     #[test]

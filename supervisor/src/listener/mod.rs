@@ -7,6 +7,7 @@
 //! what happens next.
 
 pub mod acme;
+mod local_ca;
 pub mod redirect;
 mod timed;
 pub mod tls;

@@ -1,14 +1,18 @@
 //! The plain-HTTP listener beside an HTTPS one: every request is sent to
 //! the same host, path and query over `https://` (308, which keeps the
 //! method and body); ACME HTTP-01 challenges of bext's own orders are
-//! answered here.
+//! answered here. A challenge token bext did not ask for is redirected
+//! only for the apps' own domains (an app may renew a certificate of its
+//! own that way); for any other name it gets 404, so no app can pass a
+//! CA's validation for a name it does not have (the validator would follow
+//! the redirect to whichever app answers unknown names).
 
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
-use super::tls::Challenges;
+use super::tls::Certificates;
 use super::{Handler, Peer};
 use crate::body::{self, Body};
 
@@ -17,17 +21,18 @@ use crate::body::{self, Body};
 pub struct ToHttps {
     /// Left out of the `Location` when it is 443.
     https_port: u16,
-    challenges: Option<Arc<Challenges>>,
+    /// The apps' domains and the pending challenges (multi-app mode).
+    certificates: Option<Arc<Certificates>>,
 }
 
 /// Where ACME validators ask for HTTP-01 key authorizations.
 const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 impl ToHttps {
-    pub fn new(https_port: u16, challenges: Option<Arc<Challenges>>) -> Self {
+    pub fn new(https_port: u16, certificates: Option<Arc<Certificates>>) -> Self {
         ToHttps {
             https_port,
-            challenges,
+            certificates,
         }
     }
 
@@ -38,7 +43,25 @@ impl ToHttps {
         if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
             return None;
         }
-        self.challenges.as_ref()?.http01(token)
+        self.certificates.as_ref()?.challenges().http01(token)
+    }
+
+    /// Whether `req` asks for an HTTP-01 token under a name no app has.
+    fn unclaimed_challenge<B>(&self, req: &Request<B>) -> bool {
+        let Some(certificates) = &self.certificates else {
+            return false;
+        };
+        if !req.uri().path().starts_with(CHALLENGE_PATH) {
+            return false;
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host())
+            .map(crate::router::normalize)
+            .unwrap_or_default();
+        !certificates.claims(&host)
     }
 
     /// `https://host[:port]/path?query` for `req`, or `None` when its host
@@ -82,6 +105,11 @@ impl Handler for ToHttps {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
+            return response;
+        }
+        if self.unclaimed_challenge(&req) {
+            let mut response = Response::new(body::full("no such challenge\n"));
+            *response.status_mut() = StatusCode::NOT_FOUND;
             return response;
         }
         match self.location(&req) {
@@ -132,9 +160,18 @@ mod tests {
 
     #[test]
     fn only_a_pending_token_is_answered() {
-        let challenges = Arc::new(Challenges::default());
+        let certificates = Arc::new(
+            Certificates::load(vec![crate::listener::tls::CertSource {
+                app: "a".into(),
+                domains: vec!["a.test".into()],
+                origin: crate::listener::tls::Origin::Acme,
+                default: false,
+            }])
+            .expect("loads"),
+        );
+        let challenges = Arc::clone(certificates.challenges());
         challenges.set_http01("tok3n", Some("tok3n.thumb".to_string()));
-        let to_https = ToHttps::new(443, Some(Arc::clone(&challenges)));
+        let to_https = ToHttps::new(443, Some(Arc::clone(&certificates)));
         let get = |method: http::Method, target: &str| {
             let req = Request::builder()
                 .method(method)
@@ -161,6 +198,45 @@ mod tests {
             get(http::Method::GET, "/.well-known/acme-challenge/tok3n"),
             None
         );
+    }
+
+    #[test]
+    fn an_unknown_token_is_redirected_only_for_the_apps_domains() {
+        use crate::listener::tls::{CertSource, Origin};
+        let source = |app: &str, domain: &str| CertSource {
+            app: app.into(),
+            domains: vec![domain.into()],
+            origin: Origin::Acme,
+            default: false,
+        };
+        let certificates = Arc::new(
+            Certificates::load(vec![source("a", "a.test"), source("w", "*.w.test")])
+                .expect("loads"),
+        );
+        let to_https = ToHttps::new(443, Some(certificates));
+        let unclaimed = |host: &str, target: &str| {
+            let req = Request::get(target)
+                .header(header::HOST, host)
+                .body(())
+                .expect("request");
+            to_https.unclaimed_challenge(&req)
+        };
+        let path = "/.well-known/acme-challenge/t0ken";
+        assert!(!unclaimed("a.test", path));
+        assert!(!unclaimed("A.test:80", path));
+        assert!(!unclaimed("x.w.test", path));
+        assert!(unclaimed("w.test", path));
+        assert!(unclaimed("other.test", path));
+        assert!(unclaimed("", path));
+        // Other paths of unknown names are redirected as always.
+        assert!(!unclaimed("other.test", "/"));
+        // Single-app mode (no certificates): the one app has every name.
+        let single = ToHttps::new(443, None);
+        let req = Request::get(path)
+            .header(header::HOST, "other.test")
+            .body(())
+            .expect("request");
+        assert!(!single.unclaimed_challenge(&req));
     }
 
     #[test]

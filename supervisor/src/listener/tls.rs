@@ -41,27 +41,42 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
         crate::config::read_small_file(path).map_err(|e| format!("{}: {e}", path.display()))
     };
     let cert_pem = read(cert)?;
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+    let key_pem = if key == cert {
+        cert_pem.clone()
+    } else {
+        read(key)?
+    };
+    parse_pair(
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// The pair in PEM `cert_pem` (the chain, leaf first) and `key_pem`, if
+/// the key is the certificate's; errors name `cert_name` and `key_name`.
+pub fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<CertifiedKey, String> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+        .map_err(|e| format!("{cert_name}: not a PEM certificate chain: {e}"))?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate in it", cert.display()));
+        return Err(format!("{cert_name}: no certificate in it"));
     }
-    let key_pem = read(key)?;
-    let private = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    let private = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("{key_name}: not a PEM private key: {e}"))?;
     let signing = provider()
         .key_provider
         .load_private_key(private)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
+        .map_err(|e| format!("{key_name}: {e}"))?;
     let pair = CertifiedKey::new(chain, signing);
-    pair.keys_match().map_err(|_| {
-        format!(
-            "{} is not the key of the certificate in {}",
-            key.display(),
-            cert.display()
-        )
-    })?;
+    pair.keys_match()
+        .map_err(|_| format!("{key_name} is not the key of the certificate in {cert_name}"))?;
     Ok(pair)
 }
 
@@ -338,6 +353,26 @@ impl Certificates {
         state.issued.insert(domain.to_string(), pair);
         state.problems.remove(domain);
         self.publish(&state);
+    }
+
+    /// The ACME certificate `domain` has now, if any.
+    pub fn issued(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        self.state.lock().ok()?.issued.get(domain).cloned()
+    }
+
+    /// Whether `host` is one of the apps' domains (or under one of their
+    /// wildcards).
+    pub fn claims(&self, host: &str) -> bool {
+        let Ok(state) = self.state.lock() else {
+            return false;
+        };
+        state.sources.iter().flat_map(|s| &s.domains).any(|d| {
+            d == host
+                || d.strip_prefix("*.").is_some_and(|suffix| {
+                    host.strip_suffix(suffix)
+                        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+                })
+        })
     }
 
     /// Records (or clears) why `domain`'s ACME certificate could not be

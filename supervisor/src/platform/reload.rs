@@ -103,13 +103,23 @@ impl Platform {
     }
 
     fn load_new_config(&self) -> Result<PlatformConfig, String> {
-        let mut new = PlatformConfig::load_listening(&self.config_path, self.listen_override)
-            .map_err(|e| e.to_string())?;
         let current = &self.config;
-        if new.listen != current.listen {
-            warn!(old = %current.listen, new = %new.listen, "[platform] listen changed; restart bext to apply it");
-            new.listen = current.listen;
+        // Read as bext listens now (the listen address, and whether it is
+        // HTTPS, are settled at start): an edit of `listen` alone must not
+        // make the rest of the file fail (e.g. port 443 asking apps for
+        // certificates) and lose the other edits.
+        let mut new = PlatformConfig::load_listening(
+            &self.config_path,
+            Some(self.listen_override.unwrap_or(current.listen)),
+        )
+        .map_err(|e| e.to_string())?;
+        if self.listen_override.is_none()
+            && let Ok(file) = PlatformConfig::load(&self.config_path)
+            && file.listen != current.listen
+        {
+            warn!(old = %current.listen, new = %file.listen, "[platform] listen changed; restart bext to apply it");
         }
+        new.listen = current.listen;
         if new.data_dir != current.data_dir {
             warn!(old = %current.data_dir.display(), new = %new.data_dir.display(), "[platform] data_dir changed; restart bext to apply it");
             new.data_dir = current.data_dir.clone();
@@ -137,7 +147,11 @@ impl Platform {
         // Still HTTPS (the listener is): an app without a certificate of
         // its own gets its domains' from ACME, as the file was not checked
         // with [platform.tls].
-        if new.tls.is_some() {
+        if new
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.acme.issuer == crate::listener::acme::Issuer::Acme)
+        {
             for app in new.apps.iter().filter(|a| a.tls.is_none()) {
                 if let Some(why) = app
                     .domains
