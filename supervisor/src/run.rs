@@ -104,18 +104,43 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     // that redirects to it.
     let tls = match &config.server.tls {
         Some(tls) => {
+            let origin = match &tls.files {
+                Some((cert, key)) => Origin::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                None => Origin::Acme,
+            };
             let certificates = Arc::new(
                 Certificates::load(vec![CertSource {
                     app: "app".to_string(),
                     domains: tls.domains.clone(),
-                    origin: Origin::Files {
-                        cert: tls.cert.clone(),
-                        key: tls.key.clone(),
-                    },
+                    origin,
                     default: true,
                 }])
                 .map_err(RunError::Tls)?,
             );
+            // Automatic certificates: kept in the data directory, those
+            // kept from an earlier run served from the first handshake.
+            let acme = match &tls.files {
+                Some(_) => None,
+                None => {
+                    let data_dir = config
+                        .server
+                        .data_dir
+                        .clone()
+                        .unwrap_or_else(default_data_dir);
+                    let acme = crate::listener::acme::Acme::new(
+                        tls.acme.clone(),
+                        &data_dir,
+                        Arc::clone(&certificates),
+                    )
+                    .map_err(RunError::Tls)?;
+                    acme.load_kept();
+                    info!(data_dir = %data_dir.display(), domains = ?tls.domains, "automatic certificates");
+                    Some(acme)
+                }
+            };
             let server = crate::listener::tls::server_config(Arc::clone(&certificates))
                 .map_err(RunError::Tls)?;
             let plain =
@@ -125,7 +150,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
                         addr: tls.http_listen,
                         source,
                     })?;
-            Some((certificates, server, plain))
+            Some((certificates, acme, server, plain))
         }
         None => None,
     };
@@ -154,6 +179,9 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             .filter(|t| !t.is_empty()),
     };
     let metrics = Arc::new(Metrics::new());
+    if let Some((certificates, _, _, _)) = &tls {
+        metrics.set_certificates(Arc::clone(certificates));
+    }
     // Signals are handled from here on, the build included: a SIGTERM
     // during `next build` stops it (and everything it started) and exits.
     let shutdown = Shutdown::default();
@@ -194,8 +222,15 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         }
     };
     let limits = app.settings.config.server.limits;
-    let (server_tls, redirect, _watcher) = match tls {
-        Some((certificates, server, plain)) => {
+    let (server_tls, redirect, _watcher, acme, challenged) = match tls {
+        Some((certificates, acme, server, plain)) => {
+            // Unknown challenge tokens of other names get 404 only with
+            // automatic certificates (with files, the app may renew its
+            // own through the redirect).
+            let challenged = acme.as_ref().map(|_| Arc::clone(&certificates));
+            if let Some(acme) = &acme {
+                acme.sync();
+            }
             // A certificate replaced on disk is taken within a second.
             let watcher = crate::listener::tls::watch(certificates)
                 .inspect_err(|e| warn!("the certificate files are not watched: {e}"))
@@ -204,9 +239,9 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
                 .local_addr()
                 .map_err(|source| RunError::Listen { addr, source })?;
             info!(addr = %plain_addr, "redirecting http://{plain_addr} to https://");
-            (Some(server), Some(plain), watcher)
+            (Some(server), Some(plain), watcher, acme, challenged)
         }
-        None => (None, None, None),
+        None => (None, None, None, None, None),
     };
     let serving = async {
         let https = crate::listener::serve(
@@ -222,7 +257,10 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             let Some(plain) = redirect else {
                 return Ok(true);
             };
-            let to_https = Arc::new(crate::listener::redirect::ToHttps::new(addr.port(), None));
+            let to_https = Arc::new(crate::listener::redirect::ToHttps::new(
+                addr.port(),
+                challenged,
+            ));
             crate::listener::serve(plain, to_https, limits, &shutdown, grace, &shards, None).await
         };
         let (served, redirected) = futures_util::future::join(https, redirecting).await;
@@ -241,6 +279,9 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
             let _ = std::fs::remove_file(path);
         }
     }
+    if let Some(acme) = &acme {
+        acme.stop();
+    }
     if let Err(source) = served {
         app.stop(grace, &shutdown.immediate).await;
         return Err(RunError::Listen { addr, source });
@@ -249,6 +290,26 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     crate::memory::release();
     info!("bye");
     Ok(())
+}
+
+/// Where `bext run` keeps its state (automatic certificates) when
+/// `[server] data_dir` is not set: `/var/lib/bext` for root (as `bext
+/// serve`), else `$XDG_DATA_HOME/bext` (`~/.local/share/bext`).
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/bext");
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".local/share"))
+        })
+        .unwrap_or_else(std::env::temp_dir)
+        .join("bext")
 }
 
 /// SIGTERM or SIGINT starts the graceful shutdown; a second one stops

@@ -628,3 +628,57 @@ domains = ["localhost"]
         "nothing made again"
     );
 }
+
+/// Single-app mode: `[server.tls]` in `bext.config.toml` with domains and
+/// no `cert`/`key` gets each domain's certificate from the ACME server
+/// (HTTP-01 on `http_listen`), kept under `[server] data_dir` (0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_acme_single_app_gets_its_certificate() {
+    const DOMAIN: &str = "single.example.com";
+    let (https, http) = (free_tcp_port(), free_tcp_port());
+    let pebble = Pebble::start(http, https, Duration::from_secs(3600));
+    let app = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        crate::support::fixture("static").join("index.html"),
+        app.path().join("index.html"),
+    )
+    .expect("copy");
+    // Not inside the app's directory: a static site would serve it.
+    let data = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        app.path().join("bext.config.toml"),
+        format!(
+            r#"
+[server]
+data_dir = "{data}"
+
+[server.tls]
+domains = ["{DOMAIN}"]
+http_listen = "127.0.0.1:{http}"
+acme_email = "ops@example.com"
+acme_directory = "{directory}"
+acme_ca_root = "{root}"
+acme_challenges = ["http-01"]
+"#,
+            data = data.path().display(),
+            directory = pebble.directory(),
+            root = pebble.https_root.display(),
+        ),
+    )
+    .expect("config");
+    let bext = crate::support::Bext::run(app.path(), &["--listen", &format!("127.0.0.1:{https}")]);
+    let issued = certificate_line(&bext, DOMAIN, "issued", 1, Duration::from_secs(60));
+    assert_eq!(issued["challenge"], "http-01", "{issued}");
+    let root = pebble.issuing_root().await;
+    served(bext.addr, DOMAIN, &root).await;
+    let kept = data
+        .path()
+        .join("acme")
+        .join(format!(
+            "{}-dir",
+            pebble.listen.to_string().replace(':', "_")
+        ))
+        .join("certs")
+        .join(format!("{DOMAIN}.pem"));
+    assert_eq!(mode(&kept), 0o600, "{}", kept.display());
+}

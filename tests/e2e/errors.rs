@@ -30,7 +30,7 @@ fn a_typo_in_the_config_is_located_and_corrected_by_check_and_run() {
     let expected = format!(
         "bext: error: {}:3:1: key `server.static_dri`: unknown key; valid keys here: listen, static_dir, \
          upstream_timeout_ms, queue_timeout_ms, shutdown_grace_ms, client_header_timeout_ms, \
-         keepalive_timeout_ms, send_timeout_ms, trusted_proxies, admin_networks, access_log, tls; \
+         keepalive_timeout_ms, send_timeout_ms, trusted_proxies, admin_networks, access_log, data_dir, tls; \
          did you mean `static_dir`?",
         config.display()
     );

@@ -95,20 +95,27 @@ pub struct ServerConfig {
     /// Clients allowed the full health report and the metrics.
     pub admin_networks: Vec<ipnet::IpNet>,
     pub access_log: bool,
-    /// `[server.tls]`: the listener is HTTPS.
-    pub tls: Option<ServerTls>,
+    /// `[server.tls]`: the listener is HTTPS (boxed: every config is
+    /// carried in futures, and most have no TLS).
+    pub tls: Option<Box<ServerTls>>,
+    /// bext's state (automatic certificates); `None`: the default for
+    /// the user bext runs as (see `run::default_data_dir`).
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `[server.tls]` (single-app mode): the certificate, checked when the
 /// file is read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerTls {
-    /// PEM: the chain after the leaf. Absolute (relative paths are
-    /// relative to the config file).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Names the certificate must cover (lowercase; `*.` wildcards).
+    /// `cert` and `key`: PEM, the chain after the leaf in `cert`.
+    /// Absolute (relative paths are relative to the config file). `None`:
+    /// a certificate per domain, automatic (`acme`).
+    pub files: Option<(PathBuf, PathBuf)>,
+    /// Names the certificate must cover, or that get automatic ones
+    /// (lowercase; `*.` wildcards).
     pub domains: Vec<String>,
+    /// How automatic certificates are had.
+    pub acme: crate::listener::acme::AcmeSettings,
     /// Plain HTTP: redirects to `https://` (308).
     pub http_listen: SocketAddr,
     /// `Strict-Transport-Security: max-age`.
@@ -288,7 +295,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: raw::RawConfig = diag::deserialize(path, text)?;
         let tls = match raw.server.as_ref().and_then(|s| s.tls.as_ref()) {
-            Some(tls) => Some(server_tls(path, text, tls, &raw)?),
+            Some(tls) => Some(Box::new(server_tls(path, text, tls, &raw)?)),
             None => None,
         };
         let mut config = Self::from_raw(Some(path.to_path_buf()), raw);
@@ -303,6 +310,10 @@ impl Config {
         let isolate = raw.isolate.unwrap_or_default();
         let compression = raw.compression.unwrap_or_default().settings();
         let ms = |m: Millis| m.0;
+        let base = source
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
         Config {
             source,
             server: ServerConfig {
@@ -332,6 +343,11 @@ impl Config {
                 admin_networks: server.admin_networks.unwrap_or_else(loopback),
                 access_log: server.access_log.unwrap_or(true),
                 tls: None,
+                // Relative to the config file, like the certificate paths.
+                data_dir: server.data_dir.map(|d| match &base {
+                    Some(base) if d.is_relative() => base.join(d),
+                    _ => d,
+                }),
             },
             isr: IsrConfig {
                 enabled: isr.enabled.unwrap_or(true),
@@ -408,28 +424,108 @@ fn server_tls(
             base.join(p)
         }
     };
-    let (cert, key) = (
-        absolute(table.cert.get_ref()),
-        absolute(table.key.get_ref()),
-    );
-    let pair = crate::listener::tls::load_pair(&cert, &key)
-        .map_err(|why| invalid(table.cert.span().start, "server.tls.cert".to_string(), why))?;
+    let acme = platform::acme_settings(
+        &platform::AcmeKeys {
+            prefix: "server.tls",
+            issuer: table.issuer,
+            email: table.acme_email.as_ref(),
+            directory: table.acme_directory.as_ref(),
+            ca_root: table.acme_ca_root.as_ref(),
+            challenges: table.acme_challenges.as_ref(),
+        },
+        &base,
+        &invalid,
+    )?;
+    let files = match (&table.cert, &table.key) {
+        (Some(cert_at), Some(key_at)) => {
+            let (cert, key) = (absolute(cert_at.get_ref()), absolute(key_at.get_ref()));
+            let pair = crate::listener::tls::load_pair(&cert, &key)
+                .map_err(|why| invalid(cert_at.span().start, "server.tls.cert".to_string(), why))?;
+            Some((cert, key, pair))
+        }
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => {
+            let missing = if table.key.is_none() { "key" } else { "cert" };
+            return Err(invalid(
+                one.span().start,
+                format!("server.tls.{missing}"),
+                "give both cert and key, or neither for automatic certificates (per domain)"
+                    .to_string(),
+            ));
+        }
+    };
+    // Keys for automatic certificates beside cert and key would do
+    // nothing: say so rather than ignore them.
+    if files.is_some() {
+        let unused = [
+            (
+                "acme_email",
+                table.acme_email.as_ref().map(|s| s.span().start),
+            ),
+            (
+                "acme_directory",
+                table.acme_directory.as_ref().map(|s| s.span().start),
+            ),
+            (
+                "acme_ca_root",
+                table.acme_ca_root.as_ref().map(|s| s.span().start),
+            ),
+            (
+                "acme_challenges",
+                table.acme_challenges.as_ref().map(|s| s.span().start),
+            ),
+        ];
+        if let Some((key, at)) = unused.iter().find_map(|(k, at)| at.map(|at| (k, at))) {
+            return Err(invalid(
+                at,
+                format!("server.tls.{key}"),
+                "has no effect with cert and key (it is for automatic certificates): remove one or the other".to_string(),
+            ));
+        }
+        if table.issuer.is_some() {
+            return Err(invalid(
+                tls.span().start,
+                "server.tls.issuer".to_string(),
+                "has no effect with cert and key (it is for automatic certificates): remove one or the other".to_string(),
+            ));
+        }
+    }
     let mut domains = Vec::new();
     for (i, domain) in table.domains.iter().enumerate() {
         let key = format!("server.tls.domains[{i}]");
         let name = platform::normalize_domain(domain.get_ref())
             .map_err(|why| invalid(domain.span().start, key.clone(), why))?;
-        if !crate::listener::tls::covers(&pair, &name) {
-            return Err(invalid(
-                domain.span().start,
-                key,
-                format!(
-                    "the certificate of server.tls.cert ({}) does not cover `{name}`",
-                    cert.display()
-                ),
-            ));
+        match &files {
+            Some((cert, _, pair)) if !crate::listener::tls::covers(pair, &name) => {
+                return Err(invalid(
+                    domain.span().start,
+                    key,
+                    format!(
+                        "the certificate of server.tls.cert ({}) does not cover `{name}`",
+                        cert.display()
+                    ),
+                ));
+            }
+            None if acme.issuer == crate::listener::acme::Issuer::Acme => {
+                if let Some(why) = crate::listener::acme::unusable(&name) {
+                    return Err(invalid(
+                        domain.span().start,
+                        key,
+                        format!("{why} (server.tls cert and key)"),
+                    ));
+                }
+            }
+            _ => {}
         }
         domains.push(name);
+    }
+    if files.is_none() && domains.is_empty() {
+        return Err(invalid(
+            tls.span().start,
+            "server.tls.domains".to_string(),
+            "name the domains to get certificates for (automatic), or give cert and key"
+                .to_string(),
+        ));
     }
     let http_listen = table
         .http_listen
@@ -455,9 +551,9 @@ fn server_tls(
         ));
     }
     Ok(ServerTls {
-        cert,
-        key,
+        files: files.map(|(cert, key, _)| (cert, key)),
         domains,
+        acme,
         http_listen,
         hsts: table.hsts.map(|d| d.0).filter(|d| !d.is_zero()),
     })

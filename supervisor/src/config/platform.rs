@@ -72,6 +72,17 @@ struct RawPlatform {
     compression: Option<super::raw::RawCompression>,
 }
 
+/// The ACME keys of `[platform.tls]` or `[server.tls]`, named under
+/// `prefix` in errors.
+pub(super) struct AcmeKeys<'a> {
+    pub(super) prefix: &'static str,
+    pub(super) issuer: Option<crate::listener::acme::Issuer>,
+    pub(super) email: Option<&'a Spanned<String>>,
+    pub(super) directory: Option<&'a Spanned<String>>,
+    pub(super) ca_root: Option<&'a Spanned<PathBuf>>,
+    pub(super) challenges: Option<&'a Spanned<Vec<crate::listener::acme::ChallengeKind>>>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlatformTls {
@@ -598,7 +609,18 @@ impl PlatformConfig {
             Some(table) => {
                 let at = table.span().start;
                 let table = table.into_inner();
-                let acme = acme_settings(&table, &base, &invalid)?;
+                let acme = acme_settings(
+                    &AcmeKeys {
+                        prefix: "platform.tls",
+                        issuer: table.issuer,
+                        email: table.acme_email.as_ref(),
+                        directory: table.acme_directory.as_ref(),
+                        ca_root: table.acme_ca_root.as_ref(),
+                        challenges: table.acme_challenges.as_ref(),
+                    },
+                    &base,
+                    &invalid,
+                )?;
                 let http_listen = table
                     .http_listen
                     .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default"));
@@ -884,8 +906,8 @@ pub(crate) mod tests;
 
 /// `[platform.tls]`'s ACME keys, checked: an email address, an `https://`
 /// directory, a readable PEM root, known challenge types.
-fn acme_settings(
-    table: &RawPlatformTls,
+pub(super) fn acme_settings(
+    table: &AcmeKeys<'_>,
     base: &Path,
     invalid: &impl Fn(usize, String, String) -> ConfigError,
 ) -> Result<crate::listener::acme::AcmeSettings, ConfigError> {
@@ -893,7 +915,7 @@ fn acme_settings(
         issuer: table.issuer.unwrap_or_default(),
         ..Default::default()
     };
-    if let Some(email) = &table.acme_email {
+    if let Some(email) = &table.email {
         let text = email.get_ref().trim();
         let plausible = text
             .split_once('@')
@@ -902,13 +924,13 @@ fn acme_settings(
         if !plausible {
             return Err(invalid(
                 email.span().start,
-                "platform.tls.acme_email".to_string(),
+                format!("{}.acme_email", table.prefix),
                 format!("`{text}` is not an email address"),
             ));
         }
         acme.email = Some(text.to_string());
     }
-    if let Some(directory) = &table.acme_directory {
+    if let Some(directory) = &table.directory {
         let url = directory.get_ref().trim();
         let https = url
             .parse::<http::Uri>()
@@ -916,7 +938,7 @@ fn acme_settings(
         if !https {
             return Err(invalid(
                 directory.span().start,
-                "platform.tls.acme_directory".to_string(),
+                format!("{}.acme_directory", table.prefix),
                 format!(
                     "`{url}` is not an https:// URL (Let's Encrypt's is {})",
                     crate::listener::acme::LETS_ENCRYPT
@@ -925,7 +947,7 @@ fn acme_settings(
         }
         acme.directory = url.to_string();
     }
-    if let Some(root) = &table.acme_ca_root {
+    if let Some(root) = &table.ca_root {
         let path = if root.get_ref().is_absolute() {
             root.get_ref().clone()
         } else {
@@ -944,19 +966,19 @@ fn acme_settings(
         if let Err(why) = usable {
             return Err(invalid(
                 root.span().start,
-                "platform.tls.acme_ca_root".to_string(),
+                format!("{}.acme_ca_root", table.prefix),
                 format!("{}: {why}", path.display()),
             ));
         }
         acme.ca_root = Some(path);
     }
-    if let Some(challenges) = &table.acme_challenges {
+    if let Some(challenges) = &table.challenges {
         let mut list = challenges.get_ref().clone();
         list.dedup();
         if list.is_empty() {
             return Err(invalid(
                 challenges.span().start,
-                "platform.tls.acme_challenges".to_string(),
+                format!("{}.acme_challenges", table.prefix),
                 "name at least one: \"http-01\", \"tls-alpn-01\"".to_string(),
             ));
         }

@@ -98,6 +98,7 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) admin_networks: Option<Vec<ipnet::IpNet>>,
     pub(super) access_log: Option<bool>,
+    pub(super) data_dir: Option<PathBuf>,
     pub(super) tls: Option<toml::Spanned<RawServerTls>>,
 }
 
@@ -105,12 +106,17 @@ pub(super) struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServerTls {
-    pub(super) cert: toml::Spanned<PathBuf>,
-    pub(super) key: toml::Spanned<PathBuf>,
+    pub(super) cert: Option<toml::Spanned<PathBuf>>,
+    pub(super) key: Option<toml::Spanned<PathBuf>>,
     #[serde(default)]
     pub(super) domains: Vec<toml::Spanned<String>>,
     pub(super) http_listen: Option<toml::Spanned<SocketAddr>>,
     pub(super) hsts: Option<super::HumanDuration>,
+    pub(super) issuer: Option<crate::listener::acme::Issuer>,
+    pub(super) acme_email: Option<toml::Spanned<String>>,
+    pub(super) acme_directory: Option<toml::Spanned<String>>,
+    pub(super) acme_ca_root: Option<toml::Spanned<PathBuf>>,
+    pub(super) acme_challenges: Option<toml::Spanned<Vec<crate::listener::acme::ChallengeKind>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

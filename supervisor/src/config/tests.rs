@@ -236,7 +236,10 @@ fn server_tls_is_checked_when_the_file_is_read() {
     let ok = parse("[server.tls]\ncert = \"site.pem\"\nkey = \"site.key\"\ndomains = [\"Site.Test\"]\nhsts = \"1y\"\n")
         .expect("valid");
     let tls = ok.server.tls.expect("tls");
-    assert_eq!(tls.cert, dir.path().join("site.pem"));
+    assert_eq!(
+        tls.files,
+        Some((dir.path().join("site.pem"), dir.path().join("site.key")))
+    );
     assert_eq!(tls.domains, ["site.test"]);
     assert_eq!(
         ok.server.listen.port(),
@@ -260,6 +263,48 @@ fn server_tls_is_checked_when_the_file_is_read() {
         .expect_err("one address for both")
         .to_string();
     assert!(err.contains("server.tls.http_listen"), "{err}");
+    // Without cert and key: automatic certificates for the domains,
+    // which must be names a public CA issues for (any, with the internal
+    // issuer); one of cert and key alone is an error.
+    let auto = parse("[server]\ndata_dir = \"state\"\n[server.tls]\ndomains = [\"www.site.test\"]\nacme_email = \"ops@site.test\"\n")
+        .expect("automatic");
+    let tls = auto.server.tls.expect("tls");
+    assert_eq!(tls.files, None);
+    assert_eq!(tls.acme.email.as_deref(), Some("ops@site.test"));
+    assert_eq!(auto.server.data_dir, Some(dir.path().join("state")));
+    for (text, key, says) in [
+        ("[server.tls]\n", "server.tls.domains", "name the domains"),
+        (
+            "[server.tls]\ndomains = [\"localhost\"]\n",
+            "server.tls.domains[0]",
+            "cert and key",
+        ),
+        (
+            "[server.tls]\ndomains = [\"a.site.test\"]\nacme_directory = \"http://x.test/\"\n",
+            "server.tls.acme_directory",
+            "https://",
+        ),
+        (
+            "[server.tls]\ncert = \"site.pem\"\ndomains = [\"site.test\"]\n",
+            "server.tls.key",
+            "both",
+        ),
+        (
+            "[server.tls]\ncert = \"site.pem\"\nkey = \"site.key\"\nacme_email = \"a@site.test\"\n",
+            "server.tls.acme_email",
+            "no effect",
+        ),
+    ] {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(err.contains(key) && err.contains(says), "{text}: {err}");
+    }
+    let internal =
+        parse("[server.tls]\nissuer = \"internal\"\ndomains = [\"localhost\", \"*.dev.test\"]\n")
+            .expect("any name with the internal CA");
+    assert_eq!(
+        internal.server.tls.expect("tls").acme.issuer,
+        crate::listener::acme::Issuer::Internal
+    );
     // A tenant's file may not name certificate files.
     std::fs::write(
         &file,

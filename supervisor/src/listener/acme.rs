@@ -168,8 +168,11 @@ pub struct Acme {
     /// The server has no renewal information (ARI): renewal two thirds
     /// into the lifetime, orders without `replaces`.
     ari_unsupported: AtomicBool,
-    /// Each domain's task, and how to wake it from a retry wait.
-    tasks: std::sync::Mutex<BTreeMap<String, (tokio::task::AbortHandle, Arc<tokio::sync::Notify>)>>,
+    /// Each domain's task, and the reload count it watches (a reload
+    /// retries a failing domain now).
+    tasks: std::sync::Mutex<
+        BTreeMap<String, (tokio::task::AbortHandle, tokio::sync::watch::Sender<u64>)>,
+    >,
     turns: tokio::sync::Semaphore,
     /// `issuer = "internal"`: the CA that signs instead of an ACME server.
     local: Option<super::local_ca::LocalCa>,
@@ -200,8 +203,10 @@ impl Acme {
                 None,
             ),
             Issuer::Internal => {
+                // 0755: `root.crt` is for everyone to read (`ca.pem` in it
+                // is 0600).
                 let dir = data_dir.join("internal-ca");
-                private_dir(&dir)?;
+                public_dir(&dir)?;
                 let (ca, made) = super::local_ca::LocalCa::open(&dir)?;
                 info!(
                     root = %ca.root_path.display(),
@@ -229,6 +234,16 @@ impl Acme {
         }))
     }
 
+    /// Whether a kept certificate is this issuer's: with the internal CA,
+    /// signed by the CA in use now (one made again after the old was
+    /// deleted does not serve the old one's certificates).
+    fn issued_here(&self, pair: &CertifiedKey) -> bool {
+        match &self.local {
+            Some(ca) => ca.signed(pair),
+            None => true,
+        }
+    }
+
     /// Who issues: the ACME directory, or the internal CA.
     fn issuer_name(&self) -> &str {
         match self.local {
@@ -251,7 +266,8 @@ impl Acme {
             }
         }
         for domain in self.certificates.acme_domains() {
-            if let Some(pair) = stored(&domain, &self.path(&domain)) {
+            if let Some(pair) = stored(&domain, &self.path(&domain)).filter(|p| self.issued_here(p))
+            {
                 info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(&pair));
                 self.certificates.install(&domain, pair);
             }
@@ -267,10 +283,11 @@ impl Acme {
         let Ok(mut tasks) = self.tasks.lock() else {
             return;
         };
-        tasks.retain(|domain, (task, retry)| {
-            let keep = wanted.contains(domain);
+        tasks.retain(|domain, (task, reloads)| {
+            // A task that ended (it should not) is started again below.
+            let keep = wanted.contains(domain) && !task.is_finished();
             if keep {
-                retry.notify_waiters();
+                reloads.send_modify(|n| *n = n.wrapping_add(1));
             } else {
                 task.abort();
                 info!(%domain, "no longer an ACME domain: its certificate is not renewed");
@@ -281,9 +298,9 @@ impl Acme {
             if tasks.contains_key(&domain) {
                 continue;
             }
-            let retry = Arc::new(tokio::sync::Notify::new());
-            let task = tokio::spawn(Arc::clone(self).keep(domain.clone(), Arc::clone(&retry)));
-            tasks.insert(domain, (task.abort_handle(), retry));
+            let (reloads, watched) = tokio::sync::watch::channel(0);
+            let task = tokio::spawn(Arc::clone(self).keep(domain.clone(), watched));
+            tasks.insert(domain, (task.abort_handle(), reloads));
         }
     }
 
@@ -304,9 +321,11 @@ impl Acme {
         self.store.join("certs").join(format!("{name}.pem"))
     }
 
-    /// Keeps `domain`'s certificate until aborted; `retry` cuts short the
-    /// wait after a failure.
-    async fn keep(self: Arc<Self>, domain: String, retry: Arc<tokio::sync::Notify>) {
+    /// Keeps `domain`'s certificate until aborted; a change of `reloads`
+    /// (a reload, during an order or the wait after it failed) cuts short
+    /// the wait after a failure, to at least [`RETRY_FLOOR`] after the
+    /// attempt began.
+    async fn keep(self: Arc<Self>, domain: String, mut reloads: tokio::sync::watch::Receiver<u64>) {
         let mut current = self.certificates.issued(&domain);
         if current.is_none() {
             // A domain a reload added: its kept certificate, if any.
@@ -315,7 +334,8 @@ impl Acme {
             current = tokio::task::spawn_blocking(move || stored(&name, &path))
                 .await
                 .ok()
-                .flatten();
+                .flatten()
+                .filter(|pair| self.issued_here(pair));
             if let Some(pair) = &current {
                 info!(%domain, "certificate from {}, {}", self.store.display(), describe_validity(pair));
                 self.certificates.install(&domain, Arc::clone(pair));
@@ -328,6 +348,10 @@ impl Acme {
         // looks due at once, because the clock is off or the CA's window
         // says so, must not make an order a minute).
         let mut hold_until: Option<SystemTime> = None;
+        // Orders in a row whose certificate was due again at once (a clock
+        // off), and orders in a row made before two thirds of the lifetime
+        // (the CA's window asked for it): each doubles the hold.
+        let (mut due_at_once, mut early): (u32, u32) = (0, 0);
         // A new certificate the disk refused: written again until it takes.
         let mut unsaved: Option<Vec<u8>> = None;
         loop {
@@ -342,16 +366,17 @@ impl Acme {
                     Err(_) => {}
                 }
             }
+            // (A certificate whose dates cannot be read is due: `issue`
+            // takes no such certificate, so it came from the disk.)
+            let mut base_due = None;
             let due = match current.as_deref() {
                 None => None,
                 Some(pair) => match renew_at(pair) {
-                    // A certificate whose dates cannot be read: looked at
-                    // again later, not ordered in a loop.
-                    None => {
-                        tokio::time::sleep(RECHECK).await;
-                        continue;
+                    None => Some(UNIX_EPOCH),
+                    Some(base) => {
+                        base_due = Some(base);
+                        Some(self.renewal_due(&domain, pair, base, &mut ari).await)
                     }
-                    Some(base) => Some(self.renewal_due(&domain, pair, base, &mut ari).await),
                 },
             };
             let due = match (due, hold_until) {
@@ -375,6 +400,9 @@ impl Acme {
                 continue;
             }
             let renewing = current.is_some();
+            let before_base = base_due.is_some_and(|base| base > SystemTime::now());
+            let attempt = tokio::time::Instant::now();
+            reloads.borrow_and_update();
             let replaces = current
                 .as_deref()
                 .filter(|_| !self.ari_unsupported.load(Ordering::Relaxed))
@@ -422,13 +450,25 @@ impl Acme {
                         Err(_) => unsaved = Some(pem),
                     }
                     let now = SystemTime::now();
-                    hold_until = Some(now + min_between_orders(&pair));
-                    if renew_at(&pair).is_some_and(|due| due <= now) {
+                    let at_once = renew_at(&pair).is_none_or(|due| due <= now);
+                    due_at_once = if at_once {
+                        due_at_once.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    early = if before_base {
+                        early.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    let hold = hold_after_order(&pair, due_at_once, early);
+                    hold_until = Some(now + hold);
+                    if at_once {
                         error!(
                             %domain,
-                            "the new certificate is already due for renewal ({}): is the system clock right? Not ordering again before {}",
+                            "the new certificate is already due for renewal ({}): is the system clock right? Not ordering again for {}",
                             describe_validity(&pair),
-                            humantime::format_rfc3339_seconds(hold_until.unwrap_or(now)),
+                            humantime::format_duration(hold),
                         );
                     }
                     current = Some(pair);
@@ -464,11 +504,15 @@ impl Acme {
                     }
                     self.certificates.set_problem(&domain, Some(e));
                     last_error = state;
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = retry.notified() => {
-                            info!(%domain, "trying the certificate again now (a reload)");
-                        }
+                    let reloaded = tokio::select! {
+                        () = tokio::time::sleep(wait) => false,
+                        changed = reloads.changed() => changed.is_ok(),
+                    };
+                    if reloaded {
+                        // Not sooner than a minute after the last try,
+                        // however often the operator reloads.
+                        tokio::time::sleep_until(attempt + RETRY_FLOOR).await;
+                        info!(%domain, "trying the certificate again now (a reload)");
                     }
                 }
             }
@@ -486,9 +530,11 @@ impl Acme {
         ari: &mut Option<Ari>,
     ) -> SystemTime {
         if self.ari_unsupported.load(Ordering::Relaxed) {
+            *ari = None;
             return base;
         }
         let Some(id) = certificate_id(pair) else {
+            *ari = None;
             return base;
         };
         let key = id.to_string();
@@ -508,6 +554,7 @@ impl Acme {
                         humantime::format_duration(STEP_TIMEOUT)
                     )),
                     Ok(Err(instant_acme::Error::Unsupported(_))) => {
+                        *ari = None;
                         if !self.ari_unsupported.swap(true, Ordering::Relaxed) {
                             info!(
                                 directory = %self.settings.directory,
@@ -525,10 +572,14 @@ impl Acme {
         let lifetime = (unix_time(start), unix_time(end));
         let next = match answer {
             Ok((info, retry)) => {
-                let window = (
-                    SystemTime::from(info.suggested_window.start),
-                    SystemTime::from(info.suggested_window.end),
-                );
+                // Within the epoch and ten years from now (the CA's dates
+                // are not trusted to be sane), start before end.
+                let sane = |t: time::OffsetDateTime| {
+                    SystemTime::from(t)
+                        .clamp(UNIX_EPOCH, now + Duration::from_secs(10 * 365 * 86_400))
+                };
+                let start = sane(info.suggested_window.start);
+                let window = (start, sane(info.suggested_window.end).max(start));
                 // The same window keeps its moment; a new one gets another.
                 let pick = match &previous {
                     Some(p) if p.window == Some(window) => p.pick,
@@ -815,9 +866,11 @@ impl Acme {
         if !covers(&pair, domain) {
             return Err(format!("the certificate issued does not cover `{domain}`"));
         }
-        if validity(&pair).is_none_or(|(_, end)| end <= unix_now()) {
+        // Expired by this host's clock is taken (clients judge by theirs;
+        // the clock is logged about); dates that make no sense are not.
+        if validity(&pair).is_none_or(|(start, end)| start >= end) {
             return Err(format!(
-                "the certificate issued has expired or has no dates ({})",
+                "the certificate issued has no usable dates ({})",
                 describe_validity(&pair)
             ));
         }
@@ -1043,13 +1096,23 @@ fn ari_due(pick: SystemTime, lifetime: (SystemTime, SystemTime)) -> SystemTime {
     pick.min(latest)
 }
 
-/// The least time between two orders for one domain: a tenth of the new
-/// certificate's lifetime, at most an hour.
-fn min_between_orders(pair: &CertifiedKey) -> Duration {
+/// How long after an order (of `pair`) the next may be made: a tenth of
+/// the certificate's lifetime, between a second and an hour; after
+/// `due_at_once` orders in a row whose certificate was due again at once
+/// (the clock is off), six hours doubling; doubled for each of `early`
+/// orders in a row made before two thirds of the lifetime (the CA's
+/// window). At most a week.
+fn hold_after_order(pair: &CertifiedKey, due_at_once: u32, early: u32) -> Duration {
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
     let lifetime = validity(pair)
         .and_then(|(start, end)| u64::try_from(end.saturating_sub(start)).ok())
         .unwrap_or(0);
-    Duration::from_secs(lifetime / 10).min(Duration::from_secs(3600))
+    let mut hold =
+        Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), RETRY_FLOOR * 60);
+    if due_at_once > 0 {
+        hold = hold.max(RETRY_MAX.saturating_mul(1 << (due_at_once - 1).min(5)));
+    }
+    hold.saturating_mul(1 << early.min(10)).min(WEEK)
 }
 
 /// `text` with its URLs taken out: what stays the same from one failed
@@ -1135,6 +1198,22 @@ fn server_dir(url: &str) -> String {
 
 fn serialize(credentials: &AccountCredentials) -> Result<Vec<u8>, String> {
     serde_json::to_vec_pretty(credentials).map_err(|e| format!("the ACME account: {e}"))
+}
+
+/// Creates `dir` (its parents 0700) readable by all, 0755.
+fn public_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = dir.parent() {
+        private_dir(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(format!("{}: {e}", dir.display()));
+        }
+        _ => {}
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// Creates `dir` and its parents, 0700.
@@ -1261,6 +1340,25 @@ mod tests {
         // A certificate of a few minutes: a tenth of its lifetime.
         let short = certificate_secs(36, 4);
         assert!(within(retry_after(30, Some(&short)), 4));
+    }
+
+    #[test]
+    fn orders_are_spaced_more_when_a_new_certificate_is_due_at_once() {
+        let hour = Duration::from_secs(3600);
+        // Let's Encrypt's 90 days: an hour; a 45 s test certificate: 4 s.
+        assert_eq!(hold_after_order(&certificate(0, 90), 0, 0), hour);
+        assert_eq!(
+            hold_after_order(&certificate_secs(0, 45), 0, 0),
+            Duration::from_secs(4)
+        );
+        // A clock off: six hours, doubling, at most a week.
+        assert_eq!(hold_after_order(&certificate(0, 90), 1, 0), 6 * hour);
+        assert_eq!(hold_after_order(&certificate(0, 90), 2, 0), 12 * hour);
+        assert_eq!(hold_after_order(&certificate(0, 90), 30, 0), 7 * 24 * hour);
+        // Early orders in a row (the CA's window each time): doubling.
+        assert_eq!(hold_after_order(&certificate(0, 90), 0, 3), 8 * hour);
+        // A certificate of a second: still a second apart.
+        assert!(hold_after_order(&certificate_secs(0, 1), 0, 0) >= Duration::from_secs(1));
     }
 
     #[test]

@@ -27,6 +27,9 @@ const BACKDATE: Duration = Duration::from_secs(3600);
 pub(super) struct LocalCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     root_pem: String,
+    root_der: rustls_pki_types::CertificateDer<'static>,
+    /// The CA's notAfter: no certificate it signs outlives it.
+    not_after: time::OffsetDateTime,
     /// `root.crt`, for the log and the README's advice.
     pub(super) root_path: PathBuf,
 }
@@ -48,6 +51,16 @@ impl LocalCa {
         let (issuer, root_pem, made) = match crate::config::read_small_file(&kept) {
             Ok(pem) => {
                 let failed = |e: &dyn std::fmt::Display| format!("{}: {e}", kept.display());
+                // Anyone who could read it could sign for any name on the
+                // machines that trust the root.
+                use std::os::unix::fs::MetadataExt;
+                let mode = std::fs::metadata(&kept).map_err(|e| failed(&e))?.mode();
+                if mode & 0o077 != 0 {
+                    return Err(failed(&format_args!(
+                        "readable by others (mode {:o}): chmod 600 it, or delete it to make a new CA",
+                        mode & 0o777
+                    )));
+                }
                 let key = {
                     use rustls_pki_types::pem::PemObject;
                     let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
@@ -59,8 +72,16 @@ impl LocalCa {
                     rcgen::Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| failed(&e))?;
                 // The key must be the certificate's (a file put together
                 // by hand could hold another).
-                parse_pair(pem.as_bytes(), pem.as_bytes(), "the CA", "its key")
+                let pair = parse_pair(pem.as_bytes(), pem.as_bytes(), "the CA", "its key")
                     .map_err(|e| failed(&e))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                if super::tls::validity(&pair).is_none_or(|(_, end)| end <= now) {
+                    return Err(failed(
+                        &"the CA has expired: delete it to make a new one (and trust the new root.crt)",
+                    ));
+                }
                 (issuer, root_pem, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -73,14 +94,31 @@ impl LocalCa {
         // Written at every start (readable by all: it is public), so a
         // deleted or edited copy comes back as it should be.
         write_public(&root_path, root_pem.as_bytes())?;
+        use rustls_pki_types::pem::PemObject;
+        let root_der = rustls_pki_types::CertificateDer::from_pem_slice(root_pem.as_bytes())
+            .map_err(|e| format!("{}: {e}", kept.display()))?;
+        let not_after = x509_parser::parse_x509_certificate(&root_der)
+            .map_err(|e| format!("{}: {e}", kept.display()))?
+            .1
+            .validity()
+            .not_after
+            .to_datetime();
         Ok((
             LocalCa {
                 issuer,
                 root_pem,
+                root_der,
+                not_after,
                 root_path,
             },
             made,
         ))
+    }
+
+    /// Whether `pair` was signed by this CA (its chain ends with this
+    /// CA's certificate, as [`LocalCa::issue`] makes it).
+    pub(super) fn signed(&self, pair: &CertifiedKey) -> bool {
+        pair.cert.len() == 2 && pair.cert[1] == self.root_der
     }
 
     /// A certificate for `domain` (a name, a `*.` wildcard or an IP
@@ -96,7 +134,7 @@ impl LocalCa {
             .push(rcgen::DnType::CommonName, domain);
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + LEAF_LIFETIME;
+        params.not_after = (now + LEAF_LIFETIME).min(self.not_after);
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
@@ -244,5 +282,24 @@ mod tests {
             .expect("write");
         let error = LocalCa::open(dir.path()).expect_err("refused");
         assert!(error.contains("ca.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_ca_file_others_can_read_is_refused_and_another_cas_certificates_are_not_its() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let (ca, _) = LocalCa::open(dir.path()).expect("made");
+        let (pair, _) = ca.issue("a.test").expect("issued");
+        assert!(ca.signed(&pair));
+        let other_dir = tempfile::tempdir().expect("dir");
+        let (other, _) = LocalCa::open(other_dir.path()).expect("made");
+        assert!(
+            !other.signed(&pair),
+            "a CA made again does not own the old certificates"
+        );
+        let kept = dir.path().join("ca.pem");
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = LocalCa::open(dir.path()).expect_err("refused");
+        assert!(error.contains("chmod 600"), "{error}");
     }
 }
