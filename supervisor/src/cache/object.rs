@@ -53,6 +53,8 @@ pub struct Object {
     pub weak_etag: Option<HeaderValue>,
     /// Compressed copies of `body`, each made once, on first demand.
     variants: Variants,
+    /// The head every reuse starts from, made at the first one.
+    reuse_head: std::sync::OnceLock<HeaderMap>,
 }
 
 /// An object's compressed copies (in [`Coding::ALL`] order). Each is made
@@ -122,7 +124,29 @@ impl Object {
             shared_with_auth,
             soft_purged_ms: AtomicU64::new(0),
             variants: Variants::default(),
+            reuse_head: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The head of an answer that reuses the object: its headers without
+    /// the `no-cache="Field"` ones, with `Content-Length`, and room for
+    /// what each answer adds (`Age`, `Cache-Status`, …). Made once: a hit
+    /// clones it rather than rebuilding it.
+    pub fn reuse_head(&self) -> &HeaderMap {
+        self.reuse_head.get_or_init(|| {
+            let mut head = HeaderMap::with_capacity(self.headers.len() + 8);
+            for (name, value) in &self.headers {
+                head.append(name.clone(), value.clone());
+            }
+            for field in &self.omit_on_reuse {
+                head.remove(field);
+            }
+            head.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(self.body.len()),
+            );
+            head
+        })
     }
 
     /// The body compressed with `coding`, if it was made: `Some(None)`

@@ -62,26 +62,43 @@ pub fn serve<B>(
         }
     } else {
         *response.status_mut() = object.status;
-        *response.headers_mut() = object.headers.clone();
         // `no-cache="Field"`: the field goes out with the response that was
         // just fetched, never with a reuse.
-        if !matches!(served, Served::Miss { collapsed: false }) {
-            for field in &object.omit_on_reuse {
-                response.headers_mut().remove(field);
-            }
+        if matches!(served, Served::Miss { collapsed: false }) {
+            *response.headers_mut() = object.headers.clone();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(object.body.len()));
+        } else {
+            *response.headers_mut() = object.reuse_head().clone();
         }
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(object.body.len()));
         if req.method() != Method::HEAD {
             *response.body_mut() = body::full(object.body.clone());
         }
     }
-    response
-        .headers_mut()
-        .insert(header::AGE, HeaderValue::from(age));
+    response.headers_mut().insert(header::AGE, age_value(age));
     mark_with_ttl(response.headers_mut(), served, Some(object.ttl_left(now)));
     response
+}
+
+/// `Age: age`; the last one made on this thread is reused (hits in the
+/// same second share it).
+fn age_value(age: u64) -> HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((a, value)) if *a == age => value.clone(),
+            _ => {
+                let value = HeaderValue::from(age);
+                *last = Some((age, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// Adds `x-bext-cache` and `Cache-Status` to a response that did not come
@@ -97,6 +114,13 @@ fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
     if let Served::Bypass(reason) = served {
         headers.insert(X_BEXT_CACHE, HeaderValue::from_static("BYPASS"));
         headers.insert(CACHE_STATUS, bypass_status(reason));
+        return;
+    }
+    // A plain hit with the same ttl as the last one on this thread (hits
+    // of one page within a second) shares its value.
+    if let (Served::Hit, Some(ttl)) = (served, ttl) {
+        headers.insert(X_BEXT_CACHE, HeaderValue::from_static("HIT"));
+        headers.insert(CACHE_STATUS, hit_status(ttl));
         return;
     }
     let mut status = String::with_capacity(80);
@@ -144,6 +168,28 @@ fn mark_with_ttl(headers: &mut HeaderMap, served: Served, ttl: Option<i64>) {
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(status)) {
         headers.insert(CACHE_STATUS, value);
     }
+}
+
+/// `Cache-Status: bext; hit; ttl=TTL`, the last one made on this thread
+/// reused.
+fn hit_status(ttl: i64) -> HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Option<(i64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((t, value)) if *t == ttl => value.clone(),
+            _ => {
+                let value =
+                    HeaderValue::from_maybe_shared(Bytes::from(format!("bext; hit; ttl={ttl}")))
+                        .unwrap_or_else(|_| HeaderValue::from_static("bext; hit"));
+                *last = Some((ttl, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// `Cache-Status` of a request that bypassed the cache (every request to a
@@ -253,6 +299,57 @@ fn not_modified(request: &HeaderMap, object: &Object) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hit reuses a head made once: the `no-cache="Field"` field is left
+    /// out of every reuse but sent with the fetch that stored it, and each
+    /// answer gets its own `Age` and `Cache-Status` (shared per thread
+    /// only while they are the same).
+    #[test]
+    fn a_hit_reuses_one_head_without_no_cache_fields() {
+        use std::time::Duration;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60, no-cache=\"x-secret\""),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("s3cret"));
+        let object = Object::new(
+            StatusCode::OK,
+            headers,
+            Bytes::from_static(b"hello"),
+            Duration::ZERO,
+            super::super::policy::Lifetime {
+                ttl: Duration::from_secs(60),
+                swr: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            },
+            vec![],
+            ("/".into(), "h /".into()),
+            vec![],
+            false,
+        );
+        let req = Request::get("/").body(()).expect("request");
+        let at = |secs: u64| object.stored_at + Duration::from_secs(secs);
+        let fresh = serve(&req, &object, Served::Miss { collapsed: false }, at(0));
+        assert_eq!(fresh.headers()["x-secret"], "s3cret");
+        for (secs, ttl) in [(1, "59"), (1, "59"), (5, "55")] {
+            let hit = serve(&req, &object, Served::Hit, at(secs));
+            let h = hit.headers();
+            assert!(h.get("x-secret").is_none(), "never with a reuse");
+            assert_eq!(h[header::CONTENT_LENGTH], "5");
+            assert_eq!(h[header::CONTENT_TYPE], "text/html");
+            assert_eq!(h[header::AGE], secs.to_string().as_str());
+            assert_eq!(h[CACHE_STATUS], format!("bext; hit; ttl={ttl}").as_str());
+            assert_eq!(h[X_BEXT_CACHE], "HIT");
+            assert_eq!(h.get_all(header::AGE).iter().count(), 1);
+        }
+        let stale = serve(&req, &object, Served::StaleWhileRevalidate, at(61));
+        assert_eq!(
+            stale.headers()[CACHE_STATUS],
+            "bext; hit; ttl=-1; detail=stale-while-revalidate"
+        );
+    }
 
     #[test]
     fn tags_come_from_all_three_headers_and_are_removed() {

@@ -65,7 +65,7 @@ pub trait Store: Send + Sync + 'static {
 /// object weighs at least `max_bytes / max_entries`, the count stays under
 /// `max_entries`.
 pub struct MemoryStore {
-    objects: moka::sync::Cache<String, Stored>,
+    objects: moka::sync::Cache<String, Stored, super::KeyHasher>,
     bytes: Arc<AtomicU64>,
     evictions: Arc<AtomicU64>,
 }
@@ -134,7 +134,7 @@ impl MemoryStore {
                     evicted.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(super::KeyHasher::default());
         MemoryStore {
             objects,
             bytes,
