@@ -129,12 +129,13 @@ impl Object {
     }
 
     /// The head of an answer that reuses the object: its headers without
-    /// the `no-cache="Field"` ones, with `Content-Length`, and room for
-    /// what each answer adds (`Age`, `Cache-Status`, …). Made once: a hit
-    /// clones it rather than rebuilding it.
+    /// the `no-cache="Field"` ones, with `Content-Length`. Made once: a
+    /// hit clones it rather than rebuilding it (the clone's index table has
+    /// room for the few headers each answer adds, so they need no rehash).
+    /// Counted in [`Object::size`].
     pub fn reuse_head(&self) -> &HeaderMap {
         self.reuse_head.get_or_init(|| {
-            let mut head = HeaderMap::with_capacity(self.headers.len() + 8);
+            let mut head = HeaderMap::with_capacity(self.headers.len() + 4);
             for (name, value) in &self.headers {
                 head.append(name.clone(), value.clone());
             }
@@ -320,7 +321,9 @@ impl Object {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            // Each header's entry twice: the stored map and the reuse
+            // head (whose values share the stored bytes).
+            .map(|(k, v)| k.as_str().len() + v.len() + 80)
             .sum();
         let variants: usize = self
             .variants

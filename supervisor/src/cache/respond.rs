@@ -344,6 +344,15 @@ mod tests {
             assert_eq!(h[X_BEXT_CACHE], "HIT");
             assert_eq!(h.get_all(header::AGE).iter().count(), 1);
         }
+        let collapsed = serve(&req, &object, Served::Miss { collapsed: true }, at(0));
+        assert!(
+            collapsed.headers().get("x-secret").is_none(),
+            "a waiter reuses"
+        );
+        let head = Request::head("/").body(()).expect("request");
+        let headed = serve(&head, &object, Served::Hit, at(2));
+        assert_eq!(headed.headers()[header::CONTENT_LENGTH], "5");
+        assert!(headed.headers().get("x-secret").is_none());
         let stale = serve(&req, &object, Served::StaleWhileRevalidate, at(61));
         assert_eq!(
             stale.headers()[CACHE_STATUS],
