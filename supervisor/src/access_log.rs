@@ -31,13 +31,28 @@ pub struct Record {
 
 impl Record {
     fn emit(&self, bytes: u64, complete: bool) {
-        if !tracing::enabled!(target: "bext::access", tracing::Level::INFO) {
-            return;
+        use crate::telemetry::AccessFormat;
+        thread_local! {
+            /// The line being written, kept per thread so that a request
+            /// allocates nothing for its log line.
+            static LINE: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(LINE_CAPACITY));
         }
-        match crate::telemetry::json_format() {
-            Some(json) => crate::telemetry::write_line(&self.format(bytes, complete, json)),
-            None => self.emit_event(bytes, complete),
-        }
+        let json = match crate::telemetry::access_format() {
+            Some(AccessFormat::Off) => return,
+            Some(AccessFormat::Json) => true,
+            Some(AccessFormat::Text) => false,
+            None => return self.emit_event(bytes, complete),
+        };
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            self.format_into(line, bytes, complete, json);
+            crate::telemetry::write_line(line);
+            // A freak line (a 64 KiB path) does not pin its buffer.
+            if line.capacity() > 4 * LINE_CAPACITY {
+                *line = Vec::with_capacity(LINE_CAPACITY);
+            }
+        });
     }
 
     fn host(&self) -> &[u8] {
@@ -52,8 +67,14 @@ impl Record {
     /// costs several times more.
     ///
     /// [`emit_event`]: Self::emit_event
+    #[cfg(test)]
     fn format(&self, bytes: u64, complete: bool, json: bool) -> Vec<u8> {
-        let mut line = Vec::with_capacity(320);
+        let mut line = Vec::new();
+        self.format_into(&mut line, bytes, complete, json);
+        line
+    }
+
+    fn format_into(&self, line: &mut Vec<u8>, bytes: u64, complete: bool, json: bool) {
         let status = self.status.as_u16();
         let micros = self.started.elapsed().as_micros();
         let mut num = itoa::Buffer::new();
@@ -61,31 +82,29 @@ impl Record {
         let path = self.uri.path().as_bytes();
         if json {
             // The method (an HTTP token), the request id (checked or made by
-            // bext) and the client's address need no escaping; the path is
-            // escaped once for its two places.
-            let path_json = json_text(path);
+            // bext) and the client's address need no escaping.
             line.extend_from_slice(br#"{"timestamp":""#);
-            timestamp(&mut line);
+            timestamp(line);
             line.extend_from_slice(br#"","level":"INFO","message":""#);
             line.extend_from_slice(self.method.as_str().as_bytes());
             line.push(b' ');
-            line.extend_from_slice(&path_json);
+            push_json(line, path);
             line.push(b' ');
             line.extend_from_slice(num.format(status).as_bytes());
             line.extend_from_slice(br#"","target":"bext::access","app":""#);
-            line.extend_from_slice(&json_text(self.app.as_bytes()));
+            push_json(line, self.app.as_bytes());
             line.extend_from_slice(br#"","method":""#);
             line.extend_from_slice(self.method.as_str().as_bytes());
             line.extend_from_slice(br#"","host":""#);
-            line.extend_from_slice(&json_text(self.host()));
+            push_json(line, self.host());
             line.extend_from_slice(br#"","path":""#);
-            line.extend_from_slice(&path_json);
+            push_json(line, path);
             line.extend_from_slice(br#"","status":"#);
             line.extend_from_slice(num.format(status).as_bytes());
             line.extend_from_slice(br#","bytes":"#);
             line.extend_from_slice(num.format(bytes).as_bytes());
             line.extend_from_slice(br#","duration_ms":"#);
-            millis(&mut line, micros);
+            millis(line, micros);
             line.extend_from_slice(br#","worker":"#);
             line.extend_from_slice(num.format(worker).as_bytes());
             line.extend_from_slice(br#","client":""#);
@@ -99,7 +118,7 @@ impl Record {
             });
         } else {
             use std::io::Write;
-            timestamp(&mut line);
+            timestamp(line);
             let mut duration = Vec::with_capacity(12);
             millis(&mut duration, micros);
             let text = |b: &[u8]| String::from_utf8_lossy(b).escape_debug().to_string();
@@ -115,7 +134,6 @@ impl Record {
                 text(self.request_id.as_bytes()),
             );
         }
-        line
     }
 
     fn emit_event(&self, bytes: u64, complete: bool) {
@@ -184,6 +202,14 @@ fn padded(line: &mut Vec<u8>, n: u64, width: usize) {
         width.saturating_sub(digits.len()),
     ));
     line.extend_from_slice(digits.as_bytes());
+}
+
+/// Room for a typical access line (about 350 bytes in JSON).
+const LINE_CAPACITY: usize = 512;
+
+/// Appends `text` escaped for the inside of a JSON string.
+fn push_json(line: &mut Vec<u8>, text: &[u8]) {
+    line.extend_from_slice(&json_text(text));
 }
 
 /// `text` escaped for the inside of a JSON string. Plain printable ASCII

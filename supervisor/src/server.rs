@@ -167,7 +167,9 @@ impl AppService {
                 if self.compression.enabled {
                     compress::ask_identity(req.headers_mut());
                 }
-                let mut response = fill.fetch(req).await;
+                // Boxed: the fetch is large, and a cached app's requests
+                // must not carry its room.
+                let mut response = Box::pin(fill.fetch(req)).await;
                 compress::compress_streamed(&self.compression, &accepted, &mut response, head);
                 response
             }

@@ -42,7 +42,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let _ = RAW.set((sink.clone(), json));
+    let raw_sink = sink.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink);
@@ -56,29 +56,58 @@ pub fn init(format: LogFormat) -> LogGuard {
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    // The filter is fixed from here on: whether access lines pass it is
+    // decided once, not asked of the subscriber on every request.
+    let access = tracing::enabled!(target: "bext::access", Level::INFO);
+    let _ = RAW.set(Raw {
+        sink: raw_sink,
+        json,
+        access,
+    });
     guard
 }
 
 /// The sink and format, for lines formatted outside `tracing` (the access
 /// log, which is written once per request and formats itself for speed).
-static RAW: OnceLock<(LogSink, bool)> = OnceLock::new();
+static RAW: OnceLock<Raw> = OnceLock::new();
 
-/// Whether the log is JSON lines; `None` before [`init`].
-pub fn json_format() -> Option<bool> {
-    RAW.get().map(|(_, json)| *json)
+#[derive(Debug)]
+struct Raw {
+    sink: LogSink,
+    json: bool,
+    /// `bext::access` lines pass the filter.
+    access: bool,
+}
+
+/// How access lines are written: `None` before [`init`] (they go through
+/// `tracing`), else whether they are logged at all and as JSON.
+pub fn access_format() -> Option<AccessFormat> {
+    RAW.get().map(|raw| match (raw.access, raw.json) {
+        (false, _) => AccessFormat::Off,
+        (true, true) => AccessFormat::Json,
+        (true, false) => AccessFormat::Text,
+    })
+}
+
+/// See [`access_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    Off,
+    Json,
+    Text,
 }
 
 /// Log lines dropped so far because stderr did not keep up.
 pub fn dropped_lines() -> u64 {
-    RAW.get().map_or(0, |(sink, _)| {
-        sink.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    RAW.get().map_or(0, |raw| {
+        raw.sink.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
     })
 }
 
 /// Appends one already formatted line (with its newline) to the log.
 pub fn write_line(line: &[u8]) {
-    if let Some((sink, _)) = RAW.get() {
-        let _ = sink.make_writer().write(line);
+    if let Some(raw) = RAW.get() {
+        let _ = raw.sink.make_writer().write(line);
     }
 }
 

@@ -689,3 +689,34 @@ async fn every_request_gets_one_access_log_line_naming_its_worker() {
         .count();
     assert_eq!(lines, 2, "one line per request");
 }
+
+/// Whether access lines pass the log filter is decided once at start:
+/// `bext::access=off` silences them and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_filter_can_turn_the_access_log_off() {
+    let (_dir, mut bext) = origin_with("", &[("BEXT_LOG", "info,bext::access=off")]);
+    for expected in ["MISS", "HIT"] {
+        let response = client()
+            .get(bext.url("/page/quiet?cc=public,max-age=60&size=300"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(cache_state(&response), expected);
+        response.bytes().await.expect("body");
+    }
+    // Stopping flushes every line logged so far.
+    assert!(bext.terminate(Duration::from_secs(30)).success());
+    let logs = bext.logs();
+    assert!(
+        logs.iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening on"))),
+        "other info lines are kept:\n{}",
+        bext.log_text()
+    );
+    assert!(
+        !logs.iter().any(|v| v["target"] == "bext::access"),
+        "no access line:\n{}",
+        bext.log_text()
+    );
+}

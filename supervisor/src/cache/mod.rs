@@ -356,7 +356,7 @@ impl<S: Store> IsrCache<S> {
     ) -> Response<Body> {
         let rule = self.rule_for(req.uri().path()).cloned();
         if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
-            return self.pass_through(req, fill, reason, &accepted).await;
+            return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
         let primary = key::primary(&req);
         let info = self.index.get(&primary).unwrap_or_default();
@@ -378,7 +378,7 @@ impl<S: Store> IsrCache<S> {
             with_copy: false,
         }) = pass
         {
-            return self.pass_through(req, fill, reason, &accepted).await;
+            return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
         let has_auth = req.headers().contains_key(header::AUTHORIZATION);
         let now = SystemTime::now();
@@ -416,7 +416,7 @@ impl<S: Store> IsrCache<S> {
         // or stand in if the app fails).
         if let Some(Pass { reason, .. }) = pass {
             return match previous {
-                None => self.pass_through(req, fill, reason, &accepted).await,
+                None => Box::pin(self.pass_through(req, fill, reason, &accepted)).await,
                 Some(_) => {
                     Box::pin(self.miss(req, key, &primary, rule.as_ref(), fill, previous, None))
                         .await
@@ -462,7 +462,8 @@ impl<S: Store> IsrCache<S> {
         }
     }
 
-    /// Forwards without storing. A successful unsafe request (POST, PUT,
+    /// Forwards without storing (callers box it: it holds the whole fetch,
+    /// which a hit's future must not carry). A successful unsafe request (POST, PUT,
     /// DELETE…) invalidates what is stored for its URL and for the URLs its
     /// `Location` and `Content-Location` name (RFC 9111 §4.4).
     async fn pass_through<F: Fill>(
