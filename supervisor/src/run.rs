@@ -58,6 +58,11 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("could not serve the control port on {addr} ([platform.control]): {source}")]
+    RemoteControl {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("could not listen on {addr}: {source}")]
@@ -211,7 +216,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
         .and_then(|path| crate::control::serve(path, None, None, commands))
     {
-        Ok(task) => {
+        Ok((task, _)) => {
             let path = control_path.as_deref().unwrap_or(Path::new(""));
             info!(socket = %path.display(), "control socket: bextctl --socket {}", path.display());
             Some(task)

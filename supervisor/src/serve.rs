@@ -356,7 +356,7 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     // data_dir, so what is found there from here on is from a dead one.
     let (commands, inbox) = tokio::sync::mpsc::channel(crate::platform::COMMAND_QUEUE);
     let control_path = config.data_dir.join(crate::control::SOCKET_NAME);
-    let control = crate::control::serve(
+    let (control, service) = crate::control::serve(
         &control_path,
         config.control_group.as_ref(),
         Some(config.data_dir.join("uploads")),
@@ -366,6 +366,21 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
         path: control_path.clone(),
         source,
     })?;
+    // The same service on TCP, with mutual TLS, when asked for.
+    let remote_control = match &config.remote_control {
+        Some(settings) => {
+            let (addr, task) =
+                crate::control::remote::serve(settings, service).map_err(|source| {
+                    RunError::RemoteControl {
+                        addr: settings.listen,
+                        source,
+                    }
+                })?;
+            info!(%addr, client_ca = %settings.client_ca.display(), "control port: listening (mutual TLS)");
+            Some(task)
+        }
+        None => None,
+    };
     let mark = crate::platform::leftovers::mark(&config.data_dir);
     crate::platform::leftovers::reap(&mark);
     bext_worker::env::set_mark(mark);
@@ -517,6 +532,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
     .run(inbox, signals, serving)
     .await;
     control.abort();
+    if let Some(remote_control) = remote_control {
+        remote_control.abort();
+    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }

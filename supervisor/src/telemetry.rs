@@ -100,7 +100,10 @@ pub enum AccessFormat {
 /// Log lines dropped so far because stderr did not keep up.
 pub fn dropped_lines() -> u64 {
     RAW.get().map_or(0, |raw| {
-        raw.sink.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        raw.sink
+            .0
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     })
 }
 

@@ -655,3 +655,271 @@ async fn issue13_bext_run_serves_https_with_server_tls() {
     assert_eq!(redirect.status(), 308);
     assert_eq!(redirect.headers()["location"], url.as_str());
 }
+
+impl TestCa {
+    /// A client certificate (for mutual TLS) named `cn`: `NAME.pem`
+    /// (leaf only) and `NAME.key`.
+    fn client(&self, file: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("client");
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{file}.pem")),
+            self.dir.path().join(format!("{file}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
+    /// The CA's certificate as a PEM file.
+    fn root_file(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, self.issuer.pem()).expect("write CA");
+        path
+    }
+}
+
+/// `bextctl --connect ADDR ARGS`: (exit code, stdout, stderr).
+fn bextctl_remote(addr: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bextctl"))
+        .arg("--connect")
+        .arg(addr)
+        .args(args)
+        .env_remove("BEXT_CERT")
+        .env_remove("BEXT_KEY")
+        .env_remove("BEXT_CA")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run bextctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 13, last point: the control service on TCP, with mutual TLS only.
+/// A client certificate of the configured CA gets in; none, or one of
+/// another CA, is refused in the handshake, as is plain HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_the_control_port_admits_only_client_certificates_of_its_ca() {
+    let ca = TestCa::new();
+    let (server_cert, server_key, _) = ca.leaf("control", &["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = ca.client("operator", "ops@example.test");
+    let stranger_ca = TestCa::new();
+    let (stranger_cert, stranger_key) = stranger_ca.client("stranger", "stranger");
+    let roots = ca.root_file();
+    // The server's client CA: a file of its own, to rotate below.
+    let client_ca = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&roots, client_ca.path().join("ca.pem")).expect("copy");
+    let client_ca_file = client_ca.path().join("ca.pem");
+
+    let source = echo_app("site");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("platform.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[platform]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[platform.control]
+listen = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+
+[apps.site]
+source = "{source}"
+domains = ["site.test"]
+"#,
+            data = dir.path().join("data").display(),
+            cert = server_cert.display(),
+            key = server_key.display(),
+            ca = client_ca_file.display(),
+            source = source.path().display(),
+        ),
+    )
+    .expect("write");
+    let bext = Bext::serve(&file, &Options::default());
+    let line = bext.wait_log(Duration::from_secs(30), |v| {
+        v["message"] == "control port: listening (mutual TLS)"
+    });
+    let addr: SocketAddr = line["addr"].as_str().expect("addr").parse().expect("addr");
+    bext.wait_log(Duration::from_secs(60), |v| v["message"] == "apps started");
+    let port = addr.port().to_string();
+    let at = format!("127.0.0.1:{port}");
+    let files = |cert: &Path, key: &Path| {
+        vec![
+            "--cert".to_string(),
+            cert.display().to_string(),
+            "--key".to_string(),
+            key.display().to_string(),
+            "--ca".to_string(),
+            roots.display().to_string(),
+        ]
+    };
+    let with = |mut tls: Vec<String>, args: &[&str]| {
+        tls.extend(args.iter().map(ToString::to_string));
+        let args: Vec<&str> = tls.iter().map(String::as_str).collect();
+        bextctl_remote(&at, &args)
+    };
+
+    // The operator's certificate: every command works, by IP and by name.
+    let (code, out, err) = with(files(&client_cert, &client_key), &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).expect("status JSON");
+    assert!(out.contains("\"site\""), "{status}");
+    let by_name = bextctl_remote(
+        &format!("localhost:{port}"),
+        &[
+            "--cert",
+            client_cert.to_str().expect("utf8"),
+            "--key",
+            client_key.to_str().expect("utf8"),
+            "--ca",
+            roots.to_str().expect("utf8"),
+            "purge",
+            "site",
+            "--all",
+        ],
+    );
+    assert_eq!(by_name.0, 0, "{}", by_name.2);
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "control port: a client connected"
+            && v["client"]
+                .as_str()
+                .is_some_and(|c| c.contains("ops@example.test"))
+    });
+
+    // No certificate: bextctl says what is missing before connecting.
+    let (code, out, err) = bextctl_remote(&at, &["--ca", roots.to_str().expect("utf8"), "status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("--cert"), "{err}");
+
+    // Another CA's client certificate: refused, and said so.
+    let (code, out, err) = with(files(&stranger_cert, &stranger_key), &["status"]);
+    assert_eq!(code, 69, "{err}");
+    assert!(out.is_empty(), "nothing for a stranger: {out}");
+    assert!(err.contains("refused this client"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+
+    // A server certificate bextctl does not trust: refused on its side.
+    let (code, _, err) = bextctl_remote(
+        &at,
+        &[
+            "--cert",
+            client_cert.to_str().expect("utf8"),
+            "--key",
+            client_key.to_str().expect("utf8"),
+            "--ca",
+            stranger_ca.root_file().to_str().expect("utf8"),
+            "status",
+        ],
+    );
+    assert_eq!(code, 69, "{err}");
+
+    // Plain HTTP/2 (h2c) never reaches the service: the answer is a TLS
+    // alert, not an HTTP/2 SETTINGS frame.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty() || answer[0] == 0x15,
+        "a TLS alert or nothing, got {answer:?}"
+    );
+
+    // The client CA rotated on disk: the next connection goes by the new
+    // one, with no restart.
+    let stranger_root = stranger_ca.root_file();
+    std::fs::copy(&stranger_root, &client_ca_file).expect("rotate");
+    let (code, _, err) = with(files(&stranger_cert, &stranger_key), &["status"]);
+    assert_eq!(code, 0, "the new CA's client gets in: {err}");
+    let (code, _, err) = with(files(&client_cert, &client_key), &["status"]);
+    assert_eq!(code, 69, "the old CA's client is refused: {err}");
+    // A broken replacement keeps the last good configuration.
+    std::fs::write(&client_ca_file, "not a certificate").expect("break");
+    let (code, _, err) = with(files(&stranger_cert, &stranger_key), &["status"]);
+    assert_eq!(code, 0, "still the last good CA: {err}");
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("control port: keeping the previous certificates"))
+    });
+}
+
+/// `[platform.control]` without mutual TLS, or with a broken file, is a
+/// config error naming the key.
+#[test]
+fn issue13_the_control_port_needs_its_certificates_in_the_config() {
+    let ca = TestCa::new();
+    let (cert, key, _) = ca.leaf("control", &["localhost"]);
+    let (_, other_key, _) = ca.leaf("other", &["localhost"]);
+    let roots = ca.root_file();
+    let source = tempfile::tempdir().expect("tempdir");
+    let check = |control: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("platform.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[platform]\nlisten = \"127.0.0.1:0\"\n[platform.control]\n{control}\n[apps.x]\nsource = \"{}\"\ndomains = [\"x.test\"]\n",
+                source.path().display()
+            ),
+        )
+        .expect("write");
+        let (code, out, err) = bext_command(&["check", "--config", file.to_str().expect("utf8")]);
+        (code, format!("{out}{err}"))
+    };
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"",
+        cert.display(),
+        key.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("platform.control.client_ca") && text.contains("mutual TLS"),
+        "{text}"
+    );
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        cert.display(),
+        other_key.display(),
+        roots.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("platform.control.key") && text.contains("is not the key"),
+        "{text}"
+    );
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        cert.display(),
+        key.display(),
+        key.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("platform.control.client_ca") && text.contains("no certificate"),
+        "{text}"
+    );
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        cert.display(),
+        key.display(),
+        roots.display()
+    ));
+    assert_eq!(code, 0, "{text}");
+}

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let env_socket = std::env::var_os("BEXT_SOCKET")
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
+    let env_connect = std::env::var("BEXT_CONNECT").ok().filter(|s| !s.is_empty());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    match runtime.block_on(Box::pin(bext::ctl::run(cli, env_socket))) {
+    match runtime.block_on(Box::pin(bext::ctl::run(cli, env_socket, env_connect))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

@@ -68,6 +68,7 @@ struct RawPlatform {
     keepalive_timeout: Option<HumanDuration>,
     send_timeout: Option<PositiveDuration>,
     control_group: Option<Spanned<String>>,
+    control: Option<Spanned<RawControl>>,
     tls: Option<Spanned<RawPlatformTls>>,
     compression: Option<super::raw::RawCompression>,
 }
@@ -92,6 +93,16 @@ struct RawPlatformTls {
     acme_directory: Option<Spanned<String>>,
     acme_ca_root: Option<Spanned<PathBuf>>,
     acme_challenges: Option<Spanned<Vec<crate::listener::acme::ChallengeKind>>>,
+}
+
+/// `[platform.control]`: the control service on TCP too.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    listen: Option<Spanned<SocketAddr>>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    client_ca: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +198,8 @@ pub struct PlatformConfig {
     pub apps: Vec<AppEntry>,
     /// `control_group`: its members may use the control socket (name, gid).
     pub control_group: Option<(String, u32)>,
+    /// `[platform.control]`: the control service on TCP, mutual TLS only.
+    pub remote_control: Option<RemoteControl>,
     /// `[platform.tls]`: the listener is HTTPS.
     pub tls: Option<PlatformTls>,
     /// `[platform.compression]`: every app's levels; an app's own file may
@@ -201,6 +214,19 @@ pub struct PlatformTls {
     pub http_listen: SocketAddr,
     /// How apps without `[apps.NAME.tls]` get their certificates.
     pub acme: crate::listener::acme::AcmeSettings,
+}
+
+/// `[platform.control]`: the control service (what `bextctl` uses) on a
+/// TCP address too, for managing the host from elsewhere. Only with mutual
+/// TLS: the server's certificate, and the CA whose client certificates are
+/// let in (absolute paths; read at every new connection, so replaced files
+/// apply without a restart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteControl {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 /// `platform.tls.http_listen` when not set.
@@ -580,6 +606,10 @@ impl PlatformConfig {
             },
             None => None,
         };
+        let remote_control = match &platform.control {
+            Some(table) => Some(remote_control(table, &base, &invalid)?),
+            None => None,
+        };
         if let Some(table) = &platform.tls
             && !apps
                 .iter()
@@ -641,6 +671,7 @@ impl PlatformConfig {
             tls,
             compression,
             control_group,
+            remote_control,
             source: path.to_path_buf(),
             listen,
             data_dir: platform
@@ -668,6 +699,64 @@ impl PlatformConfig {
 
     pub fn app(&self, name: &str) -> Option<&AppEntry> {
         self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+/// `[platform.control]` checked: every key set, the files readable, the
+/// server's key its certificate's, the client CA a certificate.
+fn remote_control(
+    table: &Spanned<RawControl>,
+    base: &Path,
+    invalid: &impl Fn(usize, String, String) -> ConfigError,
+) -> Result<RemoteControl, ConfigError> {
+    let at = table.span().start;
+    let raw = table.get_ref();
+    let required = |value: Option<&Spanned<PathBuf>>, name: &str| {
+        value.map(|v| (v.span().start, absolute(base, v.get_ref()))).ok_or_else(|| {
+            invalid(
+                at,
+                format!("platform.control.{name}"),
+                format!(
+                    "missing: the control service listens on TCP only with mutual TLS (set listen, cert, key and client_ca; `{name}` is not set)"
+                ),
+            )
+        })
+    };
+    let Some(listen) = &raw.listen else {
+        return Err(invalid(
+            at,
+            "platform.control.listen".to_string(),
+            "missing: the TCP address to serve the control service on (e.g. \"10.0.0.5:7443\")"
+                .to_string(),
+        ));
+    };
+    let (cert_at, cert) = required(raw.cert.as_ref(), "cert")?;
+    let (key_at, key) = required(raw.key.as_ref(), "key")?;
+    let (ca_at, client_ca) = required(raw.client_ca.as_ref(), "client_ca")?;
+    crate::listener::tls::load_pair(&cert, &key).map_err(|why| {
+        let (offset, name) = if why.starts_with(&key.display().to_string()) {
+            (key_at, "key")
+        } else {
+            (cert_at, "cert")
+        };
+        invalid(offset, format!("platform.control.{name}"), why)
+    })?;
+    crate::control::remote::pem_roots(&client_ca)
+        .map_err(|why| invalid(ca_at, "platform.control.client_ca".to_string(), why))?;
+    Ok(RemoteControl {
+        listen: *listen.get_ref(),
+        cert,
+        key,
+        client_ca,
+    })
+}
+
+/// `path`, relative to `base` when it is not absolute.
+fn absolute(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+pub mod remote;
 pub mod single;
 
 use crate::cache::store::Selector;
@@ -48,16 +49,28 @@ pub const MAX_UPLOADS: usize = 4;
 /// Longest wait for the next chunk of an upload.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The control service, to serve on more than the socket
+/// ([`remote::serve`]): every copy shares the upload table.
+#[derive(Debug, Clone)]
+pub struct Service(ControlService);
+
+impl Service {
+    fn server(self) -> ControlServer<ControlService> {
+        ControlServer::new(self.0)
+    }
+}
+
 /// Binds `path` and serves the control service on it until the task is
 /// aborted. A live socket at `path` (another supervisor on the same
 /// data_dir) is an error; a stale one is replaced. Uploads (deploys) go to
-/// `uploads`; without it, deploys are refused.
+/// `uploads`; without it, deploys are refused. Returns the task and the
+/// service, to serve elsewhere too.
 pub fn serve(
     path: &Path,
     group: Option<&(String, u32)>,
     uploads: Option<PathBuf>,
     commands: mpsc::Sender<Command>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<(tokio::task::JoinHandle<()>, Service)> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -117,7 +130,8 @@ pub fn serve(
             }
         }
     });
-    Ok(tokio::spawn(async move {
+    let shared = Service(service.clone());
+    let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(ControlServer::new(service))
             .serve_with_incoming(incoming)
@@ -125,7 +139,8 @@ pub fn serve(
         if let Err(e) = served {
             warn!("the control socket stopped: {e}");
         }
-    }))
+    });
+    Ok((task, shared))
 }
 
 /// Root, bext's own user, or a member of the control group may connect.
@@ -156,7 +171,7 @@ fn allowed(stream: &UnixStream, group: Option<u32>) -> Result<(), String> {
     Err(format!("uid {uid} (pid {:?})", cred.pid()))
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ControlService {
     commands: mpsc::Sender<Command>,
     uploads: Option<PathBuf>,

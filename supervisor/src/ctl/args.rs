@@ -22,6 +22,22 @@ pub struct Cli {
     /// DATA_DIR/control.sock, where DATA_DIR is its `[platform] data_dir`.
     #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
+    /// The supervisor's control port on TCP (`[platform.control] listen`)
+    /// instead of its socket, with mutual TLS: needs --cert, --key and
+    /// --ca. BEXT_CONNECT works too (after --socket and --config, before
+    /// BEXT_SOCKET).
+    #[arg(long, value_name = "HOST:PORT", global = true, conflicts_with_all = ["socket", "config"])]
+    pub connect: Option<String>,
+    /// With --connect: this client's certificate (PEM, signed by the
+    /// platform's `client_ca`).
+    #[arg(long, value_name = "FILE", global = true, env = "BEXT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// With --connect: the key of --cert (PEM; may be the same file).
+    #[arg(long, value_name = "FILE", global = true, env = "BEXT_KEY")]
+    pub key: Option<PathBuf>,
+    /// With --connect: the CA the supervisor's certificate chains to (PEM).
+    #[arg(long, value_name = "FILE", global = true, env = "BEXT_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

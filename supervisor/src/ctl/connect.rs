@@ -6,6 +6,9 @@
 use std::error::Error as _;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
 
 use bext_proto::control::v1::control_client::ControlClient;
 use hyper_util::rt::TokioIo;
@@ -83,7 +86,66 @@ fn one_line(text: &str, error: &toml::de::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Session {
     pub client: ControlClient<Channel>,
-    pub socket: PathBuf,
+    /// The socket's path, or `https://HOST:PORT`.
+    pub at: String,
+    /// Over TCP with mutual TLS (`--connect`).
+    pub remote: bool,
+}
+
+/// `--cert`, `--key` and `--ca`, read: the client side of `--connect`.
+#[derive(Debug)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    /// Reads the three files; each must be given.
+    pub fn load(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> Result<Self, CtlError> {
+        let missing = |flag: &str, env: &str| CtlError::Remote {
+            what: format!(
+                "needs {flag} ({env}): the control port admits only clients with a certificate"
+            ),
+        };
+        let cert = cert.ok_or_else(|| missing("--cert", "BEXT_CERT"))?;
+        let key = key.ok_or_else(|| missing("--key", "BEXT_KEY"))?;
+        let ca = ca.ok_or_else(|| CtlError::Remote {
+            what: "needs --ca (BEXT_CA): the CA the supervisor's certificate chains to".into(),
+        })?;
+        let failed = |what: String| CtlError::Remote { what };
+        let roots = crate::control::remote::pem_roots(ca).map_err(failed)?;
+        let pair = crate::listener::tls::load_pair(cert, key).map_err(failed)?;
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(crate::listener::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| failed(format!("TLS versions: {e}")))?
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(pair)));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ClientTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// `HOST:PORT` (`[V6]:PORT` for an IPv6 address) split, the host as the
+/// name the server's certificate must carry.
+fn host_and_port(addr: &str) -> Result<(ServerName<'static>, u16), CtlError> {
+    let bad = |why: &str| CtlError::Remote {
+        what: format!("`{addr}`: {why} (HOST:PORT, e.g. control.example.com:7443)"),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("not a port number"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| bad("not a host name or address"))?;
+    Ok((name, port))
 }
 
 impl Session {
@@ -102,12 +164,66 @@ impl Session {
             }))
             .await
             .map_err(|e| CtlError::Unreachable {
-                socket: socket.to_path_buf(),
+                at: socket.display().to_string(),
                 reason: connect_reason(&e),
             })?;
         Ok(Self {
             client: ControlClient::new(channel),
-            socket: socket.to_path_buf(),
+            at: socket.display().to_string(),
+            remote: false,
+        })
+    }
+
+    /// Connects to the control port at `addr` (`HOST:PORT`) with mutual
+    /// TLS, now. A refused certificate shows at the first call (TLS 1.3
+    /// servers judge the client's certificate after the client's side of
+    /// the handshake is done).
+    pub async fn connect_remote(addr: &str, tls: ClientTls) -> Result<Self, CtlError> {
+        let (name, port) = host_and_port(addr)?;
+        let at = format!("https://{addr}");
+        let connector = tokio_rustls::TlsConnector::from(tls.config);
+        let target = match &name {
+            ServerName::DnsName(host) => format!("{}:{port}", host.as_ref()),
+            ServerName::IpAddress(ip) => {
+                std::net::SocketAddr::new(std::net::IpAddr::from(*ip), port).to_string()
+            }
+            _ => addr.to_string(),
+        };
+        let channel = Endpoint::from_static("http://[::]:50051")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let (connector, name, target) = (connector.clone(), name.clone(), target.clone());
+                async move {
+                    let tcp = tokio::time::timeout(
+                        REMOTE_CONNECT_TIMEOUT,
+                        tokio::net::TcpStream::connect(target),
+                    )
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))??;
+                    let _ = tcp.set_nodelay(true);
+                    let tls =
+                        tokio::time::timeout(REMOTE_CONNECT_TIMEOUT, connector.connect(name, tcp))
+                            .await
+                            .map_err(|_| {
+                                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                            })??;
+                    Ok::<_, io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| match tls_error(&e) {
+                Some(reason) => CtlError::RefusedCertificate {
+                    at: at.clone(),
+                    reason,
+                },
+                None => CtlError::Unreachable {
+                    at: at.clone(),
+                    reason: connect_reason(&e),
+                },
+            })?;
+        Ok(Self {
+            client: ControlClient::new(channel),
+            at,
+            remote: true,
         })
     }
 
@@ -115,14 +231,32 @@ impl Session {
     /// gone away or refusing this user is "unavailable" (exit 69), anything
     /// else is the operation failing with the server's message.
     pub fn call_error(&self, status: &tonic::Status) -> CtlError {
-        let socket = self.socket.clone();
+        let socket = self.at.clone();
+        if self.remote {
+            // On the control port a certificate is the only thing judged:
+            // a connection closed at once is its refusal (TLS 1.3 clients
+            // learn of it only at their first read, often as a bare close).
+            if let Some(reason) = tls_error(status) {
+                return CtlError::RefusedCertificate { at: socket, reason };
+            }
+            if matches!(
+                status.code(),
+                Code::Unknown | Code::Internal | Code::Unavailable
+            ) && connection_closed(status)
+            {
+                return CtlError::RefusedCertificate {
+                    at: socket,
+                    reason: "it closed the connection at once; unless it just stopped".into(),
+                };
+            }
+        }
         match status.code() {
             Code::Unavailable => CtlError::Unreachable {
-                socket,
+                at: socket,
                 reason: status_reason(status),
             },
             Code::PermissionDenied => CtlError::Refused {
-                socket,
+                at: socket,
                 reason: status_reason(status),
             },
             // The server closes a refused peer's connection at once, before
@@ -131,7 +265,7 @@ impl Session {
             // (The same closed connection is what a supervisor that stops
             // at that moment leaves: then the hint is wrong, and says so.)
             Code::Unknown | Code::Internal if connection_closed(status) => CtlError::Refused {
-                socket,
+                at: socket,
                 reason: "it closed the connection at once; unless it just stopped".into(),
             },
             _ => CtlError::Call {
@@ -146,12 +280,34 @@ impl Session {
     pub fn stream_error(&self, status: &tonic::Status) -> CtlError {
         if matches!(status.code(), Code::Unknown | Code::Internal) && connection_closed(status) {
             return CtlError::Unreachable {
-                socket: self.socket.clone(),
+                at: self.at.clone(),
                 reason: format!("the connection broke: {}", status_reason(status)),
             };
         }
         self.call_error(status)
     }
+}
+
+/// How long `--connect` waits for the TCP connection, then the handshake.
+const REMOTE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The TLS error in `error`'s chain, if the failure was one (a refused or
+/// untrusted certificate, an alert from the server).
+fn tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // An io::Error hides what it wraps from `source()`.
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The status's message, or its code's description when it has none.

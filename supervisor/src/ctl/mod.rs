@@ -60,13 +60,18 @@ pub enum CtlError {
     ReadConfig { path: PathBuf, source: io::Error },
     #[error("could not parse {}: {reason}", path.display())]
     ParseConfig { path: PathBuf, reason: String },
-    #[error("cannot reach the bext supervisor at {}: {reason}", socket.display())]
-    Unreachable { socket: PathBuf, reason: String },
+    #[error("cannot reach the bext supervisor at {at}: {reason}")]
+    Unreachable { at: String, reason: String },
     #[error(
-        "the bext supervisor at {} refused this user ({reason}): run bextctl as root or as the user that runs `bext serve`",
-        socket.display()
+        "the bext supervisor at {at} refused this user ({reason}): run bextctl as root or as the user that runs `bext serve`"
     )]
-    Refused { socket: PathBuf, reason: String },
+    Refused { at: String, reason: String },
+    #[error(
+        "the bext supervisor at {at} refused this client ({reason}): --cert must be signed by its [platform.control] client_ca, and --ca must be the CA of its certificate"
+    )]
+    RefusedCertificate { at: String, reason: String },
+    #[error("--connect {what}")]
+    Remote { what: String },
     /// The server answered a call with an error: its message.
     #[error("{message}")]
     Call { message: String },
@@ -91,7 +96,9 @@ impl CtlError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Unreachable { .. } | Self::Refused { .. } => EXIT_UNAVAILABLE,
+            Self::Unreachable { .. } | Self::Refused { .. } | Self::RefusedCertificate { .. } => {
+                EXIT_UNAVAILABLE
+            }
             Self::OutputClosed => 0,
             _ => EXIT_FAILED,
         }
@@ -127,15 +134,38 @@ impl Console<'_> {
 }
 
 /// Runs one command line against the supervisor, printing to stdout and
-/// stderr. `env_socket` is `BEXT_SOCKET`, read by the caller (so tests
-/// never touch the environment).
-pub async fn run(cli: Cli, env_socket: Option<PathBuf>) -> Result<(), CtlError> {
-    let socket = connect::resolve_socket(
-        cli.socket.as_deref(),
-        cli.config.as_deref(),
-        env_socket.as_deref(),
-    )?;
-    let session = Session::connect(&socket).await?;
+/// stderr. `env_socket` is `BEXT_SOCKET` and `env_connect` `BEXT_CONNECT`,
+/// read by the caller (so tests never touch the environment): an explicit
+/// `--connect`, `--socket` or `--config` wins over both, and
+/// `BEXT_CONNECT` over `BEXT_SOCKET`.
+pub async fn run(
+    cli: Cli,
+    env_socket: Option<PathBuf>,
+    env_connect: Option<String>,
+) -> Result<(), CtlError> {
+    let remote = match &cli.connect {
+        Some(addr) => Some(addr.clone()),
+        None if cli.socket.is_none() && cli.config.is_none() => env_connect,
+        None => None,
+    };
+    let session = match remote {
+        Some(addr) => {
+            let tls = connect::ClientTls::load(
+                cli.cert.as_deref(),
+                cli.key.as_deref(),
+                cli.ca.as_deref(),
+            )?;
+            Session::connect_remote(&addr, tls).await?
+        }
+        None => {
+            let socket = connect::resolve_socket(
+                cli.socket.as_deref(),
+                cli.config.as_deref(),
+                env_socket.as_deref(),
+            )?;
+            Session::connect(&socket).await?
+        }
+    };
     let mut stdout = io::stdout().lock();
     let mut console = Console {
         out: &mut stdout,

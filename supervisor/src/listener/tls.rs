@@ -179,9 +179,9 @@ impl Challenges {
 
 /// What identifies a file's content without reading it: a replaced or
 /// rewritten file has another.
-type Stamp = Option<(u64, u64, i64, i64, u64)>;
+pub type Stamp = Option<(u64, u64, i64, i64, u64)>;
 
-fn stamp(path: &Path) -> Stamp {
+pub fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
         .ok()

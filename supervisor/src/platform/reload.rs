@@ -138,6 +138,12 @@ impl Platform {
             );
             new.control_group.clone_from(&current.control_group);
         }
+        if new.remote_control != current.remote_control {
+            warn!(
+                "[platform.control] changed; restart bext to apply it (its certificate files are re-read without one)"
+            );
+            new.remote_control.clone_from(&current.remote_control);
+        }
         if new.tls != current.tls {
             warn!(
                 "[platform] the [platform.tls] table changed; restart bext to apply it (certificates of apps are reloaded)"
