@@ -44,15 +44,22 @@ impl Record {
             Some(AccessFormat::Text) => false,
             None => return self.emit_event(bytes, complete),
         };
-        LINE.with_borrow_mut(|line| {
+        let written = LINE.try_with(|line| {
+            let mut line = line.borrow_mut();
             line.clear();
-            self.format_into(line, bytes, complete, json);
-            crate::telemetry::write_line(line);
+            self.format_into(&mut line, bytes, complete, json);
+            crate::telemetry::write_line(&line);
             // A freak line (a 64 KiB path) does not pin its buffer.
             if line.capacity() > 4 * LINE_CAPACITY {
                 *line = Vec::with_capacity(LINE_CAPACITY);
             }
         });
+        // (A body dropped while its thread exits: no buffer left there.)
+        if written.is_err() {
+            let mut line = Vec::with_capacity(LINE_CAPACITY);
+            self.format_into(&mut line, bytes, complete, json);
+            crate::telemetry::write_line(&line);
+        }
     }
 
     fn host(&self) -> &[u8] {

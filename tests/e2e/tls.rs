@@ -676,6 +676,22 @@ impl TestCa {
         (cert_path, key_path)
     }
 
+    /// An intermediate CA this one signs.
+    fn intermediate(&self) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bext test intermediate");
+        let key = rcgen::KeyPair::generate().expect("intermediate key");
+        let issuer =
+            rcgen::CertifiedIssuer::signed_by(params, key, &self.issuer).expect("intermediate");
+        TestCa {
+            dir: tempfile::tempdir().expect("tempdir"),
+            issuer,
+        }
+    }
+
     /// The CA's certificate as a PEM file.
     fn root_file(&self) -> PathBuf {
         let path = self.dir.path().join("ca.pem");
@@ -798,9 +814,17 @@ domains = ["site.test"]
                 .is_some_and(|c| c.contains("ops@example.test"))
     });
 
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "control port: purge asked"
+            && v["app"] == "site"
+            && v["client"]
+                .as_str()
+                .is_some_and(|c| c.contains("ops@example.test"))
+    });
+
     // No certificate: bextctl says what is missing before connecting.
     let (code, out, err) = bextctl_remote(&at, &["--ca", roots.to_str().expect("utf8"), "status"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "a usage error: {err}");
     assert!(out.is_empty());
     assert!(err.contains("--cert"), "{err}");
 
@@ -841,14 +865,44 @@ domains = ["site.test"]
         "a TLS alert or nothing, got {answer:?}"
     );
 
+    // A client following the logs, connected under the current CA.
+    let connected = || {
+        bext.logs()
+            .iter()
+            .filter(|v| v["message"] == "control port: a client connected")
+            .count()
+    };
+    let before = connected();
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_bextctl"))
+        .args(["--connect", &at])
+        .args(files(&client_cert, &client_key))
+        .args(["logs", "site", "-f"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bextctl logs -f");
+    crate::support::wait_for("the follower to connect", Duration::from_secs(10), || {
+        (connected() > before).then_some(())
+    });
+
     // The client CA rotated on disk: the next connection goes by the new
-    // one, with no restart.
+    // one, with no restart, and the follower's connection is closed.
     let stranger_root = stranger_ca.root_file();
     std::fs::copy(&stranger_root, &client_ca_file).expect("rotate");
     let (code, _, err) = with(files(&stranger_cert, &stranger_key), &["status"]);
     assert_eq!(code, 0, "the new CA's client gets in: {err}");
     let (code, _, err) = with(files(&client_cert, &client_key), &["status"]);
     assert_eq!(code, 69, "the old CA's client is refused: {err}");
+    let status = crate::support::wait_for(
+        "the follower to be cut off",
+        Duration::from_secs(15),
+        || follower.try_wait().expect("try_wait"),
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(follower.stderr.as_mut().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(69), "{err}");
     // A broken replacement keeps the last good configuration.
     std::fs::write(&client_ca_file, "not a certificate").expect("break");
     let (code, _, err) = with(files(&stranger_cert, &stranger_key), &["status"]);
@@ -915,6 +969,34 @@ fn issue13_the_control_port_needs_its_certificates_in_the_config() {
         text.contains("platform.control.client_ca") && text.contains("no certificate"),
         "{text}"
     );
+    // A leaf is no CA; an intermediate of the server's own chain would
+    // admit whatever it signs.
+    let (client, _) = ca.client("someone", "someone");
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        cert.display(),
+        key.display(),
+        client.display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("platform.control.client_ca") && text.contains("not a CA's"),
+        "{text}"
+    );
+    let intermediate = ca.intermediate();
+    let (via, via_key, _) = intermediate.leaf("via", &["localhost"]);
+    let (code, text) = check(&format!(
+        "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        via.display(),
+        via_key.display(),
+        intermediate.root_file().display()
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("platform.control.client_ca") && text.contains("intermediate CA"),
+        "{text}"
+    );
+    // One private root signing both sides is fine.
     let (code, text) = check(&format!(
         "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
         cert.display(),

@@ -4,7 +4,6 @@
 //! Exit codes: 0 done, 1 the operation failed, 2 usage (clap),
 //! 69 (`EX_UNAVAILABLE`) the supervisor could not be reached.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,10 +13,7 @@ use bext::ctl::{CtlError, EXIT_FAILED};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let env_socket = std::env::var_os("BEXT_SOCKET")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from);
-    let env_connect = std::env::var("BEXT_CONNECT").ok().filter(|s| !s.is_empty());
+    let env = bext::ctl::Env::from_process();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -28,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    match runtime.block_on(Box::pin(bext::ctl::run(cli, env_socket, env_connect))) {
+    match runtime.block_on(Box::pin(bext::ctl::run(cli, env))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

@@ -371,6 +371,27 @@ impl PlatformConfig {
         text: &str,
         listen: Option<SocketAddr>,
     ) -> Result<Self, ConfigError> {
+        Self::parse_checking(path, text, listen, true)
+    }
+
+    /// Loads the file for a reload (SIGHUP): as [`Self::load_listening`],
+    /// but `[platform.control]`'s files are not read. That table applies
+    /// only at a restart, and its files may be mid-rotation: that must not
+    /// refuse the reload of everything else.
+    pub fn load_for_reload(path: &Path, listen: Option<SocketAddr>) -> Result<Self, ConfigError> {
+        let text = super::read_small_file(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_checking(path, &text, listen, false)
+    }
+
+    fn parse_checking(
+        path: &Path,
+        text: &str,
+        listen: Option<SocketAddr>,
+        control_files: bool,
+    ) -> Result<Self, ConfigError> {
         let mut raw: RawPlatformFile = diag::deserialize(path, text)?;
         if let Some(listen) = listen {
             raw.platform.get_or_insert_with(Default::default).listen = Some(listen);
@@ -607,7 +628,7 @@ impl PlatformConfig {
             None => None,
         };
         let remote_control = match &platform.control {
-            Some(table) => Some(remote_control(table, &base, &invalid)?),
+            Some(table) => Some(remote_control(table, &base, control_files, &invalid)?),
             None => None,
         };
         if let Some(table) = &platform.tls
@@ -702,11 +723,12 @@ impl PlatformConfig {
     }
 }
 
-/// `[platform.control]` checked: every key set, the files readable, the
-/// server's key its certificate's, the client CA a certificate.
+/// `[platform.control]` checked: every key set and, with `files`, the
+/// files readable, the server's key its certificate's, the client CA a CA.
 fn remote_control(
     table: &Spanned<RawControl>,
     base: &Path,
+    files: bool,
     invalid: &impl Fn(usize, String, String) -> ConfigError,
 ) -> Result<RemoteControl, ConfigError> {
     let at = table.span().start;
@@ -733,7 +755,22 @@ fn remote_control(
     let (cert_at, cert) = required(raw.cert.as_ref(), "cert")?;
     let (key_at, key) = required(raw.key.as_ref(), "key")?;
     let (ca_at, client_ca) = required(raw.client_ca.as_ref(), "client_ca")?;
-    crate::listener::tls::load_pair(&cert, &key).map_err(|why| {
+    let settings = RemoteControl {
+        listen: *listen.get_ref(),
+        cert,
+        key,
+        client_ca,
+    };
+    if !files {
+        return Ok(settings);
+    }
+    let RemoteControl {
+        cert,
+        key,
+        client_ca,
+        ..
+    } = &settings;
+    crate::listener::tls::load_pair(cert, key).map_err(|why| {
         let (offset, name) = if why.starts_with(&key.display().to_string()) {
             (key_at, "key")
         } else {
@@ -741,14 +778,20 @@ fn remote_control(
         };
         invalid(offset, format!("platform.control.{name}"), why)
     })?;
-    crate::control::remote::pem_roots(&client_ca)
+    // Everything the port would refuse to start with (an expired
+    // certificate, a client CA that is not a CA or shares the server's
+    // chain), named by its key.
+    crate::control::remote::pem_roots(client_ca)
         .map_err(|why| invalid(ca_at, "platform.control.client_ca".to_string(), why))?;
-    Ok(RemoteControl {
-        listen: *listen.get_ref(),
-        cert,
-        key,
-        client_ca,
-    })
+    crate::control::remote::server_config(&settings).map_err(|why| {
+        let (offset, name) = if why.starts_with(&client_ca.display().to_string()) {
+            (ca_at, "client_ca")
+        } else {
+            (cert_at, "cert")
+        };
+        invalid(offset, format!("platform.control.{name}"), why)
+    })?;
+    Ok(settings)
 }
 
 /// `path`, relative to `base` when it is not absolute.

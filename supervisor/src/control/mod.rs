@@ -143,6 +143,15 @@ pub fn serve(
     Ok((task, shared))
 }
 
+/// One line per command that changes something, naming who asked when it
+/// came over the control port (the client certificate's subject); the
+/// socket's peers are root, bext's user or the control group.
+fn audit<T>(request: &Request<T>, command: &str, app: &str) {
+    if let Some(peer) = request.extensions().get::<remote::RemotePeer>() {
+        info!(command, app, client = %peer.subject, peer = %peer.addr, "control port: {command} asked");
+    }
+}
+
 /// Root, bext's own user, or a member of the control group may connect.
 fn allowed(stream: &UnixStream, group: Option<u32>) -> Result<(), String> {
     let cred = stream
@@ -368,6 +377,7 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::DeployChunk>>,
     ) -> Result<Response<Self::DeployStream>, Status> {
+        audit(&request, "deploy", "");
         let mut chunks = request.into_inner();
         let first = match tokio::time::timeout(CHUNK_TIMEOUT, chunks.message()).await {
             Ok(Ok(Some(first))) => first,
@@ -420,6 +430,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
+        audit(&request, "rollback", &request.get_ref().app);
         let request = request.into_inner();
         let (reporter, events) = Reporter::new();
         reporter.step("rollback", format!("app '{}'", request.app));
@@ -436,6 +447,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RestartRequest>,
     ) -> Result<Response<Self::RestartStream>, Status> {
+        audit(&request, "restart", &request.get_ref().app);
         let request = request.into_inner();
         let (reporter, events) = Reporter::new();
         reporter.step("restart", format!("app '{}'", request.app));
@@ -474,6 +486,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeReply>, Status> {
+        audit(&request, "purge", &request.get_ref().app);
         let request = request.into_inner();
         let mut selectors = Vec::new();
         if request.all {
@@ -537,8 +550,9 @@ impl Control for ControlService {
 
     async fn reload(
         &self,
-        _request: Request<pb::ReloadRequest>,
+        request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadReply>, Status> {
+        audit(&request, "reload", "");
         let (tx, rx) = oneshot::channel();
         self.send(Command::Reload { reply: Some(tx) }).await?;
         let reply = rx.await.map_err(|_| gone())?;

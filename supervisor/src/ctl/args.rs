@@ -29,14 +29,16 @@ pub struct Cli {
     #[arg(long, value_name = "HOST:PORT", global = true, conflicts_with_all = ["socket", "config"])]
     pub connect: Option<String>,
     /// With --connect: this client's certificate (PEM, signed by the
-    /// platform's `client_ca`).
-    #[arg(long, value_name = "FILE", global = true, env = "BEXT_CERT")]
+    /// platform's `client_ca`). BEXT_CERT works too.
+    #[arg(long, value_name = "FILE", global = true)]
     pub cert: Option<PathBuf>,
     /// With --connect: the key of --cert (PEM; may be the same file).
-    #[arg(long, value_name = "FILE", global = true, env = "BEXT_KEY")]
+    /// BEXT_KEY works too.
+    #[arg(long, value_name = "FILE", global = true)]
     pub key: Option<PathBuf>,
     /// With --connect: the CA the supervisor's certificate chains to (PEM).
-    #[arg(long, value_name = "FILE", global = true, env = "BEXT_CA")]
+    /// BEXT_CA works too.
+    #[arg(long, value_name = "FILE", global = true)]
     pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,

@@ -107,13 +107,14 @@ impl ClientTls {
     ) -> Result<Self, CtlError> {
         let missing = |flag: &str, env: &str| CtlError::Remote {
             what: format!(
-                "needs {flag} ({env}): the control port admits only clients with a certificate"
+                "--connect needs {flag} ({env}): the control port admits only clients with a certificate"
             ),
         };
         let cert = cert.ok_or_else(|| missing("--cert", "BEXT_CERT"))?;
         let key = key.ok_or_else(|| missing("--key", "BEXT_KEY"))?;
         let ca = ca.ok_or_else(|| CtlError::Remote {
-            what: "needs --ca (BEXT_CA): the CA the supervisor's certificate chains to".into(),
+            what: "--connect needs --ca (BEXT_CA): the CA the supervisor's certificate chains to"
+                .into(),
         })?;
         let failed = |what: String| CtlError::Remote { what };
         let roots = crate::control::remote::pem_roots(ca).map_err(failed)?;
@@ -135,7 +136,7 @@ impl ClientTls {
 /// name the server's certificate must carry.
 fn host_and_port(addr: &str) -> Result<(ServerName<'static>, u16), CtlError> {
     let bad = |why: &str| CtlError::Remote {
-        what: format!("`{addr}`: {why} (HOST:PORT, e.g. control.example.com:7443)"),
+        what: format!("--connect `{addr}`: {why} (HOST:PORT, e.g. control.example.com:7443)"),
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     let port: u16 = port.parse().map_err(|_| bad("not a port number"))?;
@@ -211,10 +212,7 @@ impl Session {
             }))
             .await
             .map_err(|e| match tls_error(&e) {
-                Some(reason) => CtlError::RefusedCertificate {
-                    at: at.clone(),
-                    reason,
-                },
+                Some(tls) => tls.into_error(at.clone()),
                 None => CtlError::Unreachable {
                     at: at.clone(),
                     reason: connect_reason(&e),
@@ -236,14 +234,12 @@ impl Session {
             // On the control port a certificate is the only thing judged:
             // a connection closed at once is its refusal (TLS 1.3 clients
             // learn of it only at their first read, often as a bare close).
-            if let Some(reason) = tls_error(status) {
-                return CtlError::RefusedCertificate { at: socket, reason };
+            if let Some(tls) = tls_error(status) {
+                return tls.into_error(socket);
             }
-            if matches!(
-                status.code(),
-                Code::Unknown | Code::Internal | Code::Unavailable
-            ) && connection_closed(status)
-            {
+            // A status made from the connection rather than sent by the
+            // service (which carries no source): closed under the call.
+            if status.source().is_some() || connection_closed(status) {
                 return CtlError::RefusedCertificate {
                     at: socket,
                     reason: "it closed the connection at once; unless it just stopped".into(),
@@ -278,7 +274,11 @@ impl Session {
     /// stream: the call was accepted, so a closed connection means the
     /// supervisor went away (it stopped, or restarted).
     pub fn stream_error(&self, status: &tonic::Status) -> CtlError {
-        if matches!(status.code(), Code::Unknown | Code::Internal) && connection_closed(status) {
+        if matches!(
+            status.code(),
+            Code::Unknown | Code::Internal | Code::Unavailable
+        ) && connection_closed(status)
+        {
             return CtlError::Unreachable {
                 at: self.at.clone(),
                 reason: format!("the connection broke: {}", status_reason(status)),
@@ -291,19 +291,39 @@ impl Session {
 /// How long `--connect` waits for the TCP connection, then the handshake.
 const REMOTE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The TLS error in `error`'s chain, if the failure was one (a refused or
-/// untrusted certificate, an alert from the server).
-fn tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// A TLS failure of `--connect`, by which side judged.
+enum TlsFailure {
+    /// bextctl did not trust the supervisor's certificate.
+    Untrusted(String),
+    /// The supervisor refused this client (an alert, or anything else).
+    Refused(String),
+}
+
+impl TlsFailure {
+    fn into_error(self, at: String) -> CtlError {
+        match self {
+            TlsFailure::Untrusted(reason) => CtlError::UntrustedServer { at, reason },
+            TlsFailure::Refused(reason) => CtlError::RefusedCertificate { at, reason },
+        }
+    }
+}
+
+/// The TLS error in `error`'s chain, if the failure was one.
+fn tls_error(error: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+    let judged = |tls: &rustls::Error| match tls {
+        rustls::Error::InvalidCertificate(_) => TlsFailure::Untrusted(tls.to_string()),
+        _ => TlsFailure::Refused(tls.to_string()),
+    };
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
+            return Some(judged(tls));
         }
         // An io::Error hides what it wraps from `source()`.
         if let Some(io) = e.downcast_ref::<io::Error>()
             && let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
         {
-            return Some(tls.to_string());
+            return Some(judged(tls));
         }
         next = e.source();
     }
@@ -329,6 +349,7 @@ fn connection_closed(status: &tonic::Status) -> bool {
                 io.kind(),
                 io::ErrorKind::BrokenPipe
                     | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
                     | io::ErrorKind::UnexpectedEof
             )
         {

@@ -52,6 +52,8 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit code (`EX_UNAVAILABLE`): the supervisor could not be reached, or
 /// refused this user.
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// The command line asks for something impossible (as clap's own errors).
+pub const EXIT_USAGE: u8 = 2;
 
 /// Why a `bextctl` command failed; its message is one line for stderr.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,12 @@ pub enum CtlError {
         "the bext supervisor at {at} refused this client ({reason}): --cert must be signed by its [platform.control] client_ca, and --ca must be the CA of its certificate"
     )]
     RefusedCertificate { at: String, reason: String },
-    #[error("--connect {what}")]
+    #[error(
+        "the certificate of the bext supervisor at {at} is not trusted ({reason}): --ca must be the CA of its certificate, and --connect a name or address it carries"
+    )]
+    UntrustedServer { at: String, reason: String },
+    /// A usage error of `--connect` and its flags.
+    #[error("{what}")]
     Remote { what: String },
     /// The server answered a call with an error: its message.
     #[error("{message}")]
@@ -96,9 +103,11 @@ impl CtlError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Unreachable { .. } | Self::Refused { .. } | Self::RefusedCertificate { .. } => {
-                EXIT_UNAVAILABLE
-            }
+            Self::Unreachable { .. }
+            | Self::Refused { .. }
+            | Self::RefusedCertificate { .. }
+            | Self::UntrustedServer { .. } => EXIT_UNAVAILABLE,
+            Self::Remote { .. } => EXIT_USAGE,
             Self::OutputClosed => 0,
             _ => EXIT_FAILED,
         }
@@ -133,27 +142,60 @@ impl Console<'_> {
     }
 }
 
+/// What `bextctl` takes from its environment: `BEXT_SOCKET`,
+/// `BEXT_CONNECT`, `BEXT_CERT`, `BEXT_KEY`, `BEXT_CA` (read by the caller,
+/// so tests never touch the environment).
+#[derive(Debug, Default)]
+pub struct Env {
+    pub socket: Option<PathBuf>,
+    pub connect: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl Env {
+    /// The process's own, empty values left out.
+    pub fn from_process() -> Self {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        Env {
+            socket: var("BEXT_SOCKET").map(PathBuf::from),
+            connect: var("BEXT_CONNECT").map(|v| v.to_string_lossy().into_owned()),
+            cert: var("BEXT_CERT").map(PathBuf::from),
+            key: var("BEXT_KEY").map(PathBuf::from),
+            ca: var("BEXT_CA").map(PathBuf::from),
+        }
+    }
+}
+
 /// Runs one command line against the supervisor, printing to stdout and
-/// stderr. `env_socket` is `BEXT_SOCKET` and `env_connect` `BEXT_CONNECT`,
-/// read by the caller (so tests never touch the environment): an explicit
-/// `--connect`, `--socket` or `--config` wins over both, and
-/// `BEXT_CONNECT` over `BEXT_SOCKET`.
-pub async fn run(
-    cli: Cli,
-    env_socket: Option<PathBuf>,
-    env_connect: Option<String>,
-) -> Result<(), CtlError> {
+/// stderr. An explicit `--connect`, `--socket` or `--config` wins over the
+/// environment, and `BEXT_CONNECT` over `BEXT_SOCKET`; the certificate
+/// flags win over their variables.
+pub async fn run(cli: Cli, env: Env) -> Result<(), CtlError> {
+    // (clap checks conflicts per subcommand level, before global flags
+    // are merged: checked again here.)
+    if cli.connect.is_some() && (cli.socket.is_some() || cli.config.is_some()) {
+        return Err(CtlError::Remote {
+            what: "--connect cannot go with --socket or --config: one supervisor at a time".into(),
+        });
+    }
     let remote = match &cli.connect {
         Some(addr) => Some(addr.clone()),
-        None if cli.socket.is_none() && cli.config.is_none() => env_connect,
+        None if cli.socket.is_none() && cli.config.is_none() => env.connect,
         None => None,
     };
+    if remote.is_none() && (cli.cert.is_some() || cli.key.is_some() || cli.ca.is_some()) {
+        return Err(CtlError::Remote {
+            what: "--cert, --key and --ca are for --connect (the control port); the control socket needs none".into(),
+        });
+    }
     let session = match remote {
         Some(addr) => {
             let tls = connect::ClientTls::load(
-                cli.cert.as_deref(),
-                cli.key.as_deref(),
-                cli.ca.as_deref(),
+                cli.cert.as_deref().or(env.cert.as_deref()),
+                cli.key.as_deref().or(env.key.as_deref()),
+                cli.ca.as_deref().or(env.ca.as_deref()),
             )?;
             Session::connect_remote(&addr, tls).await?
         }
@@ -161,7 +203,7 @@ pub async fn run(
             let socket = connect::resolve_socket(
                 cli.socket.as_deref(),
                 cli.config.as_deref(),
-                env_socket.as_deref(),
+                env.socket.as_deref(),
             )?;
             Session::connect(&socket).await?
         }

@@ -179,13 +179,23 @@ impl Challenges {
 
 /// What identifies a file's content without reading it: a replaced or
 /// rewritten file has another.
-pub type Stamp = Option<(u64, u64, i64, i64, u64)>;
+/// (The change time too: a copy that keeps the modification time and the
+/// size, as `cp -p` makes, still changes it.)
+pub type Stamp = Option<(u64, u64, i64, i64, i64, i64, u64)>;
 
 pub fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+    std::fs::metadata(path).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.size(),
+        )
+    })
 }
 
 /// An app's certificate in use, and the stamps of the files it came from.
@@ -212,7 +222,7 @@ pub fn validity(pair: &CertifiedKey) -> Option<(i64, i64)> {
 }
 
 /// "expired on DATE" when `pair`'s certificate has expired.
-fn expired(pair: &CertifiedKey) -> Option<String> {
+pub fn expired(pair: &CertifiedKey) -> Option<String> {
     let end = not_after(pair)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

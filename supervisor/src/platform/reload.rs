@@ -108,13 +108,13 @@ impl Platform {
         // HTTPS, are settled at start): an edit of `listen` alone must not
         // make the rest of the file fail (e.g. port 443 asking apps for
         // certificates) and lose the other edits.
-        let mut new = PlatformConfig::load_listening(
+        let mut new = PlatformConfig::load_for_reload(
             &self.config_path,
             Some(self.listen_override.unwrap_or(current.listen)),
         )
         .map_err(|e| e.to_string())?;
         if self.listen_override.is_none()
-            && let Ok(file) = PlatformConfig::load(&self.config_path)
+            && let Ok(file) = PlatformConfig::load_for_reload(&self.config_path, None)
             && file.listen != current.listen
         {
             warn!(old = %current.listen, new = %file.listen, "[platform] listen changed; restart bext to apply it");
