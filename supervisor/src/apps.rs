@@ -562,14 +562,44 @@ fn build_service(
     // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
         (config.isr.enabled && proxy.is_some()).then(|| {
-            Arc::new(
-                IsrCache::in_memory(
+            // Edge mode: Redis behind the memory, shared with the other
+            // instances.
+            let l2 = config.redis.as_ref().and_then(|redis| {
+                let max_body =
+                    usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
+                // Namespaced by the platform's app name; in single-app mode
+                // by none (the directory's name may differ between
+                // instances of one site: their keys carry the host anyway,
+                // and sites that share a Redis set prefixes of their own).
+                let namespace = settings.name.as_deref().unwrap_or("app");
+                crate::cache::l2::L2::new(redis, namespace, max_body)
+                    .inspect_err(|e| tracing::warn!(app = %app.name, "no L2: {e}"))
+                    .ok()
+            });
+            let cache = Arc::new(
+                IsrCache::tiered(
                     config.isr.clone(),
                     config.server.upstream_timeout,
                     metrics.cache_counters(&app.name),
+                    l2.clone(),
                 )
                 .with_compression(config.compression),
-            )
+            );
+            if let Some(l2) = l2 {
+                // The other instances' purges reach this one's memory.
+                let weak = Arc::downgrade(&cache);
+                l2.listen(move |selector, soft| {
+                    let Some(cache) = weak.upgrade() else {
+                        return false;
+                    };
+                    tokio::spawn(async move {
+                        cache.purge_local(&selector, soft).await;
+                    });
+                    true
+                });
+                tracing::info!(app = %app.name, "edge mode: the cache is shared through Redis");
+            }
+            cache
         })
     });
     let purge_token = settings

@@ -34,6 +34,8 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Detect, install, build and serve the app in DIR (single-app mode).
+    /// With REDIS_URL (or a [redis] table) the cache is shared with every
+    /// instance using the same Redis (edge mode).
     Run(RunArgs),
     /// Run many apps behind one listener, routed by Host (multi-app mode).
     Serve(ServeArgs),

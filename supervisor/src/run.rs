@@ -65,6 +65,8 @@ pub enum RunError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Redis(String),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -97,6 +99,15 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
     }
     if let Some(workers) = args.workers {
         config.isolate.workers = Some(workers);
+    }
+    // Edge mode by the environment alone (a [redis] table wins).
+    if config.redis.is_none()
+        && let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty())
+    {
+        config.redis = Some(
+            crate::config::RedisSettings::from_url(&url)
+                .map_err(|why| RunError::Redis(format!("REDIS_URL: {why}")))?,
+        );
     }
     // Bind before the (possibly long) build: a busy port fails at once.
     let listener = TcpListener::bind(config.server.listen)

@@ -433,6 +433,9 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
              give each app its own: [apps.NAME.cache] purge_token"
         );
     }
+    if std::env::var_os("REDIS_URL").is_some_and(|u| !u.is_empty()) {
+        warn!("REDIS_URL is ignored in multi-app mode: edge mode is single-app's for now");
+    }
     // Signals are handled from here on: a SIGTERM during the first builds
     // stops them and exits.
     let signals = match Signals::install() {

@@ -16,6 +16,8 @@
 
 mod fill;
 pub mod key;
+pub mod l2;
+pub mod wire;
 
 /// The hasher of the cache's key maps. The keys are URLs clients choose,
 /// and moka's map probes by full key comparison with no bound: SipHash
@@ -42,7 +44,7 @@ use object::{Freshness, Object};
 use respond::Served;
 use store::{Selector, Store};
 
-pub use store::MemoryStore;
+pub use store::{MemoryStore, TieredStore};
 
 /// How the cache reaches the app, for one client request. Failures come
 /// back as responses (502, 503, 504 from bext, or the app's own 5xx): the
@@ -86,7 +88,7 @@ pub struct CacheCounters {
 }
 
 /// One app's cache.
-pub struct IsrCache<S: Store = MemoryStore> {
+pub struct IsrCache<S: Store = TieredStore> {
     store: S,
     /// What is known per primary key (one lookup per request).
     index: moka::sync::Cache<String, Arc<UrlInfo>, KeyHasher>,
@@ -165,10 +167,20 @@ enum Outcome {
     NotShared,
 }
 
-impl IsrCache<MemoryStore> {
+impl IsrCache<TieredStore> {
     pub fn in_memory(settings: IsrConfig, wait_timeout: Duration, counters: CacheCounters) -> Self {
-        let store = MemoryStore::new(settings.max_entries, settings.max_bytes.bytes());
-        IsrCache::new(store, settings, wait_timeout, counters)
+        Self::tiered(settings, wait_timeout, counters, None)
+    }
+
+    /// In memory, and with `l2` (edge mode) in Redis behind it.
+    pub fn tiered(
+        settings: IsrConfig,
+        wait_timeout: Duration,
+        counters: CacheCounters,
+        l2: Option<Arc<l2::L2>>,
+    ) -> Self {
+        let l1 = MemoryStore::new(settings.max_entries, settings.max_bytes.bytes());
+        IsrCache::new(TieredStore::new(l1, l2), settings, wait_timeout, counters)
     }
 }
 
@@ -359,7 +371,21 @@ impl<S: Store> IsrCache<S> {
             return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
         let primary = key::primary(&req);
-        let info = self.index.get(&primary).unwrap_or_default();
+        let info = match self.index.get(&primary) {
+            Some(info) => info,
+            // Not known here: another instance may have stored it, varied.
+            None => match Box::pin(self.store.shared_vary(&primary)).await {
+                Some(vary) if !vary.is_empty() => {
+                    let info = Arc::new(UrlInfo {
+                        vary: vary.into(),
+                        pass: None,
+                    });
+                    self.index.insert(primary.clone(), Arc::clone(&info));
+                    info
+                }
+                _ => Arc::default(),
+            },
+        };
         let key = key::full(&primary, req.headers(), &info.vary);
         let key: &str = &key;
         // Recently not storable, with nothing stored to stand in (as for
@@ -519,13 +545,24 @@ impl<S: Store> IsrCache<S> {
 
     /// Drops (hard) or marks stale (soft) every entry the selector names.
     pub async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
+        self.forget(selector, soft);
+        self.store.purge(selector, soft).await
+    }
+
+    /// A purge another instance made (edge mode): what this instance holds
+    /// alone is purged; what they share already was.
+    pub async fn purge_local(&self, selector: &Selector, soft: bool) -> u64 {
+        self.forget(selector, soft);
+        self.store.purge_local(selector, soft).await
+    }
+
+    fn forget(&self, selector: &Selector, soft: bool) {
         self.purge_epoch.fetch_add(1, Ordering::Relaxed);
         // (The epoch bump also forgets the markers kept in `index`.)
         self.pass.invalidate_all();
         if selector.all && !soft {
             self.index.invalidate_all();
         }
-        self.store.purge(selector, soft).await
     }
 
     /// Joins the fill in flight for `key`, or becomes its leader.

@@ -98,6 +98,36 @@ impl Object {
         vary: Vec<(HeaderName, Option<HeaderValue>)>,
         shared_with_auth: bool,
     ) -> Self {
+        Self::restored(
+            status,
+            headers,
+            body,
+            (SystemTime::now(), initial_age),
+            lifetime,
+            tags,
+            (path, primary),
+            vary,
+            (shared_with_auth, 0),
+        )
+    }
+
+    /// An object as it was stored elsewhere (edge mode's L2): its own
+    /// storing time and soft purge (Unix ms, 0: none).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a plain constructor of a plain record"
+    )]
+    pub fn restored(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        (stored_at, initial_age): (SystemTime, Duration),
+        lifetime: Lifetime,
+        tags: Vec<String>,
+        (path, primary): (String, String),
+        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+        (shared_with_auth, soft_purged_ms): (bool, u64),
+    ) -> Self {
         let omit_on_reuse = super::policy::CacheControl::parse(&headers)
             .no_cache_fields
             .iter()
@@ -114,7 +144,7 @@ impl Object {
             omit_on_reuse,
             headers,
             body,
-            stored_at: SystemTime::now(),
+            stored_at,
             initial_age,
             lifetime,
             tags,
@@ -122,7 +152,7 @@ impl Object {
             primary,
             vary,
             shared_with_auth,
-            soft_purged_ms: AtomicU64::new(0),
+            soft_purged_ms: AtomicU64::new(soft_purged_ms),
             variants: Variants::default(),
             reuse_head: std::sync::OnceLock::new(),
         }
@@ -296,6 +326,11 @@ impl Object {
             .duration_since(self.stored_at)
             .unwrap_or_default();
         self.keep_for().saturating_sub(since)
+    }
+
+    /// Unix milliseconds of its soft purge (0: none).
+    pub fn soft_purged_ms(&self) -> u64 {
+        self.soft_purged_ms.load(Ordering::Relaxed)
     }
 
     /// Marks it stale from now on (soft purge). True if it was not already.

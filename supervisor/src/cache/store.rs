@@ -52,7 +52,82 @@ pub trait Store: Send + Sync + 'static {
     /// Drops (hard) or marks stale (soft) every matching object; returns
     /// how many were affected.
     fn purge(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send;
+    /// [`Store::purge`] of what this instance holds alone, for a purge
+    /// another instance made (and already made in what they share).
+    fn purge_local(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send {
+        self.purge(selector, soft)
+    }
+    /// The `Vary` names of `primary`'s last stored response as a store
+    /// shared with other instances knows them (`None`: no such store, or
+    /// it does not know the URL).
+    fn shared_vary(
+        &self,
+        _primary: &str,
+    ) -> impl Future<Output = Option<Vec<http::HeaderName>>> + Send {
+        std::future::ready(None)
+    }
     fn stats(&self) -> StoreStats;
+}
+
+/// The store an app's cache uses: in memory (L1) and, in edge mode, Redis
+/// behind it (L2): an L1 miss asks L2 and promotes what it finds; every
+/// store is written through; purges reach both, and the other instances.
+#[derive(Debug)]
+pub struct TieredStore {
+    l1: MemoryStore,
+    l2: Option<Arc<super::l2::L2>>,
+}
+
+impl TieredStore {
+    pub fn new(l1: MemoryStore, l2: Option<Arc<super::l2::L2>>) -> Self {
+        TieredStore { l1, l2 }
+    }
+}
+
+impl Store for TieredStore {
+    async fn get(&self, key: &str) -> Option<Arc<Object>> {
+        if let Some(object) = self.l1.get(key).await {
+            return Some(object);
+        }
+        let l2 = self.l2.as_ref()?;
+        let object = Arc::new(l2.get(key).await?);
+        if object.keep_left().is_zero() {
+            return None;
+        }
+        self.l1.insert(key.to_string(), Arc::clone(&object)).await;
+        Some(object)
+    }
+
+    async fn insert(&self, key: String, object: Arc<Object>) {
+        if let Some(l2) = &self.l2 {
+            l2.put(&key, &object).await;
+        }
+        self.l1.insert(key, object).await;
+    }
+
+    async fn resized(&self, key: &str, object: &Arc<Object>) {
+        self.l1.resized(key, object).await;
+    }
+
+    async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
+        let local = self.l1.purge(selector, soft).await;
+        match &self.l2 {
+            Some(l2) => local.max(l2.purge(selector, soft).await),
+            None => local,
+        }
+    }
+
+    async fn purge_local(&self, selector: &Selector, soft: bool) -> u64 {
+        self.l1.purge(selector, soft).await
+    }
+
+    async fn shared_vary(&self, primary: &str) -> Option<Vec<http::HeaderName>> {
+        self.l2.as_ref()?.vary(primary).await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.l1.stats()
+    }
 }
 
 /// The in-memory store: `moka`, with a per-object expiry (an object is kept

@@ -77,6 +77,63 @@ pub struct Config {
     pub isolate: IsolateConfig,
     /// `[compression]`.
     pub compression: crate::compress::Settings,
+    /// `[redis]` (or `REDIS_URL`, applied by `bext run`): edge mode.
+    pub redis: Option<RedisSettings>,
+}
+
+/// Edge mode: Redis as the cache's L2, shared by every instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS), with AUTH and database as the URL
+    /// says.
+    pub url: String,
+    /// Put before every key and channel (then the app's name).
+    pub prefix: String,
+    pub write: RedisWrite,
+    /// Longest one operation may take before it counts as a miss.
+    pub timeout: Duration,
+}
+
+/// `redis.prefix` when not set.
+pub const DEFAULT_REDIS_PREFIX: &str = "bext:";
+/// `redis.timeout_ms` when not set: small, as every L1 miss may pay it.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+/// The longest `redis.timeout_ms` accepted.
+pub const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When a cache write reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisWrite {
+    /// Before the response is sent (bounded by the timeout): another
+    /// instance finds the page as soon as the client has it.
+    #[default]
+    Sync,
+    /// In the background.
+    Async,
+}
+
+impl RedisSettings {
+    /// `REDIS_URL` alone: every other setting at its default.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        check_redis_url(url)?;
+        Ok(RedisSettings {
+            url: url.to_string(),
+            prefix: DEFAULT_REDIS_PREFIX.to_string(),
+            write: RedisWrite::Sync,
+            timeout: DEFAULT_REDIS_TIMEOUT,
+        })
+    }
+}
+
+/// Whether `url` is a Redis URL bext can use (parsed, not connected).
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err("must start with redis:// or rediss:// (TLS)".to_string());
+    }
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("not a usable Redis URL: {e}"))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -278,6 +335,15 @@ impl Config {
                 source,
             })?;
         let raw: raw::RawConfig = diag::deserialize(&path, &text)?;
+        if let Some(redis) = &raw.redis {
+            return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
+                &path,
+                &text,
+                redis.span().start,
+                Some("redis".to_string()),
+                "in multi-app mode Redis is the platform's to set, not an app's".to_string(),
+            ))));
+        }
         if let Some(tls) = raw.server.as_ref().and_then(|s| s.tls.as_ref()) {
             return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
                 &path,
@@ -298,12 +364,19 @@ impl Config {
             Some(tls) => Some(Box::new(server_tls(path, text, tls, &raw)?)),
             None => None,
         };
+        let redis = match &raw.redis {
+            Some(table) => Some(redis_settings(path, text, table)?),
+            None => None,
+        };
         let mut config = Self::from_raw(Some(path.to_path_buf()), raw);
         config.server.tls = tls;
+        config.redis = redis;
         Ok(config)
     }
 
-    fn from_raw(source: Option<PathBuf>, raw: raw::RawConfig) -> Self {
+    fn from_raw(source: Option<PathBuf>, mut raw: raw::RawConfig) -> Self {
+        // (Checked, with positions, by `parse`.)
+        raw.redis = None;
         let server = raw.server.unwrap_or_default();
         let isr = raw.cache.unwrap_or_default().isr.unwrap_or_default();
         let runtime = raw.runtime.unwrap_or_default();
@@ -387,6 +460,7 @@ impl Config {
                 max_inflight: isolate.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
             },
             compression,
+            redis: None,
         }
     }
 }
@@ -396,6 +470,70 @@ impl IsolateConfig {
     pub fn workers_or(&self, default: NonZeroU32) -> NonZeroU32 {
         self.workers.unwrap_or(default)
     }
+}
+
+/// `[redis]` checked: a usable URL (required), a prefix without spaces,
+/// a timeout of at most [`MAX_REDIS_TIMEOUT`].
+fn redis_settings(
+    path: &Path,
+    text: &str,
+    table: &toml::Spanned<raw::RawRedis>,
+) -> Result<RedisSettings, ConfigError> {
+    let invalid = |offset: usize, key: &str, message: String| {
+        ConfigError::Invalid(Box::new(Diagnostic::at(
+            path,
+            text,
+            offset,
+            Some(key.to_string()),
+            message,
+        )))
+    };
+    let raw = table.get_ref();
+    let Some(url) = &raw.url else {
+        return Err(invalid(
+            table.span().start,
+            "redis.url",
+            "missing: the Redis server (redis://host:6379, rediss:// for TLS; or set REDIS_URL and leave [redis] out)".to_string(),
+        ));
+    };
+    check_redis_url(url.get_ref()).map_err(|why| invalid(url.span().start, "redis.url", why))?;
+    let prefix = match &raw.prefix {
+        Some(prefix) => {
+            let p = prefix.get_ref();
+            if p.is_empty()
+                || p.len() > 64
+                || p.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    prefix.span().start,
+                    "redis.prefix",
+                    "1 to 64 characters, no spaces or control characters".to_string(),
+                ));
+            }
+            p.clone()
+        }
+        None => DEFAULT_REDIS_PREFIX.to_string(),
+    };
+    let timeout = raw
+        .timeout_ms
+        .as_ref()
+        .map_or(DEFAULT_REDIS_TIMEOUT, |t| t.0);
+    if timeout > MAX_REDIS_TIMEOUT {
+        return Err(invalid(
+            table.span().start,
+            "redis.timeout_ms",
+            format!(
+                "at most {} ms: every cache miss may wait this long for Redis",
+                MAX_REDIS_TIMEOUT.as_millis()
+            ),
+        ));
+    }
+    Ok(RedisSettings {
+        url: url.get_ref().clone(),
+        prefix,
+        write: raw.write.unwrap_or_default(),
+        timeout,
+    })
 }
 
 /// Reads and checks `[server.tls]`: the pair loads and matches, covers

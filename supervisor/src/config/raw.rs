@@ -20,6 +20,17 @@ pub(super) struct RawConfig {
     pub(super) isolate: Option<RawIsolate>,
     pub(super) route_rules: Option<Vec<RawRouteRule>>,
     pub(super) compression: Option<RawCompression>,
+    pub(super) redis: Option<toml::Spanned<RawRedis>>,
+}
+
+/// `[redis]`: edge mode.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub(super) url: Option<toml::Spanned<String>>,
+    pub(super) prefix: Option<toml::Spanned<String>>,
+    pub(super) write: Option<super::RedisWrite>,
+    pub(super) timeout_ms: Option<PositiveMillis>,
 }
 
 /// `[compression]` (and `[platform.compression]`).

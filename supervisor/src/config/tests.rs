@@ -123,6 +123,44 @@ fn every_config_example_parses() {
     assert!(checked >= 2, "found {checked} examples");
 }
 
+/// The deployment-modes page's edge example: `[redis]` as written.
+#[test]
+fn the_seed_edge_example_turns_on_redis() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let config = Config::load_file(&dir.join("seed-edge.toml")).expect("seed edge example");
+    let redis = config.redis.expect("[redis]");
+    assert_eq!(redis.url, "redis://redis.internal:6379");
+    assert_eq!(redis.prefix, "bext:");
+    assert_eq!(redis.write, super::RedisWrite::Sync);
+    assert_eq!(redis.timeout, super::DEFAULT_REDIS_TIMEOUT);
+    assert_eq!(config.isr.max_entries, 50_000);
+    assert!(
+        Config::parse(Path::new("bext.config.toml"), "")
+            .expect("empty")
+            .redis
+            .is_none(),
+        "off without the table"
+    );
+}
+
+/// Multi-app mode: Redis is the platform's, never a tenant's to point bext
+/// at.
+#[test]
+fn a_tenant_file_may_not_set_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("bext.config.toml"),
+        "[redis]\nurl = \"redis://10.0.0.9:6379\"\n",
+    )
+    .expect("write");
+    let err = Config::load_tenant_dir(dir.path()).expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("redis") && text.contains("platform"),
+        "{text}"
+    );
+}
+
 #[test]
 fn the_annotated_example_states_the_real_defaults() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");

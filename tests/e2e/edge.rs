@@ -1,0 +1,383 @@
+//! Issue 14: edge mode. Two `bext run` instances of the origin fixture share
+//! a real `redis-server` (started here on a free port): one configured by
+//! `[redis]`, the other by `REDIS_URL` alone.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Bext, Options, client, fixture, wait_for};
+
+/// A `redis-server` of the test's own, stopped (killed) on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir,
+        };
+        redis.run();
+        redis
+    }
+
+    /// Starts (or restarts) the server on its port.
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (tests/fixtures/setup.sh installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
+        wait_for("redis-server to answer", Duration::from_secs(10), || {
+            ping(addr).then_some(())
+        });
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until A's write of `count` objects has reached Redis (a fill
+    /// stores its object as its body ends, just after the client has it).
+    fn wait_objects(&self, count: usize) {
+        wait_for("the objects in Redis", Duration::from_secs(10), || {
+            let keys = self.cli(&["--scan", "--pattern", "bext:*:o:*"]);
+            (keys.lines().count() >= count).then_some(())
+        });
+    }
+
+    /// A command through `redis-cli`, its output.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a Redis answers PING at `addr`.
+fn ping(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// An instance of the origin fixture with `config` and `env`.
+fn instance(config: &str, env: &[(&str, String)]) -> (tempfile::TempDir, Bext) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = fixture("origin");
+    for file in ["package.json", "server.js"] {
+        std::fs::copy(origin.join(file), dir.path().join(file)).expect("copy");
+    }
+    std::fs::write(dir.path().join("bext.config.toml"), config).expect("config");
+    let bext = Bext::start(
+        dir.path(),
+        &Options {
+            args: vec!["--workers".into(), "1".into()],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ..Options::default()
+        },
+    );
+    (dir, bext)
+}
+
+/// Two instances sharing `redis`: A by `[redis]` (with the default
+/// prefix spelled out), B by `REDIS_URL` alone. Both purge with a token.
+fn pair(redis: &Redis) -> ((tempfile::TempDir, Bext), (tempfile::TempDir, Bext)) {
+    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
+    let a = instance(
+        &format!(
+            "[redis]\nurl = \"{}\"\nprefix = \"bext:\"\ntimeout_ms = 200\n",
+            redis.url()
+        ),
+        std::slice::from_ref(&token),
+    );
+    let b = instance("", &[("REDIS_URL", redis.url()), token]);
+    (a, b)
+}
+
+/// GET `path` with Host `site.test` (the same URL on every instance, as
+/// behind a load balancer): (x-bext-cache, body).
+async fn get(bext: &Bext, path: &str, headers: &[(&str, &str)]) -> (String, String) {
+    let mut request = client().get(bext.url(path)).header("host", "site.test");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("GET");
+    let state = response
+        .headers()
+        .get("x-bext-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (state, response.text().await.expect("body"))
+}
+
+/// Renders of `path` by this instance's app.
+async fn renders(bext: &Bext, path: &str) -> u64 {
+    let json: Value = client()
+        .get(bext.url(&format!("/count?path={path}")))
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("json");
+    json["renders"].as_u64().expect("renders")
+}
+
+async fn purge(bext: &Bext, body: &str) -> Value {
+    client()
+        .post(bext.url("/__bext/cache/invalidate"))
+        .header("host", "site.test")
+        .header("authorization", "Bearer edge-token")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("purge")
+        .json()
+        .await
+        .expect("purge json")
+}
+
+/// Issue 14, acceptance 1: a page rendered through A is a HIT on B with no
+/// render there; a page that varies (as every App Router page does on
+/// `rsc`) too, per variant.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_page_rendered_on_one_instance_is_a_hit_on_the_other() {
+    let redis = Redis::start();
+    let ((_a_dir, a), (_b_dir, b)) = pair(&redis);
+
+    let page = "/page/shared?cc=public,max-age=600";
+    let (state, body) = get(&a, page, &[]).await;
+    assert_eq!(state, "MISS");
+    assert!(body.starts_with("/page/shared render 1"), "{body}");
+    redis.wait_objects(1);
+    let (state, body) = get(&b, page, &[]).await;
+    assert_eq!(state, "HIT", "{body}");
+    assert!(
+        body.starts_with("/page/shared render 1"),
+        "A's render: {body}"
+    );
+    assert_eq!(renders(&b, "/page/shared").await, 0, "no render on B");
+    // Promoted into B's memory: the next hit needs no Redis.
+    let (state, _) = get(&b, page, &[]).await;
+    assert_eq!(state, "HIT");
+
+    // Varied: B finds the URL's Vary names in Redis, and each variant.
+    let varied = "/page/rsc?cc=public,max-age=600&vary=rsc";
+    let (state, body) = get(&a, varied, &[("rsc", "1")]).await;
+    assert_eq!(state, "MISS");
+    assert!(body.contains("rsc=1"), "{body}");
+    redis.wait_objects(2);
+    let (state, body) = get(&b, varied, &[("rsc", "1")]).await;
+    assert_eq!(state, "HIT", "{body}");
+    assert!(body.starts_with("/page/rsc render 1 rsc=1"), "{body}");
+    let (state, body) = get(&b, varied, &[]).await;
+    assert_eq!(state, "MISS", "another variant: {body}");
+    assert!(body.contains("rsc="), "{body}");
+    assert!(!body.contains("rsc=1"), "{body}");
+    assert_eq!(renders(&b, "/page/rsc").await, 1, "only the new variant");
+
+    // What Redis holds is namespaced: prefix, app, kind.
+    let keys = redis.cli(&["--scan", "--pattern", "bext:*"]);
+    assert!(keys.lines().any(|k| k.contains(":o:")), "{keys}");
+    assert!(keys.lines().all(|k| k.starts_with("bext:")), "{keys}");
+}
+
+/// Issue 14, acceptance 2 (the behaviour; the 100-purge latency figure is
+/// for bench/edge.sh): a tag purge on A reaches B's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_purge_on_one_instance_purges_the_other() {
+    let redis = Redis::start();
+    let ((_a_dir, a), (_b_dir, b)) = pair(&redis);
+    let page = "/page/tagged?cc=public,max-age=600&tags=posts";
+    // B's app renders the path once unstored first: its renders count from
+    // 2, A's from 1, so each body says whose it is.
+    get(&b, "/page/tagged?cc=no-store", &[]).await;
+    assert_eq!(get(&a, page, &[]).await.0, "MISS");
+    redis.wait_objects(1);
+    assert_eq!(get(&b, page, &[]).await.0, "HIT");
+    assert_eq!(get(&b, page, &[]).await.0, "HIT", "now in B's memory");
+
+    let purged = purge(&a, r#"{"tags":["posts"]}"#).await;
+    assert!(purged["purged"].as_u64().unwrap_or(0) >= 1, "{purged}");
+    // B drops its copy when the message arrives: its next request renders.
+    let body = crate::support::wait_for_async(
+        "B to drop the purged page",
+        Duration::from_secs(5),
+        || async {
+            let (state, body) = get(&b, page, &[]).await;
+            (state == "MISS").then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.starts_with("/page/tagged render 2"),
+        "B's own render: {body}"
+    );
+    // A's copy went too: it now serves the page B rendered after the
+    // purge (shared through Redis), not its own from before it.
+    redis.wait_objects(1);
+    let (state, body) = get(&a, page, &[]).await;
+    assert_eq!(state, "HIT", "{body}");
+    assert!(
+        body.starts_with("/page/tagged render 2"),
+        "B's render: {body}"
+    );
+    assert_eq!(
+        renders(&a, "/page/tagged").await,
+        1,
+        "no second render on A"
+    );
+}
+
+/// Issue 14, acceptance 5 (in part): Redis killed with -9 — every request
+/// is still answered (memory, then the app); Redis back — shared again,
+/// with no restart, and an instance that was cut off drops what it held.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_losing_redis_loses_no_request_and_it_is_shared_again_when_back() {
+    let mut redis = Redis::start();
+    let ((_a_dir, a), (_b_dir, b)) = pair(&redis);
+    let page = "/page/before?cc=public,max-age=600";
+    assert_eq!(get(&a, page, &[]).await.0, "MISS");
+    redis.wait_objects(1);
+    assert_eq!(get(&b, page, &[]).await.0, "HIT");
+
+    redis.kill();
+    for round in 0..20 {
+        let started = std::time::Instant::now();
+        let (state, _) = get(&b, page, &[]).await;
+        assert_eq!(state, "HIT", "round {round}: memory still serves");
+        let fresh = format!("/page/down-{round}?cc=public,max-age=600");
+        let (state, body) = get(&a, &fresh, &[]).await;
+        assert_eq!(state, "MISS", "{body}");
+        assert!(body.contains("render 1"), "renders still work: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+    }
+
+    redis.run();
+    // Shared again, by itself (after the skip that follows failures).
+    let body = crate::support::wait_for_async(
+        "the L2 to be shared again",
+        Duration::from_secs(60),
+        || async {
+            let path = format!("/page/after-{}?cc=public,max-age=600", rand_suffix());
+            let (state, _) = get(&a, &path, &[]).await;
+            if state != "MISS" {
+                return None;
+            }
+            let (state, body) = get(&b, &path, &[]).await;
+            (state == "HIT").then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("render 1"), "{body}");
+    // B was cut off from the purge channel: what it held is dropped.
+    b.wait_log(Duration::from_secs(60), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("redis: purge channel back"))
+    });
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+/// `[redis]` mistakes are config errors naming the key; a tenant's file
+/// in multi-app mode may not have the table.
+#[test]
+fn issue14_redis_config_errors_name_the_key() {
+    let check = |config: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("index.html"), "<h1>site</h1>").expect("write");
+        let file = dir.path().join("bext.config.toml");
+        std::fs::write(&file, config).expect("write");
+        let (code, out, err) = crate::support::bext_command(&[
+            "check",
+            dir.path().to_str().expect("utf8"),
+            "--config",
+            file.to_str().expect("utf8"),
+        ]);
+        (code, format!("{out}{err}"))
+    };
+    let (code, text) = check("[redis]\nprefix = \"x:\"\n");
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("redis.url") && text.contains("missing"),
+        "{text}"
+    );
+    let (code, text) = check("[redis]\nurl = \"http://localhost:6379\"\n");
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("redis.url") && text.contains("redis://"),
+        "{text}"
+    );
+    let (code, text) = check("[redis]\nurl = \"redis://localhost:6379\"\ntimeout_ms = 60000\n");
+    assert_ne!(code, 0);
+    assert!(text.contains("redis.timeout_ms"), "{text}");
+    let (code, text) = check("[redis]\nurl = \"redis://localhost:6379\"\nwrite = \"later\"\n");
+    assert_ne!(code, 0);
+    assert!(text.contains("write"), "{text}");
+    let (code, text) = check("[redis]\nurl = \"redis://localhost:6379\"\nwrite = \"async\"\n");
+    assert_eq!(code, 0, "{text}");
+}
