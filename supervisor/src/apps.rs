@@ -560,22 +560,20 @@ fn build_service(
         )
     });
     // A static site has nothing to cache: its files are served from disk.
+    // Edge mode: one Redis link per app, for its cache's L2 and its rate
+    // limit. Namespaced by the platform's app name; in single-app mode by
+    // none (the directory's name may differ between instances of one site:
+    // their keys carry the host anyway, and sites that share a Redis set
+    // prefixes of their own).
+    let l2 = config.redis.as_ref().and_then(|redis| {
+        let max_body = usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
+        let namespace = settings.name.as_deref().unwrap_or("app");
+        crate::cache::l2::L2::new(redis, namespace, max_body)
+            .inspect_err(|e| tracing::warn!(app = %app.name, "no Redis: {e}"))
+            .ok()
+    });
     let cache = cache.or_else(|| {
         (config.isr.enabled && proxy.is_some()).then(|| {
-            // Edge mode: Redis behind the memory, shared with the other
-            // instances.
-            let l2 = config.redis.as_ref().and_then(|redis| {
-                let max_body =
-                    usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
-                // Namespaced by the platform's app name; in single-app mode
-                // by none (the directory's name may differ between
-                // instances of one site: their keys carry the host anyway,
-                // and sites that share a Redis set prefixes of their own).
-                let namespace = settings.name.as_deref().unwrap_or("app");
-                crate::cache::l2::L2::new(redis, namespace, max_body)
-                    .inspect_err(|e| tracing::warn!(app = %app.name, "no L2: {e}"))
-                    .ok()
-            });
             let cache = Arc::new(
                 IsrCache::tiered(
                     config.isr.clone(),
@@ -585,7 +583,7 @@ fn build_service(
                 )
                 .with_compression(config.compression),
             );
-            if let Some(l2) = l2 {
+            if let Some(l2) = &l2 {
                 // The other instances' purges reach this one's memory.
                 let weak = Arc::downgrade(&cache);
                 l2.listen(move |selector, soft| {
@@ -626,13 +624,16 @@ fn build_service(
             // The same limit keeps every client's allowance (a reload does
             // not hand out fresh bursts).
             previous_limiter
-                .filter(|l| l.rpm() == rpm && l.ipv6_prefix() == settings.ipv6_prefix)
+                .filter(|l| {
+                    l.rpm() == rpm
+                        && l.ipv6_prefix() == settings.ipv6_prefix
+                        && l.is_shared() == l2.is_some()
+                })
                 .unwrap_or_else(|| {
-                    Arc::new(RateLimiter::new(
-                        rpm,
-                        settings.ipv6_prefix,
-                        crate::ratelimit::MAX_CLIENTS,
-                    ))
+                    Arc::new(
+                        RateLimiter::new(rpm, settings.ipv6_prefix, crate::ratelimit::MAX_CLIENTS)
+                            .shared(l2.clone()),
+                    )
                 })
         }),
         trusted_proxies: Arc::from(settings.trusted_proxies.as_slice()),

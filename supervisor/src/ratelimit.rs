@@ -44,6 +44,9 @@ pub struct RateLimiter {
     /// Per client: its theoretical arrival time, in ns after `epoch`.
     clients: moka::sync::Cache<IpAddr, Arc<AtomicU64>>,
     epoch: Instant,
+    /// Edge mode: the limit is kept in Redis for every instance at once
+    /// (this one's own count stands in while Redis does not answer).
+    shared: Option<Arc<crate::cache::l2::L2>>,
 }
 
 /// What a request may carry: the `RateLimit-*` headers, or the refusal.
@@ -72,7 +75,42 @@ impl RateLimiter {
                 .time_to_idle(PERIOD)
                 .build(),
             epoch: Instant::now(),
+            shared: None,
         }
+    }
+
+    /// Keeps the limit in Redis, fleet-wide (edge mode).
+    pub fn shared(mut self, l2: Option<Arc<crate::cache::l2::L2>>) -> Self {
+        self.shared = l2;
+        self
+    }
+
+    /// Whether the limit is kept in Redis.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// [`Self::check`], fleet-wide in edge mode: Redis decides for every
+    /// instance at once; while it does not answer, this instance alone.
+    pub async fn decide(&self, client: IpAddr) -> Decision {
+        if let Some(l2) = &self.shared {
+            let key = self.client_key(client).to_string();
+            if let Some((allowed, value)) = l2
+                .gcra(&key, self.interval / 1000, self.tolerance / 1000)
+                .await
+            {
+                return if allowed {
+                    Decision::Allowed {
+                        remaining: u32::try_from(value).unwrap_or(u32::MAX),
+                    }
+                } else {
+                    Decision::Limited {
+                        retry_after: Duration::from_micros(value),
+                    }
+                };
+            }
+        }
+        self.check(client)
     }
 
     pub fn rpm(&self) -> NonZeroU32 {

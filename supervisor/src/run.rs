@@ -175,6 +175,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         config.server.trusted_proxies.clone(),
         config.server.admin_networks.clone(),
     );
+    let rate_limit = config.rate_limit;
     let settings = AppSettings {
         name: None,
         dir: args.dir.clone(),
@@ -183,8 +184,8 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         force_build: args.build,
         build_timeout: crate::app::build::BUILD_TIMEOUT,
         hooks: None,
-        rate_limit: None,
-        ipv6_prefix: crate::ratelimit::DEFAULT_IPV6_PREFIX,
+        rate_limit: rate_limit.map(|l| l.rpm),
+        ipv6_prefix: rate_limit.map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
         trusted_proxies,
         admin_networks,
         runtime_base: default_runtime_base(),

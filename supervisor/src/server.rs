@@ -106,7 +106,7 @@ impl AppService {
         // The rate limit, before any work is done for the request.
         let mut allowance = None;
         if let Some(limiter) = &self.limiter {
-            match limiter.check(client_ip) {
+            match limiter.decide(client_ip).await {
                 Decision::Allowed { remaining } => allowance = Some((limiter, remaining)),
                 Decision::Limited { retry_after } => {
                     self.counters.rate_limited.inc();

@@ -381,3 +381,60 @@ fn issue14_redis_config_errors_name_the_key() {
     let (code, text) = check("[redis]\nurl = \"redis://localhost:6379\"\nwrite = \"async\"\n");
     assert_eq!(code, 0, "{text}");
 }
+
+/// GET `path` on `bext`: (status, `ratelimit-remaining`).
+async fn limited(bext: &Bext, path: &str) -> (u16, Option<u64>) {
+    let response = client()
+        .get(bext.url(path))
+        .header("host", "site.test")
+        .send()
+        .await
+        .expect("GET");
+    let remaining = response
+        .headers()
+        .get("ratelimit-remaining")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (response.status().as_u16(), remaining)
+}
+
+/// Issue 14, acceptance 4: `[rate_limit] rpm = 60` (single-app mode) holds
+/// across two instances: the minute's allowance is one for the fleet, not
+/// one per instance (GCRA in Redis, by Redis's clock: no window whose
+/// boundary a burst could straddle).
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_rate_limit_holds_across_the_fleet() {
+    let redis = Redis::start();
+    let (_a_dir, a) = instance(
+        &format!(
+            "[redis]\nurl = \"{}\"\n[rate_limit]\nrpm = 60\n",
+            redis.url()
+        ),
+        &[],
+    );
+    let (_b_dir, b) = instance("[rate_limit]\nrpm = 60\n", &[("REDIS_URL", redis.url())]);
+    // The whole minute's burst, alternating between the instances: each
+    // answer counts what both have let through.
+    let mut last = None;
+    for i in 0..60 {
+        let bext = if i % 2 == 0 { &a } else { &b };
+        let (status, remaining) = limited(bext, "/pid").await;
+        assert_eq!(status, 200, "request {i} is within the allowance");
+        last = remaining;
+    }
+    // Alone, each instance would still have half of its own 60 left.
+    assert!(last.is_some_and(|r| r <= 5), "fleet-wide count: {last:?}");
+    // More right away: refused on both (at most the one request a second
+    // that the limit refills gets through).
+    let mut refused = 0;
+    for i in 0..10 {
+        let bext = if i % 2 == 0 { &a } else { &b };
+        if limited(bext, "/pid").await.0 == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 8, "{refused} of 10 refused");
+    // The limit lives in Redis, under the prefix.
+    let keys = redis.cli(&["--scan", "--pattern", "bext:app:rl:*"]);
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+}

@@ -64,6 +64,26 @@ end
 return 1
 "#;
 
+/// GCRA on one client's key (KEYS[1]) with the emission interval ARGV[1]
+/// and the burst tolerance ARGV[2], both in µs, by Redis's own clock (the
+/// instances' clocks may differ): `{1, remaining}` or `{0, retry_after}`.
+const GCRA_SCRIPT: &str = r#"
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local nxt = tat + interval
+local ahead = nxt - now
+if ahead > tolerance then
+  return {0, ahead - tolerance}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor(ahead / 1000) + 1)
+return {1, math.floor((tolerance - ahead) / interval)}
+"#;
+
 /// A purge, as published to the other instances.
 #[derive(Debug, Serialize, Deserialize)]
 struct PurgeMessage {
@@ -309,6 +329,32 @@ impl L2 {
                 .take(64)
                 .collect(),
         )
+    }
+
+    /// The fleet-wide rate limit (GCRA, in Redis, by Redis's clock) for
+    /// `client`: `Some((true, remaining))` or `Some((false, retry_after
+    /// µs))`; `None` when Redis does not answer (the caller decides alone).
+    pub async fn gcra(
+        &self,
+        client: &str,
+        interval_us: u64,
+        tolerance_us: u64,
+    ) -> Option<(bool, u64)> {
+        let key = format!("{}rl:{client}", self.prefix);
+        let answer: Option<(i64, i64)> = self
+            .run("rate limit", async |c| {
+                redis::cmd("EVAL")
+                    .arg(GCRA_SCRIPT)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(interval_us.max(1))
+                    .arg(tolerance_us)
+                    .query_async(c)
+                    .await
+            })
+            .await;
+        let (allowed, value) = answer?;
+        Some((allowed == 1, u64::try_from(value).unwrap_or(0)))
     }
 
     /// Purges what `selector` names from L2 (hard: deleted; soft: marked

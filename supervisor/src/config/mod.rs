@@ -79,6 +79,16 @@ pub struct Config {
     pub compression: crate::compress::Settings,
     /// `[redis]` (or `REDIS_URL`, applied by `bext run`): edge mode.
     pub redis: Option<RedisSettings>,
+    /// `[rate_limit]`: requests per minute per client (single-app mode;
+    /// the platform file's `[apps.NAME.rate_limit]` in multi-app mode).
+    pub rate_limit: Option<RateLimitSettings>,
+}
+
+/// Requests per minute per client, and how IPv6 clients are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    pub rpm: std::num::NonZeroU32,
+    pub ipv6_prefix: u8,
 }
 
 /// Edge mode: Redis as the cache's L2, shared by every instance.
@@ -335,6 +345,15 @@ impl Config {
                 source,
             })?;
         let raw: raw::RawConfig = diag::deserialize(&path, &text)?;
+        if let Some(limit) = &raw.rate_limit {
+            return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
+                &path,
+                &text,
+                limit.span().start,
+                Some("rate_limit".to_string()),
+                "in multi-app mode an app's rate limit is set in the platform file: [apps.NAME.rate_limit]".to_string(),
+            ))));
+        }
         if let Some(redis) = &raw.redis {
             return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
                 &path,
@@ -368,15 +387,21 @@ impl Config {
             Some(table) => Some(redis_settings(path, text, table)?),
             None => None,
         };
+        let rate_limit = match &raw.rate_limit {
+            Some(table) => rate_limit_settings(path, text, table)?,
+            None => None,
+        };
         let mut config = Self::from_raw(Some(path.to_path_buf()), raw);
         config.server.tls = tls;
         config.redis = redis;
+        config.rate_limit = rate_limit;
         Ok(config)
     }
 
     fn from_raw(source: Option<PathBuf>, mut raw: raw::RawConfig) -> Self {
         // (Checked, with positions, by `parse`.)
         raw.redis = None;
+        raw.rate_limit = None;
         let server = raw.server.unwrap_or_default();
         let isr = raw.cache.unwrap_or_default().isr.unwrap_or_default();
         let runtime = raw.runtime.unwrap_or_default();
@@ -461,6 +486,7 @@ impl Config {
             },
             compression,
             redis: None,
+            rate_limit: None,
         }
     }
 }
@@ -470,6 +496,29 @@ impl IsolateConfig {
     pub fn workers_or(&self, default: NonZeroU32) -> NonZeroU32 {
         self.workers.unwrap_or(default)
     }
+}
+
+/// `[rate_limit]` checked (`None` without `rpm`: no limit).
+fn rate_limit_settings(
+    path: &Path,
+    text: &str,
+    table: &toml::Spanned<raw::RawRateLimit>,
+) -> Result<Option<RateLimitSettings>, ConfigError> {
+    let raw = table.get_ref();
+    let ipv6_prefix = match &raw.ipv6_prefix {
+        Some(prefix) if !(1..=128).contains(prefix.get_ref()) => {
+            return Err(ConfigError::Invalid(Box::new(Diagnostic::at(
+                path,
+                text,
+                prefix.span().start,
+                Some("rate_limit.ipv6_prefix".to_string()),
+                "a prefix length of 1 to 128 bits".to_string(),
+            ))));
+        }
+        Some(prefix) => *prefix.get_ref(),
+        None => crate::ratelimit::DEFAULT_IPV6_PREFIX,
+    };
+    Ok(raw.rpm.map(|rpm| RateLimitSettings { rpm, ipv6_prefix }))
 }
 
 /// `[redis]` checked: a usable URL (required), a prefix without spaces,

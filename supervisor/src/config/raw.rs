@@ -21,6 +21,15 @@ pub(super) struct RawConfig {
     pub(super) route_rules: Option<Vec<RawRouteRule>>,
     pub(super) compression: Option<RawCompression>,
     pub(super) redis: Option<toml::Spanned<RawRedis>>,
+    pub(super) rate_limit: Option<toml::Spanned<RawRateLimit>>,
+}
+
+/// `[rate_limit]`: requests per minute per client.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub(super) rpm: Option<NonZeroU32>,
+    pub(super) ipv6_prefix: Option<toml::Spanned<u8>>,
 }
 
 /// `[redis]`: edge mode.

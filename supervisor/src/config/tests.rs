@@ -143,6 +143,34 @@ fn the_seed_edge_example_turns_on_redis() {
     );
 }
 
+/// Single-app mode has `[rate_limit]` too, checked where it is written.
+#[test]
+fn a_rate_limit_in_the_app_file() {
+    let config = Config::parse(
+        Path::new("bext.config.toml"),
+        "[rate_limit]\nrpm = 120\nipv6_prefix = 56\n",
+    )
+    .expect("valid");
+    let limit = config.rate_limit.expect("limit");
+    assert_eq!(limit.rpm.get(), 120);
+    assert_eq!(limit.ipv6_prefix, 56);
+    let config =
+        Config::parse(Path::new("bext.config.toml"), "[rate_limit]\nrpm = 60\n").expect("valid");
+    assert_eq!(
+        config.rate_limit.map(|l| l.ipv6_prefix),
+        Some(crate::ratelimit::DEFAULT_IPV6_PREFIX)
+    );
+    let err = Config::parse(
+        Path::new("bext.config.toml"),
+        "[rate_limit]\nrpm = 60\nipv6_prefix = 0\n",
+    )
+    .expect_err("prefix 0");
+    assert!(err.to_string().contains("rate_limit.ipv6_prefix"), "{err}");
+    let err =
+        Config::parse(Path::new("bext.config.toml"), "[rate_limit]\nrpm = 0\n").expect_err("rpm 0");
+    assert!(err.to_string().contains("rpm"), "{err}");
+}
+
 /// Multi-app mode: Redis is the platform's, never a tenant's to point bext
 /// at.
 #[test]

@@ -98,7 +98,7 @@ impl Platform {
                     deploy::unpack(&reporter, upload, &dir, user.as_ref(), stop).await?;
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
                     let host = deploy::health_host(&entry.domains);
-                    deploy::start_gated(settings, &entry.deploy, host, metrics).await
+                    Box::pin(deploy::start_gated(settings, &entry.deploy, host, metrics)).await
                 })
                 .await;
             Effect::Replaced {
@@ -203,7 +203,7 @@ impl Platform {
                 .scope(async move {
                     let settings = app_settings(&config, &entry, dir).map_err(|e| e.to_string())?;
                     let host = deploy::health_host(&entry.domains);
-                    deploy::start_gated(settings, &entry.deploy, host, metrics).await
+                    Box::pin(deploy::start_gated(settings, &entry.deploy, host, metrics)).await
                 })
                 .await;
             Effect::Replaced {
