@@ -591,7 +591,13 @@ fn build_service(
                         return false;
                     };
                     tokio::spawn(async move {
-                        cache.purge_local(&selector, soft).await;
+                        let purged = cache.purge_local(&selector, soft).await;
+                        tracing::info!(
+                            purged,
+                            soft,
+                            ?selector,
+                            "cache purge (from another instance)"
+                        );
                     });
                     true
                 });

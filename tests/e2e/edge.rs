@@ -438,3 +438,68 @@ async fn issue14_a_rate_limit_holds_across_the_fleet() {
     let keys = redis.cli(&["--scan", "--pattern", "bext:app:rl:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
 }
+
+/// Issue 14, acceptance 3: an entry gone stale (within its
+/// stale-while-revalidate window) requested from three instances at once
+/// is rendered again once for the whole fleet; every instance then serves
+/// that render.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_stale_page_is_rendered_again_once_for_the_fleet() {
+    let redis = Redis::start();
+    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
+    let config = format!("[redis]\nurl = \"{}\"\n", redis.url());
+    let fleet = [
+        instance(&config, std::slice::from_ref(&token)),
+        instance(&config, std::slice::from_ref(&token)),
+        instance(&config, std::slice::from_ref(&token)),
+    ];
+    let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
+    // A render takes 300 ms: the three requests come while it runs.
+    let page = "/page/swr?cc=public,max-age=600,stale-while-revalidate=600&tags=swr&delay=300";
+    assert_eq!(get(a, page, &[]).await.0, "MISS");
+    redis.wait_objects(1);
+    assert_eq!(get(b, page, &[]).await.0, "HIT");
+    assert_eq!(get(c, page, &[]).await.0, "HIT");
+
+    // Stale everywhere at once: a soft purge on A, applied by B and C.
+    let purged = purge(a, r#"{"tags":["swr"],"soft":true}"#).await;
+    assert_eq!(purged["soft"], true, "{purged}");
+    for other in [b, c] {
+        other.wait_log(Duration::from_secs(10), |v| {
+            v["message"] == "cache purge (from another instance)"
+        });
+    }
+    let (ra, rb, rc) = tokio::join!(get(a, page, &[]), get(b, page, &[]), get(c, page, &[]));
+    assert!(
+        [&ra, &rb, &rc].iter().all(|(state, _)| state == "STALE"),
+        "all three during the one render: {ra:?} {rb:?} {rc:?}"
+    );
+
+    // Then each serves the one new render, as a hit (from its memory, or
+    // from Redis where the winner put it).
+    for bext in [a, b, c] {
+        crate::support::wait_for_async(
+            "the new render everywhere",
+            Duration::from_secs(15),
+            || async {
+                let (state, _) = get(bext, page, &[]).await;
+                (state == "HIT" && renders_sum(&fleet).await >= 2).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        renders_sum(&fleet).await,
+        2,
+        "the first render and one revalidation"
+    );
+}
+
+/// Renders of `/page/swr` by every instance's app.
+async fn renders_sum(fleet: &[(tempfile::TempDir, Bext)]) -> u64 {
+    let mut sum = 0;
+    for (_, bext) in fleet {
+        sum += renders(bext, "/page/swr").await;
+    }
+    sum
+}

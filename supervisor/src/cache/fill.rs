@@ -272,7 +272,16 @@ impl<S: Store> IsrCache<S> {
             primary.to_string(),
             Arc::clone(stale),
         );
+        let key = key.to_string();
         tokio::spawn(async move {
+            // Edge mode: one instance of the fleet renders; the others keep
+            // serving the stale copy until the new one is in the shared
+            // store (then they take it from there).
+            if !cache.store.lease(&key, cache.wait_timeout).await {
+                tracing::debug!(%primary, "another instance revalidates it");
+                lead.finish(Outcome::NotShared);
+                return;
+            }
             let fetched = cache
                 .fetch_and_store(
                     fill_req,
@@ -283,6 +292,7 @@ impl<S: Store> IsrCache<S> {
                     Some(stale),
                 )
                 .await;
+            cache.store.release(&key).await;
             match fetched {
                 Fetched::Stored(object, _) => lead.finish(Outcome::Stored(object)),
                 Fetched::NotStored(_, reason) => {

@@ -64,6 +64,14 @@ end
 return 1
 "#;
 
+/// Deletes a lease (KEYS[1]) only if it is still this instance's (ARGV[1]).
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// GCRA on one client's key (KEYS[1]) with the emission interval ARGV[1]
 /// and the burst tolerance ARGV[2], both in µs, by Redis's own clock (the
 /// instances' clocks may differ): `{1, remaining}` or `{0, retry_after}`.
@@ -329,6 +337,47 @@ impl L2 {
                 .take(64)
                 .collect(),
         )
+    }
+
+    /// Takes the lease to render `key` again, for `hold` at most: false
+    /// when another instance holds it; true when this one got it, or when
+    /// Redis does not answer (then each instance renders for itself, as
+    /// without Redis).
+    pub async fn lease(&self, key: &str, hold: Duration) -> bool {
+        let lease_key = format!("{}lease:{}", self.prefix, hash(key));
+        let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+        let taken: Option<Option<String>> = self
+            .run("lease", async |c| {
+                redis::cmd("SET")
+                    .arg(&lease_key)
+                    .arg(&self.instance)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(c)
+                    .await
+            })
+            .await;
+        match taken {
+            Some(reply) => reply.is_some(),
+            None => true,
+        }
+    }
+
+    /// Gives back this instance's lease on `key` (not another's: it may
+    /// have run out and been taken since).
+    pub async fn release(&self, key: &str) {
+        let lease_key = format!("{}lease:{}", self.prefix, hash(key));
+        self.run("lease release", async |c| {
+            redis::cmd("EVAL")
+                .arg(RELEASE_SCRIPT)
+                .arg(1)
+                .arg(&lease_key)
+                .arg(&self.instance)
+                .query_async::<i64>(c)
+                .await
+        })
+        .await;
     }
 
     /// The fleet-wide rate limit (GCRA, in Redis, by Redis's clock) for

@@ -66,6 +66,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Option<Vec<http::HeaderName>>> + Send {
         std::future::ready(None)
     }
+    /// The right to render `key` again, for `hold` at most, among every
+    /// instance sharing this store (edge mode: one background render for
+    /// the fleet). True when this instance may go ahead: always, without a
+    /// shared store or when it does not answer.
+    fn lease(&self, _key: &str, _hold: Duration) -> impl Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
+    /// Gives back a lease taken with [`Store::lease`] (before it runs out).
+    fn release(&self, _key: &str) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
     fn stats(&self) -> StoreStats;
 }
 
@@ -86,16 +97,32 @@ impl TieredStore {
 
 impl Store for TieredStore {
     async fn get(&self, key: &str) -> Option<Arc<Object>> {
-        if let Some(object) = self.l1.get(key).await {
-            return Some(object);
+        let local = self.l1.get(key).await;
+        let l2 = match (&self.l2, &local) {
+            (None, _) => return local,
+            // Fresh here: no need to ask.
+            (Some(_), Some(object))
+                if object.freshness(std::time::SystemTime::now())
+                    == super::object::Freshness::Fresh =>
+            {
+                return local;
+            }
+            (Some(l2), _) => l2,
+        };
+        // Missing or stale here: another instance may have stored a newer
+        // one (the render of the fleet's one revalidation).
+        let Some(shared) = l2.get(key).await else {
+            return local;
+        };
+        let newer = local
+            .as_ref()
+            .is_none_or(|mine| shared.stored_at > mine.stored_at);
+        if !newer || shared.keep_left().is_zero() {
+            return local;
         }
-        let l2 = self.l2.as_ref()?;
-        let object = Arc::new(l2.get(key).await?);
-        if object.keep_left().is_zero() {
-            return None;
-        }
-        self.l1.insert(key.to_string(), Arc::clone(&object)).await;
-        Some(object)
+        let shared = Arc::new(shared);
+        self.l1.insert(key.to_string(), Arc::clone(&shared)).await;
+        Some(shared)
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
@@ -123,6 +150,19 @@ impl Store for TieredStore {
 
     async fn shared_vary(&self, primary: &str) -> Option<Vec<http::HeaderName>> {
         self.l2.as_ref()?.vary(primary).await
+    }
+
+    async fn lease(&self, key: &str, hold: Duration) -> bool {
+        match &self.l2 {
+            Some(l2) => l2.lease(key, hold).await,
+            None => true,
+        }
+    }
+
+    async fn release(&self, key: &str) {
+        if let Some(l2) = &self.l2 {
+            l2.release(key).await;
+        }
     }
 
     fn stats(&self) -> StoreStats {
