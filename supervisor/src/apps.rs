@@ -561,13 +561,17 @@ fn build_service(
     });
     // A static site has nothing to cache: its files are served from disk.
     // Edge mode: one Redis link per app, for its cache's L2 and its rate
-    // limit. Namespaced by the platform's app name; in single-app mode by
-    // none (the directory's name may differ between instances of one site:
-    // their keys carry the host anyway, and sites that share a Redis set
-    // prefixes of their own).
+    // limit, namespaced by the platform's app name, or in single-app mode
+    // by the package's name (the same for every instance of one site,
+    // whatever directory each runs from), else the directory's.
     let l2 = config.redis.as_ref().and_then(|redis| {
         let max_body = usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
-        let namespace = settings.name.as_deref().unwrap_or("app");
+        let namespace = settings
+            .name
+            .clone()
+            .or_else(|| app.package_name())
+            .unwrap_or_else(|| app.name.clone());
+        let namespace = namespace.as_str();
         crate::cache::l2::L2::new(redis, namespace, max_body)
             .inspect_err(|e| tracing::warn!(app = %app.name, "no Redis: {e}"))
             .ok()
@@ -584,22 +588,37 @@ fn build_service(
                 .with_compression(config.compression),
             );
             if let Some(l2) = &l2 {
-                // The other instances' purges reach this one's memory.
+                // The other instances' purges reach this one's memory,
+                // through a bounded queue worked by one task (when it is
+                // full, everything is dropped instead, once: safe, and
+                // bounded).
+                let (queue, mut purges) =
+                    tokio::sync::mpsc::channel::<(crate::cache::store::Selector, bool)>(256);
+                let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let weak = Arc::downgrade(&cache);
-                l2.listen(move |selector, soft| {
-                    let Some(cache) = weak.upgrade() else {
-                        return false;
-                    };
-                    tokio::spawn(async move {
+                let flag = Arc::clone(&overflowed);
+                tokio::spawn(async move {
+                    while let Some((selector, soft)) = purges.recv().await {
+                        let Some(cache) = weak.upgrade() else { return };
                         let purged = cache.purge_local(&selector, soft).await;
-                        tracing::info!(
-                            purged,
-                            soft,
-                            ?selector,
-                            "cache purge (from another instance)"
-                        );
-                    });
-                    true
+                        tracing::info!(purged, soft, ?selector, "cache purge (from another instance)");
+                        if flag.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                            let all = crate::cache::store::Selector {
+                                all: true,
+                                ..Default::default()
+                            };
+                            let purged = cache.purge_local(&all, false).await;
+                            tracing::warn!(purged, "cache purge of everything: purges from other instances came faster than they could be applied");
+                        }
+                    }
+                });
+                l2.listen(move |selector, soft| match queue.try_send((selector, soft)) {
+                    Ok(()) => true,
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        overflowed.store(true, std::sync::atomic::Ordering::Release);
+                        true
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
                 });
                 tracing::info!(app = %app.name, "edge mode: the cache is shared through Redis");
             }

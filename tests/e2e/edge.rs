@@ -80,6 +80,17 @@ impl Redis {
         });
     }
 
+    /// GET commands Redis has run so far.
+    fn gets(&self) -> u64 {
+        let stats = self.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// A command through `redis-cli`, its output.
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
@@ -212,9 +223,13 @@ async fn issue14_a_page_rendered_on_one_instance_is_a_hit_on_the_other() {
         "A's render: {body}"
     );
     assert_eq!(renders(&b, "/page/shared").await, 0, "no render on B");
-    // Promoted into B's memory: the next hit needs no Redis.
-    let (state, _) = get(&b, page, &[]).await;
-    assert_eq!(state, "HIT");
+    // Promoted into B's memory: the next hits need no Redis at all.
+    let gets = redis.gets();
+    for _ in 0..5 {
+        let (state, _) = get(&b, page, &[]).await;
+        assert_eq!(state, "HIT");
+    }
+    assert_eq!(redis.gets(), gets, "hits in memory ask Redis nothing");
 
     // Varied: B finds the URL's Vary names in Redis, and each variant.
     let varied = "/page/rsc?cc=public,max-age=600&vary=rsc";
@@ -435,7 +450,7 @@ async fn issue14_a_rate_limit_holds_across_the_fleet() {
     }
     assert!(refused >= 8, "{refused} of 10 refused");
     // The limit lives in Redis, under the prefix.
-    let keys = redis.cli(&["--scan", "--pattern", "bext:app:rl:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "bext:bext-fixture-origin:rl:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
 }
 
@@ -502,4 +517,38 @@ async fn renders_sum(fleet: &[(tempfile::TempDir, Bext)]) -> u64 {
         sum += renders(bext, "/page/swr").await;
     }
     sum
+}
+
+/// A soft purge marks the page stale on every instance (served STALE while
+/// one revalidation runs), and a second one of the same tag, with nothing
+/// left to mark in Redis, still reaches the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_soft_purges_reach_every_instance() {
+    let redis = Redis::start();
+    let ((_a_dir, a), (_b_dir, b)) = pair(&redis);
+    let page = "/page/soft?cc=public,max-age=600,stale-while-revalidate=600&tags=soft&delay=200";
+    assert_eq!(get(&a, page, &[]).await.0, "MISS");
+    redis.wait_objects(1);
+    assert_eq!(get(&b, page, &[]).await.0, "HIT");
+    let heard = |bext: &Bext| {
+        bext.logs()
+            .iter()
+            .filter(|v| v["message"] == "cache purge (from another instance)")
+            .count()
+    };
+    for round in 1..=2 {
+        let purged = purge(&a, r#"{"tags":["soft"],"soft":true}"#).await;
+        assert_eq!(purged["soft"], true, "{purged}");
+        wait_for("B to hear of the purge", Duration::from_secs(10), || {
+            (heard(&b) >= round).then_some(())
+        });
+    }
+    // Stale on B, not gone: answered at once while it is rendered again.
+    let (state, body) = get(&b, page, &[]).await;
+    assert_eq!(state, "STALE", "{body}");
+    assert!(
+        !a.log_text().contains("did not reach Redis"),
+        "{}",
+        a.log_text()
+    );
 }

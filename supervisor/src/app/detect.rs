@@ -204,6 +204,18 @@ pub fn detect(dir: &Path, config: &Config) -> Result<App, DetectError> {
 }
 
 impl App {
+    /// The `name` of its package.json, if it has a usable one (letters,
+    /// digits and `@/._-`, at most 100 characters).
+    pub fn package_name(&self) -> Option<String> {
+        let name = self.package.as_ref()?.get("name")?.as_str()?;
+        (!name.is_empty()
+            && name.len() <= 100
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"@/._-".contains(&b)))
+        .then(|| name.to_string())
+    }
+
     /// The dependency install to run first, if `node_modules` is missing.
     pub fn install_step(&self) -> Result<Option<Step>, DetectError> {
         let Some(package) = &self.package else {

@@ -1,8 +1,9 @@
-//! Edge mode's L2: one app's share of a Redis (or Valkey) that several bext
-//! instances use, so that a page rendered by one is a hit on the others.
+//! Edge mode's L2: one app's share of a Redis (or Valkey, 6.0 or later, not
+//! a cluster) that several bext instances use, so that a page rendered by
+//! one is a hit on the others.
 //!
-//! Keys, all under `PREFIX APP ":"` (so that platforms and apps can share
-//! one Redis):
+//! Keys, all under `PREFIX NAMESPACE ":"` (so that platforms and sites can
+//! share one Redis):
 //!
 //! - `o:HASH` an object ([`super::wire`]), HASH the SHA-256 of its full
 //!   cache key; it expires with the object (`PX` = what is left of its
@@ -12,20 +13,27 @@
 //!   page varies on `rsc`);
 //! - `t:TAG`, `p:PATH`, `k:HASH(primary)` sets of object keys, for purges
 //!   by tag, path and URL (they expire no sooner than their members);
+//! - `gen` the purge generation: every purge increments it first, and a
+//!   store from an instance that has not heard of the latest purge yet is
+//!   refused (it may hold a page from before it);
+//! - `lease:HASH` who renders an entry again (one instance of the fleet);
+//! - `rl:CLIENT` a client's rate-limit state;
 //! - channel `purge`: every purge, for the other instances to drop what
 //!   they hold in memory.
 //!
-//! Every operation is bounded by the configured timeout and fails soft: an
-//! error or a timeout is a miss (or an unshared write), never a failed
-//! request. After a failure the L2 is skipped for a while (doubling from
-//! 1 s to 30 s) so that a dead Redis costs nothing per request; one state
-//! line is logged per change. An instance cut off from the purge channel
-//! drops everything it holds in memory when it is back (it may have missed
-//! a purge; what it drops is filled again from L2 or the app).
+//! Request-path operations are bounded by the configured timeout and fail
+//! soft: an error or a timeout is a miss (or an unshared write), never a
+//! failed request; after one, they skip Redis for a while (doubling from
+//! 1 s to 30 s) so that a dead Redis costs nothing per request. Purges have
+//! a connection and a time bound of their own and are never skipped: a
+//! purge that cannot reach Redis is logged as such. An instance cut off
+//! from the purge channel (noticed by a ping every few seconds) drops
+//! everything it holds in memory when it is back: it may have missed a
+//! purge.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use http::HeaderName;
@@ -39,88 +47,113 @@ use super::store::Selector;
 use super::wire;
 use crate::config::{RedisSettings, RedisWrite};
 
-/// Longest the L2 is skipped after failures.
+/// Longest request-path operations skip Redis after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest one step of a purge may take (not on a request's path).
 const PURGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most members one purge removes through an index set (a bound on one
-/// purge's work; a larger set is cut and logged).
+/// Most object keys one purge removes (a bound on one purge's work; the
+/// rest, cut and logged, expire by themselves).
 const MAX_PURGE_MEMBERS: usize = 100_000;
+/// Bodies larger than this are kept in memory only: moving them through
+/// Redis would not fit the request-path timeout.
+pub const MAX_SHARED_BODY: usize = 1 << 20;
+/// How often the purge channel is pinged: a silent connection loss is
+/// noticed within about this (plus the ping's own bound).
+const CHANNEL_PING: Duration = Duration::from_secs(5);
 
-/// Stores an object (KEYS[1], ARGV[1]) for ARGV[2] ms, its URL's Vary
-/// names (KEYS[2], ARGV[3]), and its key in each index set (KEYS[3..]),
-/// which then lives at least as long.
-const PUT_SCRIPT: &str = r#"
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
-local ms = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  local left = redis.call('PTTL', KEYS[i])
-  if left >= 0 and left < ms or left == -1 then
-    redis.call('PEXPIRE', KEYS[i], ms)
-  end
-end
-return 1
-"#;
-
-/// Deletes a lease (KEYS[1]) only if it is still this instance's (ARGV[1]).
-const RELEASE_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
-
-/// GCRA on one client's key (KEYS[1]) with the emission interval ARGV[1]
-/// and the burst tolerance ARGV[2], both in µs, by Redis's own clock (the
-/// instances' clocks may differ): `{1, remaining}` or `{0, retry_after}`.
-const GCRA_SCRIPT: &str = r#"
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local nxt = tat + interval
-local ahead = nxt - now
-if ahead > tolerance then
-  return {0, ahead - tolerance}
-end
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor(ahead / 1000) + 1)
-return {1, math.floor((tolerance - ahead) / interval)}
-"#;
-
-/// A purge, as published to the other instances.
+/// A purge, as published to the other instances. Fields added later must
+/// have defaults: instances of two versions run side by side in a rolling
+/// upgrade.
 #[derive(Debug, Serialize, Deserialize)]
 struct PurgeMessage {
     /// The instance that purged (it has already purged its own memory).
     from: String,
+    /// The purge generation it made.
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
     all: bool,
+    #[serde(default)]
     tags: Vec<String>,
+    #[serde(default)]
     paths: Vec<String>,
+    #[serde(default)]
     prefix: Option<String>,
+    #[serde(default)]
     primaries: Vec<String>,
+    #[serde(default)]
     soft: bool,
+}
+
+/// Request-path operations skip Redis for a while after a failure.
+#[derive(Debug)]
+struct Breaker {
+    start: Instant,
+    /// Nanoseconds after `start` until which Redis is skipped (0: in use).
+    skip_until: AtomicU64,
+    failures: AtomicU32,
+    /// The last state logged (true: up).
+    up: AtomicBool,
+}
+
+impl Breaker {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn open(&self) -> bool {
+        let until = self.skip_until.load(Ordering::Relaxed);
+        until == 0 || self.now() >= until
+    }
+
+    fn succeeded(&self, prefix: &str) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.skip_until.store(0, Ordering::Relaxed);
+        if !self.up.swap(true, Ordering::Relaxed) {
+            info!(%prefix, "redis: reachable again; the cache is shared again");
+        }
+    }
+
+    fn failed(&self, prefix: &str, what: &str) {
+        let now = self.now();
+        // Operations that failed together (in flight when Redis went) count
+        // once: only a failure after the skip has ended escalates it.
+        if self.skip_until.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let backoff = Duration::from_secs(1)
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(5))
+            .min(MAX_BACKOFF);
+        let until = now.saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
+        self.skip_until.store(until.max(1), Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            warn!(%prefix, "redis: {what}; serving from memory and the app without it until it answers again");
+        }
+    }
 }
 
 /// One app's L2.
 pub struct L2 {
     client: redis::Client,
+    /// For the request path: its response timeout is the configured one.
     conn: ConnectionManager,
-    /// `PREFIX APP ":"`.
+    /// For purges: a longer timeout, and no breaker.
+    slow: ConnectionManager,
+    /// `PREFIX NAMESPACE ":"`.
     prefix: String,
     timeout: Duration,
     write: RedisWrite,
     max_body: usize,
     /// This instance, in purge messages.
     instance: String,
-    /// Unix ms until which the L2 is skipped (0: in use).
-    skip_until_ms: AtomicU64,
-    failures: AtomicU32,
-    /// The last state logged (true: up).
-    up: AtomicBool,
+    /// The latest purge generation this instance has heard of (see the
+    /// module's `gen`).
+    generation: AtomicU64,
+    breaker: Breaker,
 }
 
 impl std::fmt::Debug for L2 {
@@ -129,12 +162,6 @@ impl std::fmt::Debug for L2 {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn hash(text: &str) -> String {
@@ -148,34 +175,59 @@ fn hash(text: &str) -> String {
 }
 
 impl L2 {
-    /// The L2 of app `app` (nothing is connected yet: the first operation
-    /// connects, and the connection comes back by itself after a loss).
-    pub fn new(settings: &RedisSettings, app: &str, max_body: usize) -> Result<Arc<L2>, String> {
+    /// The L2 under `PREFIX namespace ":"`. Connecting starts in the
+    /// background; the connections come back by themselves after a loss.
+    pub fn new(
+        settings: &RedisSettings,
+        namespace: &str,
+        max_body: usize,
+    ) -> Result<Arc<L2>, String> {
         // rediss:// uses rustls: the process's provider is bext's own.
         let _ = rustls::crypto::CryptoProvider::install_default(Arc::unwrap_or_clone(
             crate::listener::tls::provider(),
         ));
         let client =
             redis::Client::open(settings.url.as_str()).map_err(|e| format!("redis url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(500))))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(MAX_BACKOFF);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| format!("redis: {e}"))?;
-        Ok(Arc::new(L2 {
+        let manager = |response: Duration| {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(response))
+                .set_number_of_retries(1)
+                .set_max_delay(MAX_BACKOFF);
+            ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(|e| format!("redis: {e}"))
+        };
+        let l2 = Arc::new(L2 {
+            conn: manager(settings.timeout)?,
+            slow: manager(PURGE_TIMEOUT)?,
             client,
-            conn,
-            prefix: format!("{}{app}:", settings.prefix),
+            prefix: format!("{}{namespace}:", settings.prefix),
             timeout: settings.timeout,
             write: settings.write,
-            max_body,
+            max_body: max_body.min(MAX_SHARED_BODY),
             instance: uuid::Uuid::new_v4().simple().to_string(),
-            skip_until_ms: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-            up: AtomicBool::new(true),
-        }))
+            generation: AtomicU64::new(0),
+            breaker: Breaker {
+                start: Instant::now(),
+                skip_until: AtomicU64::new(0),
+                failures: AtomicU32::new(0),
+                up: AtomicBool::new(true),
+            },
+        });
+        // Connect now, off the request path: the first request should not
+        // pay for the connection (nor count it as a slow answer).
+        let warm = Arc::clone(&l2);
+        tokio::spawn(async move {
+            for conn in [&warm.conn, &warm.slow] {
+                let mut conn = conn.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await;
+            }
+        });
+        Ok(l2)
     }
 
     fn object_key(&self, key: &str) -> String {
@@ -186,74 +238,56 @@ impl L2 {
         format!("{}v:{}", self.prefix, hash(primary))
     }
 
+    fn generation_key(&self) -> String {
+        format!("{}gen", self.prefix)
+    }
+
     fn channel(&self) -> String {
         format!("{}purge", self.prefix)
     }
 
-    /// Whether the L2 may be tried now (not skipped after failures).
-    fn open(&self) -> bool {
-        let until = self.skip_until_ms.load(Ordering::Relaxed);
-        until == 0 || now_ms() >= until
-    }
-
-    fn succeeded(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.skip_until_ms.store(0, Ordering::Relaxed);
-        if !self.up.swap(true, Ordering::Relaxed) {
-            info!(prefix = %self.prefix, "redis: reachable again; the L2 is shared again");
-        }
-    }
-
-    fn failed(&self, what: &str) {
-        let failures = self
-            .failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        let backoff = Duration::from_secs(1)
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(5))
-            .min(MAX_BACKOFF);
-        let until = now_ms().saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
-        self.skip_until_ms.store(until, Ordering::Relaxed);
-        if self.up.swap(false, Ordering::Relaxed) {
-            warn!(prefix = %self.prefix, "redis: {what}; serving from memory and the app without the L2 until it answers again");
-        }
-    }
-
-    /// Runs `op` on the connection, bounded by the timeout; `None` when the
-    /// L2 is skipped, fails or is late.
+    /// Runs `op` on the request-path connection, bounded by the timeout;
+    /// `None` when Redis is being skipped, fails or is late.
     async fn run<T>(
         &self,
         what: &str,
         op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
     ) -> Option<T> {
-        self.run_within(what, self.timeout, op).await
-    }
-
-    /// [`Self::run`] with a time bound of its own (purges: not on a
-    /// request's path, and many keys).
-    async fn run_within<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
-    ) -> Option<T> {
-        if !self.open() {
+        if !self.breaker.open() {
             return None;
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(timeout, op(&mut conn)).await {
+        match tokio::time::timeout(self.timeout, op(&mut conn)).await {
             Ok(Ok(value)) => {
-                self.succeeded();
+                self.breaker.succeeded(&self.prefix);
                 Some(value)
             }
             Ok(Err(e)) => {
-                self.failed(&format!("{what} failed: {e}"));
+                self.breaker
+                    .failed(&self.prefix, &format!("{what} failed: {e}"));
                 None
             }
             Err(_) => {
-                self.failed(&format!("{what} took longer than {timeout:?}"));
+                self.breaker.failed(
+                    &self.prefix,
+                    &format!("{what} took longer than {:?}", self.timeout),
+                );
                 None
             }
+        }
+    }
+
+    /// Runs `op` for a purge: its own connection and time bound, never
+    /// skipped; the error, if any.
+    async fn run_purge<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Result<T, String> {
+        let mut conn = self.slow.clone();
+        match tokio::time::timeout(PURGE_TIMEOUT, op(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {PURGE_TIMEOUT:?}")),
         }
     }
 
@@ -279,9 +313,12 @@ impl L2 {
 
     /// Stores `object` under `key` (and its URL's `Vary` names, and its
     /// purge indexes), synchronously or in the background as configured.
-    pub async fn put(self: &Arc<Self>, key: &str, object: &Object) {
-        if object.body.len() > self.max_body {
-            return;
+    /// Refused by Redis when a purge this instance has not heard of yet
+    /// came in between. Returns whether it is stored there (for `async`:
+    /// whether it was sent).
+    pub async fn put(self: &Arc<Self>, key: &str, object: &Object) -> bool {
+        if object.body.len() > self.max_body || !wire::fits(object) {
+            return false;
         }
         let keep = object.keep_left();
         let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -295,27 +332,42 @@ impl L2 {
             .collect();
         sets.push(format!("{}p:{}", self.prefix, object.path));
         sets.push(format!("{}k:{}", self.prefix, hash(&object.primary)));
-        // One script, atomic, on any Redis since 2.6.12 (no PEXPIRE GT).
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(PUT_SCRIPT)
-            .arg(2 + sets.len())
+            .arg(3 + sets.len())
             .arg(&object_key)
             .arg(self.vary_key(&object.primary))
+            .arg(self.generation_key())
             .arg(&sets)
             .arg(bytes.as_ref())
             .arg(ms)
-            .arg(vary.join(","));
+            .arg(vary.join(","))
+            .arg(self.generation.load(Ordering::Acquire));
         let this = Arc::clone(self);
         let write = async move {
-            this.run("SET", async |c| cmd.query_async::<()>(c).await)
-                .await;
+            let stored: Option<i64> = this.run("SET", async |c| cmd.query_async(c).await).await;
+            stored == Some(1)
         };
         match self.write {
             RedisWrite::Sync => write.await,
             RedisWrite::Async => {
                 tokio::spawn(write);
+                true
             }
         }
+    }
+
+    /// Removes the object stored under `key` (a store that raced a purge).
+    pub async fn forget(&self, key: &str) {
+        let object_key = self.object_key(key);
+        let _ = self
+            .run_purge(async |c| {
+                redis::cmd("UNLINK")
+                    .arg(&object_key)
+                    .query_async::<i64>(c)
+                    .await
+            })
+            .await;
     }
 
     /// The `Vary` names of `primary`'s last stored response, if L2 knows
@@ -407,17 +459,42 @@ impl L2 {
     }
 
     /// Purges what `selector` names from L2 (hard: deleted; soft: marked
-    /// stale, kept) and tells the other instances. Returns the objects
-    /// affected in L2.
-    pub async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
-        let members = self.members(selector).await.unwrap_or_default();
-        let affected = if soft {
-            self.mark_stale(&members).await
-        } else {
-            self.delete(&members).await
+    /// stale, kept) and tells the other instances, even when the deleting
+    /// failed. Returns the objects affected in L2, or why Redis could not
+    /// take the purge (then the other instances may not have heard of it:
+    /// the caller says so).
+    pub async fn purge(&self, selector: &Selector, soft: bool) -> Result<u64, String> {
+        // The generation first: a store racing this purge is refused.
+        let generation = self
+            .run_purge(async |c| {
+                redis::cmd("INCR")
+                    .arg(self.generation_key())
+                    .query_async::<u64>(c)
+                    .await
+            })
+            .await;
+        if let Ok(generation) = &generation {
+            self.generation.fetch_max(*generation, Ordering::AcqRel);
+        }
+        let done = match self.members(selector).await {
+            Ok((members, sets)) => {
+                let affected = if soft {
+                    self.mark_stale(&members).await
+                } else {
+                    self.delete(&members).await
+                };
+                // The named index sets go too (their members are gone or
+                // stale; a later store starts them again).
+                if !soft && !sets.is_empty() {
+                    let _ = self.delete(&sets).await;
+                }
+                affected
+            }
+            Err(e) => Err(e),
         };
         let message = PurgeMessage {
             from: self.instance.clone(),
+            generation: generation.as_ref().copied().unwrap_or(0),
             all: selector.all,
             tags: selector.tags.clone(),
             paths: selector.paths.clone(),
@@ -425,9 +502,10 @@ impl L2 {
             primaries: selector.primaries.clone(),
             soft,
         };
-        if let Ok(text) = serde_json::to_string(&message) {
-            let channel = self.channel();
-            self.run("PUBLISH", async |c| {
+        let text = serde_json::to_string(&message).unwrap_or_default();
+        let channel = self.channel();
+        let published = self
+            .run_purge(async |c| {
                 redis::cmd("PUBLISH")
                     .arg(&channel)
                     .arg(&text)
@@ -435,17 +513,14 @@ impl L2 {
                     .await
             })
             .await;
-        }
-        affected
+        generation?;
+        published?;
+        done
     }
 
-    /// The object keys `selector` names in L2.
-    async fn members(&self, selector: &Selector) -> Option<Vec<String>> {
+    /// The object keys `selector` names in L2, and the index sets it names.
+    async fn members(&self, selector: &Selector) -> Result<(Vec<String>, Vec<String>), String> {
         let mut sets: Vec<String> = Vec::new();
-        let mut patterns: Vec<String> = Vec::new();
-        if selector.all {
-            patterns.push(format!("{}o:*", glob_escape(&self.prefix)));
-        }
         sets.extend(
             selector
                 .tags
@@ -464,75 +539,70 @@ impl L2 {
                 .iter()
                 .map(|p| format!("{}k:{}", self.prefix, hash(p))),
         );
-        if let Some(prefix) = &selector.prefix {
-            patterns.push(format!(
-                "{}p:{}*",
-                glob_escape(&self.prefix),
-                glob_escape(prefix)
-            ));
-        }
-        let found = self
-            .run_within("purge lookup", PURGE_TIMEOUT, async |c| {
+        let objects_pattern = selector
+            .all
+            .then(|| format!("{}o:*", glob_escape(&self.prefix)));
+        let paths_pattern = selector
+            .prefix
+            .as_ref()
+            .map(|prefix| format!("{}p:{}*", glob_escape(&self.prefix), glob_escape(prefix)));
+        let (mut members, sets) = self
+            .run_purge(async |c| {
                 let mut members: Vec<String> = Vec::new();
-                for pattern in &patterns {
-                    let keys: Vec<String> = scan(c, pattern).await?;
-                    if pattern.ends_with("o:*") {
-                        members.extend(keys);
-                    } else {
-                        sets.extend(keys);
-                    }
+                if let Some(pattern) = &objects_pattern {
+                    members.extend(scan(c, pattern).await?);
+                }
+                if let Some(pattern) = &paths_pattern {
+                    sets.extend(scan(c, pattern).await?);
                 }
                 for set in &sets {
-                    let more: Vec<String> = redis::cmd("SMEMBERS").arg(set).query_async(c).await?;
-                    members.extend(more);
                     if members.len() > MAX_PURGE_MEMBERS {
                         break;
                     }
+                    members.extend(sscan(c, set).await?);
                 }
-                Ok(members)
+                Ok((members, sets))
             })
-            .await;
-        let mut members = found?;
+            .await?;
         if members.len() > MAX_PURGE_MEMBERS {
             warn!(prefix = %self.prefix, "redis: a purge names more than {MAX_PURGE_MEMBERS} objects; the rest expire by themselves");
             members.truncate(MAX_PURGE_MEMBERS);
         }
         members.sort_unstable();
         members.dedup();
-        Some(members)
+        Ok((members, sets))
     }
 
-    async fn delete(&self, members: &[String]) -> u64 {
+    async fn delete(&self, keys: &[String]) -> Result<u64, String> {
         let mut deleted = 0;
-        for batch in members.chunks(500) {
-            let n: Option<u64> = self
-                .run_within("UNLINK", PURGE_TIMEOUT, async |c| {
-                    redis::cmd("UNLINK").arg(batch).query_async(c).await
-                })
-                .await;
-            deleted += n.unwrap_or(0);
+        for batch in keys.chunks(500) {
+            deleted += self
+                .run_purge(async |c| redis::cmd("UNLINK").arg(batch).query_async::<u64>(c).await)
+                .await?;
         }
-        deleted
+        Ok(deleted)
     }
 
     /// Soft purge in L2: each object rewritten as stale from now, its
-    /// expiry kept.
-    async fn mark_stale(&self, members: &[String]) -> u64 {
+    /// expiry kept (`SET … KEEPTTL XX`: Redis 6.0). A store that lands
+    /// between the read and the write is overwritten with the stale copy
+    /// (it revalidates: one stale answer at worst).
+    async fn mark_stale(&self, members: &[String]) -> Result<u64, String> {
         let mut marked = 0;
-        for batch in members.chunks(100) {
-            let values: Option<Vec<Option<Vec<u8>>>> = self
-                .run_within("MGET", PURGE_TIMEOUT, async |c| {
-                    redis::cmd("MGET").arg(batch).query_async(c).await
-                })
-                .await;
-            let Some(values) = values else { break };
+        // Small batches: each value may be a whole page.
+        for batch in members.chunks(16) {
+            let values: Vec<Option<Vec<u8>>> = self
+                .run_purge(async |c| redis::cmd("MGET").arg(batch).query_async(c).await)
+                .await?;
             let mut pipe = redis::pipe();
+            let mut queued = 0;
             for (key, value) in batch.iter().zip(values) {
                 let Some(object) = value.and_then(|v| wire::decode(&v, self.max_body).ok()) else {
                     continue;
                 };
                 if object.soft_purge() {
                     marked += 1;
+                    queued += 1;
                     pipe.cmd("SET")
                         .arg(key)
                         .arg(wire::encode(&object).as_ref())
@@ -541,18 +611,20 @@ impl L2 {
                         .ignore();
                 }
             }
-            self.run_within("SET", PURGE_TIMEOUT, async |c| {
-                pipe.query_async::<()>(c).await
-            })
-            .await;
+            // (An empty pipeline is an error in the client.)
+            if queued > 0 {
+                self.run_purge(async |c| pipe.query_async::<()>(c).await)
+                    .await?;
+            }
         }
-        marked
+        Ok(marked)
     }
 
     /// Listens for the other instances' purges, calling `purge` for each
     /// (and `purge` of everything, hard, after a time without the channel:
     /// a purge may have been missed), until `purge` returns false (the
-    /// cache is gone) or the task is aborted.
+    /// cache is gone) or the task is aborted. `purge` must not block: it
+    /// queues the work.
     pub fn listen<F>(self: &Arc<Self>, purge: F) -> tokio::task::JoinHandle<()>
     where
         F: Fn(Selector, bool) -> bool + Send + Sync + 'static,
@@ -560,6 +632,8 @@ impl L2 {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
+            // Whether a connection to the channel was had and lost (not at
+            // the start: nothing is held in memory yet).
             let mut cut_off = false;
             loop {
                 let subscribed = async {
@@ -567,55 +641,84 @@ impl L2 {
                     pubsub.subscribe(this.channel()).await?;
                     Ok::<_, redis::RedisError>(pubsub)
                 };
-                match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
-                    Ok(Ok(mut pubsub)) => {
-                        backoff = Duration::from_millis(250);
-                        if cut_off {
-                            info!(prefix = %this.prefix, "redis: purge channel back; dropping what this instance holds in memory (a purge may have been missed)");
-                            if !purge(
-                                Selector {
-                                    all: true,
-                                    ..Selector::default()
-                                },
-                                false,
-                            ) {
-                                return;
-                            }
+                if let Ok(Ok(pubsub)) =
+                    tokio::time::timeout(Duration::from_secs(5), subscribed).await
+                {
+                    backoff = Duration::from_millis(250);
+                    // The generation as it is now: stores are accepted again.
+                    if let Ok(generation) = this
+                        .run_purge(async |c| {
+                            redis::cmd("GET")
+                                .arg(this.generation_key())
+                                .query_async::<Option<u64>>(c)
+                                .await
+                        })
+                        .await
+                    {
+                        this.generation
+                            .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
+                    }
+                    if cut_off {
+                        info!(prefix = %this.prefix, "redis: purge channel back; dropping what this instance holds in memory (a purge may have been missed)");
+                        if !purge(
+                            Selector {
+                                all: true,
+                                ..Selector::default()
+                            },
+                            false,
+                        ) {
+                            return;
                         }
-                        cut_off = true;
-                        let mut messages = pubsub.on_message();
-                        while let Some(message) = messages.next().await {
-                            let Ok(text) = message.get_payload::<String>() else {
-                                continue;
-                            };
-                            let Ok(message) = serde_json::from_str::<PurgeMessage>(&text) else {
-                                continue;
-                            };
-                            if message.from == this.instance {
-                                continue;
-                            }
-                            if !purge(
-                                Selector {
+                    }
+                    cut_off = true;
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut ping = tokio::time::interval(CHANNEL_PING);
+                    ping.tick().await;
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => {
+                                let Some(message) = message else { break };
+                                let Ok(text) = message.get_payload::<String>() else {
+                                    continue;
+                                };
+                                let message = match serde_json::from_str::<PurgeMessage>(&text) {
+                                    Ok(message) => message,
+                                    Err(e) => {
+                                        warn!(prefix = %this.prefix, "redis: a purge message this version cannot read ({e}); dropping what this instance holds in memory");
+                                        if !purge(Selector { all: true, ..Selector::default() }, false) {
+                                            return;
+                                        }
+                                        continue;
+                                    }
+                                };
+                                this.generation.fetch_max(message.generation, Ordering::AcqRel);
+                                if message.from == this.instance {
+                                    continue;
+                                }
+                                let selector = Selector {
                                     all: message.all,
                                     tags: message.tags,
                                     paths: message.paths,
                                     prefix: message.prefix,
                                     primaries: message.primaries,
-                                },
-                                message.soft,
-                            ) {
-                                return;
+                                };
+                                if !purge(selector, message.soft) {
+                                    return;
+                                }
+                            }
+                            _ = ping.tick() => {
+                                let pinged = tokio::time::timeout(
+                                    Duration::from_secs(3),
+                                    sink.ping::<String>(),
+                                )
+                                .await;
+                                if !matches!(pinged, Ok(Ok(_))) {
+                                    break;
+                                }
                             }
                         }
-                        warn!(prefix = %this.prefix, "redis: the purge channel closed; reconnecting");
                     }
-                    Ok(Err(e)) => {
-                        if !cut_off || backoff >= MAX_BACKOFF {
-                            tracing::debug!(prefix = %this.prefix, "redis: cannot subscribe to purges: {e}");
-                        }
-                        cut_off = true;
-                    }
-                    Err(_) => cut_off = true,
+                    warn!(prefix = %this.prefix, "redis: the purge channel is gone; reconnecting");
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -624,7 +727,58 @@ impl L2 {
     }
 }
 
-/// Every key matching `pattern` (SCAN, not KEYS: Redis keeps serving).
+/// Stores an object (KEYS[1], ARGV[1]) for ARGV[2] ms, its URL's Vary
+/// names (KEYS[2], ARGV[3]), and its key in each index set (KEYS[4..]),
+/// which then lives at least as long — unless the purge generation
+/// (KEYS[3]) is past the one the storing instance knows (ARGV[4]): then
+/// nothing is stored (0).
+const PUT_SCRIPT: &str = r#"
+if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+local ms = tonumber(ARGV[2])
+for i = 4, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  local left = redis.call('PTTL', KEYS[i])
+  if left >= 0 and left < ms or left == -1 then
+    redis.call('PEXPIRE', KEYS[i], ms)
+  end
+end
+return 1
+"#;
+
+/// Deletes a lease (KEYS[1]) only if it is still this instance's (ARGV[1]).
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// GCRA on one client's key (KEYS[1]) with the emission interval ARGV[1]
+/// and the burst tolerance ARGV[2], both in µs, by Redis's own clock (the
+/// instances' clocks may differ): `{1, remaining}` or `{0, retry_after}`.
+const GCRA_SCRIPT: &str = r#"
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local nxt = tat + interval
+local ahead = nxt - now
+if ahead > tolerance then
+  return {0, ahead - tolerance}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor(ahead / 1000) + 1)
+return {1, math.floor((tolerance - ahead) / interval)}
+"#;
+
+/// Every key matching `pattern` (SCAN, not KEYS: Redis keeps serving),
+/// at most [`MAX_PURGE_MEMBERS`] and a bit.
 async fn scan(c: &mut ConnectionManager, pattern: &str) -> redis::RedisResult<Vec<String>> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
@@ -640,6 +794,27 @@ async fn scan(c: &mut ConnectionManager, pattern: &str) -> redis::RedisResult<Ve
         keys.extend(batch);
         if next == 0 || keys.len() > MAX_PURGE_MEMBERS {
             return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+/// The members of the set `key`, a batch at a time (SSCAN: a huge set does
+/// not block Redis), at most [`MAX_PURGE_MEMBERS`] and a bit.
+async fn sscan(c: &mut ConnectionManager, key: &str) -> redis::RedisResult<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut members = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await?;
+        members.extend(batch);
+        if next == 0 || members.len() > MAX_PURGE_MEMBERS {
+            return Ok(members);
         }
         cursor = next;
     }

@@ -375,7 +375,9 @@ impl<S: Store> IsrCache<S> {
             Some(info) => info,
             // Not known here: another instance may have stored it, varied.
             None => match Box::pin(self.store.shared_vary(&primary)).await {
-                Some(vary) if !vary.is_empty() => {
+                // Known there (varied or not): known here from now on, so
+                // that the next requests need not ask.
+                Some(vary) => {
                     let info = Arc::new(UrlInfo {
                         vary: vary.into(),
                         pass: None,
@@ -383,7 +385,7 @@ impl<S: Store> IsrCache<S> {
                     self.index.insert(primary.clone(), Arc::clone(&info));
                     info
                 }
-                _ => Arc::default(),
+                None => Arc::default(),
             },
         };
         let key = key::full(&primary, req.headers(), &info.vary);
@@ -532,7 +534,7 @@ impl<S: Store> IsrCache<S> {
                 primaries,
                 ..Selector::default()
             };
-            let invalidated = Box::pin(self.store.purge(&selector, false)).await;
+            let invalidated = Box::pin(self.store.invalidate(&selector)).await;
             if invalidated > 0 {
                 tracing::debug!(invalidated, "invalidated after an unsafe request");
             }

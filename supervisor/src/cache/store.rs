@@ -52,6 +52,12 @@ pub trait Store: Send + Sync + 'static {
     /// Drops (hard) or marks stale (soft) every matching object; returns
     /// how many were affected.
     fn purge(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send;
+    /// Drops what `selector` names after an unsafe request (RFC 9111
+    /// §4.4): at once here, and wherever it is shared without the request
+    /// waiting for it.
+    fn invalidate(&self, selector: &Selector) -> impl Future<Output = u64> + Send {
+        self.purge(selector, false)
+    }
     /// [`Store::purge`] of what this instance holds alone, for a purge
     /// another instance made (and already made in what they share).
     fn purge_local(&self, selector: &Selector, soft: bool) -> impl Future<Output = u64> + Send {
@@ -87,11 +93,25 @@ pub trait Store: Send + Sync + 'static {
 pub struct TieredStore {
     l1: MemoryStore,
     l2: Option<Arc<super::l2::L2>>,
+    /// Bumped by every purge, local or from another instance: what was
+    /// read from L2 or written there while one ran may predate it.
+    generation: AtomicU64,
+    /// Invalidations after unsafe requests sent to L2 at once (in the
+    /// background: never on the request's path).
+    invalidating: Arc<tokio::sync::Semaphore>,
 }
+
+/// Invalidations in flight to L2 at once; more are done in memory only.
+const MAX_INVALIDATIONS: usize = 16;
 
 impl TieredStore {
     pub fn new(l1: MemoryStore, l2: Option<Arc<super::l2::L2>>) -> Self {
-        TieredStore { l1, l2 }
+        TieredStore {
+            l1,
+            l2,
+            generation: AtomicU64::new(0),
+            invalidating: Arc::new(tokio::sync::Semaphore::new(MAX_INVALIDATIONS)),
+        }
     }
 }
 
@@ -111,6 +131,7 @@ impl Store for TieredStore {
         };
         // Missing or stale here: another instance may have stored a newer
         // one (the render of the fleet's one revalidation).
+        let generation = self.generation.load(Ordering::Acquire);
         let Some(shared) = l2.get(key).await else {
             return local;
         };
@@ -120,16 +141,28 @@ impl Store for TieredStore {
         if !newer || shared.keep_left().is_zero() {
             return local;
         }
+        if self.generation.load(Ordering::Acquire) != generation {
+            // A purge ran while it was read: it may be what was purged.
+            return local;
+        }
         let shared = Arc::new(shared);
         self.l1.insert(key.to_string(), Arc::clone(&shared)).await;
         Some(shared)
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
+        // Memory first, with no wait before it: a purge that follows finds
+        // it there.
+        let generation = self.generation.load(Ordering::Acquire);
+        self.l1.insert(key.clone(), Arc::clone(&object)).await;
         if let Some(l2) = &self.l2 {
             l2.put(&key, &object).await;
+            if self.generation.load(Ordering::Acquire) != generation {
+                // A purge ran while it was written: it may have missed it
+                // there. (Cheaper to store it again than to serve it.)
+                l2.forget(&key).await;
+            }
         }
-        self.l1.insert(key, object).await;
     }
 
     async fn resized(&self, key: &str, object: &Arc<Object>) {
@@ -137,14 +170,52 @@ impl Store for TieredStore {
     }
 
     async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let local = self.l1.purge(selector, soft).await;
-        match &self.l2 {
-            Some(l2) => local.max(l2.purge(selector, soft).await),
-            None => local,
+        let Some(l2) = &self.l2 else {
+            return local;
+        };
+        match l2.purge(selector, soft).await {
+            Ok(shared) => local.max(shared),
+            Err(e) => {
+                tracing::warn!(
+                    ?selector,
+                    soft,
+                    "redis: the purge did not reach Redis ({e}): other instances may keep serving what it names until they reconnect or it expires"
+                );
+                local
+            }
         }
     }
 
+    async fn invalidate(&self, selector: &Selector) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let local = self.l1.purge(selector, false).await;
+        if let Some(l2) = &self.l2 {
+            match Arc::clone(&self.invalidating).try_acquire_owned() {
+                Ok(permit) => {
+                    let (l2, selector) = (Arc::clone(l2), selector.clone());
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = l2.purge(&selector, false).await {
+                            tracing::debug!(
+                                ?selector,
+                                "redis: an invalidation did not reach Redis: {e}"
+                            );
+                        }
+                    });
+                }
+                Err(_) => tracing::debug!(
+                    ?selector,
+                    "redis: too many invalidations under way; this one stays in memory"
+                ),
+            }
+        }
+        local
+    }
+
     async fn purge_local(&self, selector: &Selector, soft: bool) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.l1.purge(selector, soft).await
     }
 

@@ -64,6 +64,29 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether `object` can be decoded again once encoded (within the bounds
+/// [`decode`] sets): one that cannot is not shared.
+pub fn fits(object: &Object) -> bool {
+    let head: usize = object
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .chain(object.tags.iter().map(|t| t.len() + 2))
+        .chain(
+            object
+                .vary
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.as_ref().map_or(0, HeaderValue::len) + 4),
+        )
+        .sum::<usize>()
+        + object.path.len()
+        + object.primary.len();
+    object.headers.len() <= MAX_ITEMS
+        && object.tags.len() <= MAX_ITEMS
+        && object.vary.len() <= MAX_ITEMS
+        && head < MAX_HEAD / 2
+}
+
 /// `object` as bytes.
 pub fn encode(object: &Object) -> Bytes {
     let head = Head {
