@@ -110,12 +110,22 @@ impl Admin {
         let workers = self.pool.as_ref().map(|p| p.status()).unwrap_or_default();
         let ready = self.pool.as_ref().map_or(0, |p| p.ready_count());
         let healthy = self.pool.is_none() || ready > 0;
-        let cache = self.cache.as_ref().map(|c| {
-            let stats = c.stats();
-            serde_json::json!({"entries": stats.entries, "bytes": stats.bytes})
+        let stats = self.cache.as_ref().map(|c| c.stats());
+        let cache = stats.map(|stats| {
+            let mut cache = serde_json::json!({"entries": stats.entries, "bytes": stats.bytes});
+            if let Some(up) = stats.shared_up {
+                cache["redis"] = serde_json::json!(if up { "up" } else { "down" });
+            }
+            cache
         });
+        // Redis away: still serving (from memory and the app), not shared.
+        let degraded = stats.is_some_and(|s| s.shared_up == Some(false));
         let body = serde_json::json!({
-            "status": if healthy { "ok" } else { "unavailable" },
+            "status": match (healthy, degraded) {
+                (false, _) => "unavailable",
+                (true, true) => "degraded",
+                (true, false) => "ok",
+            },
             "app": self.app,
             "framework": self.framework,
             "workers": workers,

@@ -28,7 +28,7 @@ pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
         }
     }
     let config = load_config(&args.dir, args.config.as_deref())?;
-    let config_line = match &config.source {
+    let mut config_line = match &config.source {
         Some(path) => format!("{}: ok", path.display()),
         None => format!(
             "{}: no {}; defaults apply",
@@ -36,6 +36,21 @@ pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
             crate::config::CONFIG_FILE_NAME
         ),
     };
+    // Edge mode: whether Redis answers now (not an error: bext starts and
+    // serves without it, sharing once it answers).
+    let redis = match &config.redis {
+        Some(redis) => Some(redis.clone()),
+        None => std::env::var("REDIS_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .map(|url| crate::config::RedisSettings::from_url(&url))
+            .transpose()
+            .map_err(|why| RunError::Redis(format!("REDIS_URL: {why}")))?,
+    };
+    if let Some(redis) = redis {
+        config_line.push('\n');
+        config_line.push_str(&redis_line(&redis.url));
+    }
     let app_line = if args.config.is_some() && !args.dir.exists() {
         String::new()
     } else {
@@ -52,4 +67,21 @@ pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
         config: config_line,
         app: app_line,
     })
+}
+
+/// "redis: HOST answers" or why not, without the URL's password.
+fn redis_line(url: &str) -> String {
+    let Ok(client) = redis::Client::open(url) else {
+        return "redis: not a usable URL".to_string();
+    };
+    let at = client.get_connection_info().addr().to_string();
+    let answer = client
+        .get_connection_with_timeout(std::time::Duration::from_secs(2))
+        .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
+    match answer {
+        Ok(_) => format!("redis: {at} answers (edge mode: the cache is shared)"),
+        Err(e) => format!(
+            "redis: {at} does not answer ({e}); bext will serve without sharing until it does"
+        ),
+    }
 }

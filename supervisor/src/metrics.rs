@@ -311,6 +311,14 @@ impl Collector for Snapshot {
             "Bytes held by the cache",
             caches.iter().map(|(l, s)| (l, s.bytes as i64)),
         )?;
+        gauges(
+            &mut encoder,
+            "redis_up",
+            "Edge mode: 1 while Redis answers the cache, 0 while it is skipped",
+            caches
+                .iter()
+                .filter_map(|(l, s)| s.shared_up.map(|up| (l, i64::from(up)))),
+        )?;
         counters(
             &mut encoder,
             "cache_evictions",

@@ -327,6 +327,33 @@ async fn issue14_losing_redis_loses_no_request_and_it_is_shared_again_when_back(
         );
     }
 
+    // Said in health and metrics: serving, degraded.
+    let health: Value = client()
+        .get(a.url("/__bext/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["cache"]["redis"], "down", "{health}");
+    let metrics = client()
+        .get(a.url("/__bext/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("bext_redis_up{app=\""), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("bext_redis_up{") && l.ends_with(" 0")),
+        "{metrics}"
+    );
+
     redis.run();
     // Shared again, by itself (after the skip that follows failures).
     let body = crate::support::wait_for_async(
@@ -344,6 +371,16 @@ async fn issue14_losing_redis_loses_no_request_and_it_is_shared_again_when_back(
     )
     .await;
     assert!(body.contains("render 1"), "{body}");
+    let health: Value = client()
+        .get(a.url("/__bext/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["cache"]["redis"], "up", "{health}");
     // B was cut off from the purge channel: what it held is dropped.
     b.wait_log(Duration::from_secs(60), |v| {
         v["message"]
@@ -395,6 +432,42 @@ fn issue14_redis_config_errors_name_the_key() {
     assert!(text.contains("write"), "{text}");
     let (code, text) = check("[redis]\nurl = \"redis://localhost:6379\"\nwrite = \"async\"\n");
     assert_eq!(code, 0, "{text}");
+}
+
+/// `bext check` says whether Redis answers, without failing when it does
+/// not (bext serves without it), and never prints the URL's password.
+#[test]
+fn issue14_bext_check_asks_redis() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("index.html"), "<h1>site</h1>").expect("write");
+    let url = format!("redis://:hunter2@127.0.0.1:{}/", redis.port);
+    std::fs::write(
+        dir.path().join("bext.config.toml"),
+        format!("[redis]\nurl = \"{url}\"\n"),
+    )
+    .expect("write");
+    let check = || crate::support::bext_command(&["check", dir.path().to_str().expect("utf8")]);
+    let (code, out, err) = check();
+    assert_eq!(code, 0, "{err}");
+    // (No password is set on this Redis: AUTH fails, and says so.)
+    assert!(out.contains("redis: 127.0.0.1:"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+    std::fs::write(
+        dir.path().join("bext.config.toml"),
+        format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    )
+    .expect("write");
+    let (code, out, _) = check();
+    assert_eq!(code, 0);
+    assert!(out.contains("answers (edge mode"), "{out}");
+    redis.kill();
+    let (code, out, _) = check();
+    assert_eq!(code, 0, "Redis away is no reason not to start");
+    assert!(out.contains("does not answer"), "{out}");
 }
 
 /// GET `path` on `bext`: (status, `ratelimit-remaining`).
@@ -550,5 +623,93 @@ async fn issue14_soft_purges_reach_every_instance() {
         !a.log_text().contains("did not reach Redis"),
         "{}",
         a.log_text()
+    );
+}
+
+/// A TCP proxy in front of `upstream` that holds every answer back by
+/// `delay` (a slow Redis, or a slow network to it). Runs until dropped.
+struct SlowProxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    async fn start(upstream: u16, delay: Duration) -> SlowProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        // The fault itself, not a synchronisation.
+                        tokio::time::sleep(delay).await;
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        SlowProxy { port, task }
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 14, acceptance 6: Redis answering 200 ms late — requests keep
+/// their latency within the operation timeout (50 ms here): misses are
+/// rendered without waiting for Redis longer than that, hits never ask it.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_slow_redis_adds_at_most_the_timeout() {
+    let redis = Redis::start();
+    let proxy = SlowProxy::start(redis.port, Duration::from_millis(200)).await;
+    let (_dir, a) = instance(
+        &format!(
+            "[redis]\nurl = \"redis://127.0.0.1:{}/\"\ntimeout_ms = 50\n",
+            proxy.port
+        ),
+        &[],
+    );
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let page = format!("/page/slow-{i}?cc=public,max-age=600");
+        let started = std::time::Instant::now();
+        let (state, body) = get(&a, &page, &[]).await;
+        let took = started.elapsed();
+        assert_eq!(state, "MISS", "{body}");
+        assert!(body.contains("render 1"), "{body}");
+        slowest = slowest.max(took);
+        let started = std::time::Instant::now();
+        let (state, _) = get(&a, &page, &[]).await;
+        assert_eq!(state, "HIT");
+        slowest = slowest.max(started.elapsed());
+    }
+    // Three Redis operations at 200 ms each would be 600 ms; bounded by
+    // the 50 ms timeout (and skipped after a failure), a miss stays far
+    // below that.
+    assert!(
+        slowest < Duration::from_millis(400),
+        "slowest request: {slowest:?}"
     );
 }

@@ -230,6 +230,11 @@ impl L2 {
         Ok(l2)
     }
 
+    /// Whether Redis answered the last request-path operation.
+    pub fn is_up(&self) -> bool {
+        self.breaker.up.load(Ordering::Relaxed)
+    }
+
     fn object_key(&self, key: &str) -> String {
         format!("{}o:{}", self.prefix, hash(key))
     }

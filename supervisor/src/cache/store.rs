@@ -40,6 +40,8 @@ pub struct StoreStats {
     pub entries: u64,
     pub bytes: u64,
     pub evictions: u64,
+    /// Edge mode: whether Redis answers (`None`: no Redis).
+    pub shared_up: Option<bool>,
 }
 
 /// Storage for cached objects, keyed by the cache's full key.
@@ -237,7 +239,10 @@ impl Store for TieredStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.l1.stats()
+        StoreStats {
+            shared_up: self.l2.as_ref().map(|l2| l2.is_up()),
+            ..self.l1.stats()
+        }
     }
 }
 
@@ -408,6 +413,7 @@ impl Store for MemoryStore {
             entries: self.objects.entry_count(),
             bytes: self.bytes.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            shared_up: None,
         }
     }
 }
