@@ -593,33 +593,49 @@ fn build_service(
                 // full, everything is dropped instead, once: safe, and
                 // bounded).
                 let (queue, mut purges) =
-                    tokio::sync::mpsc::channel::<(crate::cache::store::Selector, bool)>(256);
-                let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    tokio::sync::mpsc::channel::<(crate::cache::store::Selector, bool, u64)>(256);
+                // Set when a purge could not be queued: the newest
+                // generation such a purge carried (everything is dropped
+                // instead).
+                let overflowed = Arc::new(std::sync::atomic::AtomicU64::new(0));
                 let weak = Arc::downgrade(&cache);
                 let flag = Arc::clone(&overflowed);
+                let adopter = Arc::clone(l2);
                 tokio::spawn(async move {
-                    while let Some((selector, soft)) = purges.recv().await {
+                    while let Some((selector, soft, generation)) = purges.recv().await {
                         let Some(cache) = weak.upgrade() else { return };
                         let purged = cache.purge_local(&selector, soft).await;
-                        tracing::info!(purged, soft, ?selector, "cache purge (from another instance)");
-                        if flag.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        if selector.all || !selector.tags.is_empty() || !selector.paths.is_empty() {
+                            tracing::info!(purged, soft, ?selector, "cache purge (from another instance)");
+                        } else {
+                            tracing::debug!(purged, ?selector, "cache invalidation (from another instance)");
+                        }
+                        // Only now may stores count this purge as applied.
+                        adopter.adopt(generation);
+                        let missed = flag.swap(0, std::sync::atomic::Ordering::AcqRel);
+                        if missed > 0 {
                             let all = crate::cache::store::Selector {
                                 all: true,
                                 ..Default::default()
                             };
                             let purged = cache.purge_local(&all, false).await;
                             tracing::warn!(purged, "cache purge of everything: purges from other instances came faster than they could be applied");
+                            adopter.adopt(missed);
                         }
                     }
                 });
-                l2.listen(move |selector, soft| match queue.try_send((selector, soft)) {
-                    Ok(()) => true,
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                        overflowed.store(true, std::sync::atomic::Ordering::Release);
-                        true
-                    }
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-                });
+                l2.listen(
+                    crate::cache::l2::CHANNEL_PING,
+                    move |selector, soft, generation| match queue.try_send((selector, soft, generation)) {
+                        Ok(()) => true,
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                            overflowed
+                                .fetch_max(generation.max(1), std::sync::atomic::Ordering::AcqRel);
+                            true
+                        }
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+                    },
+                );
                 tracing::info!(app = %app.name, "edge mode: the cache is shared through Redis");
             }
             cache

@@ -59,7 +59,7 @@ const MAX_PURGE_MEMBERS: usize = 100_000;
 pub const MAX_SHARED_BODY: usize = 1 << 20;
 /// How often the purge channel is pinged: a silent connection loss is
 /// noticed within about this (plus the ping's own bound).
-const CHANNEL_PING: Duration = Duration::from_secs(5);
+pub const CHANNEL_PING: Duration = Duration::from_secs(5);
 
 /// A purge, as published to the other instances. Fields added later must
 /// have defaults: instances of two versions run side by side in a rolling
@@ -154,6 +154,8 @@ pub struct L2 {
     /// module's `gen`).
     generation: AtomicU64,
     breaker: Breaker,
+    /// Pings of the purge channel answered (for tests).
+    pings: AtomicU64,
 }
 
 impl std::fmt::Debug for L2 {
@@ -207,6 +209,7 @@ impl L2 {
             max_body: max_body.min(MAX_SHARED_BODY),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             generation: AtomicU64::new(0),
+            pings: AtomicU64::new(0),
             breaker: Breaker {
                 start: Instant::now(),
                 skip_until: AtomicU64::new(0),
@@ -228,6 +231,12 @@ impl L2 {
             }
         });
         Ok(l2)
+    }
+
+    /// The purge generation this instance has applied (see the module's
+    /// `gen`): called once what it names has been purged from memory.
+    pub fn adopt(&self, generation: u64) {
+        self.generation.fetch_max(generation, Ordering::AcqRel);
     }
 
     /// Whether Redis answered the last request-path operation.
@@ -468,7 +477,23 @@ impl L2 {
     /// failed. Returns the objects affected in L2, or why Redis could not
     /// take the purge (then the other instances may not have heard of it:
     /// the caller says so).
-    pub async fn purge(&self, selector: &Selector, soft: bool) -> Result<u64, String> {
+    pub async fn purge(
+        &self,
+        selector: &Selector,
+        soft: bool,
+        only_if_found: bool,
+    ) -> Result<u64, String> {
+        // An invalidation after an unsafe request names URLs that are
+        // mostly not stored at all: then nothing is bumped or published.
+        let found = if only_if_found {
+            let found = self.members(selector).await?;
+            if found.0.is_empty() {
+                return Ok(0);
+            }
+            Some(found)
+        } else {
+            None
+        };
         // The generation first: a store racing this purge is refused.
         let generation = self
             .run_purge(async |c| {
@@ -481,7 +506,11 @@ impl L2 {
         if let Ok(generation) = &generation {
             self.generation.fetch_max(*generation, Ordering::AcqRel);
         }
-        let done = match self.members(selector).await {
+        let members = match found {
+            Some(found) => Ok(found),
+            None => self.members(selector).await,
+        };
+        let done = match members {
             Ok((members, sets)) => {
                 let affected = if soft {
                     self.mark_stale(&members).await
@@ -626,59 +655,64 @@ impl L2 {
     }
 
     /// Listens for the other instances' purges, calling `purge` for each
-    /// (and `purge` of everything, hard, after a time without the channel:
-    /// a purge may have been missed), until `purge` returns false (the
-    /// cache is gone) or the task is aborted. `purge` must not block: it
-    /// queues the work.
-    pub fn listen<F>(self: &Arc<Self>, purge: F) -> tokio::task::JoinHandle<()>
+    /// with the purge generation to [`L2::adopt`] once it is applied (and a
+    /// purge of everything, hard, after a time without the channel, or
+    /// when Redis's generation runs ahead of this instance's: a purge may
+    /// have been missed), until `purge` returns false (the cache is gone)
+    /// or the task is aborted. `purge` must not block: it queues the work.
+    /// The channel is pinged every `ping`; each ping also refreshes
+    /// whether Redis answers (health, metrics).
+    pub fn listen<F>(self: &Arc<Self>, ping: Duration, purge: F) -> tokio::task::JoinHandle<()>
     where
-        F: Fn(Selector, bool) -> bool + Send + Sync + 'static,
+        F: Fn(Selector, bool, u64) -> bool + Send + Sync + 'static,
     {
         let this = Arc::clone(self);
+        let everything = || Selector {
+            all: true,
+            ..Selector::default()
+        };
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
-            // Whether a connection to the channel was had and lost (not at
-            // the start: nothing is held in memory yet).
+            // Whether memory may hold what a missed purge named: after a
+            // connection to the channel was lost, or never had.
             let mut cut_off = false;
+            let mut warned = false;
             loop {
                 let subscribed = async {
                     let mut pubsub = this.client.get_async_pubsub().await?;
                     pubsub.subscribe(this.channel()).await?;
                     Ok::<_, redis::RedisError>(pubsub)
                 };
-                if let Ok(Ok(pubsub)) =
-                    tokio::time::timeout(Duration::from_secs(5), subscribed).await
-                {
-                    backoff = Duration::from_millis(250);
-                    // The generation as it is now: stores are accepted again.
-                    if let Ok(generation) = this
-                        .run_purge(async |c| {
-                            redis::cmd("GET")
-                                .arg(this.generation_key())
-                                .query_async::<Option<u64>>(c)
-                                .await
-                        })
-                        .await
-                    {
-                        this.generation
-                            .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
+                let pubsub = match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
+                    Ok(Ok(pubsub)) => Some(pubsub),
+                    Ok(Err(e)) => {
+                        if !warned {
+                            warn!(prefix = %this.prefix, "redis: cannot listen for purges ({e}); retrying (an ACL must allow the channel {}purge)", this.prefix);
+                            warned = true;
+                        }
+                        None
                     }
+                    Err(_) => None,
+                };
+                let generation = match &pubsub {
+                    Some(_) => this.current_generation().await,
+                    None => None,
+                };
+                if let (Some(pubsub), Some(generation)) = (pubsub, generation) {
+                    backoff = Duration::from_millis(250);
+                    warned = false;
                     if cut_off {
                         info!(prefix = %this.prefix, "redis: purge channel back; dropping what this instance holds in memory (a purge may have been missed)");
-                        if !purge(
-                            Selector {
-                                all: true,
-                                ..Selector::default()
-                            },
-                            false,
-                        ) {
+                        if !purge(everything(), false, generation) {
                             return;
                         }
+                    } else {
+                        this.generation.store(generation, Ordering::Release);
                     }
-                    cut_off = true;
                     let (mut sink, mut messages) = pubsub.split();
-                    let mut ping = tokio::time::interval(CHANNEL_PING);
-                    ping.tick().await;
+                    let mut ticks = tokio::time::interval(ping);
+                    ticks.tick().await;
+                    let mut ahead_before = false;
                     loop {
                         tokio::select! {
                             message = messages.next() => {
@@ -690,14 +724,14 @@ impl L2 {
                                     Ok(message) => message,
                                     Err(e) => {
                                         warn!(prefix = %this.prefix, "redis: a purge message this version cannot read ({e}); dropping what this instance holds in memory");
-                                        if !purge(Selector { all: true, ..Selector::default() }, false) {
+                                        if !purge(everything(), false, 0) {
                                             return;
                                         }
                                         continue;
                                     }
                                 };
-                                this.generation.fetch_max(message.generation, Ordering::AcqRel);
                                 if message.from == this.instance {
+                                    this.adopt(message.generation);
                                     continue;
                                 }
                                 let selector = Selector {
@@ -707,28 +741,77 @@ impl L2 {
                                     prefix: message.prefix,
                                     primaries: message.primaries,
                                 };
-                                if !purge(selector, message.soft) {
+                                if !purge(selector, message.soft, message.generation) {
                                     return;
                                 }
                             }
-                            _ = ping.tick() => {
+                            _ = ticks.tick() => {
                                 let pinged = tokio::time::timeout(
                                     Duration::from_secs(3),
-                                    sink.ping::<String>(),
+                                    sink.ping::<redis::Value>(),
                                 )
                                 .await;
                                 if !matches!(pinged, Ok(Ok(_))) {
                                     break;
+                                }
+                                this.pings.fetch_add(1, Ordering::Relaxed);
+                                // Whether Redis answers, for health and
+                                // metrics even without traffic.
+                                this.run("PING", async |c| {
+                                    redis::cmd("PING").query_async::<redis::Value>(c).await
+                                })
+                                .await;
+                                // Redis's generation ahead of this one's
+                                // twice in a row: a purge message was lost.
+                                // Behind it: Redis lost its data (a restart,
+                                // a flush): start from its number.
+                                let known = this.generation.load(Ordering::Acquire);
+                                match this.current_generation().await {
+                                    Some(current) if current > known => {
+                                        if ahead_before {
+                                            warn!(prefix = %this.prefix, "redis: a purge was missed; dropping what this instance holds in memory");
+                                            if !purge(everything(), false, current) {
+                                                return;
+                                            }
+                                            ahead_before = false;
+                                        } else {
+                                            ahead_before = true;
+                                        }
+                                    }
+                                    Some(current) if current < known => {
+                                        this.generation.store(current, Ordering::Release);
+                                        ahead_before = false;
+                                    }
+                                    _ => ahead_before = false,
                                 }
                             }
                         }
                     }
                     warn!(prefix = %this.prefix, "redis: the purge channel is gone; reconnecting");
                 }
+                cut_off = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         })
+    }
+
+    /// Redis's purge generation now.
+    async fn current_generation(&self) -> Option<u64> {
+        self.run_purge(async |c| {
+            redis::cmd("GET")
+                .arg(self.generation_key())
+                .query_async::<Option<u64>>(c)
+                .await
+        })
+        .await
+        .ok()
+        .map(|g| g.unwrap_or(0))
+    }
+
+    /// Pings of the purge channel answered so far.
+    pub fn pings(&self) -> u64 {
+        self.pings.load(Ordering::Relaxed)
     }
 }
 

@@ -93,27 +93,67 @@ pub trait Store: Send + Sync + 'static {
 /// store is written through; purges reach both, and the other instances.
 #[derive(Debug)]
 pub struct TieredStore {
-    l1: MemoryStore,
+    l1: Arc<MemoryStore>,
     l2: Option<Arc<super::l2::L2>>,
-    /// Bumped by every purge, local or from another instance: what was
-    /// read from L2 or written there while one ran may predate it.
-    generation: AtomicU64,
-    /// Invalidations after unsafe requests sent to L2 at once (in the
-    /// background: never on the request's path).
+    guard: Arc<PurgeGuard>,
+    /// Invalidations after unsafe requests sent to L2 at once in the
+    /// background; more wait for their turn on the request's path.
     invalidating: Arc<tokio::sync::Semaphore>,
 }
 
-/// Invalidations in flight to L2 at once; more are done in memory only.
+/// What keeps a purged object from coming back into memory from L2.
+#[derive(Debug, Default)]
+struct PurgeGuard {
+    /// Bumped by every purge, local or from another instance: what was
+    /// read from L2 or written there while one ran may predate it.
+    generation: AtomicU64,
+    /// Purges whose L2 part is still under way: nothing is promoted then.
+    running: AtomicU64,
+}
+
+/// Counts a purge as running until dropped.
+struct Running(Arc<PurgeGuard>);
+
+impl Running {
+    fn start(guard: &Arc<PurgeGuard>) -> Self {
+        guard.generation.fetch_add(1, Ordering::AcqRel);
+        guard.running.fetch_add(1, Ordering::AcqRel);
+        Running(Arc::clone(guard))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.generation.fetch_add(1, Ordering::AcqRel);
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Invalidations in flight to L2 at once in the background.
 const MAX_INVALIDATIONS: usize = 16;
 
 impl TieredStore {
     pub fn new(l1: MemoryStore, l2: Option<Arc<super::l2::L2>>) -> Self {
         TieredStore {
-            l1,
+            l1: Arc::new(l1),
             l2,
-            generation: AtomicU64::new(0),
+            guard: Arc::new(PurgeGuard::default()),
             invalidating: Arc::new(tokio::sync::Semaphore::new(MAX_INVALIDATIONS)),
         }
+    }
+
+    /// The L2 part of a purge, then memory again (what was promoted from
+    /// L2 before the L2 part was done is dropped too).
+    async fn purge_shared(
+        l1: &MemoryStore,
+        l2: &super::l2::L2,
+        selector: &Selector,
+        soft: bool,
+        only_if_found: bool,
+    ) -> Result<u64, String> {
+        let shared = l2.purge(selector, soft, only_if_found).await;
+        l1.purge(selector, soft).await;
+        shared
     }
 }
 
@@ -132,8 +172,12 @@ impl Store for TieredStore {
             (Some(l2), _) => l2,
         };
         // Missing or stale here: another instance may have stored a newer
-        // one (the render of the fleet's one revalidation).
-        let generation = self.generation.load(Ordering::Acquire);
+        // one (the render of the fleet's one revalidation). Not while a
+        // purge is under way: what L2 holds may be what it purges.
+        if self.guard.running.load(Ordering::Acquire) > 0 {
+            return local;
+        }
+        let generation = self.guard.generation.load(Ordering::Acquire);
         let Some(shared) = l2.get(key).await else {
             return local;
         };
@@ -143,7 +187,7 @@ impl Store for TieredStore {
         if !newer || shared.keep_left().is_zero() {
             return local;
         }
-        if self.generation.load(Ordering::Acquire) != generation {
+        if self.guard.generation.load(Ordering::Acquire) != generation {
             // A purge ran while it was read: it may be what was purged.
             return local;
         }
@@ -155,11 +199,11 @@ impl Store for TieredStore {
     async fn insert(&self, key: String, object: Arc<Object>) {
         // Memory first, with no wait before it: a purge that follows finds
         // it there.
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.guard.generation.load(Ordering::Acquire);
         self.l1.insert(key.clone(), Arc::clone(&object)).await;
         if let Some(l2) = &self.l2 {
             l2.put(&key, &object).await;
-            if self.generation.load(Ordering::Acquire) != generation {
+            if self.guard.generation.load(Ordering::Acquire) != generation {
                 // A purge ran while it was written: it may have missed it
                 // there. (Cheaper to store it again than to serve it.)
                 l2.forget(&key).await;
@@ -172,18 +216,18 @@ impl Store for TieredStore {
     }
 
     async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _running = Running::start(&self.guard);
         let local = self.l1.purge(selector, soft).await;
         let Some(l2) = &self.l2 else {
             return local;
         };
-        match l2.purge(selector, soft).await {
+        match Self::purge_shared(&self.l1, l2, selector, soft, false).await {
             Ok(shared) => local.max(shared),
             Err(e) => {
                 tracing::warn!(
                     ?selector,
                     soft,
-                    "redis: the purge did not reach Redis ({e}): other instances may keep serving what it names until they reconnect or it expires"
+                    "redis: the purge did not fully reach Redis ({e}): other instances may keep serving what it names until it expires"
                 );
                 local
             }
@@ -191,33 +235,36 @@ impl Store for TieredStore {
     }
 
     async fn invalidate(&self, selector: &Selector) -> u64 {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let running = Running::start(&self.guard);
         let local = self.l1.purge(selector, false).await;
-        if let Some(l2) = &self.l2 {
-            match Arc::clone(&self.invalidating).try_acquire_owned() {
-                Ok(permit) => {
-                    let (l2, selector) = (Arc::clone(l2), selector.clone());
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = l2.purge(&selector, false).await {
-                            tracing::debug!(
-                                ?selector,
-                                "redis: an invalidation did not reach Redis: {e}"
-                            );
-                        }
-                    });
-                }
-                Err(_) => tracing::debug!(
-                    ?selector,
-                    "redis: too many invalidations under way; this one stays in memory"
-                ),
+        let Some(l2) = &self.l2 else {
+            return local;
+        };
+        match Arc::clone(&self.invalidating).try_acquire_owned() {
+            Ok(permit) => {
+                let (l1, l2, selector) = (Arc::clone(&self.l1), Arc::clone(l2), selector.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _running = running;
+                    if let Err(e) = Self::purge_shared(&l1, &l2, &selector, false, true).await {
+                        tracing::debug!(
+                            ?selector,
+                            "redis: an invalidation did not reach Redis: {e}"
+                        );
+                    }
+                });
+            }
+            // Many at once: this one waits for its turn here.
+            Err(_) => {
+                let _ = Self::purge_shared(&self.l1, l2, selector, false, true).await;
+                drop(running);
             }
         }
         local
     }
 
     async fn purge_local(&self, selector: &Selector, soft: bool) -> u64 {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _running = Running::start(&self.guard);
         self.l1.purge(selector, soft).await
     }
 
