@@ -83,6 +83,10 @@ struct PurgeMessage {
     primaries: Vec<String>,
     #[serde(default)]
     soft: bool,
+    /// Sent as the purge starts (its generation taken): nothing to purge
+    /// yet, only "this generation is coming".
+    #[serde(default)]
+    pending: bool,
 }
 
 /// Request-path operations skip Redis for a while after a failure.
@@ -156,6 +160,9 @@ pub struct L2 {
     breaker: Breaker,
     /// Pings of the purge channel answered (for tests).
     pings: AtomicU64,
+    /// The highest purge generation heard of on the channel (announced or
+    /// done), whether applied yet or not.
+    received: AtomicU64,
 }
 
 impl std::fmt::Debug for L2 {
@@ -200,7 +207,9 @@ impl L2 {
                 .map_err(|e| format!("redis: {e}"))
         };
         let l2 = Arc::new(L2 {
-            conn: manager(settings.timeout)?,
+            // (The request bound is bext's own, below: the client's is
+            // only a backstop.)
+            conn: manager(settings.timeout.saturating_mul(2))?,
             slow: manager(PURGE_TIMEOUT)?,
             client,
             prefix: format!("{}{namespace}:", settings.prefix),
@@ -210,6 +219,7 @@ impl L2 {
             instance: uuid::Uuid::new_v4().simple().to_string(),
             generation: AtomicU64::new(0),
             pings: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             breaker: Breaker {
                 start: Instant::now(),
                 skip_until: AtomicU64::new(0),
@@ -484,17 +494,24 @@ impl L2 {
         only_if_found: bool,
     ) -> Result<u64, String> {
         // An invalidation after an unsafe request names URLs that are
-        // mostly not stored at all: then nothing is bumped or published.
+        // mostly not stored in Redis: then nothing is bumped or deleted
+        // there, but the other instances still hear of it (they may hold
+        // the URL in memory). A failed lookup counts as found.
         let found = if only_if_found {
-            let found = self.members(selector).await?;
-            if found.0.is_empty() {
-                return Ok(0);
+            match self.members(selector).await {
+                Ok(found) if found.0.is_empty() => {
+                    self.publish(selector, soft, 0, false).await?;
+                    return Ok(0);
+                }
+                Ok(found) => Some(found),
+                Err(_) => None,
             }
-            Some(found)
         } else {
             None
         };
-        // The generation first: a store racing this purge is refused.
+        // The generation first: a store racing this purge is refused. It
+        // is announced at once (so that the others know it is coming) and
+        // adopted here when the purge's own message comes back.
         let generation = self
             .run_purge(async |c| {
                 redis::cmd("INCR")
@@ -504,7 +521,7 @@ impl L2 {
             })
             .await;
         if let Ok(generation) = &generation {
-            self.generation.fetch_max(*generation, Ordering::AcqRel);
+            let _ = self.publish(selector, soft, *generation, true).await;
         }
         let members = match found {
             Some(found) => Ok(found),
@@ -526,30 +543,49 @@ impl L2 {
             }
             Err(e) => Err(e),
         };
+        let published = self
+            .publish(
+                selector,
+                soft,
+                generation.as_ref().copied().unwrap_or(0),
+                false,
+            )
+            .await;
+        generation?;
+        published?;
+        done
+    }
+
+    /// Publishes a purge (or its announcement) on the channel.
+    async fn publish(
+        &self,
+        selector: &Selector,
+        soft: bool,
+        generation: u64,
+        pending: bool,
+    ) -> Result<(), String> {
         let message = PurgeMessage {
             from: self.instance.clone(),
-            generation: generation.as_ref().copied().unwrap_or(0),
+            generation,
             all: selector.all,
             tags: selector.tags.clone(),
             paths: selector.paths.clone(),
             prefix: selector.prefix.clone(),
             primaries: selector.primaries.clone(),
             soft,
+            pending,
         };
         let text = serde_json::to_string(&message).unwrap_or_default();
         let channel = self.channel();
-        let published = self
-            .run_purge(async |c| {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&text)
-                    .query_async::<i64>(c)
-                    .await
-            })
-            .await;
-        generation?;
-        published?;
-        done
+        self.run_purge(async |c| {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&text)
+                .query_async::<i64>(c)
+                .await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The object keys `selector` names in L2, and the index sets it names.
@@ -707,12 +743,15 @@ impl L2 {
                             return;
                         }
                     } else {
-                        this.generation.store(generation, Ordering::Release);
+                        this.generation.fetch_max(generation, Ordering::AcqRel);
                     }
+                    this.received.fetch_max(generation, Ordering::AcqRel);
                     let (mut sink, mut messages) = pubsub.split();
                     let mut ticks = tokio::time::interval(ping);
                     ticks.tick().await;
-                    let mut ahead_before = false;
+                    // Redis's generation at the last tick, when it was
+                    // ahead of everything heard on the channel.
+                    let mut ahead_at: Option<u64> = None;
                     loop {
                         tokio::select! {
                             message = messages.next() => {
@@ -724,12 +763,18 @@ impl L2 {
                                     Ok(message) => message,
                                     Err(e) => {
                                         warn!(prefix = %this.prefix, "redis: a purge message this version cannot read ({e}); dropping what this instance holds in memory");
-                                        if !purge(everything(), false, 0) {
+                                        let current = this.current_generation().await.unwrap_or(0);
+                                        this.received.fetch_max(current, Ordering::AcqRel);
+                                        if !purge(everything(), false, current) {
                                             return;
                                         }
                                         continue;
                                     }
                                 };
+                                this.received.fetch_max(message.generation, Ordering::AcqRel);
+                                if message.pending {
+                                    continue;
+                                }
                                 if message.from == this.instance {
                                     this.adopt(message.generation);
                                     continue;
@@ -761,28 +806,37 @@ impl L2 {
                                     redis::cmd("PING").query_async::<redis::Value>(c).await
                                 })
                                 .await;
-                                // Redis's generation ahead of this one's
-                                // twice in a row: a purge message was lost.
-                                // Behind it: Redis lost its data (a restart,
-                                // a flush): start from its number.
+                                // Redis's generation still ahead of every
+                                // purge heard on the channel (announced or
+                                // done) one tick later: a message was lost.
+                                // Behind what was applied: Redis lost its
+                                // data (a restart, a flush): start from it.
                                 let known = this.generation.load(Ordering::Acquire);
+                                let received = this.received.load(Ordering::Acquire);
                                 match this.current_generation().await {
-                                    Some(current) if current > known => {
-                                        if ahead_before {
+                                    Some(current) if current > received => {
+                                        if ahead_at.is_some_and(|before| before > this.received.load(Ordering::Acquire)) {
                                             warn!(prefix = %this.prefix, "redis: a purge was missed; dropping what this instance holds in memory");
+                                            this.received.fetch_max(current, Ordering::AcqRel);
                                             if !purge(everything(), false, current) {
                                                 return;
                                             }
-                                            ahead_before = false;
+                                            ahead_at = None;
                                         } else {
-                                            ahead_before = true;
+                                            ahead_at = Some(current);
                                         }
                                     }
                                     Some(current) if current < known => {
-                                        this.generation.store(current, Ordering::Release);
-                                        ahead_before = false;
+                                        let _ = this.generation.compare_exchange(
+                                            known,
+                                            current,
+                                            Ordering::AcqRel,
+                                            Ordering::Acquire,
+                                        );
+                                        this.received.store(current, Ordering::Release);
+                                        ahead_at = None;
                                     }
-                                    _ => ahead_before = false,
+                                    _ => ahead_at = None,
                                 }
                             }
                         }

@@ -96,9 +96,10 @@ pub struct TieredStore {
     l1: Arc<MemoryStore>,
     l2: Option<Arc<super::l2::L2>>,
     guard: Arc<PurgeGuard>,
-    /// Invalidations after unsafe requests sent to L2 at once in the
-    /// background; more wait for their turn on the request's path.
-    invalidating: Arc<tokio::sync::Semaphore>,
+    /// Invalidations after unsafe requests, for one task that takes them
+    /// to L2 (never on the request's path; when it falls behind, the
+    /// excess stays in memory, and is logged).
+    invalidations: Option<tokio::sync::mpsc::Sender<Selector>>,
 }
 
 /// What keeps a purged object from coming back into memory from L2.
@@ -129,16 +130,37 @@ impl Drop for Running {
     }
 }
 
-/// Invalidations in flight to L2 at once in the background.
-const MAX_INVALIDATIONS: usize = 16;
+/// Invalidations waiting for the task that takes them to L2.
+const MAX_INVALIDATIONS: usize = 1024;
 
 impl TieredStore {
     pub fn new(l1: MemoryStore, l2: Option<Arc<super::l2::L2>>) -> Self {
+        let l1 = Arc::new(l1);
+        let invalidations = l2.as_ref().map(|l2| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Selector>(MAX_INVALIDATIONS);
+            let (l1, l2) = (Arc::clone(&l1), Arc::clone(l2));
+            tokio::spawn(async move {
+                while let Some(selector) = rx.recv().await {
+                    // While Redis is away there is nothing to invalidate
+                    // there (and nothing to wait for).
+                    if !l2.is_up() {
+                        continue;
+                    }
+                    if let Err(e) = Self::purge_shared(&l1, &l2, &selector, false, true).await {
+                        tracing::debug!(
+                            ?selector,
+                            "redis: an invalidation did not reach Redis: {e}"
+                        );
+                    }
+                }
+            });
+            tx
+        });
         TieredStore {
-            l1: Arc::new(l1),
+            l1,
             l2,
             guard: Arc::new(PurgeGuard::default()),
-            invalidating: Arc::new(tokio::sync::Semaphore::new(MAX_INVALIDATIONS)),
+            invalidations,
         }
     }
 
@@ -201,13 +223,14 @@ impl Store for TieredStore {
         // it there.
         let generation = self.guard.generation.load(Ordering::Acquire);
         self.l1.insert(key.clone(), Arc::clone(&object)).await;
-        if let Some(l2) = &self.l2 {
-            l2.put(&key, &object).await;
-            if self.guard.generation.load(Ordering::Acquire) != generation {
-                // A purge ran while it was written: it may have missed it
-                // there. (Cheaper to store it again than to serve it.)
-                l2.forget(&key).await;
-            }
+        if let Some(l2) = &self.l2
+            && l2.put(&key, &object).await
+            && self.guard.generation.load(Ordering::Acquire) != generation
+        {
+            // A purge ran while it was written: it may have missed it
+            // there. (Cheaper to store it again than to serve it.)
+            let l2 = Arc::clone(l2);
+            tokio::spawn(async move { l2.forget(&key).await });
         }
     }
 
@@ -235,30 +258,17 @@ impl Store for TieredStore {
     }
 
     async fn invalidate(&self, selector: &Selector) -> u64 {
-        let running = Running::start(&self.guard);
+        // (No purge guard: an invalidation is best effort, and its L2 part
+        // ends with a second pass over memory, which drops what was
+        // promoted meanwhile.)
         let local = self.l1.purge(selector, false).await;
-        let Some(l2) = &self.l2 else {
-            return local;
-        };
-        match Arc::clone(&self.invalidating).try_acquire_owned() {
-            Ok(permit) => {
-                let (l1, l2, selector) = (Arc::clone(&self.l1), Arc::clone(l2), selector.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let _running = running;
-                    if let Err(e) = Self::purge_shared(&l1, &l2, &selector, false, true).await {
-                        tracing::debug!(
-                            ?selector,
-                            "redis: an invalidation did not reach Redis: {e}"
-                        );
-                    }
-                });
-            }
-            // Many at once: this one waits for its turn here.
-            Err(_) => {
-                let _ = Self::purge_shared(&self.l1, l2, selector, false, true).await;
-                drop(running);
-            }
+        if let Some(queue) = &self.invalidations
+            && queue.try_send(selector.clone()).is_err()
+        {
+            tracing::debug!(
+                ?selector,
+                "redis: invalidations fall behind; this one stays in memory"
+            );
         }
         local
     }
