@@ -559,23 +559,36 @@ fn build_service(
             config.server.queue_timeout,
         )
     });
-    // A static site has nothing to cache: its files are served from disk.
     // Edge mode: one Redis link per app, for its cache's L2 and its rate
     // limit, namespaced by the platform's app name, or in single-app mode
     // by the package's name (the same for every instance of one site,
     // whatever directory each runs from), else the directory's.
+    // Edge mode: one Redis link per app, for its cache's L2 and its rate
+    // limit, namespaced by the platform's app name, or in single-app mode
+    // by the package's name (the same for every instance of one site,
+    // whatever directory each runs from), else the directory's. A cache or
+    // limiter carried over keeps its link (Redis's settings apply at a
+    // restart).
     let l2 = config.redis.as_ref().and_then(|redis| {
-        let max_body = usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
-        let namespace = settings
-            .name
-            .clone()
-            .or_else(|| app.package_name())
-            .unwrap_or_else(|| app.name.clone());
-        let namespace = namespace.as_str();
-        crate::cache::l2::L2::new(redis, namespace, max_body)
-            .inspect_err(|e| tracing::warn!(app = %app.name, "no Redis: {e}"))
-            .ok()
+        cache
+            .as_ref()
+            .and_then(|c| c.l2())
+            .or_else(|| previous_limiter.as_ref().and_then(|l| l.l2()))
+            .cloned()
+            .or_else(|| {
+                let max_body =
+                    usize::try_from(config.isr.max_entry_bytes.bytes()).unwrap_or(usize::MAX);
+                let namespace = settings
+                    .name
+                    .clone()
+                    .or_else(|| app.package_name())
+                    .unwrap_or_else(|| app.name.clone());
+                crate::cache::l2::L2::new(redis, &namespace, max_body)
+                    .inspect_err(|e| tracing::warn!(app = %app.name, "no Redis: {e}"))
+                    .ok()
+            })
     });
+    // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
         (config.isr.enabled && proxy.is_some()).then(|| {
             let cache = Arc::new(
@@ -587,55 +600,8 @@ fn build_service(
                 )
                 .with_compression(config.compression),
             );
-            if let Some(l2) = &l2 {
-                // The other instances' purges reach this one's memory,
-                // through a bounded queue worked by one task (when it is
-                // full, everything is dropped instead, once: safe, and
-                // bounded).
-                let (queue, mut purges) =
-                    tokio::sync::mpsc::channel::<(crate::cache::store::Selector, bool, u64)>(256);
-                // Set when a purge could not be queued: the newest
-                // generation such a purge carried (everything is dropped
-                // instead).
-                let overflowed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let weak = Arc::downgrade(&cache);
-                let flag = Arc::clone(&overflowed);
-                let adopter = Arc::clone(l2);
-                tokio::spawn(async move {
-                    while let Some((selector, soft, generation)) = purges.recv().await {
-                        let Some(cache) = weak.upgrade() else { return };
-                        let purged = cache.purge_local(&selector, soft).await;
-                        if selector.all || !selector.tags.is_empty() || !selector.paths.is_empty() {
-                            tracing::info!(purged, soft, ?selector, "cache purge (from another instance)");
-                        } else {
-                            tracing::debug!(purged, ?selector, "cache invalidation (from another instance)");
-                        }
-                        // Only now may stores count this purge as applied.
-                        adopter.adopt(generation);
-                        let missed = flag.swap(0, std::sync::atomic::Ordering::AcqRel);
-                        if missed > 0 {
-                            let all = crate::cache::store::Selector {
-                                all: true,
-                                ..Default::default()
-                            };
-                            let purged = cache.purge_local(&all, false).await;
-                            tracing::warn!(purged, "cache purge of everything: purges from other instances came faster than they could be applied");
-                            adopter.adopt(missed);
-                        }
-                    }
-                });
-                l2.listen(
-                    crate::cache::l2::CHANNEL_PING,
-                    move |selector, soft, generation| match queue.try_send((selector, soft, generation)) {
-                        Ok(()) => true,
-                        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                            overflowed
-                                .fetch_max(generation.max(1), std::sync::atomic::Ordering::AcqRel);
-                            true
-                        }
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-                    },
-                );
+            if l2.is_some() {
+                cache.hear_purges();
                 tracing::info!(app = %app.name, "edge mode: the cache is shared through Redis");
             }
             cache

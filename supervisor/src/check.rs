@@ -40,12 +40,7 @@ pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
     // serves without it, sharing once it answers).
     let redis = match &config.redis {
         Some(redis) => Some(redis.clone()),
-        None => std::env::var("REDIS_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .map(|url| crate::config::RedisSettings::from_url(&url))
-            .transpose()
-            .map_err(|why| RunError::Redis(format!("REDIS_URL: {why}")))?,
+        None => crate::config::redis_from_env().map_err(RunError::Redis)?,
     };
     if let Some(redis) = redis {
         config_line.push('\n');
@@ -70,7 +65,7 @@ pub fn check(args: &CheckArgs) -> Result<Report, RunError> {
 }
 
 /// "redis: HOST answers" or why not, without the URL's password.
-fn redis_line(url: &str) -> String {
+pub(crate) fn redis_line(url: &str) -> String {
     let Ok(client) = redis::Client::open(url) else {
         return "redis: not a usable URL".to_string();
     };

@@ -38,6 +38,8 @@ pub enum Command {
     /// instance using the same Redis (edge mode).
     Run(RunArgs),
     /// Run many apps behind one listener, routed by Host (multi-app mode).
+    /// With REDIS_URL (or a [platform.redis] table) each app's cache is
+    /// shared with its namesake on every instance using the same Redis.
     Serve(ServeArgs),
     /// Validate the config (and detect the app) without starting anything.
     Check(CheckArgs),

@@ -86,6 +86,11 @@ impl RateLimiter {
     }
 
     /// Whether the limit is kept in Redis.
+    /// The Redis link the limit is shared through, if any.
+    pub fn l2(&self) -> Option<&Arc<crate::cache::l2::L2>> {
+        self.shared.as_ref()
+    }
+
     pub fn is_shared(&self) -> bool {
         self.shared.is_some()
     }

@@ -101,13 +101,8 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         config.isolate.workers = Some(workers);
     }
     // Edge mode by the environment alone (a [redis] table wins).
-    if config.redis.is_none()
-        && let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty())
-    {
-        config.redis = Some(
-            crate::config::RedisSettings::from_url(&url)
-                .map_err(|why| RunError::Redis(format!("REDIS_URL: {why}")))?,
-        );
+    if config.redis.is_none() {
+        config.redis = crate::config::redis_from_env().map_err(RunError::Redis)?;
     }
     // Bind before the (possibly long) build: a busy port fails at once.
     let listener = TcpListener::bind(config.server.listen)

@@ -346,7 +346,9 @@ fn warn_unreachable_challenges(listen: SocketAddr, settings: &PlatformTls) {
 /// `bext serve`: listens at once, serves the control socket, and hands the
 /// apps to the [`Platform`], which starts them and owns them from then on.
 pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
-    let config = PlatformConfig::load_listening(&args.config, args.listen)?;
+    let config = PlatformConfig::load_listening(&args.config, args.listen)?
+        .with_env_redis()
+        .map_err(RunError::Redis)?;
     let dir_error = |source| RunError::RuntimeDir {
         dir: config.data_dir.clone(),
         source,
@@ -432,9 +434,6 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
             "{ENV_PURGE_TOKEN} is ignored in multi-app mode (one token would purge every app); \
              give each app its own: [apps.NAME.cache] purge_token"
         );
-    }
-    if std::env::var_os("REDIS_URL").is_some_and(|u| !u.is_empty()) {
-        warn!("REDIS_URL is ignored in multi-app mode: edge mode is single-app's for now");
     }
     // Signals are handled from here on: a SIGTERM during the first builds
     // stops them and exits.
@@ -552,12 +551,17 @@ pub async fn serve(args: ServeArgs, shards: Shards) -> Result<(), RunError> {
 
 /// `bext check` of a platform file: the file, then every app's own config.
 pub fn check(path: &Path) -> Result<Vec<String>, RunError> {
-    let config = PlatformConfig::load(path)?;
+    let config = PlatformConfig::load(path)?
+        .with_env_redis()
+        .map_err(RunError::Redis)?;
     let mut lines = vec![format!(
         "{}: ok ({} apps)",
         path.display(),
         config.apps.len()
     )];
+    if let Some(redis) = &config.redis {
+        lines.push(crate::check::redis_line(&redis.url));
+    }
     for entry in &config.apps {
         // An app's own files are its tenant's: their mistakes are reported
         // here, and stop only that app (never this check, which guards the

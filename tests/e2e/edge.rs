@@ -751,3 +751,178 @@ async fn issue14_a_healthy_purge_channel_stays_up() {
         purges.lock().expect("lock")
     );
 }
+
+/// A platform of two apps of the origin fixture (`one.test`, `two.test`),
+/// its `[platform]` table's extra lines `platform`, served with `env`.
+fn platform(platform: &str, env: &[(&str, String)]) -> (tempfile::TempDir, Bext) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("platform.toml");
+    let origin = fixture("origin");
+    std::fs::write(
+        &file,
+        format!(
+            "[platform]\ndata_dir = \"{data}\"\n{platform}\n\
+             [apps.one]\nsource = \"{origin}\"\ndomains = [\"one.test\"]\n\
+             [apps.one.cache]\npurge_token = \"t1\"\n\
+             [apps.two]\nsource = \"{origin}\"\ndomains = [\"two.test\"]\n\
+             [apps.two.cache]\npurge_token = \"t2\"\n",
+            data = dir.path().join("data").display(),
+            origin = origin.display(),
+        ),
+    )
+    .expect("platform.toml");
+    let bext = Bext::serve(
+        &file,
+        &Options {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ready_timeout: Duration::from_secs(120),
+            ..Options::default()
+        },
+    );
+    bext.wait_log(Duration::from_secs(120), |v| v["message"] == "apps started");
+    (dir, bext)
+}
+
+/// GET `path` on `host`: (x-bext-cache, body).
+async fn get_on(bext: &Bext, host: &str, path: &str) -> (String, String) {
+    let response = bext.get_host(host, path).await;
+    let state = response
+        .headers()
+        .get("x-bext-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (state, response.text().await.expect("body"))
+}
+
+/// Multi-app edge mode: `[platform.redis]` on A, `REDIS_URL` alone on B.
+/// Each app shares with its namesake on the other instance, and only with
+/// it: the same path of another app is its own, and a purge of one app's
+/// tag leaves the other's pages.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_multi_app_mode_shares_each_app_with_its_namesake_only() {
+    let redis = Redis::start();
+    let (_a_dir, a) = platform(
+        &format!(
+            "[platform.redis]\nurl = \"{}\"\ntimeout_ms = 200\n",
+            redis.url()
+        ),
+        &[],
+    );
+    let (_b_dir, b) = platform("", &[("REDIS_URL", redis.url())]);
+    let page = "/page/fleet?cc=public,max-age=600&tags=news";
+
+    let (state, body) = get_on(&a, "one.test", page).await;
+    assert_eq!(state, "MISS");
+    assert!(body.starts_with("/page/fleet render 1"), "{body}");
+    redis.wait_objects(1);
+    let (state, body) = get_on(&b, "one.test", page).await;
+    assert_eq!(state, "HIT", "A's app one rendered it: {body}");
+    assert!(body.starts_with("/page/fleet render 1"), "{body}");
+    // App two's same path is its own: not app one's page.
+    let (state, _) = get_on(&b, "two.test", page).await;
+    assert_eq!(state, "MISS", "another app's namespace");
+    redis.wait_objects(2);
+    assert_eq!(get_on(&a, "two.test", page).await.0, "HIT", "shared too");
+    let keys = redis.cli(&["--scan", "--pattern", "bext:*:o:*"]);
+    assert!(keys.lines().any(|k| k.starts_with("bext:one:o:")), "{keys}");
+    assert!(keys.lines().any(|k| k.starts_with("bext:two:o:")), "{keys}");
+
+    // App one's purge on A: B's app one drops the page, B's app two keeps it.
+    let purged: Value = client()
+        .post(a.url("/__bext/cache/invalidate"))
+        .header("host", "one.test")
+        .header("authorization", "Bearer t1")
+        .body(r#"{"tags":["news"]}"#)
+        .send()
+        .await
+        .expect("purge")
+        .json()
+        .await
+        .expect("json");
+    assert!(purged["purged"].as_u64().unwrap_or(0) >= 1, "{purged}");
+    crate::support::wait_for_async(
+        "B's app one to drop the purged page",
+        Duration::from_secs(5),
+        || async { (get_on(&b, "one.test", page).await.0 == "MISS").then_some(()) },
+    )
+    .await;
+    assert_eq!(get_on(&b, "two.test", page).await.0, "HIT", "not app two's");
+
+    // Each app's Redis link is watched, under its name.
+    let metrics = client()
+        .get(b.url("/__bext/platform/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for app in ["one", "two"] {
+        assert!(
+            metrics.contains(&format!("bext_redis_up{{app=\"{app}\"}} 1")),
+            "{metrics}"
+        );
+    }
+}
+
+/// An app's cache rebuilt by a reload (new cache settings) leaves Redis
+/// with one purge listener per app, not one more per reload: the old
+/// cache's link goes with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_reloaded_app_keeps_one_link_to_redis() {
+    let redis = Redis::start();
+    let (dir, bext) = platform(
+        &format!("[platform.redis]\nurl = \"{}\"\n", redis.url()),
+        &[],
+    );
+    let listeners = |app: &str| {
+        let out = redis.cli(&["PUBSUB", "NUMSUB", &format!("bext:{app}:purge")]);
+        out.lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_for("both apps listening", Duration::from_secs(10), || {
+        (listeners("one") == 1 && listeners("two") == 1).then_some(())
+    });
+    let clients = || redis.cli(&["CLIENT", "LIST"]).lines().count();
+    let before = clients();
+    let file = dir.path().join("platform.toml");
+    let text = std::fs::read_to_string(&file).expect("read");
+    for (round, ttl) in ["30s", "40s", "50s"].into_iter().enumerate() {
+        let edited = text.replace(
+            "purge_token = \"t1\"",
+            &format!("purge_token = \"t1\"\ndefault_ttl = \"{ttl}\""),
+        );
+        std::fs::write(&file, edited).expect("write");
+        let published = || {
+            bext.logs()
+                .iter()
+                .filter(|v| v["message"] == "routes published")
+                .count()
+        };
+        let seen = published();
+        bext.signal(libc::SIGHUP);
+        wait_for("the reload", Duration::from_secs(30), || {
+            (published() > seen).then_some(())
+        });
+        wait_for(
+            "the old cache's listener to go",
+            Duration::from_secs(10),
+            || (listeners("one") == 1 && clients() <= before + 1).then_some(()),
+        );
+        assert_eq!(listeners("two"), 1, "round {round}: app two untouched");
+    }
+    // The reloaded app's cache is still shared.
+    assert_eq!(
+        get_on(&bext, "one.test", "/page/r?cc=public,max-age=600")
+            .await
+            .0,
+        "MISS"
+    );
+    redis.wait_objects(1);
+}

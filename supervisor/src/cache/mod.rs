@@ -182,7 +182,77 @@ impl IsrCache<TieredStore> {
         let l1 = MemoryStore::new(settings.max_entries, settings.max_bytes.bytes());
         IsrCache::new(TieredStore::new(l1, l2), settings, wait_timeout, counters)
     }
+
+    /// Edge mode's Redis link, if any.
+    pub fn l2(&self) -> Option<&Arc<l2::L2>> {
+        self.store.l2()
+    }
+
+    /// Edge mode: the other instances' purges reach this one's memory,
+    /// through a bounded queue worked by one task (when it is full,
+    /// everything is dropped instead, once: safe, and bounded). Both tasks
+    /// end with the cache.
+    pub fn hear_purges(self: &Arc<Self>) {
+        let Some(l2) = self.l2() else { return };
+        let (queue, mut purges) = tokio::sync::mpsc::channel::<(Selector, bool, u64)>(PURGE_QUEUE);
+        // Set when a purge could not be queued: the newest generation such
+        // a purge carried (everything is dropped instead).
+        let overflowed = Arc::new(AtomicU64::new(0));
+        let weak = Arc::downgrade(self);
+        let flag = Arc::clone(&overflowed);
+        let adopter = Arc::clone(l2);
+        let worker = tokio::spawn(async move {
+            while let Some((selector, soft, generation)) = purges.recv().await {
+                let Some(cache) = weak.upgrade() else { return };
+                let purged = cache.purge_local(&selector, soft).await;
+                if selector.all || !selector.tags.is_empty() || !selector.paths.is_empty() {
+                    tracing::info!(
+                        purged,
+                        soft,
+                        ?selector,
+                        "cache purge (from another instance)"
+                    );
+                } else {
+                    tracing::debug!(
+                        purged,
+                        ?selector,
+                        "cache invalidation (from another instance)"
+                    );
+                }
+                // Only now may stores count this purge as applied.
+                adopter.adopt(generation);
+                let missed = flag.swap(0, Ordering::AcqRel);
+                if missed > 0 {
+                    let all = Selector {
+                        all: true,
+                        ..Default::default()
+                    };
+                    let purged = cache.purge_local(&all, false).await;
+                    tracing::warn!(
+                        purged,
+                        "cache purge of everything: purges from other instances came faster than they could be applied"
+                    );
+                    adopter.adopt(missed);
+                }
+            }
+        });
+        let listener = l2.listen(
+            l2::CHANNEL_PING,
+            move |selector, soft, generation| match queue.try_send((selector, soft, generation)) {
+                Ok(()) => true,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    overflowed.fetch_max(generation.max(1), Ordering::AcqRel);
+                    true
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
+        self.store.own_tasks([worker, listener]);
+    }
 }
+
+/// Purges from other instances waiting to be applied to memory.
+const PURGE_QUEUE: usize = 256;
 
 impl<S: Store> IsrCache<S> {
     pub fn new(

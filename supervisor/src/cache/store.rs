@@ -100,6 +100,9 @@ pub struct TieredStore {
     /// to L2 (never on the request's path; when it falls behind, the
     /// excess stays in memory, and is logged).
     invalidations: Option<tokio::sync::mpsc::Sender<Selector>>,
+    /// Tasks that serve this store alone (edge mode's purge listener):
+    /// aborted with it.
+    tasks: std::sync::Mutex<Vec<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 /// What keeps a purged object from coming back into memory from L2.
@@ -161,7 +164,25 @@ impl TieredStore {
             l2,
             guard: Arc::new(PurgeGuard::default()),
             invalidations,
+            tasks: std::sync::Mutex::default(),
         }
+    }
+
+    /// Edge mode's Redis link, if any.
+    pub fn l2(&self) -> Option<&Arc<super::l2::L2>> {
+        self.l2.as_ref()
+    }
+
+    /// Keeps `tasks` running as long as this store lives.
+    pub fn own_tasks(&self, tasks: impl IntoIterator<Item = tokio::task::JoinHandle<()>>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(
+                tasks
+                    .into_iter()
+                    .map(tokio_util::task::AbortOnDropHandle::new),
+            );
     }
 
     /// The L2 part of a purge, then memory again (what was promoted from

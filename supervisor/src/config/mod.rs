@@ -77,7 +77,8 @@ pub struct Config {
     pub isolate: IsolateConfig,
     /// `[compression]`.
     pub compression: crate::compress::Settings,
-    /// `[redis]` (or `REDIS_URL`, applied by `bext run`): edge mode.
+    /// `[redis]` (or `REDIS_URL`, applied by `bext run`; in multi-app mode
+    /// `[platform.redis]`, set by the platform): edge mode.
     pub redis: Option<RedisSettings>,
     /// `[rate_limit]`: requests per minute per client (single-app mode;
     /// the platform file's `[apps.NAME.rate_limit]` in multi-app mode).
@@ -134,6 +135,16 @@ impl RedisSettings {
             timeout: DEFAULT_REDIS_TIMEOUT,
         })
     }
+}
+
+/// Edge mode by the environment: `REDIS_URL`, when set and not empty, as
+/// [`RedisSettings::from_url`] (a `[redis]` table wins over it).
+pub fn redis_from_env() -> Result<Option<RedisSettings>, String> {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .map(|url| RedisSettings::from_url(&url).map_err(|why| format!("REDIS_URL: {why}")))
+        .transpose()
 }
 
 /// Whether `url` is a Redis URL bext can use (parsed, not connected).
@@ -384,7 +395,15 @@ impl Config {
             None => None,
         };
         let redis = match &raw.redis {
-            Some(table) => Some(redis_settings(path, text, table)?),
+            Some(table) => Some(redis_settings("redis", table, &|offset, key, message| {
+                ConfigError::Invalid(Box::new(Diagnostic::at(
+                    path,
+                    text,
+                    offset,
+                    Some(key),
+                    message,
+                )))
+            })?),
             None => None,
         };
         let rate_limit = match &raw.rate_limit {
@@ -521,31 +540,28 @@ fn rate_limit_settings(
     Ok(raw.rpm.map(|rpm| RateLimitSettings { rpm, ipv6_prefix }))
 }
 
-/// `[redis]` checked: a usable URL (required), a prefix without spaces,
-/// a timeout of at most [`MAX_REDIS_TIMEOUT`].
+/// `[redis]` (or `[platform.redis]`: keys named under `prefix`) checked:
+/// a usable URL (required), a prefix without spaces, a timeout of at most
+/// [`MAX_REDIS_TIMEOUT`].
 fn redis_settings(
-    path: &Path,
-    text: &str,
+    key_prefix: &str,
     table: &toml::Spanned<raw::RawRedis>,
+    invalid: &dyn Fn(usize, String, String) -> ConfigError,
 ) -> Result<RedisSettings, ConfigError> {
     let invalid = |offset: usize, key: &str, message: String| {
-        ConfigError::Invalid(Box::new(Diagnostic::at(
-            path,
-            text,
-            offset,
-            Some(key.to_string()),
-            message,
-        )))
+        invalid(offset, format!("{key_prefix}.{key}"), message)
     };
     let raw = table.get_ref();
     let Some(url) = &raw.url else {
         return Err(invalid(
             table.span().start,
-            "redis.url",
-            "missing: the Redis server (redis://host:6379, rediss:// for TLS; or set REDIS_URL and leave [redis] out)".to_string(),
+            "url",
+            format!(
+                "missing: the Redis server (redis://host:6379, rediss:// for TLS; or set REDIS_URL and leave [{key_prefix}] out)"
+            ),
         ));
     };
-    check_redis_url(url.get_ref()).map_err(|why| invalid(url.span().start, "redis.url", why))?;
+    check_redis_url(url.get_ref()).map_err(|why| invalid(url.span().start, "url", why))?;
     let prefix = match &raw.prefix {
         Some(prefix) => {
             let p = prefix.get_ref();
@@ -555,7 +571,7 @@ fn redis_settings(
             {
                 return Err(invalid(
                     prefix.span().start,
-                    "redis.prefix",
+                    "prefix",
                     "1 to 64 characters, no spaces or control characters".to_string(),
                 ));
             }
@@ -570,7 +586,7 @@ fn redis_settings(
     if timeout > MAX_REDIS_TIMEOUT {
         return Err(invalid(
             table.span().start,
-            "redis.timeout_ms",
+            "timeout_ms",
             format!(
                 "at most {} ms: every cache miss may wait this long for Redis",
                 MAX_REDIS_TIMEOUT.as_millis()

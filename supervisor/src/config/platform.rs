@@ -52,6 +52,9 @@ pub const DEFAULT_PLATFORM_WORKERS: u32 = 1;
 struct RawPlatformFile {
     platform: Option<RawPlatform>,
     apps: Option<BTreeMap<String, RawApp>>,
+    /// Refused with a pointer to `[platform.redis]` (as a single-app file
+    /// spells it).
+    redis: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +74,7 @@ struct RawPlatform {
     control: Option<Spanned<RawControl>>,
     tls: Option<Spanned<RawPlatformTls>>,
     compression: Option<super::raw::RawCompression>,
+    redis: Option<Spanned<super::raw::RawRedis>>,
 }
 
 /// The ACME keys of `[platform.tls]` or `[server.tls]`, named under
@@ -202,6 +206,9 @@ pub struct PlatformConfig {
     pub remote_control: Option<RemoteControl>,
     /// `[platform.tls]`: the listener is HTTPS.
     pub tls: Option<PlatformTls>,
+    /// `[platform.redis]` (else `REDIS_URL`, applied by `bext serve`):
+    /// edge mode for every app, each under its own name.
+    pub redis: Option<super::RedisSettings>,
     /// `[platform.compression]`: every app's levels; an app's own file may
     /// turn compression off or raise its minimum size.
     pub compression: crate::compress::Settings,
@@ -351,6 +358,15 @@ impl PlatformConfig {
         Self::load_listening(path, None)
     }
 
+    /// Edge mode by the environment: `REDIS_URL` when the file has no
+    /// `[platform.redis]`.
+    pub fn with_env_redis(mut self) -> Result<Self, String> {
+        if self.redis.is_none() {
+            self.redis = super::redis_from_env()?;
+        }
+        Ok(self)
+    }
+
     /// Loads the file as served with `bext serve --listen ADDR`: the
     /// address replaces `platform.listen` before anything depends on it
     /// (port 443 implies HTTPS only when bext really listens there).
@@ -405,6 +421,7 @@ impl PlatformConfig {
                 message,
             )))
         };
+        let raw_redis = raw.redis;
         let platform = raw.platform.unwrap_or_default();
         // The listener is HTTPS with a [platform.tls] table, or on port 443.
         let https = platform.tls.is_some() || platform.listen.is_some_and(|l| l.port() == 443);
@@ -627,6 +644,18 @@ impl PlatformConfig {
             },
             None => None,
         };
+        if let Some(table) = &raw_redis {
+            return Err(invalid(
+                table.span().start,
+                "redis".to_string(),
+                "in platform.toml Redis is the platform's: write this table as [platform.redis]"
+                    .to_string(),
+            ));
+        }
+        let redis = match &platform.redis {
+            Some(table) => Some(super::redis_settings("platform.redis", table, &invalid)?),
+            None => None,
+        };
         let remote_control = match &platform.control {
             Some(table) => Some(remote_control(table, &base, control_files, &invalid)?),
             None => None,
@@ -690,6 +719,7 @@ impl PlatformConfig {
         };
         Ok(PlatformConfig {
             tls,
+            redis,
             compression,
             control_group,
             remote_control,

@@ -459,3 +459,39 @@ fn compression_levels_are_the_platforms() {
     assert_eq!(err.line, 2);
     assert_eq!(err.key.as_deref(), Some("platform.compression.stored.gzip"));
 }
+
+/// Edge mode for every app of a platform: `[platform.redis]`, with the
+/// keys of a single-app `[redis]` and errors named under the platform's.
+#[test]
+fn platform_redis_turns_on_edge_mode_for_every_app() {
+    let text = "[platform]\nlisten = \"127.0.0.1:8080\"\n[platform.redis]\nurl = \"redis://10.0.0.9:6379/2\"\nprefix = \"fleet:\"\nwrite = \"async\"\ntimeout_ms = 80\n[apps.a]\nsource = \"/srv/a\"\n";
+    let config = PlatformConfig::parse(Path::new("/etc/bext/platform.toml"), text).expect("valid");
+    let redis = config.redis.expect("[platform.redis]");
+    assert_eq!(redis.url, "redis://10.0.0.9:6379/2");
+    assert_eq!(redis.prefix, "fleet:");
+    assert_eq!(redis.write, crate::config::RedisWrite::Async);
+    assert_eq!(redis.timeout, Duration::from_millis(80));
+    let none = PlatformConfig::parse(Path::new("/p.toml"), SEED).expect("valid");
+    assert_eq!(
+        none.redis, None,
+        "no table, no edge mode (REDIS_URL is bext serve's)"
+    );
+
+    let d = diag("[platform.redis]\nprefix = \"x:\"\n[apps.a]\nsource = \"/srv/a\"\n");
+    assert_eq!(d.key.as_deref(), Some("platform.redis.url"));
+    assert_eq!(d.line, 1);
+    assert!(d.message.contains("[platform.redis]"), "{}", d.message);
+    let d = diag("[platform.redis]\nurl = \"http://x\"\n[apps.a]\nsource = \"/srv/a\"\n");
+    assert_eq!((d.key.as_deref(), d.line), (Some("platform.redis.url"), 2));
+    let d = diag(
+        "[platform.redis]\nurl = \"redis://x\"\nprefix = \"a b\"\n[apps.a]\nsource = \"/srv/a\"\n",
+    );
+    assert_eq!(
+        (d.key.as_deref(), d.line),
+        (Some("platform.redis.prefix"), 3)
+    );
+    // A single-app file's spelling gets a pointer to the platform's.
+    let d = diag("[redis]\nurl = \"redis://x\"\n[apps.a]\nsource = \"/srv/a\"\n");
+    assert_eq!((d.key.as_deref(), d.line), (Some("redis"), 1));
+    assert!(d.message.contains("[platform.redis]"), "{}", d.message);
+}

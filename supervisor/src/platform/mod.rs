@@ -516,6 +516,9 @@ fn app_settings(
         warn!(app = %entry.name, "{note}");
     }
     app_config.server.listen = config.listen;
+    // Edge mode is the platform's: every app shares Redis under its own
+    // name (a tenant's file may not set it).
+    app_config.redis.clone_from(&config.redis);
     if let Some(grace) = config.shutdown_grace {
         app_config.server.shutdown_grace = grace;
     }

@@ -112,7 +112,8 @@ impl Platform {
             &self.config_path,
             Some(self.listen_override.unwrap_or(current.listen)),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_env_redis()?;
         if self.listen_override.is_none()
             && let Ok(file) = PlatformConfig::load_for_reload(&self.config_path, None)
             && file.listen != current.listen
@@ -143,6 +144,10 @@ impl Platform {
                 "[platform.control] changed; restart bext to apply it (its certificate files are re-read without one)"
             );
             new.remote_control.clone_from(&current.remote_control);
+        }
+        if new.redis != current.redis {
+            warn!("[platform.redis] changed; restart bext to apply it");
+            new.redis.clone_from(&current.redis);
         }
         if new.tls != current.tls {
             warn!(
