@@ -177,12 +177,24 @@ impl Admin {
         if selector == Selector::default() {
             return bad_request("name what to purge: tags, paths, prefix, or all: true");
         }
-        let purged = cache.purge(&selector, request.soft).await;
-        tracing::info!(purged, soft = request.soft, ?selector, "cache purge");
-        json(
-            StatusCode::OK,
-            &serde_json::json!({"purged": purged, "soft": request.soft}),
-        )
+        match cache.purge_everywhere(&selector, request.soft).await {
+            Ok(purged) => {
+                tracing::info!(purged, soft = request.soft, ?selector, "cache purge");
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"purged": purged, "soft": request.soft}),
+                )
+            }
+            // Edge mode, Redis unreached: the fleet still serves it.
+            Err(unshared) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "purged": unshared.purged,
+                    "soft": request.soft,
+                    "error": unshared.to_string(),
+                }),
+            ),
+        }
     }
 
     /// Constant-time comparison of the bearer token.

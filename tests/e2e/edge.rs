@@ -354,6 +354,27 @@ async fn issue14_losing_redis_loses_no_request_and_it_is_shared_again_when_back(
         "{metrics}"
     );
 
+    // A purge while Redis is away is done here, and says it went no
+    // further (503: the other instances still serve it; retry).
+    let response = client()
+        .post(a.url("/__bext/cache/invalidate"))
+        .header("host", "site.test")
+        .header("authorization", "Bearer edge-token")
+        .body(r#"{"paths":["/page/before"]}"#)
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(response.status(), 503);
+    let purged: Value = response.json().await.expect("json");
+    assert_eq!(purged["purged"], 1, "{purged}");
+    assert!(
+        purged["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not reach Redis")),
+        "{purged}"
+    );
+    assert_eq!(get(&a, page, &[]).await.0, "MISS", "purged here");
+
     redis.run();
     // Shared again, by itself (after the skip that follows failures).
     let body = crate::support::wait_for_async(
@@ -925,4 +946,62 @@ async fn issue14_a_reloaded_app_keeps_one_link_to_redis() {
         "MISS"
     );
     redis.wait_objects(1);
+}
+
+/// A deploy (with the default `deploy.purge_cache`) purges the app's
+/// shared cache on every instance: the new version never serves a page
+/// the old one stored in Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_deploy_purges_the_app_across_the_fleet() {
+    let redis = Redis::start();
+    let table = format!(
+        "[platform.redis]\nurl = \"{}\"\ntimeout_ms = 200\n",
+        redis.url()
+    );
+    let (a_dir, a) = platform(&table, &[]);
+    let (_b_dir, b) = platform(&table, &[]);
+    let page = "/page/deployed?cc=public,max-age=600";
+    // A's old version renders the path once unstored first: its page says
+    // "render 2", what a new worker renders says "render 1".
+    get_on(&a, "one.test", "/page/deployed?cc=no-store").await;
+    let (state, body) = get_on(&a, "one.test", page).await;
+    assert_eq!(state, "MISS");
+    assert!(body.starts_with("/page/deployed render 2"), "{body}");
+    redis.wait_objects(1);
+    assert_eq!(get_on(&b, "one.test", page).await.0, "HIT");
+
+    let source = tempfile::tempdir().expect("tempdir");
+    for file in ["package.json", "server.js"] {
+        std::fs::copy(fixture("origin").join(file), source.path().join(file)).expect("copy");
+    }
+    let socket = a_dir.path().join("data").join("control.sock");
+    let source_path = source.path().to_path_buf();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::control::bextctl(
+            &socket,
+            &["deploy", "one", source_path.to_str().expect("utf8")],
+        )
+    })
+    .await
+    .expect("deploy");
+    assert_eq!(code, 0, "deploy failed:\n{out}\n{err}");
+    a.wait_log(Duration::from_secs(30), |v| {
+        v["message"] == "deploy: the app's shared cache purged on every instance"
+    });
+    let (state, body) = get_on(&a, "one.test", page).await;
+    assert_eq!(
+        state, "MISS",
+        "not the old version's page from Redis: {body}"
+    );
+    assert!(body.starts_with("/page/deployed render 1"), "{body}");
+    let body = crate::support::wait_for_async(
+        "B to drop the old version's page",
+        Duration::from_secs(5),
+        || async {
+            let (_, body) = get_on(&b, "one.test", page).await;
+            (!body.starts_with("/page/deployed render 2")).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.starts_with("/page/deployed render 1"), "{body}");
 }

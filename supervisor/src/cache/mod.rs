@@ -188,6 +188,17 @@ impl IsrCache<TieredStore> {
         self.store.l2()
     }
 
+    /// [`IsrCache::purge`] for a caller to answer: `Err` when the purge
+    /// did not reach Redis (done in this instance's memory; the others may
+    /// keep what it names until it expires), with what was purged here.
+    pub async fn purge_everywhere(&self, selector: &Selector, soft: bool) -> Result<u64, Unshared> {
+        self.forget(selector, soft);
+        match self.store.purge_reporting(selector, soft).await {
+            (purged, None) => Ok(purged),
+            (purged, Some(why)) => Err(Unshared { purged, why }),
+        }
+    }
+
     /// Edge mode: the other instances' purges reach this one's memory,
     /// through a bounded queue worked by one task (when it is full,
     /// everything is dropped instead, once: safe, and bounded). Both tasks
@@ -248,6 +259,24 @@ impl IsrCache<TieredStore> {
             },
         );
         self.store.own_tasks([worker, listener]);
+    }
+}
+
+/// A purge done in this instance's memory that did not reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unshared {
+    /// Entries purged here.
+    pub purged: u64,
+    pub why: String,
+}
+
+impl std::fmt::Display for Unshared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "purged {} entries in this instance's memory, but the purge did not reach Redis ({}): other instances may keep serving what it names until it expires; retry",
+            self.purged, self.why
+        )
     }
 }
 

@@ -168,6 +168,27 @@ impl TieredStore {
         }
     }
 
+    /// A purge, and why it did not reach Redis if it did not (the other
+    /// instances may then keep what it names until it expires).
+    pub async fn purge_reporting(&self, selector: &Selector, soft: bool) -> (u64, Option<String>) {
+        let _running = Running::start(&self.guard);
+        let local = self.l1.purge(selector, soft).await;
+        let Some(l2) = &self.l2 else {
+            return (local, None);
+        };
+        match Self::purge_shared(&self.l1, l2, selector, soft, false).await {
+            Ok(shared) => (local.max(shared), None),
+            Err(e) => {
+                tracing::warn!(
+                    ?selector,
+                    soft,
+                    "redis: the purge did not fully reach Redis ({e}): other instances may keep serving what it names until it expires"
+                );
+                (local, Some(e))
+            }
+        }
+    }
+
     /// Edge mode's Redis link, if any.
     pub fn l2(&self) -> Option<&Arc<super::l2::L2>> {
         self.l2.as_ref()
@@ -260,22 +281,7 @@ impl Store for TieredStore {
     }
 
     async fn purge(&self, selector: &Selector, soft: bool) -> u64 {
-        let _running = Running::start(&self.guard);
-        let local = self.l1.purge(selector, soft).await;
-        let Some(l2) = &self.l2 else {
-            return local;
-        };
-        match Self::purge_shared(&self.l1, l2, selector, soft, false).await {
-            Ok(shared) => local.max(shared),
-            Err(e) => {
-                tracing::warn!(
-                    ?selector,
-                    soft,
-                    "redis: the purge did not fully reach Redis ({e}): other instances may keep serving what it names until it expires"
-                );
-                local
-            }
-        }
+        self.purge_reporting(selector, soft).await.0
     }
 
     async fn invalidate(&self, selector: &Selector) -> u64 {

@@ -40,10 +40,22 @@ pub async fn answer(app: &RunningApp, mut commands: mpsc::Receiver<Command>) {
                 Some(cache) => {
                     tokio::spawn(async move {
                         let mut purged = 0;
+                        let mut unshared = None;
                         for selector in &selectors {
-                            purged += cache.purge(selector, soft).await;
+                            match cache.purge_everywhere(selector, soft).await {
+                                Ok(n) => purged += n,
+                                Err(e) => {
+                                    purged += e.purged;
+                                    unshared = Some(e.why);
+                                }
+                            }
                         }
-                        let _ = reply.send(Ok(purged));
+                        let _ = reply.send(match unshared {
+                            None => Ok(purged),
+                            Some(why) => Err(CommandError::Failed(
+                                crate::cache::Unshared { purged, why }.to_string(),
+                            )),
+                        });
                     });
                 }
                 None => {

@@ -302,6 +302,26 @@ impl Platform {
                 new.adopt_cache(old);
             }
         }
+        // Edge mode: the pages the other version stored in Redis go too,
+        // on every instance (this one would promote them otherwise).
+        if entry.deploy.purge_cache
+            && op != Op::Restart
+            && let Some(cache) = new.service().cache.clone().filter(|c| c.l2().is_some())
+        {
+            let app = name.clone();
+            tokio::spawn(async move {
+                let all = Selector {
+                    all: true,
+                    ..Selector::default()
+                };
+                match cache.purge_everywhere(&all, false).await {
+                    Ok(purged) => {
+                        info!(app = %app, purged, "deploy: the app's shared cache purged on every instance");
+                    }
+                    Err(e) => tracing::warn!(app = %app, "deploy: {e}"),
+                }
+            });
+        }
         // Hashed assets of the versions still retained stay reachable.
         new.set_older_statics(self.older_statics(&name));
         self.apps.insert(name.clone(), new);
@@ -523,10 +543,22 @@ impl Platform {
         };
         tokio::spawn(async move {
             let mut purged = 0;
+            let mut unshared = None;
             for selector in &selectors {
-                purged += cache.purge(selector, soft).await;
+                match cache.purge_everywhere(selector, soft).await {
+                    Ok(n) => purged += n,
+                    Err(e) => {
+                        purged += e.purged;
+                        unshared = Some(e.why);
+                    }
+                }
             }
-            let _ = reply.send(Ok(purged));
+            let _ = reply.send(match unshared {
+                None => Ok(purged),
+                Some(why) => Err(CommandError::Failed(
+                    crate::cache::Unshared { purged, why }.to_string(),
+                )),
+            });
         });
     }
 }
