@@ -38,6 +38,12 @@ pub struct AppDomainLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppOpLabel {
+    pub app: String,
+    pub op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppWorkerLabel {
     pub app: String,
     pub worker: u32,
@@ -319,6 +325,28 @@ impl Collector for Snapshot {
                 .iter()
                 .filter_map(|(l, s)| s.shared_up.map(|up| (l, i64::from(up)))),
         )?;
+        // Edge mode: how long Redis took, per kind of operation.
+        let redis_ops: Vec<_> = apps
+            .iter()
+            .filter_map(|a| Some((a, a.cache.as_ref()?.l2()?)))
+            .collect();
+        if !redis_ops.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "redis_op_duration",
+                "Edge mode: time of Redis operations (answered, failed or timed out; not those skipped while Redis is away)",
+                Some(&prometheus_client::registry::Unit::Seconds),
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            for (app, l2) in redis_ops {
+                for (op, histogram) in l2.times() {
+                    let label = AppOpLabel {
+                        app: app.app.clone(),
+                        op: op.label(),
+                    };
+                    histogram.encode(family.encode_family(&label)?)?;
+                }
+            }
+        }
         counters(
             &mut encoder,
             "cache_evictions",

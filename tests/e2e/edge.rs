@@ -888,6 +888,36 @@ async fn issue14_multi_app_mode_shares_each_app_with_its_namesake_only() {
             "{metrics}"
         );
     }
+    // And timed: B asked Redis for app one's page (a GET, answered), and
+    // its purge channel pings.
+    let count = |metrics: &str, app: &str, op: &str| -> u64 {
+        let series = format!("bext_redis_op_duration_seconds_count{{app=\"{app}\",op=\"{op}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in {metrics}"))
+    };
+    assert!(count(&metrics, "one", "get") >= 1, "{metrics}");
+    assert!(
+        metrics
+            .contains("bext_redis_op_duration_seconds_bucket{le=\"0.05\",app=\"one\",op=\"get\"}")
+            || metrics.contains(
+                "bext_redis_op_duration_seconds_bucket{app=\"one\",op=\"get\",le=\"0.05\"}"
+            ),
+        "{metrics}"
+    );
+    // A's purge was timed under `purge`.
+    let a_metrics = client()
+        .get(a.url("/__bext/platform/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(count(&a_metrics, "one", "purge") >= 1, "{a_metrics}");
+    assert_eq!(count(&a_metrics, "two", "purge"), 0, "{a_metrics}");
 }
 
 /// An app's cache rebuilt by a reload (new cache settings) leaves Redis

@@ -89,6 +89,58 @@ struct PurgeMessage {
     pending: bool,
 }
 
+/// What an operation on Redis was for, as `bext_redis_op_duration_seconds`
+/// labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Get,
+    Set,
+    Lease,
+    Release,
+    RateLimit,
+    Ping,
+    Purge,
+    /// A store that raced a purge taken back.
+    TakeBack,
+    /// Redis's purge generation read (on subscribing, and with each ping).
+    Generation,
+}
+
+impl Op {
+    pub const ALL: [Op; 9] = [
+        Op::Get,
+        Op::Set,
+        Op::Lease,
+        Op::Release,
+        Op::RateLimit,
+        Op::Ping,
+        Op::Purge,
+        Op::TakeBack,
+        Op::Generation,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Set => "set",
+            Op::Lease => "lease",
+            Op::Release => "lease_release",
+            Op::RateLimit => "rate_limit",
+            Op::Ping => "ping",
+            Op::Purge => "purge",
+            Op::TakeBack => "take_back",
+            Op::Generation => "generation",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the operation time buckets: 100 µs (a local
+/// Redis) to the longest timeout.
+const OP_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
 /// Request-path operations skip Redis for a while after a failure.
 #[derive(Debug)]
 struct Breaker {
@@ -163,6 +215,9 @@ pub struct L2 {
     /// The highest purge generation heard of on the channel (announced or
     /// done), whether applied yet or not.
     received: AtomicU64,
+    /// How long operations took (answered, failed or timed out; not those
+    /// skipped), per [`Op`].
+    times: [prometheus_client::metrics::histogram::Histogram; Op::ALL.len()],
 }
 
 impl std::fmt::Debug for L2 {
@@ -220,6 +275,9 @@ impl L2 {
             generation: AtomicU64::new(0),
             pings: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            times: std::array::from_fn(|_| {
+                prometheus_client::metrics::histogram::Histogram::new(OP_BUCKETS)
+            }),
             breaker: Breaker {
                 start: Instant::now(),
                 skip_until: AtomicU64::new(0),
@@ -274,14 +332,18 @@ impl L2 {
     /// `None` when Redis is being skipped, fails or is late.
     async fn run<T>(
         &self,
-        what: &str,
+        what: Op,
         op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
     ) -> Option<T> {
         if !self.breaker.open() {
             return None;
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, op(&mut conn)).await {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.timeout, op(&mut conn)).await;
+        self.observe(what, started);
+        let what = what.label();
+        match answer {
             Ok(Ok(value)) => {
                 self.breaker.succeeded(&self.prefix);
                 Some(value)
@@ -301,14 +363,30 @@ impl L2 {
         }
     }
 
+    fn observe(&self, op: Op, started: Instant) {
+        let index = Op::ALL.iter().position(|o| *o == op).unwrap_or(0);
+        self.times[index].observe(started.elapsed().as_secs_f64());
+    }
+
+    /// How long each kind of operation took so far.
+    pub fn times(
+        &self,
+    ) -> impl Iterator<Item = (Op, &prometheus_client::metrics::histogram::Histogram)> {
+        Op::ALL.into_iter().zip(self.times.iter())
+    }
+
     /// Runs `op` for a purge: its own connection and time bound, never
     /// skipped; the error, if any.
     async fn run_purge<T>(
         &self,
+        what: Op,
         op: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         let mut conn = self.slow.clone();
-        match tokio::time::timeout(PURGE_TIMEOUT, op(&mut conn)).await {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(PURGE_TIMEOUT, op(&mut conn)).await;
+        self.observe(what, started);
+        match answer {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {PURGE_TIMEOUT:?}")),
@@ -320,7 +398,7 @@ impl L2 {
     pub async fn get(&self, key: &str) -> Option<Object> {
         let object_key = self.object_key(key);
         let bytes: Option<Vec<u8>> = self
-            .run("GET", async |c| {
+            .run(Op::Get, async |c| {
                 redis::cmd("GET").arg(&object_key).query_async(c).await
             })
             .await
@@ -369,7 +447,7 @@ impl L2 {
             .arg(self.generation.load(Ordering::Acquire));
         let this = Arc::clone(self);
         let write = async move {
-            let stored: Option<i64> = this.run("SET", async |c| cmd.query_async(c).await).await;
+            let stored: Option<i64> = this.run(Op::Set, async |c| cmd.query_async(c).await).await;
             stored == Some(1)
         };
         match self.write {
@@ -385,7 +463,7 @@ impl L2 {
     pub async fn forget(&self, key: &str) {
         let object_key = self.object_key(key);
         let _ = self
-            .run_purge(async |c| {
+            .run_purge(Op::TakeBack, async |c| {
                 redis::cmd("UNLINK")
                     .arg(&object_key)
                     .query_async::<i64>(c)
@@ -399,7 +477,7 @@ impl L2 {
     pub async fn vary(&self, primary: &str) -> Option<Vec<HeaderName>> {
         let vary_key = self.vary_key(primary);
         let names: Option<String> = self
-            .run("GET", async |c| {
+            .run(Op::Get, async |c| {
                 redis::cmd("GET").arg(&vary_key).query_async(c).await
             })
             .await
@@ -423,7 +501,7 @@ impl L2 {
         let lease_key = format!("{}lease:{}", self.prefix, hash(key));
         let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
         let taken: Option<Option<String>> = self
-            .run("lease", async |c| {
+            .run(Op::Lease, async |c| {
                 redis::cmd("SET")
                     .arg(&lease_key)
                     .arg(&self.instance)
@@ -444,7 +522,7 @@ impl L2 {
     /// have run out and been taken since).
     pub async fn release(&self, key: &str) {
         let lease_key = format!("{}lease:{}", self.prefix, hash(key));
-        self.run("lease release", async |c| {
+        self.run(Op::Release, async |c| {
             redis::cmd("EVAL")
                 .arg(RELEASE_SCRIPT)
                 .arg(1)
@@ -467,7 +545,7 @@ impl L2 {
     ) -> Option<(bool, u64)> {
         let key = format!("{}rl:{client}", self.prefix);
         let answer: Option<(i64, i64)> = self
-            .run("rate limit", async |c| {
+            .run(Op::RateLimit, async |c| {
                 redis::cmd("EVAL")
                     .arg(GCRA_SCRIPT)
                     .arg(1)
@@ -513,7 +591,7 @@ impl L2 {
         // is announced at once (so that the others know it is coming) and
         // adopted here when the purge's own message comes back.
         let generation = self
-            .run_purge(async |c| {
+            .run_purge(Op::Purge, async |c| {
                 redis::cmd("INCR")
                     .arg(self.generation_key())
                     .query_async::<u64>(c)
@@ -577,7 +655,7 @@ impl L2 {
         };
         let text = serde_json::to_string(&message).unwrap_or_default();
         let channel = self.channel();
-        self.run_purge(async |c| {
+        self.run_purge(Op::Purge, async |c| {
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(&text)
@@ -617,7 +695,7 @@ impl L2 {
             .as_ref()
             .map(|prefix| format!("{}p:{}*", glob_escape(&self.prefix), glob_escape(prefix)));
         let (mut members, sets) = self
-            .run_purge(async |c| {
+            .run_purge(Op::Purge, async |c| {
                 let mut members: Vec<String> = Vec::new();
                 if let Some(pattern) = &objects_pattern {
                     members.extend(scan(c, pattern).await?);
@@ -647,7 +725,9 @@ impl L2 {
         let mut deleted = 0;
         for batch in keys.chunks(500) {
             deleted += self
-                .run_purge(async |c| redis::cmd("UNLINK").arg(batch).query_async::<u64>(c).await)
+                .run_purge(Op::Purge, async |c| {
+                    redis::cmd("UNLINK").arg(batch).query_async::<u64>(c).await
+                })
                 .await?;
         }
         Ok(deleted)
@@ -662,7 +742,9 @@ impl L2 {
         // Small batches: each value may be a whole page.
         for batch in members.chunks(16) {
             let values: Vec<Option<Vec<u8>>> = self
-                .run_purge(async |c| redis::cmd("MGET").arg(batch).query_async(c).await)
+                .run_purge(Op::Purge, async |c| {
+                    redis::cmd("MGET").arg(batch).query_async(c).await
+                })
                 .await?;
             let mut pipe = redis::pipe();
             let mut queued = 0;
@@ -683,7 +765,7 @@ impl L2 {
             }
             // (An empty pipeline is an error in the client.)
             if queued > 0 {
-                self.run_purge(async |c| pipe.query_async::<()>(c).await)
+                self.run_purge(Op::Purge, async |c| pipe.query_async::<()>(c).await)
                     .await?;
             }
         }
@@ -802,7 +884,7 @@ impl L2 {
                                 this.pings.fetch_add(1, Ordering::Relaxed);
                                 // Whether Redis answers, for health and
                                 // metrics even without traffic.
-                                this.run("PING", async |c| {
+                                this.run(Op::Ping, async |c| {
                                     redis::cmd("PING").query_async::<redis::Value>(c).await
                                 })
                                 .await;
@@ -852,7 +934,7 @@ impl L2 {
 
     /// Redis's purge generation now.
     async fn current_generation(&self) -> Option<u64> {
-        self.run_purge(async |c| {
+        self.run_purge(Op::Generation, async |c| {
             redis::cmd("GET")
                 .arg(self.generation_key())
                 .query_async::<Option<u64>>(c)
