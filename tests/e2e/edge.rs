@@ -606,11 +606,64 @@ async fn issue14_a_stale_page_is_rendered_again_once_for_the_fleet() {
 
 /// Renders of `/page/swr` by every instance's app.
 async fn renders_sum(fleet: &[(tempfile::TempDir, Bext)]) -> u64 {
+    renders_of(fleet, "/page/swr").await
+}
+
+/// Renders of `path` by every instance's app.
+async fn renders_of(fleet: &[(tempfile::TempDir, Bext)], path: &str) -> u64 {
     let mut sum = 0;
     for (_, bext) in fleet {
-        sum += renders(bext, "/page/swr").await;
+        sum += renders(bext, path).await;
     }
     sum
+}
+
+/// A page no instance holds (never rendered, or purged hard), asked of
+/// three instances at once: one render for the fleet; the other two wait
+/// for it in Redis and answer it (a collapsed miss).
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_missing_page_is_rendered_once_for_the_fleet() {
+    let redis = Redis::start();
+    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
+    let config = format!("[redis]\nurl = \"{}\"\n", redis.url());
+    let fleet = [
+        instance(&config, std::slice::from_ref(&token)),
+        instance(&config, std::slice::from_ref(&token)),
+        instance(&config, std::slice::from_ref(&token)),
+    ];
+    let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
+    // A render takes 300 ms: the three requests come while it runs.
+    let page = "/page/cold?cc=public,max-age=600&tags=cold&delay=300";
+    for round in 1..=2 {
+        let (ra, rb, rc) = tokio::join!(get(a, page, &[]), get(b, page, &[]), get(c, page, &[]));
+        assert_eq!(
+            renders_of(&fleet, "/page/cold").await,
+            round,
+            "round {round}: one render for three instances: {ra:?} {rb:?} {rc:?}"
+        );
+        for (state, body) in [&ra, &rb, &rc] {
+            assert_eq!(state, "MISS", "{body}");
+            assert_eq!(body, &ra.1, "the one render everywhere");
+        }
+        // Purged hard everywhere: missing again.
+        let purged = purge(a, r#"{"tags":["cold"]}"#).await;
+        assert!(purged["purged"].as_u64().unwrap_or(0) >= 1, "{purged}");
+        for other in [b, c] {
+            crate::support::wait_for_async(
+                "the purge to reach the others",
+                Duration::from_secs(5),
+                || async {
+                    let applied = other
+                        .logs()
+                        .iter()
+                        .filter(|v| v["message"] == "cache purge (from another instance)")
+                        .count();
+                    (applied >= round as usize).then_some(())
+                },
+            )
+            .await;
+        }
+    }
 }
 
 /// A soft purge marks the page stale on every instance (served STALE while

@@ -28,6 +28,13 @@ enum Fetched {
     Failed(Response<Body>),
 }
 
+/// See [`IsrCache::fleet_turn`].
+enum Turn {
+    Ours,
+    Theirs(Arc<Object>),
+    TimedOut,
+}
+
 /// Request headers a fill must not pass on: the cache wants a whole,
 /// identity-encoded representation, whatever this client already has.
 const CLIENT_ONLY: [header::HeaderName; 6] = [
@@ -139,6 +146,32 @@ impl<S: Store> IsrCache<S> {
             client.extensions().clone(),
             previous.as_deref(),
         );
+        // Edge mode: one render for the fleet here too. While another
+        // instance renders this key, its result is awaited in the shared
+        // store (up to the usual wait); without a shared store this is
+        // always this instance's turn, at no cost.
+        let mut leased = false;
+        if lead.is_some() {
+            match self.fleet_turn(key).await {
+                Turn::Ours => leased = true,
+                Turn::Theirs(object) if object.matches(client.headers()) => {
+                    self.counters.coalesced.inc();
+                    if let Some(lead) = lead {
+                        lead.finish(Outcome::Stored(Arc::clone(&object)));
+                    }
+                    return self
+                        .answer(
+                            &client,
+                            &accepted,
+                            &object,
+                            Served::Miss { collapsed: true },
+                            SystemTime::now(),
+                        )
+                        .await;
+                }
+                Turn::Theirs(_) | Turn::TimedOut => {}
+            }
+        }
         let fetched = self
             .fetch_and_store(
                 fill_req,
@@ -149,6 +182,9 @@ impl<S: Store> IsrCache<S> {
                 previous.clone(),
             )
             .await;
+        if leased {
+            self.store.release(key).await;
+        }
         let with_copy = previous.is_some();
         let fallback =
             previous.filter(|p| p.freshness(SystemTime::now()) == Freshness::StaleIfError);
@@ -219,6 +255,43 @@ impl<S: Store> IsrCache<S> {
                     response
                 }
             },
+        }
+    }
+
+    /// Whose turn it is to render `key` in the fleet: this instance's
+    /// (it holds the lease, or nothing is shared), or another's, whose
+    /// result is awaited in the shared store: polled (10 ms, doubling to
+    /// 100 ms) until it is there, the lease is free again (the render was
+    /// not storable, or its instance went away: this one takes over), or
+    /// the wait runs out.
+    async fn fleet_turn(&self, key: &str) -> Turn {
+        if self.store.lease(key, self.wait_timeout).await {
+            return Turn::Ours;
+        }
+        let deadline = tokio::time::Instant::now() + self.wait_timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
+            let fresh = |o: &Arc<Object>| o.freshness(SystemTime::now()) == Freshness::Fresh;
+            if let Some(object) = self.store.get(key).await.filter(fresh) {
+                return Turn::Theirs(object);
+            }
+            if self.store.lease(key, self.wait_timeout).await {
+                // Stored just before it was given back?
+                if let Some(object) = self.store.get(key).await.filter(fresh) {
+                    self.store.release(key).await;
+                    return Turn::Theirs(object);
+                }
+                return Turn::Ours;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!(
+                    key,
+                    "another instance's render did not come in time; rendering here"
+                );
+                return Turn::TimedOut;
+            }
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
