@@ -645,6 +645,12 @@ async fn issue14_a_missing_page_is_rendered_once_for_the_fleet() {
             assert_eq!(state, "MISS", "{body}");
             assert_eq!(body, &ra.1, "the one render everywhere");
         }
+        // The lease was given back with the store (not left to run out).
+        assert_eq!(
+            redis.cli(&["--scan", "--pattern", "bext:*:lease:*"]),
+            "",
+            "no lease left"
+        );
         // Purged hard everywhere: missing again.
         let purged = purge(a, r#"{"tags":["cold"]}"#).await;
         assert!(purged["purged"].as_u64().unwrap_or(0) >= 1, "{purged}");

@@ -324,6 +324,10 @@ impl L2 {
         format!("{}gen", self.prefix)
     }
 
+    fn lease_key(&self, key: &str) -> String {
+        format!("{}lease:{}", self.prefix, hash(key))
+    }
+
     fn channel(&self) -> String {
         format!("{}purge", self.prefix)
     }
@@ -418,7 +422,9 @@ impl L2 {
     /// Refused by Redis when a purge this instance has not heard of yet
     /// came in between. Returns whether it is stored there (for `async`:
     /// whether it was sent).
-    pub async fn put(self: &Arc<Self>, key: &str, object: &Object) -> bool {
+    /// With `release`, this instance's lease on `key` is given back in
+    /// the same round trip (stored or not).
+    pub async fn put(self: &Arc<Self>, key: &str, object: &Object, release: bool) -> bool {
         if object.body.len() > self.max_body || !wire::fits(object) {
             return false;
         }
@@ -434,20 +440,21 @@ impl L2 {
             .collect();
         sets.push(format!("{}p:{}", self.prefix, object.path));
         sets.push(format!("{}k:{}", self.prefix, hash(&object.primary)));
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUT_SCRIPT)
-            .arg(3 + sets.len())
-            .arg(&object_key)
-            .arg(self.vary_key(&object.primary))
-            .arg(self.generation_key())
-            .arg(&sets)
-            .arg(bytes.as_ref())
+        let mut cmd = PUT.key(&object_key);
+        cmd.key(self.vary_key(&object.primary))
+            .key(self.generation_key())
+            .key(self.lease_key(key));
+        for set in &sets {
+            cmd.key(set);
+        }
+        cmd.arg(bytes.as_ref())
             .arg(ms)
             .arg(vary.join(","))
-            .arg(self.generation.load(Ordering::Acquire));
+            .arg(self.generation.load(Ordering::Acquire))
+            .arg(if release { self.instance.as_str() } else { "" });
         let this = Arc::clone(self);
         let write = async move {
-            let stored: Option<i64> = this.run(Op::Set, async |c| cmd.query_async(c).await).await;
+            let stored: Option<i64> = this.run(Op::Set, async |c| cmd.invoke_async(c).await).await;
             stored == Some(1)
         };
         match self.write {
@@ -498,7 +505,7 @@ impl L2 {
     /// Redis does not answer (then each instance renders for itself, as
     /// without Redis).
     pub async fn lease(&self, key: &str, hold: Duration) -> bool {
-        let lease_key = format!("{}lease:{}", self.prefix, hash(key));
+        let lease_key = self.lease_key(key);
         let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
         let taken: Option<Option<String>> = self
             .run(Op::Lease, async |c| {
@@ -521,14 +528,12 @@ impl L2 {
     /// Gives back this instance's lease on `key` (not another's: it may
     /// have run out and been taken since).
     pub async fn release(&self, key: &str) {
-        let lease_key = format!("{}lease:{}", self.prefix, hash(key));
+        let lease_key = self.lease_key(key);
         self.run(Op::Release, async |c| {
-            redis::cmd("EVAL")
-                .arg(RELEASE_SCRIPT)
-                .arg(1)
-                .arg(&lease_key)
+            RELEASE
+                .key(&lease_key)
                 .arg(&self.instance)
-                .query_async::<i64>(c)
+                .invoke_async::<i64>(c)
                 .await
         })
         .await;
@@ -546,13 +551,10 @@ impl L2 {
         let key = format!("{}rl:{client}", self.prefix);
         let answer: Option<(i64, i64)> = self
             .run(Op::RateLimit, async |c| {
-                redis::cmd("EVAL")
-                    .arg(GCRA_SCRIPT)
-                    .arg(1)
-                    .arg(&key)
+                GCRA.key(&key)
                     .arg(interval_us.max(1))
                     .arg(tolerance_us)
-                    .query_async(c)
+                    .invoke_async(c)
                     .await
             })
             .await;
@@ -952,18 +954,22 @@ impl L2 {
 }
 
 /// Stores an object (KEYS[1], ARGV[1]) for ARGV[2] ms, its URL's Vary
-/// names (KEYS[2], ARGV[3]), and its key in each index set (KEYS[4..]),
+/// names (KEYS[2], ARGV[3]), and its key in each index set (KEYS[5..]),
 /// which then lives at least as long — unless the purge generation
 /// (KEYS[3]) is past the one the storing instance knows (ARGV[4]): then
-/// nothing is stored (0).
+/// nothing is stored (0). First, when ARGV[5] names this instance, its
+/// lease on the key (KEYS[4]) is given back, stored or not.
 const PUT_SCRIPT: &str = r#"
+if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) == ARGV[5] then
+  redis.call('DEL', KEYS[4])
+end
 if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[4]) then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 local ms = tonumber(ARGV[2])
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   local left = redis.call('PTTL', KEYS[i])
   if left >= 0 and left < ms or left == -1 then
@@ -972,6 +978,15 @@ for i = 4, #KEYS do
 end
 return 1
 "#;
+
+// Sent by SHA (EVALSHA), their text only when Redis does not know them
+// yet (after a restart or a flush).
+static PUT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUT_SCRIPT));
+static RELEASE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RELEASE_SCRIPT));
+static GCRA: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(GCRA_SCRIPT));
 
 /// Deletes a lease (KEYS[1]) only if it is still this instance's (ARGV[1]).
 const RELEASE_SCRIPT: &str = r#"

@@ -215,23 +215,8 @@ impl IsrCache<TieredStore> {
         let worker = tokio::spawn(async move {
             while let Some((selector, soft, generation)) = purges.recv().await {
                 let Some(cache) = weak.upgrade() else { return };
-                let purged = cache.purge_local(&selector, soft).await;
-                if selector.all || !selector.tags.is_empty() || !selector.paths.is_empty() {
-                    tracing::info!(
-                        purged,
-                        soft,
-                        ?selector,
-                        "cache purge (from another instance)"
-                    );
-                } else {
-                    tracing::debug!(
-                        purged,
-                        ?selector,
-                        "cache invalidation (from another instance)"
-                    );
-                }
-                // Only now may stores count this purge as applied.
-                adopter.adopt(generation);
+                // A purge that found the queue full: everything goes, before
+                // the purges queued ahead of it are worked through.
                 let missed = flag.swap(0, Ordering::AcqRel);
                 if missed > 0 {
                     let all = Selector {
@@ -245,6 +230,23 @@ impl IsrCache<TieredStore> {
                     );
                     adopter.adopt(missed);
                 }
+                let purged = cache.purge_local(&selector, soft).await;
+                if selector.is_invalidation() {
+                    tracing::debug!(
+                        purged,
+                        ?selector,
+                        "cache invalidation (from another instance)"
+                    );
+                } else {
+                    tracing::info!(
+                        purged,
+                        soft,
+                        ?selector,
+                        "cache purge (from another instance)"
+                    );
+                }
+                // Only now may stores count this purge as applied.
+                adopter.adopt(generation);
             }
         });
         let listener = l2.listen(
@@ -653,7 +655,12 @@ impl<S: Store> IsrCache<S> {
     /// A purge another instance made (edge mode): what this instance holds
     /// alone is purged; what they share already was.
     pub async fn purge_local(&self, selector: &Selector, soft: bool) -> u64 {
-        self.forget(selector, soft);
+        // An invalidation after another instance's unsafe request is taken
+        // as this instance's own are: the URLs leave memory, and fills in
+        // flight elsewhere are not made stale by it.
+        if !selector.is_invalidation() {
+            self.forget(selector, soft);
+        }
         self.store.purge_local(selector, soft).await
     }
 

@@ -22,6 +22,16 @@ pub struct Selector {
 }
 
 impl Selector {
+    /// Whether this names URLs only: an invalidation after an unsafe
+    /// request (RFC 9111 §4.4), not an operator's purge.
+    pub fn is_invalidation(&self) -> bool {
+        !self.all
+            && self.tags.is_empty()
+            && self.paths.is_empty()
+            && self.prefix.is_none()
+            && !self.primaries.is_empty()
+    }
+
     pub fn matches(&self, object: &Object) -> bool {
         self.all
             || object.tags.iter().any(|t| self.tags.contains(t))
@@ -100,6 +110,10 @@ pub struct TieredStore {
     /// to L2 (never on the request's path; when it falls behind, the
     /// excess stays in memory, and is logged).
     invalidations: Option<tokio::sync::mpsc::Sender<Selector>>,
+    /// Keys this instance holds the fleet's lease on: their store gives
+    /// it back in the same round trip. (Forgotten after a while: a fill
+    /// that was cancelled leaves its lease to run out in Redis.)
+    leases: moka::sync::Cache<String, ()>,
     /// Tasks that serve this store alone (edge mode's purge listener):
     /// aborted with it.
     tasks: std::sync::Mutex<Vec<tokio_util::task::AbortOnDropHandle<()>>>,
@@ -120,7 +134,7 @@ struct Running(Arc<PurgeGuard>);
 
 impl Running {
     fn start(guard: &Arc<PurgeGuard>) -> Self {
-        guard.generation.fetch_add(1, Ordering::AcqRel);
+        guard.generation.fetch_add(1, Ordering::SeqCst);
         guard.running.fetch_add(1, Ordering::AcqRel);
         Running(Arc::clone(guard))
     }
@@ -132,6 +146,10 @@ impl Drop for Running {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// Leases remembered for their store to give back (more are given back
+/// on their own).
+const MAX_LEASES: u64 = 10_000;
 
 /// Invalidations waiting for the task that takes them to L2.
 const MAX_INVALIDATIONS: usize = 1024;
@@ -164,6 +182,10 @@ impl TieredStore {
             l2,
             guard: Arc::new(PurgeGuard::default()),
             invalidations,
+            leases: moka::sync::Cache::builder()
+                .max_capacity(MAX_LEASES)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
             tasks: std::sync::Mutex::default(),
         }
     }
@@ -257,6 +279,13 @@ impl Store for TieredStore {
         }
         let shared = Arc::new(shared);
         self.l1.insert(key.to_string(), Arc::clone(&shared)).await;
+        // A purge that began between the check above and the insert may
+        // have passed over memory already: take the copy back. (One that
+        // begins after this check passes over memory after the insert.)
+        if self.guard.generation.load(Ordering::SeqCst) != generation {
+            self.l1.remove_if_same(key, &shared);
+            return local;
+        }
         Some(shared)
     }
 
@@ -265,14 +294,19 @@ impl Store for TieredStore {
         // it there.
         let generation = self.guard.generation.load(Ordering::Acquire);
         self.l1.insert(key.clone(), Arc::clone(&object)).await;
-        if let Some(l2) = &self.l2
-            && l2.put(&key, &object).await
-            && self.guard.generation.load(Ordering::Acquire) != generation
-        {
+        let Some(l2) = &self.l2 else { return };
+        let leased = self.leases.remove(&key).is_some();
+        let stored = l2.put(&key, &object, leased).await;
+        if stored && self.guard.generation.load(Ordering::Acquire) != generation {
             // A purge ran while it was written: it may have missed it
             // there. (Cheaper to store it again than to serve it.)
             let l2 = Arc::clone(l2);
             tokio::spawn(async move { l2.forget(&key).await });
+        } else if !stored && leased {
+            // Not stored (refused, too big, or Redis did not answer): the
+            // lease may still be held; the others must not wait for it.
+            let l2 = Arc::clone(l2);
+            tokio::spawn(async move { l2.release(&key).await });
         }
     }
 
@@ -311,13 +345,22 @@ impl Store for TieredStore {
 
     async fn lease(&self, key: &str, hold: Duration) -> bool {
         match &self.l2 {
-            Some(l2) => l2.lease(key, hold).await,
+            Some(l2) => {
+                let taken = l2.lease(key, hold).await;
+                if taken {
+                    self.leases.insert(key.to_string(), ());
+                }
+                taken
+            }
             None => true,
         }
     }
 
     async fn release(&self, key: &str) {
-        if let Some(l2) = &self.l2 {
+        // (Given back already if the key was stored.)
+        if let Some(l2) = &self.l2
+            && self.leases.remove(key).is_some()
+        {
             l2.release(key).await;
         }
     }
@@ -442,6 +485,20 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Removes `key` if `object` is what is stored there.
+    fn remove_if_same(&self, key: &str, object: &Arc<Object>) {
+        self.objects
+            .entry_by_ref(key)
+            .and_compute_with(|entry| match entry {
+                Some(entry) if Arc::ptr_eq(&entry.value().object, object) => {
+                    moka::ops::compute::Op::Remove
+                }
+                _ => moka::ops::compute::Op::Nop,
+            });
+    }
+}
+
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Option<Arc<Object>> {
         self.objects.get(key).map(|stored| stored.object)
@@ -498,6 +555,83 @@ impl Store for MemoryStore {
             bytes: self.bytes.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             shared_up: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+    use crate::cache::policy::Lifetime;
+
+    fn object(path: &str) -> Arc<Object> {
+        Arc::new(Object::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(b"page"),
+            Duration::ZERO,
+            Lifetime {
+                ttl: Duration::from_secs(60),
+                swr: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            },
+            vec![],
+            (path.into(), format!("h {path}")),
+            vec![],
+            false,
+        ))
+    }
+
+    /// A promotion taken back removes its own copy only: a newer object
+    /// stored under the key meanwhile stays.
+    #[tokio::test]
+    async fn remove_if_same_takes_back_only_that_object() {
+        let store = MemoryStore::new(100, 1 << 20);
+        let promoted = object("/a");
+        store.insert("k".into(), Arc::clone(&promoted)).await;
+        store.remove_if_same("k", &promoted);
+        assert!(store.get("k").await.is_none(), "its own copy goes");
+
+        let newer = object("/a");
+        store.insert("k".into(), Arc::clone(&newer)).await;
+        store.remove_if_same("k", &promoted);
+        let kept = store.get("k").await.expect("the newer one stays");
+        assert!(Arc::ptr_eq(&kept, &newer));
+    }
+
+    /// What counts as an invalidation (URLs only) and what as a purge.
+    #[test]
+    fn only_url_selectors_are_invalidations() {
+        let urls = Selector {
+            primaries: vec!["h /a".into()],
+            ..Selector::default()
+        };
+        assert!(urls.is_invalidation());
+        for purge in [
+            Selector {
+                all: true,
+                ..urls.clone()
+            },
+            Selector {
+                tags: vec!["t".into()],
+                ..urls.clone()
+            },
+            Selector {
+                paths: vec!["/a".into()],
+                ..urls.clone()
+            },
+            Selector {
+                prefix: Some("/".into()),
+                ..urls.clone()
+            },
+            Selector::default(),
+        ] {
+            assert!(!purge.is_invalidation(), "{purge:?}");
         }
     }
 }
