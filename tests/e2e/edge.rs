@@ -82,10 +82,16 @@ impl Redis {
 
     /// GET commands Redis has run so far.
     fn gets(&self) -> u64 {
+        self.calls("get")
+    }
+
+    /// `command`s Redis has run so far.
+    fn calls(&self, command: &str) -> u64 {
         let stats = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
         stats
             .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|rest| rest.split(',').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
@@ -216,11 +222,18 @@ async fn issue14_a_page_rendered_on_one_instance_is_a_hit_on_the_other() {
     assert_eq!(state, "MISS");
     assert!(body.starts_with("/page/shared render 1"), "{body}");
     redis.wait_objects(1);
+    let (gets, mgets) = (redis.calls("get"), redis.calls("mget"));
     let (state, body) = get(&b, page, &[]).await;
     assert_eq!(state, "HIT", "{body}");
     assert!(
         body.starts_with("/page/shared render 1"),
         "A's render: {body}"
+    );
+    // One round trip: the URL's Vary names and its object together.
+    assert_eq!(
+        (redis.calls("get") - gets, redis.calls("mget") - mgets),
+        (0, 1),
+        "one MGET for an L2 hit"
     );
     assert_eq!(renders(&b, "/page/shared").await, 0, "no render on B");
     // Promoted into B's memory: the next hits need no Redis at all.

@@ -500,6 +500,41 @@ impl L2 {
         )
     }
 
+    /// What L2 knows of `primary` in one round trip: its `Vary` names
+    /// (`None`: the URL is not stored) and, for an unvaried URL, its
+    /// object. `None` when Redis does not answer.
+    pub async fn lookup(&self, primary: &str) -> Option<(Option<Vec<HeaderName>>, Option<Object>)> {
+        let (vary_key, object_key) = (self.vary_key(primary), self.object_key(primary));
+        let (names, bytes): (Option<String>, Option<Vec<u8>>) = self
+            .run(Op::Get, async |c| {
+                redis::cmd("MGET")
+                    .arg(&vary_key)
+                    .arg(&object_key)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        let Some(names) = names else {
+            return Some((None, None));
+        };
+        let vary: Vec<HeaderName> = names
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .take(64)
+            .collect();
+        let object = bytes.filter(|_| vary.is_empty()).and_then(|bytes| {
+            match wire::decode(&bytes, self.max_body) {
+                Ok(object) => Some(object),
+                Err(e) => {
+                    tracing::debug!(key = %object_key, "redis: an unusable value ({e}); a miss");
+                    None
+                }
+            }
+        });
+        Some((Some(vary), object))
+    }
+
     /// Takes the lease to render `key` again, for `hold` at most: false
     /// when another instance holds it; true when this one got it, or when
     /// Redis does not answer (then each instance renders for itself, as

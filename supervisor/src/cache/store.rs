@@ -114,6 +114,9 @@ pub struct TieredStore {
     /// it back in the same round trip. (Forgotten after a while: a fill
     /// that was cancelled leaves its lease to run out in Redis.)
     leases: moka::sync::Cache<String, ()>,
+    /// Keys found missing from L2 by a lookup of their URL a moment ago:
+    /// the lookup of the object that follows it skips L2 (once).
+    absent: moka::sync::Cache<String, ()>,
     /// Tasks that serve this store alone (edge mode's purge listener):
     /// aborted with it.
     tasks: std::sync::Mutex<Vec<tokio_util::task::AbortOnDropHandle<()>>>,
@@ -186,6 +189,10 @@ impl TieredStore {
                 .max_capacity(MAX_LEASES)
                 .time_to_live(Duration::from_secs(600))
                 .build(),
+            absent: moka::sync::Cache::builder()
+                .max_capacity(MAX_LEASES)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
             tasks: std::sync::Mutex::default(),
         }
     }
@@ -209,6 +216,38 @@ impl TieredStore {
                 (local, Some(e))
             }
         }
+    }
+
+    /// `shared`, read from L2 for `key` while the purge generation was
+    /// `generation`, into memory if it is newer than `local` and no purge
+    /// began meanwhile; what is to be served.
+    async fn promote(
+        &self,
+        key: &str,
+        local: Option<Arc<Object>>,
+        shared: Object,
+        generation: u64,
+    ) -> Option<Arc<Object>> {
+        let newer = local
+            .as_ref()
+            .is_none_or(|mine| shared.stored_at > mine.stored_at);
+        if !newer || shared.keep_left().is_zero() {
+            return local;
+        }
+        if self.guard.generation.load(Ordering::Acquire) != generation {
+            // A purge ran while it was read: it may be what was purged.
+            return local;
+        }
+        let shared = Arc::new(shared);
+        self.l1.insert(key.to_string(), Arc::clone(&shared)).await;
+        // A purge that began between the check above and the insert may
+        // have passed over memory already: take the copy back. (One that
+        // begins after this check passes over memory after the insert.)
+        if self.guard.generation.load(Ordering::SeqCst) != generation {
+            self.l1.remove_if_same(key, &shared);
+            return local;
+        }
+        Some(shared)
     }
 
     /// Edge mode's Redis link, if any.
@@ -263,30 +302,15 @@ impl Store for TieredStore {
         if self.guard.running.load(Ordering::Acquire) > 0 {
             return local;
         }
+        // Just looked up with its URL, and not there.
+        if self.absent.remove(key).is_some() {
+            return local;
+        }
         let generation = self.guard.generation.load(Ordering::Acquire);
         let Some(shared) = l2.get(key).await else {
             return local;
         };
-        let newer = local
-            .as_ref()
-            .is_none_or(|mine| shared.stored_at > mine.stored_at);
-        if !newer || shared.keep_left().is_zero() {
-            return local;
-        }
-        if self.guard.generation.load(Ordering::Acquire) != generation {
-            // A purge ran while it was read: it may be what was purged.
-            return local;
-        }
-        let shared = Arc::new(shared);
-        self.l1.insert(key.to_string(), Arc::clone(&shared)).await;
-        // A purge that began between the check above and the insert may
-        // have passed over memory already: take the copy back. (One that
-        // begins after this check passes over memory after the insert.)
-        if self.guard.generation.load(Ordering::SeqCst) != generation {
-            self.l1.remove_if_same(key, &shared);
-            return local;
-        }
-        Some(shared)
+        self.promote(key, local, shared, generation).await
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
@@ -340,7 +364,31 @@ impl Store for TieredStore {
     }
 
     async fn shared_vary(&self, primary: &str) -> Option<Vec<http::HeaderName>> {
-        self.l2.as_ref()?.vary(primary).await
+        let l2 = self.l2.as_ref()?;
+        if self.guard.running.load(Ordering::Acquire) > 0 {
+            return l2.vary(primary).await;
+        }
+        // The URL's Vary names and, unvaried, its object in one round trip:
+        // the lookup of the object that follows need not ask again.
+        let generation = self.guard.generation.load(Ordering::Acquire);
+        let (vary, object) = l2.lookup(primary).await?;
+        match (&vary, object) {
+            (None, _) => {
+                self.absent.insert(primary.to_string(), ());
+            }
+            (Some(_), Some(object)) => {
+                let local = self.l1.get(primary).await;
+                if self
+                    .promote(primary, local, object, generation)
+                    .await
+                    .is_none()
+                {
+                    self.absent.insert(primary.to_string(), ());
+                }
+            }
+            (Some(_), None) => {}
+        }
+        vary
     }
 
     async fn lease(&self, key: &str, hold: Duration) -> bool {
