@@ -29,6 +29,15 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
+/// The shards of the process (the first started), for work that must run
+/// on each of them.
+static HANDLES: std::sync::OnceLock<Vec<Handle>> = std::sync::OnceLock::new();
+
+/// One handle per shard of the process (empty before they start).
+pub fn all() -> &'static [Handle] {
+    HANDLES.get().map_or(&[], Vec::as_slice)
+}
+
 /// The shard the calling thread belongs to (1..=N), or 0 when it is not a
 /// shard (the main thread, blocking-pool threads, tests).
 pub fn current() -> usize {
@@ -80,6 +89,7 @@ impl Shards {
                 })?;
             shards.threads.push(thread);
         }
+        let _ = HANDLES.set(shards.handles.clone());
         Ok(shards)
     }
 

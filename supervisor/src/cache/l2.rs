@@ -195,8 +195,10 @@ impl Breaker {
 /// One app's L2.
 pub struct L2 {
     client: redis::Client,
-    /// For the request path: its response timeout is the configured one.
-    conn: ConnectionManager,
+    /// For the request path, one per serving thread (slot 0: any other
+    /// thread), each made by its thread on first use.
+    conns: Box<[std::sync::OnceLock<ConnectionManager>]>,
+    request_config: ConnectionManagerConfig,
     /// For purges: a longer timeout, and no breaker.
     slow: ConnectionManager,
     /// `PREFIX NAMESPACE ":"`.
@@ -261,10 +263,18 @@ impl L2 {
             ConnectionManager::new_lazy_with_config(client.clone(), config)
                 .map_err(|e| format!("redis: {e}"))
         };
+        // (The request bound is bext's own, below: the client's is only a
+        // backstop.)
+        let request_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(settings.timeout.saturating_mul(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
         let l2 = Arc::new(L2 {
-            // (The request bound is bext's own, below: the client's is
-            // only a backstop.)
-            conn: manager(settings.timeout.saturating_mul(2))?,
+            conns: (0..=crate::shards::all().len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            request_config,
             slow: manager(PURGE_TIMEOUT)?,
             client,
             prefix: format!("{}{namespace}:", settings.prefix),
@@ -285,19 +295,23 @@ impl L2 {
                 up: AtomicBool::new(true),
             },
         });
-        // Connect now, off the request path: the first request should not
-        // pay for the connection (nor count it as a slow answer).
-        let warm = Arc::clone(&l2);
-        tokio::spawn(async move {
-            for conn in [&warm.conn, &warm.slow] {
-                let mut conn = conn.clone();
+        // Connect now, off the request path, on every thread that will use
+        // a connection: the first request should not pay for it (nor count
+        // it as a slow answer).
+        let warm = |l2: Arc<L2>| async move {
+            let Some(mut conn) = l2.conn() else { return };
+            for conn in [&mut conn, &mut l2.slow.clone()] {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),
-                    redis::cmd("PING").query_async::<String>(&mut conn),
+                    redis::cmd("PING").query_async::<String>(conn),
                 )
                 .await;
             }
-        });
+        };
+        tokio::spawn(warm(Arc::clone(&l2)));
+        for shard in crate::shards::all() {
+            shard.spawn(warm(Arc::clone(&l2)));
+        }
         Ok(l2)
     }
 
@@ -332,6 +346,26 @@ impl L2 {
         format!("{}purge", self.prefix)
     }
 
+    /// The calling thread's request-path connection, made on its first use
+    /// there (its I/O then runs on this thread: no wake-up of another
+    /// thread per operation).
+    fn conn(&self) -> Option<ConnectionManager> {
+        let slot = self
+            .conns
+            .get(crate::shards::current())
+            .unwrap_or(&self.conns[0]);
+        if let Some(conn) = slot.get() {
+            return Some(conn.clone());
+        }
+        let made = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.request_config.clone(),
+        )
+        .inspect_err(|e| warn!(prefix = %self.prefix, "redis: {e}"))
+        .ok()?;
+        Some(slot.get_or_init(|| made).clone())
+    }
+
     /// Runs `op` on the request-path connection, bounded by the timeout;
     /// `None` when Redis is being skipped, fails or is late.
     async fn run<T>(
@@ -342,7 +376,7 @@ impl L2 {
         if !self.breaker.open() {
             return None;
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let started = Instant::now();
         let answer = tokio::time::timeout(self.timeout, op(&mut conn)).await;
         self.observe(what, started);
