@@ -1107,3 +1107,30 @@ async fn issue14_a_deploy_purges_the_app_across_the_fleet() {
     .await;
     assert!(body.starts_with("/page/deployed render 1"), "{body}");
 }
+
+/// A render holding the fleet's lease whose client goes away gives the
+/// lease back at once: the other instances do not wait for it to run out.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_render_abandoned_by_its_client_gives_the_lease_back() {
+    let redis = Redis::start();
+    let ((_a_dir, a), (_b_dir, _b)) = pair(&redis);
+    let leases = || redis.cli(&["--scan", "--pattern", "bext:*:lease:*"]);
+    let url = a.url("/page/abandoned?cc=public,max-age=600&delay=20000");
+    let request = tokio::spawn(async move {
+        crate::support::client()
+            .get(url)
+            .header("host", "site.test")
+            .timeout(Duration::from_millis(1500))
+            .send()
+            .await
+    });
+    wait_for("the lease to be taken", Duration::from_secs(5), || {
+        (!leases().is_empty()).then_some(())
+    });
+    assert!(request.await.expect("join").is_err(), "the client gave up");
+    // Well before the render (20 s) or the lease (the upstream timeout)
+    // would end.
+    wait_for("the lease to be given back", Duration::from_secs(3), || {
+        leases().is_empty().then_some(())
+    });
+}

@@ -28,6 +28,25 @@ enum Fetched {
     Failed(Response<Body>),
 }
 
+/// The fleet's lease on a key this instance renders: given back if the
+/// render is dropped unfinished (its client went away), so that the
+/// instances waiting for it take over at once, not when it runs out.
+struct LeaseGuard<S: Store> {
+    cache: Option<Arc<IsrCache<S>>>,
+    key: String,
+}
+
+impl<S: Store> Drop for LeaseGuard<S> {
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let key = std::mem::take(&mut self.key);
+            runtime.spawn(async move { cache.store.release(&key).await });
+        }
+    }
+}
+
 /// See [`IsrCache::fleet_turn`].
 enum Turn {
     Ours,
@@ -150,10 +169,15 @@ impl<S: Store> IsrCache<S> {
         // instance renders this key, its result is awaited in the shared
         // store (up to the usual wait); without a shared store this is
         // always this instance's turn, at no cost.
-        let mut leased = false;
+        let mut leased = None;
         if lead.is_some() {
             match self.fleet_turn(key).await {
-                Turn::Ours => leased = true,
+                Turn::Ours => {
+                    leased = Some(LeaseGuard {
+                        cache: Some(Arc::clone(self)),
+                        key: key.to_string(),
+                    });
+                }
                 Turn::Theirs(object) if object.matches(client.headers()) => {
                     self.counters.coalesced.inc();
                     if let Some(lead) = lead {
@@ -182,8 +206,10 @@ impl<S: Store> IsrCache<S> {
                 previous.clone(),
             )
             .await;
-        if leased {
-            self.store.release(key).await;
+        if let Some(mut lease) = leased
+            && let Some(cache) = lease.cache.take()
+        {
+            cache.store.release(key).await;
         }
         let with_copy = previous.is_some();
         let fallback =
