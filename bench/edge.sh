@@ -70,7 +70,7 @@ quarter="$(python3 -c "print(max(1, int($secs) // 4))")s"
 rows=()
 rows+=("$(wrk_pages "miss, one instance alone (C, no Redis)" "$c_addr" c "$DURATION")")
 rows+=("$(wrk_pages "miss, edge (A: render, memory, Redis write + lease)" "$a_addr" a "$DURATION")")
-rows+=("$(wrk_pages "L2 hit, edge (B: Redis GET, promoted)" "$b_addr" a "$quarter")")
+rows+=("$(wrk_pages "L2 hit, edge (B: one MGET, promoted)" "$b_addr" a "$quarter")")
 rows+=("$(wrk_page "L1 hit, one instance alone (C)" "$c_addr")")
 rows+=("$(wrk_page "L1 hit, edge (B)" "$b_addr")")
 echo
