@@ -944,6 +944,12 @@ async fn issue14_multi_app_mode_shares_each_app_with_its_namesake_only() {
     )
     .await;
     assert_eq!(get_on(&b, "two.test", page).await.0, "HIT", "not app two's");
+    assert!(
+        !redis
+            .cli(&["--scan", "--pattern", "bext:two:o:*"])
+            .is_empty(),
+        "app two's page is still in Redis"
+    );
 
     // Each app's Redis link is watched, under its name.
     let metrics = client()

@@ -47,6 +47,11 @@ impl<S: Store> Drop for LeaseGuard<S> {
     }
 }
 
+/// The longest one instance holds the fleet's lease on a key (and the
+/// others wait for its render): a holder that died or lost Redis delays
+/// them by this at most; a render that takes longer may be made twice.
+const FLEET_LEASE: Duration = Duration::from_secs(10);
+
 /// See [`IsrCache::fleet_turn`].
 enum Turn {
     Ours,
@@ -178,7 +183,11 @@ impl<S: Store> IsrCache<S> {
                         key: key.to_string(),
                     });
                 }
-                Turn::Theirs(object) if object.matches(client.headers()) => {
+                Turn::Theirs(object)
+                    if object.matches(client.headers())
+                        && (!client.headers().contains_key(header::AUTHORIZATION)
+                            || object.shared_with_auth) =>
+                {
                     self.counters.coalesced.inc();
                     if let Some(lead) = lead {
                         lead.finish(Outcome::Stored(Arc::clone(&object)));
@@ -291,10 +300,11 @@ impl<S: Store> IsrCache<S> {
     /// not storable, or its instance went away: this one takes over), or
     /// the wait runs out.
     async fn fleet_turn(&self, key: &str) -> Turn {
-        if self.store.lease(key, self.wait_timeout).await {
+        let hold = self.wait_timeout.min(FLEET_LEASE);
+        if self.store.lease(key, hold).await {
             return Turn::Ours;
         }
-        let deadline = tokio::time::Instant::now() + self.wait_timeout;
+        let deadline = tokio::time::Instant::now() + hold;
         let mut pause = Duration::from_millis(10);
         loop {
             tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
@@ -302,7 +312,7 @@ impl<S: Store> IsrCache<S> {
             if let Some(object) = self.store.get(key).await.filter(fresh) {
                 return Turn::Theirs(object);
             }
-            if self.store.lease(key, self.wait_timeout).await {
+            if self.store.lease(key, hold).await {
                 // Stored just before it was given back?
                 if let Some(object) = self.store.get(key).await.filter(fresh) {
                     self.store.release(key).await;
@@ -376,7 +386,11 @@ impl<S: Store> IsrCache<S> {
             // Edge mode: one instance of the fleet renders; the others keep
             // serving the stale copy until the new one is in the shared
             // store (then they take it from there).
-            if !cache.store.lease(&key, cache.wait_timeout).await {
+            if !cache
+                .store
+                .lease(&key, cache.wait_timeout.min(FLEET_LEASE))
+                .await
+            {
                 tracing::debug!(%primary, "another instance revalidates it");
                 lead.finish(Outcome::NotShared);
                 return;

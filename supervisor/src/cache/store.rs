@@ -299,14 +299,16 @@ impl Store for TieredStore {
         // Missing or stale here: another instance may have stored a newer
         // one (the render of the fleet's one revalidation). Not while a
         // purge is under way: what L2 holds may be what it purges.
-        if self.guard.running.load(Ordering::Acquire) > 0 {
+        // (The generation first: a purge starting after this read changes
+        // it, one starting before is seen running.)
+        let generation = self.guard.generation.load(Ordering::SeqCst);
+        if self.guard.running.load(Ordering::SeqCst) > 0 {
             return local;
         }
         // Just looked up with its URL, and not there.
         if self.absent.remove(key).is_some() {
             return local;
         }
-        let generation = self.guard.generation.load(Ordering::Acquire);
         let Some(shared) = l2.get(key).await else {
             return local;
         };
@@ -365,12 +367,12 @@ impl Store for TieredStore {
 
     async fn shared_vary(&self, primary: &str) -> Option<Vec<http::HeaderName>> {
         let l2 = self.l2.as_ref()?;
-        if self.guard.running.load(Ordering::Acquire) > 0 {
+        let generation = self.guard.generation.load(Ordering::SeqCst);
+        if self.guard.running.load(Ordering::SeqCst) > 0 {
             return l2.vary(primary).await;
         }
         // The URL's Vary names and, unvaried, its object in one round trip:
         // the lookup of the object that follows need not ask again.
-        let generation = self.guard.generation.load(Ordering::Acquire);
         let (vary, object) = l2.lookup(primary).await?;
         match (&vary, object) {
             (None, _) => {
