@@ -568,13 +568,7 @@ async fn issue14_a_rate_limit_holds_across_the_fleet() {
 #[tokio::test(flavor = "multi_thread")]
 async fn issue14_a_stale_page_is_rendered_again_once_for_the_fleet() {
     let redis = Redis::start();
-    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
-    let config = format!("[redis]\nurl = \"{}\"\n", redis.url());
-    let fleet = [
-        instance(&config, std::slice::from_ref(&token)),
-        instance(&config, std::slice::from_ref(&token)),
-        instance(&config, std::slice::from_ref(&token)),
-    ];
+    let fleet = fleet(&redis);
     let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
     // A render takes 300 ms: the three requests come while it runs.
     let page = "/page/swr?cc=public,max-age=600,stale-while-revalidate=600&tags=swr&delay=300";
@@ -617,6 +611,13 @@ async fn issue14_a_stale_page_is_rendered_again_once_for_the_fleet() {
     );
 }
 
+/// Three instances sharing `redis` by `[redis]`, purging with a token.
+fn fleet(redis: &Redis) -> [(tempfile::TempDir, Bext); 3] {
+    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
+    let config = format!("[redis]\nurl = \"{}\"\n", redis.url());
+    std::array::from_fn(|_| instance(&config, std::slice::from_ref(&token)))
+}
+
 /// Renders of `/page/swr` by every instance's app.
 async fn renders_sum(fleet: &[(tempfile::TempDir, Bext)]) -> u64 {
     renders_of(fleet, "/page/swr").await
@@ -637,13 +638,7 @@ async fn renders_of(fleet: &[(tempfile::TempDir, Bext)], path: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn issue14_a_missing_page_is_rendered_once_for_the_fleet() {
     let redis = Redis::start();
-    let token = ("BEXT_PURGE_TOKEN", "edge-token".to_string());
-    let config = format!("[redis]\nurl = \"{}\"\n", redis.url());
-    let fleet = [
-        instance(&config, std::slice::from_ref(&token)),
-        instance(&config, std::slice::from_ref(&token)),
-        instance(&config, std::slice::from_ref(&token)),
-    ];
+    let fleet = fleet(&redis);
     let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
     // A render takes 300 ms: the three requests come while it runs.
     let page = "/page/cold?cc=public,max-age=600&tags=cold&delay=300";

@@ -188,6 +188,30 @@ impl IsrCache<TieredStore> {
         self.store.l2()
     }
 
+    /// [`IsrCache::purge_everywhere`] of each selector, summed: `Err` if
+    /// any did not reach Redis.
+    pub async fn purge_each_everywhere(
+        &self,
+        selectors: &[Selector],
+        soft: bool,
+    ) -> Result<u64, Unshared> {
+        let mut purged = 0;
+        let mut unshared = None;
+        for selector in selectors {
+            match self.purge_everywhere(selector, soft).await {
+                Ok(n) => purged += n,
+                Err(e) => {
+                    purged += e.purged;
+                    unshared = Some(e.why);
+                }
+            }
+        }
+        match unshared {
+            None => Ok(purged),
+            Some(why) => Err(Unshared { purged, why }),
+        }
+    }
+
     /// [`IsrCache::purge`] for a caller to answer: `Err` when the purge
     /// did not reach Redis (done in this instance's memory; the others may
     /// keep what it names until it expires), with what was purged here.

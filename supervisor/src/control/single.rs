@@ -39,23 +39,8 @@ pub async fn answer(app: &RunningApp, mut commands: mpsc::Receiver<Command>) {
             } => match app.service().cache.clone() {
                 Some(cache) => {
                     tokio::spawn(async move {
-                        let mut purged = 0;
-                        let mut unshared = None;
-                        for selector in &selectors {
-                            match cache.purge_everywhere(selector, soft).await {
-                                Ok(n) => purged += n,
-                                Err(e) => {
-                                    purged += e.purged;
-                                    unshared = Some(e.why);
-                                }
-                            }
-                        }
-                        let _ = reply.send(match unshared {
-                            None => Ok(purged),
-                            Some(why) => Err(CommandError::Failed(
-                                crate::cache::Unshared { purged, why }.to_string(),
-                            )),
-                        });
+                        let purged = cache.purge_each_everywhere(&selectors, soft).await;
+                        let _ = reply.send(purged.map_err(|e| CommandError::Failed(e.to_string())));
                     });
                 }
                 None => {
