@@ -27,6 +27,8 @@ pub struct Record {
     pub client: HeaderValue,
     pub request_id: HeaderValue,
     pub started: Instant,
+    /// `bext dev`: what the cache would have done (its `Cache-Status`).
+    pub cache: Option<HeaderValue>,
 }
 
 impl Record {
@@ -118,6 +120,10 @@ impl Record {
             line.extend_from_slice(self.client.as_bytes());
             line.extend_from_slice(br#"","request_id":""#);
             line.extend_from_slice(self.request_id.as_bytes());
+            if let Some(cache) = &self.cache {
+                line.extend_from_slice(br#"","cache":""#);
+                push_json(line, cache.as_bytes());
+            }
             line.extend_from_slice(if complete {
                 b"\",\"complete\":true}\n"
             } else {
@@ -129,6 +135,22 @@ impl Record {
             let mut duration = Vec::with_capacity(12);
             millis(&mut duration, micros);
             let text = |b: &[u8]| String::from_utf8_lossy(b).escape_debug().to_string();
+            if let Some(cache) = &self.cache {
+                // `bext dev`: short, with the cache's decision beside it.
+                let cache = String::from_utf8_lossy(cache.as_bytes());
+                let decision = cache
+                    .split_once("detail=preview; ")
+                    .map_or(cache.as_ref(), |(_, d)| d)
+                    .replace("; ", " ");
+                let _ = writeln!(
+                    line,
+                    "  INFO bext::access: {} {} {status} {}ms  cache: {decision}",
+                    self.method,
+                    text(path),
+                    String::from_utf8_lossy(&duration),
+                );
+                return;
+            }
             let _ = writeln!(
                 line,
                 "  INFO bext::access: {} {} {status} app={} host={} bytes={bytes} duration_ms={} worker={worker} client={} request_id={} complete={complete}",
@@ -321,6 +343,7 @@ mod tests {
             client: HeaderValue::from_static("10.0.0.7"),
             request_id: HeaderValue::from_static("r-1"),
             started: Instant::now() - std::time::Duration::from_micros(1_234_567),
+            cache: None,
         };
         let line = record.format(42, true, true);
         assert_eq!(line.last(), Some(&b'\n'));

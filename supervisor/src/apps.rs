@@ -4,6 +4,7 @@
 //! limiter, and the [`AppService`] that answers its requests. Stopping
 //! drains its requests before its workers.
 
+use std::io::IsTerminal;
 use std::num::NonZeroU32;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,17 @@ pub struct AppSettings {
     /// `BEXT_PURGE_TOKEN`). Multi-app mode has none: each app's token is
     /// its own, so a token for one app purges no other.
     pub purge_token_override: Option<String>,
+    /// `bext dev`: the app's development server, no build, and the cache
+    /// in preview unless asked for.
+    pub dev: Option<DevMode>,
+}
+
+/// How `bext dev` runs an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevMode {
+    /// `--cache`: the real cache; otherwise every request reaches the app
+    /// and says what the cache would have done with its response.
+    pub cache: bool,
 }
 
 impl AppSettings {
@@ -107,6 +119,7 @@ pub struct RunningApp {
     metrics: Arc<Metrics>,
     /// This start's registration with `metrics`.
     metrics_id: u64,
+    watches_itself: bool,
     app: App,
 }
 
@@ -166,9 +179,28 @@ impl RunningApp {
             )
             .await?;
         }
-        app::prepare(&app, settings.force_build, user, settings.build_timeout).await?;
+        if settings.dev.is_some() {
+            // No production build: the development server builds as it
+            // serves. Dependencies still get installed when missing.
+            app::prepare_install(&app, user, settings.build_timeout).await?;
+        } else {
+            app::prepare(&app, settings.force_build, user, settings.build_timeout).await?;
+        }
+        let (start, watches_itself) = match settings.dev {
+            Some(_) if app.engine.is_some() => {
+                let dev = app.dev_start()?;
+                (Some(dev.start), dev.watches)
+            }
+            _ if app.engine.is_some() => (Some(app.start()?), false),
+            _ => (None, false),
+        };
 
-        let mounts = app.mounts();
+        let mut mounts = app.mounts();
+        if settings.dev.is_some() {
+            // A production build's hashed assets (`.next/static`) are not
+            // what the development server serves.
+            mounts.retain(|m| !m.immutable);
+        }
         for mount in &mounts {
             info!(app = %app.name, "serving {} at {}", mount.root.display(), mount.prefix);
         }
@@ -191,14 +223,20 @@ impl RunningApp {
                 };
                 let adapters =
                     bext_worker::adapter::install(runtime_dir.path()).map_err(dir_error)?;
+                let start = start.as_ref().ok_or(crate::app::StartError::Static)?;
                 let plan = LaunchPlan::new(
-                    &app.start()?,
+                    start,
                     &app.dir,
                     adapters.clone(),
                     config.isolate.memory_limit,
                     app.env.clone(),
                     settings.user.clone(),
                 )?;
+                let raw_output = settings.dev.is_some() && std::io::stderr().is_terminal();
+                let plan = match settings.dev {
+                    Some(_) => plan.for_dev(pool::DevLaunch { colour: raw_output }),
+                    None => plan,
+                };
                 let (socket_dir, peer_uids) =
                     socket_dir(runtime_dir.path(), &adapters, &plan, user).map_err(dir_error)?;
                 let memory = config
@@ -225,6 +263,8 @@ impl RunningApp {
                     stop_timeout: DEFAULT_STOP_TIMEOUT,
                     drain_timeout: config.server.shutdown_grace,
                     max_inflight: config.isolate.max_inflight.get() as usize,
+                    dev: settings.dev.is_some(),
+                    raw_output,
                 });
                 match gate {
                     Gate::AnyReady => {
@@ -294,8 +334,15 @@ impl RunningApp {
             _runtime_dir: runtime_dir,
             metrics,
             metrics_id,
+            watches_itself,
             app,
         })
+    }
+
+    /// `bext dev`: the app's own command watches its files (`next dev`, a
+    /// `dev` script), so bext does not restart it on changes.
+    pub fn watches_itself(&self) -> bool {
+        self.watches_itself
     }
 
     /// The request path to route to.
@@ -562,10 +609,6 @@ fn build_service(
     // Edge mode: one Redis link per app, for its cache's L2 and its rate
     // limit, namespaced by the platform's app name, or in single-app mode
     // by the package's name (the same for every instance of one site,
-    // whatever directory each runs from), else the directory's.
-    // Edge mode: one Redis link per app, for its cache's L2 and its rate
-    // limit, namespaced by the platform's app name, or in single-app mode
-    // by the package's name (the same for every instance of one site,
     // whatever directory each runs from), else the directory's. A cache or
     // limiter carried over keeps its link (Redis's settings apply at a
     // restart).
@@ -588,9 +631,13 @@ fn build_service(
                     .ok()
             })
     });
+    // `bext dev` without `--cache`: nothing is cached, every answer says
+    // what would have been.
+    let preview = (config.isr.enabled && proxy.is_some() && settings.dev.is_some_and(|d| !d.cache))
+        .then(|| Arc::new(config.isr.clone()));
     // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
-        (config.isr.enabled && proxy.is_some()).then(|| {
+        (config.isr.enabled && proxy.is_some() && preview.is_none()).then(|| {
             let cache = Arc::new(
                 IsrCache::tiered(
                     config.isr.clone(),
@@ -648,6 +695,7 @@ fn build_service(
         access_log: config.server.access_log,
         compression: config.compression,
         inflight: Arc::new(AtomicUsize::new(0)),
+        preview,
     };
     // Single-app HTTPS (`[server.tls] hsts`); in multi-app mode the
     // platform sets it from `[apps.NAME.tls]`.

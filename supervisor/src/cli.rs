@@ -1,4 +1,4 @@
-//! Command-line interface: `bext run`, `bext check`.
+//! Command-line interface: `bext run`, `bext serve`, `bext check`, `bext dev`.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -43,6 +43,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate the config (and detect the app) without starting anything.
     Check(CheckArgs),
+    /// Develop the app in DIR behind bext: its development server (`next
+    /// dev`, a `dev` script) or its start command restarted on every
+    /// change, bext.config.toml applied as you save it, and every answer
+    /// saying what the cache would do with it in production.
+    Dev(DevArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +71,27 @@ pub struct RunArgs {
     /// Run the app's build even if it looks built.
     #[arg(long)]
     pub build: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The app directory.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+
+    /// Config file (default: DIR/bext.config.toml, if it exists).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+
+    /// Listen address, overriding [server] listen (port 0 picks a free port).
+    #[arg(long, short)]
+    pub listen: Option<SocketAddr>,
+
+    /// Use the cache for real (by default every request reaches the app,
+    /// and its answer says what the cache would have done: a Cache-Status
+    /// with detail=preview).
+    #[arg(long)]
+    pub cache: bool,
 }
 
 #[derive(Debug, Args)]

@@ -59,6 +59,7 @@ pub async fn run(
                 env
             },
             listen_fd: None,
+            listen_fd_at: bext_worker::LISTEN_FD,
             join_cgroup: None,
             credentials: None,
         };

@@ -20,6 +20,7 @@ pub mod compress;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod dev;
 pub mod hooks;
 pub mod listener;
 pub mod logring;

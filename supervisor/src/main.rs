@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => daemon(cli.log_format, cli.threads, |shards| {
             bext::serve::serve(args, shards)
         }),
+        Command::Dev(args) => daemon(cli.log_format, cli.threads, |shards| {
+            bext::dev::dev(args, shards)
+        }),
     }
 }
 

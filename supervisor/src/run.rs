@@ -189,6 +189,7 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)
             .ok()
             .filter(|t| !t.is_empty()),
+        dev: None,
     };
     let metrics = Arc::new(Metrics::new());
     if let Some((certificates, _, _, _)) = &tls {

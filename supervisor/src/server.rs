@@ -54,6 +54,9 @@ pub struct AppService {
     pub hsts: arc_swap::ArcSwapOption<HeaderValue>,
     /// `[compression]`: what the app sends is compressed here.
     pub compression: compress::Settings,
+    /// `bext dev` (without `--cache`): no cache, but every answer says what
+    /// it would have done ([`crate::cache::preview`]).
+    pub preview: Option<Arc<crate::config::IsrConfig>>,
 }
 
 /// Counts a request as in flight until its response body is done.
@@ -164,12 +167,20 @@ impl AppService {
             Some(cache) => cache.handle(req, &fill, accepted).await,
             None => {
                 let head = req.method() == http::Method::HEAD;
+                let preview = self
+                    .preview
+                    .as_deref()
+                    .map(|settings| crate::cache::preview::Preview::of(settings, &req));
                 if self.compression.enabled {
                     compress::ask_identity(req.headers_mut());
                 }
                 // Boxed: the fetch is large, and a cached app's requests
                 // must not carry its room.
                 let mut response = Box::pin(fill.fetch(req)).await;
+                if let Some(preview) = preview {
+                    let status = response.status();
+                    preview.mark(status, response.headers_mut());
+                }
                 compress::compress_streamed(&self.compression, &accepted, &mut response, head);
                 response
             }
@@ -229,6 +240,7 @@ impl Handler for AppService {
             },
             request_id: HeaderValue::from_static(""),
             started,
+            cache: None,
         });
         let client = ClientInfo {
             peer,
@@ -248,6 +260,9 @@ impl Handler for AppService {
         }
         self.counters.count(response.status());
         let record = record.map(|mut r| {
+            if self.preview.is_some() {
+                r.cache = response.headers().get(respond::CACHE_STATUS).cloned();
+            }
             r.status = response.status();
             r.worker = worker;
             r.request_id = request_id;

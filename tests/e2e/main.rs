@@ -11,6 +11,7 @@ mod apps;
 mod cache;
 mod compression;
 mod control;
+mod dev;
 mod edge;
 mod errors;
 mod hardening;

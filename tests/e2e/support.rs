@@ -124,6 +124,11 @@ impl Bext {
         Bext::launch(&[OsStr::new("run"), dir.as_os_str()], options)
     }
 
+    /// `bext dev DIR --listen 127.0.0.1:0 ARGS`.
+    pub fn dev(dir: &Path, options: &Options) -> Bext {
+        Bext::launch(&[OsStr::new("dev"), dir.as_os_str()], options)
+    }
+
     /// `bext serve --config FILE --listen 127.0.0.1:0 ARGS`.
     pub fn serve(config: &Path, options: &Options) -> Bext {
         Bext::launch(

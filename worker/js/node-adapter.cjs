@@ -11,13 +11,21 @@
   if (!Number.isInteger(fd) || fd < 0 || !token) return;
 
   // Processes the app spawns must not inherit the adapter or the descriptor.
-  delete process.env.BEXT_LISTEN_FD;
-  delete process.env.BEXT_READY_TOKEN;
-  if (process.env.NODE_OPTIONS) {
-    process.env.NODE_OPTIONS = process.env.NODE_OPTIONS
-      .replace(/--require(=|\s+)("[^"]*node-adapter\.cjs"|\S*node-adapter\.cjs)/g, '')
-      .trim();
+  // Under `bext dev` they do until one of them listens: a development server
+  // (`next dev`, `node --watch`) is a parent that watches and a child that
+  // serves, restarted by the parent.
+  function forget() {
+    delete process.env.BEXT_LISTEN_FD;
+    delete process.env.BEXT_READY_TOKEN;
+    delete process.env.BEXT_ADAPTER_PASS_DOWN;
+    if (process.env.NODE_OPTIONS) {
+      process.env.NODE_OPTIONS = process.env.NODE_OPTIONS
+        .replace(/--require(=|\s+)("[^"]*node-adapter\.cjs"|\S*node-adapter\.cjs)/g, '')
+        .trim();
+    }
   }
+  const passDown = process.env.BEXT_ADAPTER_PASS_DOWN === '1';
+  if (!passDown) forget();
 
   const fs = require('fs');
   const net = require('net');
@@ -51,6 +59,7 @@
       return listen.apply(this, args);
     }
     taken = true;
+    if (passDown) forget();
     // Node reports no address for a server listening on an inherited
     // descriptor; apps (Hono's serve callback, Next's startup log) read
     // `address().port`, so report the port the app asked for.

@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 pub const ENV_LISTEN_FD: &str = "BEXT_LISTEN_FD";
 /// Environment variable holding the readiness token.
 pub const ENV_READY_TOKEN: &str = "BEXT_READY_TOKEN";
+/// Set to `1`: the Node adapter is inherited by the app's child processes
+/// until one of them listens (`bext dev`: `next dev`, `node --watch`).
+pub const ENV_PASS_DOWN: &str = "BEXT_ADAPTER_PASS_DOWN";
 
 const NODE_ADAPTER: &str = include_str!("../js/node-adapter.cjs");
 const DENO_ADAPTER: &str = include_str!("../js/deno-adapter.mjs");

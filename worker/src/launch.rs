@@ -14,6 +14,10 @@ use std::process::Stdio;
 
 /// The descriptor number at which a worker finds its listening socket.
 pub const LISTEN_FD: RawFd = 3;
+/// Where a worker whose processes pass the socket down to a child (`bext
+/// dev`: `next dev`, `node --watch`) finds it: out of the way of the
+/// descriptors Node gives its children (stdio, then the IPC channel at 3).
+pub const HIGH_LISTEN_FD: RawFd = 64;
 
 /// What to run and how.
 #[derive(Debug)]
@@ -24,8 +28,11 @@ pub struct LaunchSpec<'a> {
     /// The child's whole environment (later entries win): nothing of the
     /// supervisor's reaches it unless listed here (see [`crate::env`]).
     pub env: Vec<(OsString, OsString)>,
-    /// Becomes [`LISTEN_FD`] in the child. The caller keeps ownership.
+    /// Becomes descriptor `listen_fd_at` in the child. The caller keeps
+    /// ownership.
     pub listen_fd: Option<BorrowedFd<'a>>,
+    /// [`LISTEN_FD`], or [`HIGH_LISTEN_FD`].
+    pub listen_fd_at: RawFd,
     /// A cgroup's `cgroup.procs` file: the child joins that group before
     /// it execs, so the app and everything it spawns are in it.
     pub join_cgroup: Option<std::ffi::CString>,
@@ -66,6 +73,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
 
     let supervisor = std::process::id() as libc::pid_t;
     let listen_fd = spec.listen_fd.map(|fd| fd.as_raw_fd());
+    let listen_fd_at = spec.listen_fd_at;
     let join_cgroup = spec.join_cgroup.clone();
     let credentials = spec.credentials;
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -118,13 +126,13 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> Result<tokio::process::Child, LaunchError
                 libc::_exit(1);
             }
             if let Some(fd) = listen_fd {
-                if fd == LISTEN_FD {
+                if fd == listen_fd_at {
                     // dup2 onto itself would keep FD_CLOEXEC: clear it.
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(io::Error::last_os_error());
                     }
-                } else if libc::dup2(fd, LISTEN_FD) < 0 {
+                } else if libc::dup2(fd, listen_fd_at) < 0 {
                     // dup2 leaves the new descriptor without FD_CLOEXEC.
                     return Err(io::Error::last_os_error());
                 }
@@ -160,6 +168,7 @@ mod tests {
             cwd: dir.path().to_path_buf(),
             env: crate::env::from_supervisor(false),
             listen_fd: Some(listener.as_fd()),
+            listen_fd_at: LISTEN_FD,
             join_cgroup: None,
             credentials: None,
         };

@@ -18,4 +18,4 @@ pub mod env;
 pub mod launch;
 pub mod socket;
 
-pub use launch::{Credentials, LISTEN_FD, LaunchError, LaunchSpec, spawn};
+pub use launch::{Credentials, HIGH_LISTEN_FD, LISTEN_FD, LaunchError, LaunchSpec, spawn};

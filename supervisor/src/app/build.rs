@@ -62,6 +62,20 @@ pub async fn prepare(
     Ok(())
 }
 
+/// `bext dev`'s preparation: the install, when dependencies are missing
+/// (said in the log), and no build.
+pub async fn prepare_install(
+    app: &App,
+    user: Option<&AppUser>,
+    timeout: Duration,
+) -> Result<(), BuildError> {
+    if let Some(step) = app.install_step()? {
+        info!(app = %app.name, "node_modules is missing: installing the dependencies first");
+        run(app, "install", &step, user, timeout).await?;
+    }
+    Ok(())
+}
+
 async fn run(
     app: &App,
     phase: &'static str,
@@ -89,6 +103,7 @@ async fn run(
             cwd: app.dir.clone(),
             env,
             listen_fd: None,
+            listen_fd_at: bext_worker::LISTEN_FD,
             join_cgroup: None,
             credentials: None,
         };

@@ -9,9 +9,9 @@ pub mod build;
 pub mod detect;
 mod start;
 
-pub use build::{BuildError, prepare};
+pub use build::{BuildError, prepare, prepare_install};
 pub use detect::{App, DetectError, Step, detect};
-pub use start::{Start, StartError};
+pub use start::{DevStart, Start, StartError};
 
 /// Makes `spec` run as `user` (its uid, its group, its home), when set.
 pub fn run_as(

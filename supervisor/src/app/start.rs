@@ -31,6 +31,24 @@ pub enum Start {
     },
 }
 
+/// What `bext dev` runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevStart {
+    pub start: Start,
+    /// The command watches the app's files and restarts (or hot-reloads)
+    /// by itself; otherwise bext restarts it on changes.
+    pub watches: bool,
+}
+
+impl DevStart {
+    fn watched(start: Start) -> Self {
+        DevStart {
+            start,
+            watches: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("could not parse the start command `{command}`: {reason}")]
@@ -176,16 +194,50 @@ impl App {
         is_javascript(&target).then_some(target)
     }
 
+    /// What `bext dev` runs: the framework's development server, else the
+    /// app's `dev` script (package.json) or task (deno.json), both of which
+    /// watch the app's files themselves; else the production start command,
+    /// restarted by bext when a file changes.
+    pub fn dev_start(&self) -> Result<DevStart, StartError> {
+        let own = |start| DevStart {
+            start,
+            watches: true,
+        };
+        match (self.framework, self.engine) {
+            (Framework::Static, _) | (_, None) => Err(StartError::Static),
+            (_, Some(Engine::Deno)) => match self.deno_task("dev") {
+                Some(task) => self.deno_run(Some(task)).map(own),
+                None => self.start().map(DevStart::watched),
+            },
+            (Framework::Nextjs, _) => Ok(own(node(
+                self.dir.join("node_modules/next/dist/bin/next"),
+                vec!["dev".into()],
+            ))),
+            _ => match self.package().and_then(|p| script(p, "dev")) {
+                Some(command) => self.node_command(command).map(own),
+                None => self.start().map(DevStart::watched),
+            },
+        }
+    }
+
+    /// A deno.json task: a string or `{ "command": "..." }`.
+    fn deno_task(&self, name: &str) -> Option<String> {
+        let task = self.deno_config.as_ref()?.get("tasks")?.get(name)?;
+        task.as_str()
+            .or_else(|| task.get("command")?.as_str())
+            .map(str::to_string)
+    }
+
     fn deno_start(&self) -> Result<Start, StartError> {
-        let task = self.start_override.clone().or_else(|| {
-            let tasks = self.deno_config.as_ref()?.get("tasks")?;
-            let start = tasks.get("start")?;
-            // A task is a string or { "command": "..." }.
-            start
-                .as_str()
-                .or_else(|| start.get("command")?.as_str())
-                .map(str::to_string)
-        });
+        self.deno_run(
+            self.start_override
+                .clone()
+                .or_else(|| self.deno_task("start")),
+        )
+    }
+
+    /// `deno run [flags] <entry>` from `task`, else the usual entry files.
+    fn deno_run(&self, task: Option<String>) -> Result<Start, StartError> {
         if let Some(task) = task {
             let words = shell_words::split(&task).map_err(|e| StartError::Parse {
                 command: task.clone(),

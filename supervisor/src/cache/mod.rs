@@ -26,6 +26,7 @@ pub mod wire;
 pub type KeyHasher = std::collections::hash_map::RandomState;
 pub mod object;
 pub mod policy;
+pub mod preview;
 pub mod respond;
 pub mod store;
 
@@ -477,10 +478,7 @@ impl<S: Store> IsrCache<S> {
     }
 
     fn rule_for(&self, path: &str) -> Option<&RouteRule> {
-        self.settings
-            .route_rules
-            .iter()
-            .find(|r| r.path.matcher.is_match(path))
+        policy::rule_for(&self.settings, path)
     }
 
     /// Answers `req` from the cache, or through `fill`, compressed for a

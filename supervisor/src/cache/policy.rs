@@ -151,6 +151,14 @@ pub struct Lifetime {
     pub stale_if_error: Duration,
 }
 
+/// The first `[[route_rules]]` entry for `path`.
+pub fn rule_for<'a>(settings: &'a IsrConfig, path: &str) -> Option<&'a RouteRule> {
+    settings
+        .route_rules
+        .iter()
+        .find(|r| r.path.matcher.is_match(path))
+}
+
 /// Why a request does not use the cache.
 pub fn request_bypass(
     method: &Method,

@@ -538,6 +538,7 @@ fn app_settings(
         user: entry.user.clone(),
         confined: true,
         purge_token_override: None,
+        dev: None,
     })
 }
 

@@ -24,7 +24,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use plan::{ENV_DENO, ENV_NODE, LaunchPlan, PlanError};
+pub use plan::{DevLaunch, ENV_DENO, ENV_NODE, LaunchPlan, PlanError};
 pub use supervise::{PoolHandle, rss_bytes, start};
 
 use crate::config::MemorySize;
@@ -68,6 +68,13 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
     /// Requests one worker is given at once.
     pub max_inflight: usize,
+    /// `bext dev`: a worker that crashes or fails to start is not
+    /// restarted until the next change ([`PoolHandle::recycle_all`]);
+    /// meanwhile requests are told why at once ([`Pool::down`]).
+    pub dev: bool,
+    /// The workers' output goes to stderr as it is (colours and all), not
+    /// through the log.
+    pub raw_output: bool,
 }
 
 /// Where a worker is in its life.
@@ -181,6 +188,10 @@ pub struct Pool {
     /// Failed starts and crashes since a worker last stayed up for
     /// [`STABLE_AFTER`]: a crash loop shows as a growing number.
     failures_in_a_row: AtomicU64,
+    /// `bext dev`: why the app is not running (it crashed or failed to
+    /// start, and waits for a change): requests get this at once instead
+    /// of waiting for a worker.
+    down: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 /// A worker as reported by health checks and logs.
@@ -205,6 +216,21 @@ impl Pool {
             failed_starts: AtomicU64::new(0),
             last_failure: std::sync::Mutex::new(None),
             failures_in_a_row: AtomicU64::new(0),
+            down: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `bext dev`: why the app is not running, while it waits for a change.
+    pub fn down(&self) -> Option<Arc<str>> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Marks the app down (waking the requests that wait for a worker, to
+    /// be told why) or up again.
+    fn set_down(&self, why: Option<&str>) {
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = why.map(Arc::from);
+        if why.is_some() {
+            self.changed.notify_waiters();
         }
     }
 
@@ -262,6 +288,9 @@ impl Pool {
             notified.as_mut().enable();
             if let Some(lease) = self.try_acquire(exclude) {
                 break Some(lease);
+            }
+            if self.down().is_some() {
+                break None;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break None;
@@ -406,6 +435,33 @@ mod tests {
             .expect("woken")
             .expect("task");
         assert!(lease.is_some(), "the freed room went to the waiter");
+    }
+
+    /// `bext dev`: a pool marked down answers the waiting requests at once
+    /// (they are told why), and waits again once it is up.
+    #[tokio::test]
+    async fn a_down_pool_wakes_its_waiters_at_once() {
+        let pool = Arc::new(Pool::new("t", 1, 8));
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(30), None).await })
+        };
+        tokio::task::yield_now().await;
+        pool.set_down(Some("SyntaxError"));
+        let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken before its 30 s")
+            .expect("task");
+        assert!(lease.is_none());
+        assert_eq!(pool.down().as_deref(), Some("SyntaxError"));
+        pool.set_down(None);
+        assert!(pool.down().is_none());
+        assert!(
+            pool.acquire(Duration::from_millis(20), None)
+                .await
+                .is_none(),
+            "up again, it waits for a worker"
+        );
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use bext_worker::LaunchSpec;
-use bext_worker::adapter::{self, Adapters, ENV_LISTEN_FD, ENV_READY_TOKEN};
+use bext_worker::adapter::{self, Adapters, ENV_LISTEN_FD, ENV_PASS_DOWN, ENV_READY_TOKEN};
 
 use crate::app::Start;
 use crate::config::MemorySize;
@@ -37,6 +37,16 @@ pub struct LaunchPlan {
     app_env: Vec<(String, String)>,
     /// Workers run as this user, when set.
     user: Option<crate::config::platform::AppUser>,
+    /// `bext dev`: a development environment, and colours when bext's own
+    /// output is a terminal.
+    dev: Option<DevLaunch>,
+}
+
+/// How `bext dev` launches workers differently.
+#[derive(Debug, Clone, Copy)]
+pub struct DevLaunch {
+    /// The app may colour its output (bext shows it on a terminal).
+    pub colour: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -96,13 +106,30 @@ impl LaunchPlan {
             memory_limit,
             app_env,
             user,
+            dev: None,
         })
+    }
+
+    /// For `bext dev`: `NODE_ENV=development` (unless bext's environment
+    /// says otherwise), the adapter passed down to the child that serves.
+    pub fn for_dev(mut self, dev: DevLaunch) -> Self {
+        self.dev = Some(dev);
+        self
     }
 
     /// Whether workers get the listening socket as a descriptor (Node) or
     /// bind the path themselves (Deno).
     pub fn inherits_socket(&self) -> bool {
         !matches!(self.kind, Kind::Deno { .. })
+    }
+
+    /// Where workers find their socket: out of the way of what Node gives
+    /// its children when the adapter is passed down to one.
+    fn listen_fd_at(&self) -> std::os::fd::RawFd {
+        match self.dev {
+            Some(_) => bext_worker::HIGH_LISTEN_FD,
+            None => bext_worker::LISTEN_FD,
+        }
     }
 
     /// The command line, for the log.
@@ -136,7 +163,18 @@ impl LaunchPlan {
         // then bext's per-launch ones, which win.
         let mut env = bext_worker::env::from_supervisor(false);
         if !env.iter().any(|(k, _)| k == "NODE_ENV") {
-            env.push(("NODE_ENV".into(), "production".into()));
+            let mode = if self.dev.is_some() {
+                "development"
+            } else {
+                "production"
+            };
+            env.push(("NODE_ENV".into(), mode.into()));
+        }
+        if let Some(dev) = self.dev {
+            env.push((ENV_PASS_DOWN.into(), "1".into()));
+            if dev.colour {
+                env.push(("FORCE_COLOR".into(), "1".into()));
+            }
         }
         env.extend(
             self.app_env
@@ -150,10 +188,7 @@ impl LaunchPlan {
         ]);
         let (program, args) = match &self.kind {
             Kind::Node { .. } | Kind::Shell { .. } => {
-                env.push((
-                    ENV_LISTEN_FD.into(),
-                    bext_worker::LISTEN_FD.to_string().into(),
-                ));
+                env.push((ENV_LISTEN_FD.into(), self.listen_fd_at().to_string().into()));
                 env.push(("NODE_OPTIONS".into(), self.node_options().into()));
                 match &self.kind {
                     Kind::Node {
@@ -202,6 +237,7 @@ impl LaunchPlan {
             cwd: self.cwd.clone(),
             env,
             listen_fd,
+            listen_fd_at: self.listen_fd_at(),
             join_cgroup: None,
             credentials: None,
         };

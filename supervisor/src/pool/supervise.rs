@@ -213,6 +213,8 @@ struct Instance {
     span: Span,
     /// The worker's own cgroup, when the kernel enforces memory limits.
     group: Option<WorkerGroup>,
+    /// The tasks forwarding its stdout and stderr (they end at EOF).
+    output: Vec<tokio::task::JoinHandle<()>>,
 }
 
 enum Startup {
@@ -262,9 +264,13 @@ impl Slot {
                         }
                         Startup::Exited(status) => {
                             let why = format!("worker exited before it was ready ({})", describe(status));
-                            error!(parent: &instance.span, "{why}");
                             kill_group(instance.pgid, Signal::SIGKILL);
-                            Err(why)
+                            if self.config.dev {
+                                Err(report(&self.config.app, &mut instance, why).await)
+                            } else {
+                                error!(parent: &instance.span, "{why}");
+                                Err(why)
+                            }
                         }
                         Startup::TimedOut => {
                             let why = format!(
@@ -285,7 +291,13 @@ impl Slot {
                 let mut instance = match started {
                     Ok(instance) => instance,
                     Err(why) => {
-                        self.pool.start_failed(why);
+                        self.pool.start_failed(why.clone());
+                        if self.config.dev {
+                            if !self.wait_for_change(&why).await {
+                                break;
+                            }
+                            continue;
+                        }
                         if !self.pause(next_delay(&mut backoff)).await {
                             break;
                         }
@@ -295,6 +307,7 @@ impl Slot {
 
                 instance.worker.set_state(WorkerState::Ready);
                 self.pool.publish(self.index, Some(Arc::clone(&instance.worker)));
+                self.pool.set_down(None);
                 info!(parent: &instance.span, "worker ready");
                 let mut up_since = Instant::now();
                 let stable = tokio::time::sleep(STABLE_AFTER);
@@ -323,6 +336,13 @@ impl Slot {
                             }
                             self.pool.restarts.fetch_add(1, Ordering::Relaxed);
                             self.pool.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+                            if self.config.dev {
+                                let why = report(&self.config.app, &mut instance, format!("the app exited ({status})")).await;
+                                if !self.wait_for_change(&why).await {
+                                    break 'launch;
+                                }
+                                continue 'launch;
+                            }
                             if up_since.elapsed() >= STABLE_AFTER {
                                 backoff = new_backoff();
                             }
@@ -351,6 +371,10 @@ impl Slot {
                         }
                         _ = idle_sweep.tick() => instance.worker.upstream().close_idle(),
                         Ok(()) = self.recycle.changed() => {
+                            if self.config.dev {
+                                self.restart_for_change(instance).await;
+                                continue 'launch;
+                            }
                             info!(parent: &instance.span, "restart requested: replacing the worker (new one first)");
                             instance = self.recycle(&mut socket, instance).await;
                             up_since = Instant::now();
@@ -418,26 +442,28 @@ impl Slot {
         let _enter = span.enter();
         info!("worker starting: {}", self.config.plan.describe());
         let index = self.index;
+        let raw = self.config.raw_output;
+        let mut output = Vec::with_capacity(2);
         if let Some(stdout) = child.stdout.take() {
             let mut ready_tx = Some(ready_tx);
             let logs = crate::logring::for_app(&self.config.app);
-            output::forward(stdout, move |line| {
+            output.push(output::forward(stdout, move |line| {
                 if line.contains(&token) {
                     if let Some(tx) = ready_tx.take() {
                         let _ = tx.send(());
                     }
                 } else {
-                    info!(target: "bext::app", stream = "stdout", "{line}");
+                    app_line(raw, "stdout", line);
                     logs.push(index, pid, "stdout", line);
                 }
-            });
+            }));
         }
         if let Some(stderr) = child.stderr.take() {
             let logs = crate::logring::for_app(&self.config.app);
-            output::forward(stderr, move |line| {
-                info!(target: "bext::app", stream = "stderr", "{line}");
+            output.push(output::forward(stderr, move |line| {
+                app_line(raw, "stderr", line);
                 logs.push(index, pid, "stderr", line);
-            });
+            }));
         }
         drop(_enter);
         Ok(Instance {
@@ -447,6 +473,7 @@ impl Slot {
             ready: Some(ready_rx),
             span,
             group,
+            output,
         })
     }
 
@@ -540,6 +567,40 @@ impl Slot {
         stop_instance(instance, self.config.stop_timeout, &self.kill).await;
     }
 
+    /// `bext dev`, after a crash or a failed start: says why (once), tells
+    /// requests so, and waits for the next change. False on shutdown.
+    async fn wait_for_change(&mut self, why: &str) -> bool {
+        // The app's own output is in the log already: the first line says
+        // what happened; the answers to requests carry the rest.
+        let first = why.lines().next().unwrap_or(why);
+        error!("{first}; waiting for a change to start it again");
+        self.pool.set_down(Some(why));
+        tokio::select! {
+            changed = self.recycle.changed() => {
+                info!("change seen: starting the app again");
+                // Requests wait for the new worker from now on.
+                self.pool.set_down(None);
+                changed.is_ok()
+            }
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// `bext dev`, after a change: new requests wait while the worker's
+    /// running ones get [`DEV_DRAIN`] to finish; then it stops, and the
+    /// slot launches the new code on the same socket.
+    async fn restart_for_change(&self, old: Instance) {
+        info!(parent: &old.span, "change seen: restarting the app");
+        self.pool.publish(self.index, None);
+        old.worker.set_state(WorkerState::Draining);
+        let deadline = Instant::now() + DEV_DRAIN;
+        while old.worker.inflight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.pool.restarts.fetch_add(1, Ordering::Relaxed);
+        self.stop(old).await;
+    }
+
     /// Sleeps for `delay`; false if shutdown came first.
     async fn pause(&self, delay: Duration) -> bool {
         tokio::select! {
@@ -547,6 +608,54 @@ impl Slot {
             _ = self.shutdown.cancelled() => false,
         }
     }
+}
+
+/// `bext dev`: how long requests running on a worker get to finish when a
+/// change restarts it (a stream or WebSocket is cut after this).
+const DEV_DRAIN: Duration = Duration::from_millis(500);
+
+/// Lines of a failed worker's output that `bext dev` shows with its error.
+const REPORT_LINES: usize = 40;
+
+/// One line of a worker's output, to the log (or as it is, to stderr).
+fn app_line(raw: bool, stream: &'static str, line: &str) {
+    if raw {
+        #[allow(
+            clippy::print_stderr,
+            reason = "bext dev shows the app's own output as it is"
+        )]
+        {
+            eprintln!("{line}");
+        }
+    } else {
+        info!(target: "bext::app", stream, "{line}");
+    }
+}
+
+/// `why`, with the last lines the worker wrote (its stack trace, the
+/// syntax error), once its output has been read to the end.
+async fn report(app: &str, instance: &mut Instance, why: String) -> String {
+    for task in instance.output.drain(..) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    let pid = instance.worker.pid;
+    let logs = crate::logring::for_app(app);
+    let lines: Vec<_> = logs
+        .tail(crate::logring::MAX_LINES)
+        .into_iter()
+        .filter(|l| l.pid == pid)
+        .collect();
+    let mut text = why;
+    let skip = lines.len().saturating_sub(REPORT_LINES);
+    if !lines.is_empty() {
+        text.push_str("\n\nits last output:\n");
+    }
+    for line in &lines[skip..] {
+        text.push_str("  ");
+        text.push_str(&line.text);
+        text.push('\n');
+    }
+    text
 }
 
 /// SIGTERM to the worker's process group; SIGKILL if it is still there after

@@ -16,6 +16,10 @@ use crate::pool::upstream::UpstreamError;
 pub enum ProxyError {
     #[error("no worker became ready within {0:?}")]
     NoReadyWorker(Duration),
+    /// `bext dev`: the app crashed or failed to start, and waits for a
+    /// change; why (with its last output) is the developer's to see.
+    #[error("the app is not running: {0}")]
+    Down(std::sync::Arc<str>),
     #[error("worker {worker}: {}", chain(source))]
     Connect {
         worker: usize,
@@ -68,7 +72,7 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoReadyWorker(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoReadyWorker(_) | ProxyError::Down(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Connect { .. } | ProxyError::Closed { .. } | ProxyError::Invalid { .. } => {
@@ -80,6 +84,21 @@ impl ProxyError {
     /// The response the client sees; the error itself goes to the log.
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         let status = self.status();
+        if let ProxyError::Down(why) = &self {
+            // Said once in the log when it happened; every request shows it.
+            let mut response = Response::new(body::full(format!(
+                "503 service unavailable: the app is not running (bext dev)\n\n{why}\n\n\
+                 Save a change to the app and bext starts it again.\n"
+            )));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return response;
+        }
         tracing::warn!(
             request_id,
             status = status.as_u16(),

@@ -135,11 +135,15 @@ impl Proxy {
         loop {
             attempt += 1;
             let lease = match retrying.take() {
-                None => self
-                    .pool
-                    .acquire(self.queue_timeout, None)
-                    .await
-                    .ok_or(ProxyError::NoReadyWorker(self.queue_timeout))?,
+                None => match self.pool.acquire(self.queue_timeout, None).await {
+                    Some(lease) => lease,
+                    None => {
+                        return Err(match self.pool.down() {
+                            Some(why) => ProxyError::Down(why),
+                            None => ProxyError::NoReadyWorker(self.queue_timeout),
+                        });
+                    }
+                },
                 // A retry goes to another worker that is ready now, or not
                 // at all: waiting would only add to the failure.
                 Some((failed, error)) => match self.pool.try_acquire(Some(failed)) {

@@ -1,0 +1,480 @@
+//! `bext dev`: the single-app server while the app is being written.
+//!
+//! The app runs as under `bext run`, with three differences: its worker
+//! runs the development server (`next dev`, a `dev` script or task) or,
+//! for an app without one, its start command restarted by bext whenever a
+//! file changes ([`Watch`]); a crash waits for the next change instead of
+//! restarting in a loop, and requests are told why (`crate::pool`); and
+//! the cache is in preview (`crate::cache::preview`) unless `--cache`.
+//! `bext.config.toml` is read again when saved: a mistake is logged with
+//! its place and the running config kept.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::apps::{AppSettings, DevMode, Gate, RunningApp, default_runtime_base};
+use crate::body::Body;
+use crate::cli::DevArgs;
+use crate::config::{CONFIG_FILE_NAME, Config, ConfigError, ENV_PURGE_TOKEN};
+use crate::listener::{Handler, Peer, Shutdown};
+use crate::metrics::Metrics;
+use crate::run::{RunError, load_config, watch_signals};
+use crate::server::AppService;
+use crate::shards::Shards;
+
+/// Quiet time after a change before the app restarts: an editor's save,
+/// or a `git checkout`, is several writes.
+pub const SETTLE: Duration = Duration::from_millis(50);
+/// A stream of changes restarts the app at least this often.
+const SETTLE_MAX: Duration = Duration::from_millis(300);
+
+/// Directories never watched: dependencies, version control, and the
+/// build output of the frameworks bext knows.
+const IGNORED_DIRS: &[&str] = &[
+    "node_modules",
+    ".git",
+    ".hg",
+    ".svn",
+    ".next",
+    ".turbo",
+    ".nuxt",
+    ".svelte-kit",
+    ".vercel",
+    ".cache",
+];
+
+pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
+    let config = load(&args)?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.server.listen,
+            source,
+        })?;
+    let grace = config.server.shutdown_grace;
+    let limits = config.server.limits;
+    let settings = AppSettings {
+        name: None,
+        dir: args.dir.clone(),
+        default_workers: NonZeroU32::MIN,
+        force_build: false,
+        build_timeout: crate::app::build::BUILD_TIMEOUT,
+        hooks: None,
+        rate_limit: config.rate_limit.map(|l| l.rpm),
+        ipv6_prefix: config
+            .rate_limit
+            .map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
+        trusted_proxies: config.server.trusted_proxies.clone(),
+        admin_networks: config.server.admin_networks.clone(),
+        runtime_base: default_runtime_base(),
+        user: None,
+        confined: false,
+        purge_token_override: std::env::var(ENV_PURGE_TOKEN)
+            .ok()
+            .filter(|t| !t.is_empty()),
+        dev: Some(DevMode { cache: args.cache }),
+        config,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = Shutdown::default();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let mut app = tokio::select! {
+        app = RunningApp::start(settings, Arc::clone(&metrics), Gate::AnyReady) => app?,
+        _ = shutdown.graceful.cancelled() => return Ok(()),
+    };
+    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: app.settings.config.server.listen,
+        source,
+    })?;
+    let cache = if args.cache { "on" } else { "preview" };
+    info!(app = %app.name, %addr, cache, "listening on http://{addr} (bext dev)");
+    crate::notify::ready(&format!("developing {} on {addr}", app.name));
+
+    let live = Arc::new(Live(ArcSwap::new(app.service())));
+    let changes = Arc::new(Changes::default());
+    let root = app
+        .settings
+        .dir
+        .canonicalize()
+        .unwrap_or_else(|_| app.settings.dir.clone());
+    let config_file = config_path(&args);
+    let watch = Watch::start(
+        &root,
+        &config_file,
+        !app.watches_itself(),
+        Arc::clone(&changes),
+    )
+    .inspect_err(|e| warn!("files are not watched (restart bext dev after a change): {e}"))
+    .ok();
+    if app.watches_itself() {
+        info!(
+            "the app's own command watches its files; bext watches {}",
+            config_file.display()
+        );
+    } else {
+        info!(dir = %root.display(), "watching the app's files: a change restarts it");
+    }
+
+    let serving = crate::listener::serve(
+        listener,
+        Arc::clone(&live),
+        limits,
+        &shutdown,
+        grace,
+        &shards,
+        None,
+    );
+    let reacting = async {
+        loop {
+            tokio::select! {
+                change = changes.next() => {
+                    if let Some(path) = change.source {
+                        info!("changed: {}", shown(&root, &path));
+                        app.recycle_workers();
+                    }
+                    if change.config {
+                        reload(&args, &mut app, &live, &metrics, &shutdown).await;
+                    }
+                    if let (Some(watch), Some(dirs)) = (&watch, change.new_dirs) {
+                        watch.add(dirs);
+                    }
+                }
+                _ = shutdown.graceful.cancelled() => break,
+            }
+        }
+    };
+    let (served, ()) = tokio::join!(serving, reacting);
+    drop(watch);
+    app.stop(grace, &shutdown.immediate).await;
+    served.map_err(|source| RunError::Listen { addr, source })?;
+    info!("bye");
+    Ok(())
+}
+
+/// The config `bext dev` runs with: the file's, with `--listen`; plain
+/// HTTP, and no Redis (a developer's cache is their own).
+fn load(args: &DevArgs) -> Result<Config, ConfigError> {
+    let mut config = load_config(&args.dir, args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if config.server.tls.take().is_some() {
+        info!("[server.tls] is for bext run: bext dev serves plain HTTP");
+    }
+    config.redis = None;
+    Ok(config)
+}
+
+fn config_path(args: &DevArgs) -> PathBuf {
+    args.config
+        .clone()
+        .unwrap_or_else(|| args.dir.join(CONFIG_FILE_NAME))
+}
+
+/// Applies a saved config: in place when it can be, with a new app (its
+/// workers) when `[runtime]` or `[isolate]` changed; a mistake is logged
+/// and changes nothing.
+async fn reload(
+    args: &DevArgs,
+    app: &mut RunningApp,
+    live: &Live,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) {
+    let config = match load(args) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e}\n  the running config is kept");
+            return;
+        }
+    };
+    if config.server.listen != app.settings.config.server.listen {
+        warn!("[server] listen takes effect when bext dev starts again");
+    }
+    let settings = AppSettings {
+        rate_limit: config.rate_limit.map(|l| l.rpm),
+        ipv6_prefix: config
+            .rate_limit
+            .map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
+        trusted_proxies: config.server.trusted_proxies.clone(),
+        admin_networks: config.server.admin_networks.clone(),
+        config,
+        ..app.settings.clone()
+    };
+    if settings == app.settings {
+        info!("{} saved: nothing changed", config_path(args).display());
+        return;
+    }
+    if !app.settings.needs_restart(&settings) {
+        app.apply(settings);
+        live.0.store(app.service());
+        info!("{} applied", config_path(args).display());
+        return;
+    }
+    info!(
+        "{} changed how the app runs: starting it again",
+        config_path(args).display()
+    );
+    let started = tokio::select! {
+        started = RunningApp::start(settings, Arc::clone(metrics), Gate::AnyReady) => started,
+        _ = shutdown.graceful.cancelled() => return,
+    };
+    match started {
+        Ok(new) => {
+            let old = std::mem::replace(app, new);
+            live.0.store(app.service());
+            let grace = old.settings.config.server.shutdown_grace;
+            old.stop(grace, &shutdown.immediate).await;
+        }
+        Err(e) => error!("{e}\n  the running app is kept"),
+    }
+}
+
+/// `path` as the developer knows it: relative to the app.
+fn shown(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// The app's request path, replaced when the config is saved.
+#[derive(Debug)]
+struct Live(ArcSwap<AppService>);
+
+impl Handler for Live {
+    fn handle(
+        self: Arc<Self>,
+        req: http::Request<Incoming>,
+        peer: Peer,
+    ) -> impl Future<Output = http::Response<Body>> + Send + 'static {
+        self.0.load_full().handle(req, peer)
+    }
+}
+
+/// What changed since it was last looked at, collected from the watcher's
+/// thread.
+#[derive(Debug, Default)]
+struct Changes {
+    config: AtomicBool,
+    /// The last source file changed.
+    source: Mutex<Option<PathBuf>>,
+    /// Directories made since, to watch too.
+    new_dirs: Mutex<Vec<PathBuf>>,
+    seen: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Change {
+    config: bool,
+    source: Option<PathBuf>,
+    new_dirs: Option<Vec<PathBuf>>,
+}
+
+impl Changes {
+    /// The next burst of changes, once quiet for [`SETTLE`].
+    async fn next(&self) -> Change {
+        loop {
+            self.seen.notified().await;
+            let until = tokio::time::Instant::now() + SETTLE_MAX;
+            loop {
+                let quiet = until.min(tokio::time::Instant::now() + SETTLE);
+                if tokio::time::timeout_at(quiet, self.seen.notified())
+                    .await
+                    .is_err()
+                    || tokio::time::Instant::now() >= until
+                {
+                    break;
+                }
+            }
+            let new_dirs = std::mem::take(&mut *lock(&self.new_dirs));
+            let change = Change {
+                config: self.config.swap(false, Ordering::AcqRel),
+                source: lock(&self.source).take(),
+                new_dirs: (!new_dirs.is_empty()).then_some(new_dirs),
+            };
+            if change.config || change.source.is_some() || change.new_dirs.is_some() {
+                return change;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The file watcher: every directory of the app that is not ignored
+/// ([`IGNORED_DIRS`], the app's `.gitignore`), one inotify watch each
+/// (not `node_modules`' thousands), and the config file's directory.
+struct Watch {
+    watcher: Mutex<notify::RecommendedWatcher>,
+    filter: Arc<Filter>,
+}
+
+impl Watch {
+    fn start(
+        root: &Path,
+        config_file: &Path,
+        sources: bool,
+        changes: Arc<Changes>,
+    ) -> notify::Result<Self> {
+        use notify::Watcher as _;
+        let config_file = config_file
+            .parent()
+            .and_then(|dir| dir.canonicalize().ok())
+            .zip(config_file.file_name())
+            .map(|(dir, name)| dir.join(name))
+            .unwrap_or_else(|| config_file.to_path_buf());
+        let filter = Arc::new(Filter::new(root, sources));
+        let seen = Arc::clone(&filter);
+        let config = config_file.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if event.kind.is_access() {
+                    return;
+                }
+                let mut any = false;
+                for path in &event.paths {
+                    if *path == config {
+                        changes.config.store(true, Ordering::Release);
+                        any = true;
+                    } else if seen.relevant(path) {
+                        if event.kind.is_create() && path.is_dir() {
+                            lock(&changes.new_dirs).push(path.clone());
+                        }
+                        *lock(&changes.source) = Some(path.clone());
+                        any = true;
+                    }
+                }
+                if any {
+                    changes.seen.notify_one();
+                }
+            })?;
+        if let Some(dir) = config_file.parent() {
+            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        let watch = Watch {
+            watcher: Mutex::new(watcher),
+            filter,
+        };
+        if sources {
+            watch.add(vec![root.to_path_buf()]);
+        }
+        Ok(watch)
+    }
+
+    /// Watches `dirs` and what is under them (but what is ignored).
+    fn add(&self, dirs: Vec<PathBuf>) {
+        use notify::Watcher as _;
+        let mut watcher = lock(&self.watcher);
+        for dir in dirs {
+            let filter = Arc::clone(&self.filter);
+            let walk = ignore::WalkBuilder::new(&dir)
+                .hidden(false)
+                .require_git(false)
+                .filter_entry(move |entry| {
+                    entry.file_type().is_some_and(|t| t.is_dir()) && filter.relevant(entry.path())
+                })
+                .build();
+            for entry in walk.flatten() {
+                if let Err(e) = watcher.watch(entry.path(), notify::RecursiveMode::NonRecursive) {
+                    warn!(dir = %entry.path().display(), "not watched: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Which paths are the app's sources.
+struct Filter {
+    root: PathBuf,
+    /// False when the app watches its own files.
+    sources: bool,
+    gitignore: ignore::gitignore::Gitignore,
+}
+
+impl Filter {
+    fn new(root: &Path, sources: bool) -> Self {
+        let (gitignore, error) = ignore::gitignore::Gitignore::new(root.join(".gitignore"));
+        if let Some(e) = error.filter(|_| root.join(".gitignore").exists()) {
+            warn!("{}/.gitignore: {e}", root.display());
+        }
+        Filter {
+            root: root.to_path_buf(),
+            sources,
+            gitignore,
+        }
+    }
+
+    fn relevant(&self, path: &Path) -> bool {
+        if !self.sources {
+            return false;
+        }
+        let Ok(inside) = path.strip_prefix(&self.root) else {
+            return false;
+        };
+        let ignored_dir = inside.components().any(|c| {
+            c.as_os_str()
+                .to_str()
+                .is_some_and(|name| IGNORED_DIRS.contains(&name))
+        });
+        if ignored_dir {
+            return false;
+        }
+        if path != self.root
+            && self
+                .gitignore
+                .matched_path_or_any_parents(path, path.is_dir())
+                .is_ignore()
+        {
+            return false;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // Editors' swap, backup, lock and temporary files.
+        let scratch = name.ends_with('~')
+            || name.ends_with(".swp")
+            || name.ends_with(".swx")
+            || name.ends_with(".tmp")
+            || name.starts_with(".#")
+            || name.starts_with('#') && name.ends_with('#')
+            || name.ends_with("___jb_tmp___")
+            || name.ends_with("___jb_old___")
+            || name == "4913";
+        !scratch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependencies_build_output_ignored_and_scratch_files_are_not_sources() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        std::fs::write(root.join(".gitignore"), "dist/\n*.log\n").expect("write");
+        let filter = Filter::new(&root, true);
+        assert!(filter.relevant(&root.join("server.js")));
+        assert!(filter.relevant(&root.join("src/routes/a.ts")));
+        assert!(!filter.relevant(&root.join("node_modules/express/index.js")));
+        assert!(!filter.relevant(&root.join(".next/server/app.js")));
+        assert!(!filter.relevant(&root.join(".git/index")));
+        assert!(!filter.relevant(&root.join("dist/index.js")));
+        assert!(!filter.relevant(&root.join("debug.log")));
+        assert!(!filter.relevant(&root.join(".server.js.swp")));
+        assert!(!filter.relevant(&root.join("server.js~")));
+        assert!(!filter.relevant(Path::new("/elsewhere/server.js")));
+        assert!(!Filter::new(&root, false).relevant(&root.join("server.js")));
+    }
+}
