@@ -69,11 +69,13 @@ pub struct AppSettings {
 }
 
 /// How `bext dev` runs an app.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevMode {
     /// `--cache`: the real cache; otherwise every request reaches the app
     /// and says what the cache would have done with its response.
     pub cache: bool,
+    /// A static site's pages reload themselves when a file changes.
+    pub reload: crate::dev::LiveReload,
 }
 
 impl AppSettings {
@@ -337,6 +339,11 @@ impl RunningApp {
             watches_itself,
             app,
         })
+    }
+
+    /// `bext dev`, after a change: static files are looked up afresh.
+    pub fn forget_statics(&self) {
+        self.statics.forget();
     }
 
     /// `bext dev`: the app's own command watches its files (`next dev`, a
@@ -633,8 +640,9 @@ fn build_service(
     });
     // `bext dev` without `--cache`: nothing is cached, every answer says
     // what would have been.
-    let preview = (config.isr.enabled && proxy.is_some() && settings.dev.is_some_and(|d| !d.cache))
-        .then(|| Arc::new(config.isr.clone()));
+    let preview =
+        (config.isr.enabled && proxy.is_some() && settings.dev.as_ref().is_some_and(|d| !d.cache))
+            .then(|| Arc::new(config.isr.clone()));
     // A static site has nothing to cache: its files are served from disk.
     let cache = cache.or_else(|| {
         (config.isr.enabled && proxy.is_some() && preview.is_none()).then(|| {
@@ -658,6 +666,12 @@ fn build_service(
         .purge_token_override
         .clone()
         .or_else(|| config.isr.purge_token.clone());
+    // A static site under `bext dev`: its pages reload on changes.
+    let live_reload = settings
+        .dev
+        .as_ref()
+        .filter(|_| proxy.is_none())
+        .map(|d| d.reload.clone());
     let service = AppService {
         hsts: arc_swap::ArcSwapOption::empty(),
         app: Arc::from(app.name.as_str()),
@@ -696,6 +710,7 @@ fn build_service(
         compression: config.compression,
         inflight: Arc::new(AtomicUsize::new(0)),
         preview,
+        live_reload,
     };
     // Single-app HTTPS (`[server.tls] hsts`); in multi-app mode the
     // platform sets it from `[apps.NAME.tls]`.

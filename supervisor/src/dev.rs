@@ -62,6 +62,7 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
         })?;
     let grace = config.server.shutdown_grace;
     let limits = config.server.limits;
+    let live_reload = LiveReload::default();
     let settings = AppSettings {
         name: None,
         dir: args.dir.clone(),
@@ -81,7 +82,10 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
         purge_token_override: std::env::var(ENV_PURGE_TOKEN)
             .ok()
             .filter(|t| !t.is_empty()),
-        dev: Some(DevMode { cache: args.cache }),
+        dev: Some(DevMode {
+            cache: args.cache,
+            reload: live_reload.clone(),
+        }),
         config,
     };
     let metrics = Arc::new(Metrics::new());
@@ -139,7 +143,11 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
                 change = changes.next() => {
                     if let Some(path) = change.source {
                         info!("changed: {}", shown(&root, &path));
-                        app.recycle_workers();
+                        app.forget_statics();
+                        if !app.recycle_workers() {
+                            // A static site: its open pages reload.
+                            live_reload.changed();
+                        }
                     }
                     if change.config {
                         reload(&args, &mut app, &live, &metrics, &shutdown).await;
@@ -453,6 +461,130 @@ impl Filter {
             || name == "4913";
         !scratch
     }
+}
+
+/// Live reload for static sites: HTML pages get a script that listens on
+/// [`LiveReload::PATH`] (server-sent events) and reloads the page when a
+/// file of the site changes.
+#[derive(Debug, Clone, Default)]
+pub struct LiveReload(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl PartialEq for LiveReload {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LiveReload {}
+
+/// The script, put before `</body>`.
+const RELOAD_SCRIPT: &str = "<script>/* bext dev: live reload */new EventSource('/__bext/dev/reload').onmessage=function(){location.reload()};</script>";
+
+/// Pages larger than this (by their `Content-Length`) are served without
+/// the script.
+const MAX_INJECTED_PAGE: usize = 8 << 20;
+
+impl LiveReload {
+    pub const PATH: &'static str = "/__bext/dev/reload";
+
+    /// A file changed: every open page reloads.
+    pub fn changed(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The event stream an open page listens to.
+    pub fn events(&self) -> http::Response<Body> {
+        use futures_util::StreamExt;
+        let changes = self.0.subscribe();
+        let opened = futures_util::stream::once(async {
+            Ok::<_, crate::body::BoxError>(http_body::Frame::data(bytes::Bytes::from_static(
+                b": bext dev\n\n",
+            )))
+        });
+        let reloads = futures_util::stream::unfold(changes, |mut changes| async move {
+            changes.changed().await.ok()?;
+            Some((
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                    b"data: reload\n\n",
+                ))),
+                changes,
+            ))
+        });
+        let mut response = http::Response::new(crate::body::boxed(
+            http_body_util::StreamBody::new(opened.chain(reloads)),
+        ));
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        response
+    }
+
+    /// `response` (a static file), with the script if it is an HTML page.
+    pub async fn inject(&self, response: http::Response<Body>) -> http::Response<Body> {
+        use http_body_util::BodyExt;
+        let html = response.status() == http::StatusCode::OK
+            || response.status() == http::StatusCode::NOT_FOUND;
+        let small = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n <= MAX_INJECTED_PAGE);
+        let html = html
+            && small
+            && !response
+                .headers()
+                .contains_key(http::header::CONTENT_ENCODING)
+            && response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/html"));
+        if !html {
+            return response;
+        }
+        let (mut parts, body) = response.into_parts();
+        let Ok(collected) = body.collect().await else {
+            parts.status = http::StatusCode::INTERNAL_SERVER_ERROR;
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            return http::Response::from_parts(
+                parts,
+                crate::body::full("could not read the page\n"),
+            );
+        };
+        let page = collected.to_bytes();
+        let at = find_body_end(&page).unwrap_or(page.len());
+        let mut with = Vec::with_capacity(page.len() + RELOAD_SCRIPT.len());
+        with.extend_from_slice(&page[..at]);
+        with.extend_from_slice(RELOAD_SCRIPT.as_bytes());
+        with.extend_from_slice(&page[at..]);
+        for name in [
+            http::header::CONTENT_LENGTH,
+            http::header::ETAG,
+            http::header::LAST_MODIFIED,
+            http::header::ACCEPT_RANGES,
+        ] {
+            parts.headers.remove(name);
+        }
+        parts.headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        http::Response::from_parts(parts, crate::body::full(with))
+    }
+}
+
+/// Where the last `</body>` (any case) starts.
+fn find_body_end(page: &[u8]) -> Option<usize> {
+    const END: &[u8] = b"</body";
+    page.windows(END.len())
+        .rposition(|w| w.eq_ignore_ascii_case(END))
 }
 
 #[cfg(test)]

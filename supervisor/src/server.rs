@@ -57,6 +57,8 @@ pub struct AppService {
     /// `bext dev` (without `--cache`): no cache, but every answer says what
     /// it would have done ([`crate::cache::preview`]).
     pub preview: Option<Arc<crate::config::IsrConfig>>,
+    /// `bext dev`, a static site: HTML pages reload when a file changes.
+    pub live_reload: Option<crate::dev::LiveReload>,
 }
 
 /// Counts a request as in flight until its response body is done.
@@ -97,6 +99,11 @@ impl AppService {
     ) -> (Response<Body>, Option<usize>) {
         // bext's own endpoints first: never the app's, never cached or
         // rate-limited.
+        if let Some(reload) = &self.live_reload
+            && req.uri().path() == crate::dev::LiveReload::PATH
+        {
+            return (reload.events(), None);
+        }
         if req.uri().path().starts_with(admin::PREFIX) {
             // Boxed, as every rarely taken path here: a request's future
             // is moved whole on every request, so it stays as small as
@@ -126,9 +133,16 @@ impl AppService {
 
     async fn answer(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: ClientInfo,
     ) -> (Response<Body>, Option<usize>) {
+        if let Some(reload) = &self.live_reload {
+            // Pages are answered uncompressed, to be given the script.
+            req.headers_mut().remove(header::ACCEPT_ENCODING);
+            if let Outcome::Response(response) = self.statics.serve(&req) {
+                return (Box::pin(reload.inject(response)).await, None);
+            }
+        }
         // Static files: answered from disk without a worker hop.
         if let Outcome::Response(response) = self.statics.serve(&req) {
             if response.status() == StatusCode::NOT_FOUND

@@ -496,3 +496,90 @@ async fn next_dev_serves_and_its_hmr_socket_hears_an_edit() {
     drop(hmr);
     assert!(bext.terminate(Duration::from_secs(20)).success());
 }
+
+/// A Deno app with a `dev` task (`deno run --watch`): Deno restarts it on
+/// an edit, bext leaves it to Deno and keeps serving it.
+#[tokio::test]
+async fn a_deno_dev_task_watches_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(fixture("deno").join("main.ts"), dir.path().join("main.ts")).expect("main.ts");
+    std::fs::write(
+        dir.path().join("deno.json"),
+        r#"{"tasks":{"start":"deno run --allow-net main.ts","dev":"deno run --watch --allow-net main.ts"}}"#,
+    )
+    .expect("deno.json");
+    let bext = dev(dir.path(), &[]);
+    assert!(
+        bext.logs().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("worker starting: deno run --watch"))),
+        "{}",
+        bext.log_text()
+    );
+    assert_eq!(text(&bext, "/").await, (200, "hello from deno".to_string()));
+    let main = dir.path().join("main.ts");
+    let source = std::fs::read_to_string(&main).expect("main.ts");
+    std::fs::write(&main, source.replace("hello from deno", "edited deno")).expect("edit");
+    until_answer(&bext, "edited deno", Instant::now()).await;
+}
+
+/// A static site is served from disk: a saved page is served at once, and
+/// open pages (which get a live-reload script) hear of the change.
+#[tokio::test]
+async fn a_static_site_is_served_from_disk_and_its_pages_reload() {
+    use futures_util::StreamExt;
+    let site = crate::support::temp_app(&[
+        (
+            "index.html",
+            "<!doctype html><html><body><h1>first</h1></body></html>\n",
+        ),
+        ("style.css", "h1 { color: red }\n"),
+    ]);
+    let bext = dev(site.path(), &[]);
+    let page = client()
+        .get(bext.url("/"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(page.status(), 200);
+    assert!(page.headers().get("content-encoding").is_none());
+    let page = page.text().await.expect("body");
+    assert!(page.contains("<h1>first</h1>"), "{page}");
+    let script = page
+        .find("/__bext/dev/reload")
+        .expect("the live-reload script");
+    assert!(
+        script < page.find("</body>").expect("</body>"),
+        "before </body>"
+    );
+    let css = text(&bext, "/style.css").await.1;
+    assert_eq!(css, "h1 { color: red }\n", "only pages get the script");
+
+    let events = client()
+        .get(bext.url("/__bext/dev/reload"))
+        .send()
+        .await
+        .expect("the event stream");
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut events = events.bytes_stream();
+    let opened = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("the stream opens")
+        .expect("a chunk")
+        .expect("ok");
+    assert!(opened.starts_with(b":"), "a comment first");
+    write(
+        site.path(),
+        "index.html",
+        "<!doctype html><html><body><h1>second</h1></body></html>\n",
+    );
+    let reload = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("a reload within 10 s")
+        .expect("a chunk")
+        .expect("ok");
+    assert_eq!(&reload[..], b"data: reload\n\n");
+    let page = text(&bext, "/").await.1;
+    assert!(page.contains("<h1>second</h1>"), "served at once: {page}");
+}

@@ -121,6 +121,11 @@ impl StaticFiles {
     }
 
     /// Compresses with `settings` from now on (a reload).
+    /// Forgets what lookups found (`bext dev`, after a change on disk).
+    pub fn forget(&self) {
+        self.cache.invalidate_all();
+    }
+
     pub fn set_compression(&self, settings: crate::compress::Settings) {
         self.packed.set_settings(settings);
     }
