@@ -583,3 +583,47 @@ async fn a_static_site_is_served_from_disk_and_its_pages_reload() {
     let page = text(&bext, "/").await.1;
     assert!(page.contains("<h1>second</h1>"), "served at once: {page}");
 }
+
+/// A `dev` script (`node --watch`, a parent that watches and a child that
+/// serves) is run directly; the child gets the socket, and node restarts
+/// it on an edit without bext.
+#[tokio::test]
+async fn a_dev_script_runs_and_watches_by_itself() {
+    let app = express_app();
+    std::fs::write(
+        app.path().join("package.json"),
+        r#"{"name":"dev-express","private":true,"main":"server.js","scripts":{"dev":"node --watch server.js"},"dependencies":{"express":"^5.3.0"}}"#,
+    )
+    .expect("package.json");
+    let bext = dev(app.path(), &[]);
+    let started = bext.wait_log(Duration::from_secs(5), |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("worker starting"))
+    });
+    assert!(
+        started["message"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("server.js"),
+        "{started}"
+    );
+    assert_eq!(text(&bext, "/").await, (200, "v1".to_string()));
+    write(app.path(), "server.js", &server_js("v2"));
+    until_answer(&bext, "v2", Instant::now()).await;
+    assert!(
+        !bext.logs().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("changed: "))),
+        "bext left the restarts to node --watch"
+    );
+    // The worker is node --watch itself (its child serves).
+    let workers = bext.worker_pids();
+    assert_eq!(workers.len(), 1);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", workers[0])).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--watch"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+}
