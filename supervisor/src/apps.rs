@@ -234,7 +234,9 @@ impl RunningApp {
                     app.env.clone(),
                     settings.user.clone(),
                 )?;
-                let raw_output = settings.dev.is_some() && std::io::stderr().is_terminal();
+                let raw_output = settings.dev.is_some()
+                    && std::io::stderr().is_terminal()
+                    && crate::telemetry::is_pretty();
                 let plan = match settings.dev {
                     Some(_) => plan.for_dev(pool::DevLaunch { colour: raw_output }),
                     None => plan,
@@ -245,17 +247,16 @@ impl RunningApp {
                     .isolate
                     .memory_limit
                     .map(|limit| memory::AppMemory::new(&app.name, limit));
-                crate::progress::step(
-                    "start",
-                    format!(
-                        "{} worker(s): {}",
-                        config.isolate.workers_or(settings.default_workers),
-                        plan.describe()
-                    ),
-                );
+                // A development server that watches its files runs once:
+                // several would share one build directory (`.next`).
+                let workers = match settings.dev {
+                    Some(_) if watches_itself => 1,
+                    _ => config.isolate.workers_or(settings.default_workers).get() as usize,
+                };
+                crate::progress::step("start", format!("{workers} worker(s): {}", plan.describe()));
                 let handle = pool::start(PoolConfig {
                     app: app.name.clone(),
-                    workers: config.isolate.workers_or(settings.default_workers).get() as usize,
+                    workers,
                     plan,
                     runtime_dir: socket_dir,
                     peer_uids,
@@ -271,7 +272,9 @@ impl RunningApp {
                 match gate {
                     Gate::AnyReady => {
                         let ready = handle.wait_ready(config.isolate.start_timeout).await;
-                        if ready == 0 {
+                        if ready == 0 && settings.dev.is_some() {
+                            error!(app = %app.name, "the app is not running; requests get 503 until a change starts it again");
+                        } else if ready == 0 {
                             error!(app = %app.name, "no worker is ready yet; requests get 503 until one is (restarts continue)");
                         } else {
                             info!(app = %app.name, ready, "workers ready");
@@ -339,6 +342,17 @@ impl RunningApp {
             watches_itself,
             app,
         })
+    }
+
+    /// False for a static site.
+    pub fn has_workers(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// `bext dev`: the app crashed or failed to start, and waits for a
+    /// change.
+    pub fn is_down(&self) -> bool {
+        self.pool.as_ref().is_some_and(|h| h.pool.down().is_some())
     }
 
     /// `bext dev`, after a change: static files are looked up afresh.

@@ -36,6 +36,8 @@ use crate::shards::Shards;
 pub const SETTLE: Duration = Duration::from_millis(50);
 /// A stream of changes restarts the app at least this often.
 const SETTLE_MAX: Duration = Duration::from_millis(300);
+/// Longest wait for requests and streams when the app is stopped.
+const DEV_GRACE: Duration = Duration::from_secs(1);
 
 /// Directories never watched: dependencies, version control, and the
 /// build output of the frameworks bext knows.
@@ -111,21 +113,19 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
         .canonicalize()
         .unwrap_or_else(|_| app.settings.dir.clone());
     let config_file = config_path(&args);
-    let watch = Watch::start(
-        &root,
-        &config_file,
-        !app.watches_itself(),
-        Arc::clone(&changes),
-    )
-    .inspect_err(|e| warn!("files are not watched (restart bext dev after a change): {e}"))
-    .ok();
-    if app.watches_itself() {
-        info!(
-            "the app's own command watches its files; bext watches {}",
-            config_file.display()
-        );
-    } else {
-        info!(dir = %root.display(), "watching the app's files: a change restarts it");
+    let watch = Watch::start(&root, &config_file, Arc::clone(&changes))
+        .map(Arc::new)
+        .inspect_err(|e| warn!("files are not watched (start bext dev again after a change): {e}"))
+        .ok();
+    if watch.is_some() {
+        let does = if app.watches_itself() {
+            "the app's own command restarts on changes; bext starts it again after a crash"
+        } else if !app.has_workers() {
+            "a change reloads the open pages"
+        } else {
+            "a change restarts the app"
+        };
+        info!(dir = %root.display(), "watching the app's files: {does}");
     }
 
     let serving = crate::listener::serve(
@@ -142,18 +142,28 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
             tokio::select! {
                 change = changes.next() => {
                     if let Some(path) = change.source {
-                        info!("changed: {}", shown(&root, &path));
                         app.forget_statics();
-                        if !app.recycle_workers() {
-                            // A static site: its open pages reload.
-                            live_reload.changed();
+                        if app.watches_itself() {
+                            // Its own watcher restarts it, unless it died.
+                            if app.is_down() {
+                                info!("changed: {}", shown(&root, &path));
+                                app.recycle_workers();
+                            }
+                        } else {
+                            info!("changed: {}", shown(&root, &path));
+                            if !app.recycle_workers() {
+                                // A static site: its open pages reload.
+                                live_reload.changed();
+                            }
                         }
                     }
                     if change.config {
                         reload(&args, &mut app, &live, &metrics, &shutdown).await;
                     }
                     if let (Some(watch), Some(dirs)) = (&watch, change.new_dirs) {
-                        watch.add(dirs);
+                        // Walking a tree is blocking work.
+                        let watch = Arc::clone(watch);
+                        tokio::task::spawn_blocking(move || watch.add(dirs));
                     }
                 }
                 _ = shutdown.graceful.cancelled() => break,
@@ -172,20 +182,40 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
 /// HTTP, and no Redis (a developer's cache is their own).
 fn load(args: &DevArgs) -> Result<Config, ConfigError> {
     let mut config = load_config(&args.dir, args.config.as_deref())?;
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
-    }
     if config.server.tls.take().is_some() {
         info!("[server.tls] is for bext run: bext dev serves plain HTTP");
+        if config.server.listen.port() == 443 {
+            config
+                .server
+                .listen
+                .set_port(crate::config::default_listen().port());
+        }
     }
+    match args.listen {
+        Some(listen) => config.server.listen = listen,
+        // What bext dev shows (the app's errors, its development server)
+        // is for this machine, unless asked otherwise.
+        None if config.server.listen.ip().is_unspecified() => {
+            config
+                .server
+                .listen
+                .set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        None => {}
+    }
+    // A developer's Ctrl-C, or a restart for a saved config, does not wait
+    // for open streams (an HMR socket) for long.
+    config.server.shutdown_grace = config.server.shutdown_grace.min(DEV_GRACE);
     config.redis = None;
     Ok(config)
 }
 
 fn config_path(args: &DevArgs) -> PathBuf {
-    args.config
+    let path = args
+        .config
         .clone()
-        .unwrap_or_else(|| args.dir.join(CONFIG_FILE_NAME))
+        .unwrap_or_else(|| args.dir.join(CONFIG_FILE_NAME));
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// Applies a saved config: in place when it can be, with a new app (its
@@ -205,8 +235,20 @@ async fn reload(
             return;
         }
     };
-    if config.server.listen != app.settings.config.server.listen {
-        warn!("[server] listen takes effect when bext dev starts again");
+    if config.source.is_none() {
+        info!(
+            "{} is gone: the defaults apply",
+            config_path(args).display()
+        );
+    }
+    let running = &app.settings.config.server;
+    if config.server.listen != running.listen
+        || config.server.limits != running.limits
+        || config.server.shutdown_grace != running.shutdown_grace
+    {
+        warn!(
+            "[server] listen, limits and shutdown_grace_ms take effect when bext dev starts again"
+        );
     }
     let settings = AppSettings {
         rate_limit: config.rate_limit.map(|l| l.rpm),
@@ -330,12 +372,7 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(
-        root: &Path,
-        config_file: &Path,
-        sources: bool,
-        changes: Arc<Changes>,
-    ) -> notify::Result<Self> {
+    fn start(root: &Path, config_file: &Path, changes: Arc<Changes>) -> notify::Result<Self> {
         use notify::Watcher as _;
         let config_file = config_file
             .parent()
@@ -343,7 +380,7 @@ impl Watch {
             .zip(config_file.file_name())
             .map(|(dir, name)| dir.join(name))
             .unwrap_or_else(|| config_file.to_path_buf());
-        let filter = Arc::new(Filter::new(root, sources));
+        let filter = Arc::new(Filter::new(root));
         let seen = Arc::clone(&filter);
         let config = config_file.clone();
         let mut watcher =
@@ -369,16 +406,16 @@ impl Watch {
                     changes.seen.notify_one();
                 }
             })?;
-        if let Some(dir) = config_file.parent() {
-            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        if let Some(dir) = config_file.parent()
+            && let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive)
+        {
+            warn!(dir = %dir.display(), "the config file is not watched: {e}");
         }
         let watch = Watch {
             watcher: Mutex::new(watcher),
             filter,
         };
-        if sources {
-            watch.add(vec![root.to_path_buf()]);
-        }
+        watch.add(vec![root.to_path_buf()]);
         Ok(watch)
     }
 
@@ -388,9 +425,9 @@ impl Watch {
         let mut watcher = lock(&self.watcher);
         for dir in dirs {
             let filter = Arc::clone(&self.filter);
+            // The filter decides alone, as for events.
             let walk = ignore::WalkBuilder::new(&dir)
-                .hidden(false)
-                .require_git(false)
+                .standard_filters(false)
                 .filter_entry(move |entry| {
                     entry.file_type().is_some_and(|t| t.is_dir()) && filter.relevant(entry.path())
                 })
@@ -404,31 +441,28 @@ impl Watch {
     }
 }
 
-/// Which paths are the app's sources.
+/// Which paths are the app's sources: not in [`IGNORED_DIRS`], not listed
+/// in the app's `.gitignore` (but `.env` files, which it usually lists,
+/// are), not editors' scratch files nor what an app writes while it runs
+/// (logs, SQLite databases).
 struct Filter {
     root: PathBuf,
-    /// False when the app watches its own files.
-    sources: bool,
     gitignore: ignore::gitignore::Gitignore,
 }
 
 impl Filter {
-    fn new(root: &Path, sources: bool) -> Self {
+    fn new(root: &Path) -> Self {
         let (gitignore, error) = ignore::gitignore::Gitignore::new(root.join(".gitignore"));
         if let Some(e) = error.filter(|_| root.join(".gitignore").exists()) {
             warn!("{}/.gitignore: {e}", root.display());
         }
         Filter {
             root: root.to_path_buf(),
-            sources,
             gitignore,
         }
     }
 
     fn relevant(&self, path: &Path) -> bool {
-        if !self.sources {
-            return false;
-        }
         let Ok(inside) = path.strip_prefix(&self.root) else {
             return false;
         };
@@ -440,15 +474,19 @@ impl Filter {
         if ignored_dir {
             return false;
         }
-        if path != self.root
-            && self
-                .gitignore
-                .matched_path_or_any_parents(path, path.is_dir())
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".env") {
+            return true;
+        }
+        // As a directory or a file: a deleted path is neither any more.
+        let ignored = |is_dir| {
+            self.gitignore
+                .matched_path_or_any_parents(path, is_dir)
                 .is_ignore()
-        {
+        };
+        if path != self.root && (ignored(true) || ignored(false)) {
             return false;
         }
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         // Editors' swap, backup, lock and temporary files.
         let scratch = name.ends_with('~')
             || name.ends_with(".swp")
@@ -459,7 +497,12 @@ impl Filter {
             || name.ends_with("___jb_tmp___")
             || name.ends_with("___jb_old___")
             || name == "4913";
-        !scratch
+        // What the app itself writes as it runs.
+        let output = name.ends_with(".log")
+            || name.ends_with(".db")
+            || name.ends_with(".db-journal")
+            || name.contains(".sqlite");
+        !scratch && !output
     }
 }
 
@@ -591,12 +634,46 @@ fn find_body_end(page: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn dev_args(dir: &Path, listen: Option<&str>) -> DevArgs {
+        DevArgs {
+            dir: dir.to_path_buf(),
+            config: None,
+            listen: listen.map(|l| l.parse().expect("address")),
+            cache: false,
+        }
+    }
+
+    /// What `bext dev` shows is for this machine unless asked otherwise;
+    /// a `[server.tls]` file does not make it bind 443 for plain HTTP.
+    #[test]
+    fn dev_listens_on_localhost_and_over_plain_http() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = load(&dev_args(dir.path(), None)).expect("defaults");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:3000");
+        assert!(config.server.shutdown_grace <= DEV_GRACE);
+        let config = load(&dev_args(dir.path(), Some("0.0.0.0:8080"))).expect("defaults");
+        assert_eq!(
+            config.server.listen.to_string(),
+            "0.0.0.0:8080",
+            "--listen wins"
+        );
+
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "[server.tls]\ndomains = [\"site.test\"]\nissuer = \"internal\"\n",
+        )
+        .expect("config");
+        let config = load(&dev_args(dir.path(), None)).expect("the TLS config");
+        assert!(config.server.tls.is_none());
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:3000");
+    }
+
     #[test]
     fn dependencies_build_output_ignored_and_scratch_files_are_not_sources() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().canonicalize().expect("canonical");
         std::fs::write(root.join(".gitignore"), "dist/\n*.log\n").expect("write");
-        let filter = Filter::new(&root, true);
+        let filter = Filter::new(&root);
         assert!(filter.relevant(&root.join("server.js")));
         assert!(filter.relevant(&root.join("src/routes/a.ts")));
         assert!(!filter.relevant(&root.join("node_modules/express/index.js")));
@@ -607,6 +684,14 @@ mod tests {
         assert!(!filter.relevant(&root.join(".server.js.swp")));
         assert!(!filter.relevant(&root.join("server.js~")));
         assert!(!filter.relevant(Path::new("/elsewhere/server.js")));
-        assert!(!Filter::new(&root, false).relevant(&root.join("server.js")));
+        assert!(!filter.relevant(&root.join("data/app.sqlite3")));
+        assert!(
+            filter.relevant(&root.join(".env.local")),
+            "gitignored but read by the app"
+        );
+        assert!(
+            !filter.relevant(&root.join("dist")),
+            "a deleted ignored directory"
+        );
     }
 }

@@ -191,7 +191,11 @@ impl AppService {
                 // Boxed: the fetch is large, and a cached app's requests
                 // must not carry its room.
                 let mut response = Box::pin(fill.fetch(req)).await;
-                if let Some(preview) = preview {
+                // The app's answers only: bext's own (the app is down) are
+                // nothing the cache would see in production.
+                if let Some(preview) = preview
+                    && fill.served_by().is_some()
+                {
                     let status = response.status();
                     preview.mark(status, response.headers_mut());
                 }

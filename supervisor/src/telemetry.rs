@@ -97,6 +97,11 @@ pub enum AccessFormat {
     Text,
 }
 
+/// The log is pretty text (a person reads it), not JSON.
+pub fn is_pretty() -> bool {
+    RAW.get().is_some_and(|raw| !raw.json)
+}
+
 /// Log lines dropped so far because stderr did not keep up.
 pub fn dropped_lines() -> u64 {
     RAW.get().map_or(0, |raw| {

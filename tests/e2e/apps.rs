@@ -113,7 +113,8 @@ async fn nextjs_16_standalone_answers_through_bext() {
             .expect("ascii")
             .contains("s-maxage=5")
     );
-    assert!(isr.text().await.expect("body").contains("ISR page"));
+    let body = isr.text().await.expect("body");
+    assert!(body.contains("ISR page"), "{body}");
 
     let dynamic = http
         .get(bext.url("/dynamic"))

@@ -627,3 +627,50 @@ async fn a_dev_script_runs_and_watches_by_itself() {
         String::from_utf8_lossy(&cmdline)
     );
 }
+
+/// A development server that watches its files (here a stand-in `vite`)
+/// but dies (a syntax error at start) is started again by bext at the next
+/// change: its own watcher died with it.
+#[tokio::test]
+async fn a_dead_dev_server_starts_again_at_the_next_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = dir.path();
+    std::fs::write(
+        app.join("package.json"),
+        r#"{"name":"dev-vite","private":true,"main":"server.js","scripts":{"dev":"vite"},"dependencies":{"express":"^5.3.0"}}"#,
+    )
+    .expect("package.json");
+    std::fs::create_dir_all(app.join("node_modules/.bin")).expect("node_modules");
+    std::fs::create_dir_all(app.join("node_modules/fake-vite")).expect("fake-vite");
+    std::os::unix::fs::symlink(
+        fixture("express").join("node_modules/express"),
+        app.join("node_modules/express"),
+    )
+    .expect("express");
+    std::fs::write(
+        app.join("node_modules/fake-vite/cli.js"),
+        "require(require('path').join(process.cwd(), 'server.js'));\n",
+    )
+    .expect("cli.js");
+    std::os::unix::fs::symlink("../fake-vite/cli.js", app.join("node_modules/.bin/vite"))
+        .expect(".bin/vite");
+    write(
+        app,
+        "server.js",
+        &server_js("v1").replace("res.send('v1'));", "res.send('v1');"),
+    );
+
+    let bext = dev(app, &[]);
+    assert!(
+        bext.logs().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("worker starting") && m.ends_with("fake-vite/cli.js"))),
+        "the dev script runs: {}",
+        bext.log_text()
+    );
+    let (status, body) = text(&bext, "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("SyntaxError"), "{body}");
+    write(app, "server.js", &server_js("v2"));
+    until_answer(&bext, "v2", Instant::now()).await;
+}

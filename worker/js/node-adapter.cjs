@@ -47,6 +47,13 @@
     return false;
   }
 
+  // `listen(0)`, `listen({ port: 0 })`: explicitly any free port.
+  function asksForEphemeralPort(args) {
+    const first = args[0];
+    const port = typeof first === 'object' && first !== null ? first.port : first;
+    return port === 0 || port === '0';
+  }
+
   function requestedPort(args) {
     const first = args[0];
     const port = typeof first === 'object' && first !== null ? first.port : first;
@@ -56,6 +63,11 @@
 
   net.Server.prototype.listen = function bextListen(...args) {
     if (taken || !(this instanceof http.Server) || !asksForTcpPort(args)) {
+      return listen.apply(this, args);
+    }
+    // Passed down, the socket goes to a server on a real port: a helper
+    // on an ephemeral one (port 0) is not the app.
+    if (passDown && asksForEphemeralPort(args)) {
       return listen.apply(this, args);
     }
     taken = true;

@@ -194,27 +194,49 @@ impl App {
         is_javascript(&target).then_some(target)
     }
 
-    /// What `bext dev` runs: the framework's development server, else the
-    /// app's `dev` script (package.json) or task (deno.json), both of which
-    /// watch the app's files themselves; else the production start command,
-    /// restarted by bext when a file changes.
+    /// What `bext dev` runs: the app's `dev` script (package.json) or task
+    /// (deno.json); for Next.js without one, `next dev` (or the custom
+    /// server of `[runtime] start`, which runs Next in development mode);
+    /// else the production start command. bext restarts it on changes
+    /// unless it watches the files itself ([`watches_itself`]).
     pub fn dev_start(&self) -> Result<DevStart, StartError> {
-        let own = |start| DevStart {
+        let dev = |start, command: &str| DevStart {
             start,
-            watches: true,
+            watches: watches_itself(command),
         };
         match (self.framework, self.engine) {
             (Framework::Static, _) | (_, None) => Err(StartError::Static),
             (_, Some(Engine::Deno)) => match self.deno_task("dev") {
-                Some(task) => self.deno_run(Some(task)).map(own),
+                Some(task) => match self.deno_run(Some(task.clone())) {
+                    Ok(start) => Ok(dev(start, &task)),
+                    Err(e) => {
+                        tracing::warn!(
+                            "the deno.json dev task is not used ({e}): bext runs the start command and restarts it on changes"
+                        );
+                        self.start().map(DevStart::watched)
+                    }
+                },
                 None => self.start().map(DevStart::watched),
             },
-            (Framework::Nextjs, _) => Ok(own(node(
-                self.dir.join("node_modules/next/dist/bin/next"),
-                vec!["dev".into()],
-            ))),
             _ => match self.package().and_then(|p| script(p, "dev")) {
-                Some(command) => self.node_command(command).map(own),
+                Some(command) => self.node_command(command).map(|s| dev(s, command)),
+                None if self.framework == Framework::Nextjs => {
+                    Ok(match &self.start_override {
+                        // A custom server: Next in development mode, with
+                        // its own HMR.
+                        Some(command) => DevStart {
+                            start: self.node_command(command)?,
+                            watches: true,
+                        },
+                        None => dev(
+                            node(
+                                self.dir.join("node_modules/next/dist/bin/next"),
+                                vec!["dev".into()],
+                            ),
+                            "next dev",
+                        ),
+                    })
+                }
                 None => self.start().map(DevStart::watched),
             },
         }
@@ -285,6 +307,32 @@ fn node(script: PathBuf, args: Vec<String>) -> Start {
     }
 }
 
+/// Does a development command watch the app's files itself (restart or
+/// hot-reload on changes)? Then bext only restarts it after a crash.
+fn watches_itself(command: &str) -> bool {
+    const WATCHERS: &[&str] = &[
+        "--watch",
+        "nodemon",
+        "tsx watch",
+        "ts-node-dev",
+        "node-dev",
+        "next dev",
+        "vite",
+        "astro dev",
+        "nuxt dev",
+        "nuxi dev",
+        "remix dev",
+        "react-router dev",
+        "svelte-kit dev",
+        "wrangler dev",
+        "nest start --watch",
+        "webpack serve",
+        "bun --hot",
+        "bun --watch",
+    ];
+    WATCHERS.iter().any(|w| command.contains(w))
+}
+
 /// `KEY=value` at the front of a command.
 fn env_assignment(word: &str) -> Option<(String, String)> {
     let (key, value) = word.split_once('=')?;
@@ -334,6 +382,23 @@ fn is_javascript(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn development_commands_that_watch_themselves_are_told_apart() {
+        for command in [
+            "node --watch server.js",
+            "nodemon server.js",
+            "tsx watch src/index.ts",
+            "next dev --turbopack",
+            "vite",
+            "deno run --watch main.ts",
+        ] {
+            assert!(watches_itself(command), "{command}");
+        }
+        for command in ["node server.js", "tsx src/index.ts", "deno run -A main.ts"] {
+            assert!(!watches_itself(command), "{command}");
+        }
+    }
     use crate::config::Config;
 
     fn start_of(files: &[(&str, &str)]) -> Start {

@@ -770,7 +770,7 @@ pub fn loopback() -> Vec<ipnet::IpNet> {
         .collect()
 }
 
-fn default_listen() -> SocketAddr {
+pub(crate) fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN
         .parse()
         .expect("DEFAULT_LISTEN is a valid address")

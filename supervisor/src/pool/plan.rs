@@ -170,17 +170,21 @@ impl LaunchPlan {
             };
             env.push(("NODE_ENV".into(), mode.into()));
         }
-        if let Some(dev) = self.dev {
-            env.push((ENV_PASS_DOWN.into(), "1".into()));
-            if dev.colour {
-                env.push(("FORCE_COLOR".into(), "1".into()));
-            }
+        if self.dev.is_some_and(|dev| dev.colour) {
+            env.push(("FORCE_COLOR".into(), "1".into()));
         }
         env.extend(
             self.app_env
                 .iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         );
+        // Only `bext dev` passes the adapter down (its socket is where
+        // Node's children do not put theirs); the app's own variables
+        // cannot turn it on.
+        env.retain(|(k, _)| k != ENV_PASS_DOWN);
+        if self.dev.is_some() {
+            env.push((ENV_PASS_DOWN.into(), "1".into()));
+        }
         env.extend([
             (ENV_READY_TOKEN.into(), token.into()),
             ("BEXT_APP".into(), app.into()),
@@ -206,7 +210,7 @@ impl LaunchPlan {
                     }
                     Kind::Shell { command } => (
                         PathBuf::from("/bin/sh"),
-                        vec!["-c".into(), format!("exec {command}").into()],
+                        vec!["-c".into(), shell_command(command).into()],
                     ),
                     Kind::Deno { .. } => unreachable!("matched above"),
                 }
@@ -271,6 +275,18 @@ impl LaunchPlan {
 /// across repeated flags, but a scoped flag next to an unrestricted one
 /// would *narrow* it, so nothing is added where the app already has the
 /// unrestricted permission (or `-A`).
+/// The `sh -c` text of a start command: `exec` in front, so the app is
+/// the worker process itself, unless the command is a list (`a && b`,
+/// `a; b`, a pipeline), where `exec` would run the first part alone.
+fn shell_command(command: &str) -> String {
+    const LISTS: &[&str] = &["&&", "||", ";", "|", "&", "\n"];
+    if LISTS.iter().any(|op| command.contains(op)) {
+        command.to_string()
+    } else {
+        format!("exec {command}")
+    }
+}
+
 fn deno_flags(flags: &[String], socket: &Path) -> Vec<String> {
     let has = |names: &[&str]| flags.iter().any(|f| names.contains(&f.as_str()));
     if has(&["-A", "--allow-all"]) {
@@ -304,6 +320,22 @@ fn find_binary(binary: &'static str, env: &'static str) -> Result<PathBuf, PlanE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `exec` in front of a list would run its first command alone (`tsc
+    /// && node dist/x.js` would stop after tsc).
+    #[test]
+    fn a_shell_list_is_not_execed() {
+        assert_eq!(
+            shell_command("node server.js | tee log"),
+            "node server.js | tee log"
+        );
+        assert_eq!(
+            shell_command("tsc && node dist/x.js"),
+            "tsc && node dist/x.js"
+        );
+        assert_eq!(shell_command("a; b"), "a; b");
+        assert_eq!(shell_command("node $ENTRY"), "exec node $ENTRY");
+    }
 
     #[test]
     fn deno_socket_permissions_merge_into_the_apps_own() {

@@ -277,9 +277,15 @@ impl Slot {
                                 "worker did not start listening within {:?}",
                                 self.config.start_timeout
                             );
-                            error!(parent: &instance.span, "{why}; is the app's HTTP server started with listen()?");
-                            self.stop(instance).await;
-                            Err(why)
+                            if self.config.dev {
+                                kill_group(instance.pgid, Signal::SIGKILL);
+                                let why = format!("{why}; is the app's HTTP server started with listen()?");
+                                Err(report(&self.config.app, &mut instance, why).await)
+                            } else {
+                                error!(parent: &instance.span, "{why}; is the app's HTTP server started with listen()?");
+                                self.stop(instance).await;
+                                Err(why)
+                            }
                         }
                     },
                     Err(e) => {
@@ -620,13 +626,11 @@ const REPORT_LINES: usize = 40;
 /// One line of a worker's output, to the log (or as it is, to stderr).
 fn app_line(raw: bool, stream: &'static str, line: &str) {
     if raw {
-        #[allow(
-            clippy::print_stderr,
-            reason = "bext dev shows the app's own output as it is"
-        )]
-        {
-            eprintln!("{line}");
-        }
+        // In order with the log's own lines, through its writer.
+        let mut text = Vec::with_capacity(line.len() + 1);
+        text.extend_from_slice(line.as_bytes());
+        text.push(b'\n');
+        crate::telemetry::write_line(&text);
     } else {
         info!(target: "bext::app", stream, "{line}");
     }
