@@ -680,6 +680,38 @@ async fn issue14_a_missing_page_is_rendered_once_for_the_fleet() {
     }
 }
 
+/// The same for a page that varies (as every App Router page does, on
+/// `rsc`): the others wait for the variant the render stored, which they
+/// find through the URL's Vary names in Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_a_missing_varied_page_is_rendered_once_for_the_fleet() {
+    let redis = Redis::start();
+    let fleet = fleet(&redis);
+    let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
+    let page = "/page/varied?cc=public,max-age=600&vary=rsc&delay=300";
+    let rsc = [("rsc", "1")];
+    let (ra, rb, rc) = tokio::join!(get(a, page, &rsc), get(b, page, &rsc), get(c, page, &rsc));
+    assert_eq!(
+        renders_of(&fleet, "/page/varied").await,
+        1,
+        "one render for three instances: {ra:?} {rb:?} {rc:?}"
+    );
+    for (state, body) in [&ra, &rb, &rc] {
+        assert_eq!(state, "MISS", "{body}");
+        assert_eq!(body, &ra.1, "the one render everywhere");
+        assert!(body.contains("rsc=1"), "{body}");
+    }
+    // The other variant is a page of its own: one more render, once.
+    let (ra, rb) = tokio::join!(get(a, page, &[]), get(b, page, &[]));
+    assert_eq!(renders_of(&fleet, "/page/varied").await, 2, "{ra:?} {rb:?}");
+    assert_eq!(ra.1, rb.1);
+    assert_eq!(
+        redis.cli(&["--scan", "--pattern", "bext:*:lease:*"]),
+        "",
+        "no lease left"
+    );
+}
+
 /// A soft purge marks the page stale on every instance (served STALE while
 /// one revalidation runs), and a second one of the same tag, with nothing
 /// left to mark in Redis, still reaches the others.

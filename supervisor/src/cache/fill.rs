@@ -176,7 +176,7 @@ impl<S: Store> IsrCache<S> {
         // always this instance's turn, at no cost.
         let mut leased = None;
         if lead.is_some() {
-            match self.fleet_turn(key).await {
+            match self.fleet_turn(key, primary, client.headers()).await {
                 Turn::Ours => {
                     leased = Some(LeaseGuard {
                         cache: Some(Arc::clone(self)),
@@ -299,7 +299,7 @@ impl<S: Store> IsrCache<S> {
     /// 100 ms) until it is there, the lease is free again (the render was
     /// not storable, or its instance went away: this one takes over), or
     /// the wait runs out.
-    async fn fleet_turn(&self, key: &str) -> Turn {
+    async fn fleet_turn(&self, key: &str, primary: &str, headers: &HeaderMap) -> Turn {
         let hold = self.wait_timeout.min(FLEET_LEASE);
         if self.store.lease(key, hold).await {
             return Turn::Ours;
@@ -308,13 +308,12 @@ impl<S: Store> IsrCache<S> {
         let mut pause = Duration::from_millis(10);
         loop {
             tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
-            let fresh = |o: &Arc<Object>| o.freshness(SystemTime::now()) == Freshness::Fresh;
-            if let Some(object) = self.store.get(key).await.filter(fresh) {
+            if let Some(object) = self.their_render(key, primary, headers).await {
                 return Turn::Theirs(object);
             }
             if self.store.lease(key, hold).await {
                 // Stored just before it was given back?
-                if let Some(object) = self.store.get(key).await.filter(fresh) {
+                if let Some(object) = self.their_render(key, primary, headers).await {
                     self.store.release(key).await;
                     return Turn::Theirs(object);
                 }
@@ -328,6 +327,38 @@ impl<S: Store> IsrCache<S> {
                 return Turn::TimedOut;
             }
             pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// What another instance's render of `key` stored, fresh: under `key`,
+    /// or, for a URL whose Vary names were not known when `key` was made
+    /// from it (a cold page), under the variant of these request headers,
+    /// which the render's Vary names (shared with it) tell.
+    async fn their_render(
+        &self,
+        key: &str,
+        primary: &str,
+        headers: &HeaderMap,
+    ) -> Option<Arc<Object>> {
+        let fresh = |o: &Arc<Object>| o.freshness(SystemTime::now()) == Freshness::Fresh;
+        if key != primary {
+            return self.store.get(key).await.filter(fresh);
+        }
+        // One lookup tells the URL's Vary names and, unvaried, brings its
+        // object into memory.
+        match self.store.shared_vary(primary).await {
+            Some(vary) if !vary.is_empty() => {
+                let variant = super::key::full(primary, headers, &vary).into_owned();
+                self.index.insert(
+                    primary.to_string(),
+                    Arc::new(UrlInfo {
+                        vary: vary.into(),
+                        pass: None,
+                    }),
+                );
+                self.store.get(&variant).await.filter(fresh)
+            }
+            _ => self.store.get(key).await.filter(fresh),
         }
     }
 
