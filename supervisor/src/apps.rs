@@ -676,6 +676,10 @@ fn build_service(
             cache
         })
     });
+    // Next.js: draft-mode requests of this build skip the cache.
+    if let Some(cache) = &cache {
+        cache.set_draft_id(app.next_preview_id().as_deref());
+    }
     let purge_token = settings
         .purge_token_override
         .clone()

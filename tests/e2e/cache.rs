@@ -720,3 +720,74 @@ async fn the_log_filter_can_turn_the_access_log_off() {
         bext.log_text()
     );
 }
+
+/// Issue 15 (draft mode): a request carrying Next's draft-mode cookie for
+/// the build being served sees the draft rendering, never the cached page,
+/// and never puts it in the cache; a cookie with another value is nobody's
+/// draft.
+#[tokio::test(flavor = "multi_thread")]
+async fn next_draft_mode_skips_the_cache_and_never_fills_it() {
+    let bext = Bext::run(&fixture("next"), &["--workers", "1"]);
+    let (state, _, first) = get(&bext, "/draft").await;
+    assert!(first.contains("published content"), "{first}");
+    assert_ne!(state, "BYPASS", "a public page is cached");
+    // (The build's copy may be older than its minute: Next answers it
+    // stale and renders it again in the background.)
+    let cached = crate::support::wait_for_async(
+        "the page to be a fresh hit",
+        Duration::from_secs(20),
+        || async {
+            let (state, _, body) = get(&bext, "/draft").await;
+            (state == "HIT").then_some(body)
+        },
+    )
+    .await;
+
+    // Draft mode on: Next sets its bypass cookie.
+    let on = client()
+        .get(bext.url("/api/draft"))
+        .send()
+        .await
+        .expect("enable");
+    let cookie = on
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("__prerender_bypass="))
+        .expect("the draft-mode cookie")
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string();
+    for _ in 0..2 {
+        let draft = client()
+            .get(bext.url("/draft"))
+            .header("cookie", format!("theme=dark; {cookie}"))
+            .send()
+            .await
+            .expect("draft GET");
+        assert_eq!(cache_state(&draft), "BYPASS");
+        assert!(
+            draft.headers()["cache-status"]
+                .to_str()
+                .expect("ascii")
+                .contains("detail=draft-mode")
+        );
+        let body = draft.text().await.expect("body");
+        assert!(body.contains("draft content"), "{body}");
+    }
+    // The public page is untouched by the drafts.
+    let (state, _, after) = get(&bext, "/draft").await;
+    assert_eq!(state, "HIT");
+    assert_eq!(after, cached);
+    // Another value is not this build's draft: the cached page.
+    let forged = client()
+        .get(bext.url("/draft"))
+        .header("cookie", "__prerender_bypass=0123456789abcdef")
+        .send()
+        .await
+        .expect("forged GET");
+    assert_eq!(cache_state(&forged), "HIT");
+    assert_eq!(forged.text().await.expect("body"), cached);
+}

@@ -332,6 +332,21 @@ impl App {
         mounts
     }
 
+    /// A built Next.js app's preview mode id (the value of its draft-mode
+    /// cookie), from `.next/prerender-manifest.json`.
+    pub fn next_preview_id(&self) -> Option<String> {
+        if self.framework != Framework::Nextjs {
+            return None;
+        }
+        let path = self.dir.join(".next/prerender-manifest.json");
+        let text = crate::config::read_small_file(&path).ok()?;
+        let manifest: Value = serde_json::from_str(&text).ok()?;
+        manifest["preview"]["previewModeId"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+    }
+
     pub(crate) fn package(&self) -> Option<&Value> {
         self.package.as_ref()
     }

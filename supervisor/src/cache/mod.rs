@@ -109,6 +109,9 @@ pub struct IsrCache<S: Store = TieredStore> {
     compression: arc_swap::ArcSwap<crate::compress::Settings>,
     /// Variant jobs waiting or running.
     variant_jobs: std::sync::atomic::AtomicUsize,
+    /// A Next.js app's preview mode id: a request whose draft-mode cookie
+    /// carries it sees the draft rendering, never the cache.
+    draft_id: arc_swap::ArcSwapOption<String>,
 }
 
 impl<S: Store> std::fmt::Debug for IsrCache<S> {
@@ -334,6 +337,7 @@ impl<S: Store> IsrCache<S> {
             counters,
             compression: arc_swap::ArcSwap::from_pointee(crate::compress::Settings::default()),
             variant_jobs: std::sync::atomic::AtomicUsize::new(0),
+            draft_id: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -347,6 +351,24 @@ impl<S: Store> IsrCache<S> {
     /// made stay until their entries go).
     pub fn set_compression(&self, settings: crate::compress::Settings) {
         self.compression.store(Arc::new(settings));
+    }
+
+    /// Sets the preview mode id of the Next.js build being served (each
+    /// build has its own).
+    pub fn set_draft_id(&self, id: Option<&str>) {
+        self.draft_id.store(id.map(|id| Arc::new(id.to_string())));
+    }
+
+    /// Is this a Next.js draft-mode request of the build being served?
+    fn is_draft(&self, headers: &http::HeaderMap) -> bool {
+        let id = self.draft_id.load();
+        let Some(id) = id.as_deref() else {
+            return false;
+        };
+        policy::cookie_values(headers, policy::NEXT_DRAFT_COOKIE).any(|value| {
+            use subtle::ConstantTimeEq;
+            bool::from(value.as_bytes().ct_eq(id.as_bytes()))
+        })
     }
 
     /// Answers `req` from `object`, compressed for its client if it may be
@@ -492,6 +514,11 @@ impl<S: Store> IsrCache<S> {
         let rule = self.rule_for(req.uri().path()).cloned();
         if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
             return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
+        }
+        // Next.js draft mode: the editor sees the draft, and it is never
+        // stored (Next marks it private; this keeps it off the way in).
+        if self.is_draft(req.headers()) {
+            return Box::pin(self.pass_through(req, fill, "draft-mode", &accepted)).await;
         }
         let primary = key::primary(&req);
         let info = match self.index.get(&primary) {

@@ -151,6 +151,24 @@ pub struct Lifetime {
     pub stale_if_error: Duration,
 }
 
+/// Next.js's draft-mode (and legacy preview-mode) cookie: its value is the
+/// build's preview mode id.
+pub const NEXT_DRAFT_COOKIE: &str = "__prerender_bypass";
+
+/// The values of cookie `name` in a request's `Cookie` fields (HTTP/2
+/// clients send one field per cookie).
+pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(move |pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key.trim() == name).then(|| value.trim().trim_matches('"'))
+        })
+}
+
 /// The first `[[route_rules]]` entry for `path`.
 pub fn rule_for<'a>(settings: &'a IsrConfig, path: &str) -> Option<&'a RouteRule> {
     settings
@@ -356,6 +374,25 @@ const UNKNOWN_AGE: Duration = Duration::from_secs(MAX_DELTA_SECONDS);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookies_are_found_in_every_cookie_field() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::COOKIE,
+            "theme=dark; __prerender_bypass=abc".parse().expect("value"),
+        );
+        headers.append(
+            header::COOKIE,
+            "__prerender_bypass=\"def\"".parse().expect("value"),
+        );
+        headers.append(
+            header::COOKIE,
+            "x__prerender_bypass=no".parse().expect("value"),
+        );
+        let found: Vec<&str> = cookie_values(&headers, NEXT_DRAFT_COOKIE).collect();
+        assert_eq!(found, ["abc", "def"]);
+    }
     use http::HeaderValue;
 
     fn settings() -> IsrConfig {
