@@ -712,6 +712,46 @@ async fn issue14_a_missing_varied_page_is_rendered_once_for_the_fleet() {
     );
 }
 
+/// A page that turns out not storable, asked of three instances at once:
+/// the instance that took the lease tells the others (a marker in Redis
+/// beside the lease it gives back), so they ask their apps at once instead
+/// of one after another with the lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue14_an_uncacheable_page_does_not_make_the_fleet_take_turns() {
+    let redis = Redis::start();
+    let fleet = fleet(&redis);
+    let [a, b, c] = [&fleet[0].1, &fleet[1].1, &fleet[2].1];
+    let delay = Duration::from_millis(2000);
+    let page = format!("/page/dynamic?cc=private&delay={}", delay.as_millis());
+    let started = std::time::Instant::now();
+    let (ra, rb, rc) = tokio::join!(get(a, &page, &[]), get(b, &page, &[]), get(c, &page, &[]));
+    let took = started.elapsed();
+    assert_eq!(
+        renders_of(&fleet, "/page/dynamic").await,
+        3,
+        "each asked its app"
+    );
+    for (state, body) in [&ra, &rb, &rc] {
+        assert_eq!(state, "BYPASS", "{body}");
+    }
+    assert_ne!(
+        redis.cli(&["--scan", "--pattern", "bext:*:pass:*"]),
+        "",
+        "the marker the others were told by"
+    );
+    // The first render, then the other two at once: twice the delay (in
+    // turns, three times).
+    assert!(
+        took < delay * 5 / 2,
+        "the last two renders overlapped: {took:?} for three of {delay:?}"
+    );
+    assert_eq!(
+        redis.cli(&["--scan", "--pattern", "bext:*:lease:*"]),
+        "",
+        "no lease left"
+    );
+}
+
 /// A soft purge marks the page stale on every instance (served STALE while
 /// one revalidation runs), and a second one of the same tag, with nothing
 /// left to mark in Redis, still reaches the others.

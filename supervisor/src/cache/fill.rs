@@ -57,6 +57,8 @@ enum Turn {
     Ours,
     Theirs(Arc<Object>),
     TimedOut,
+    /// Another instance found it not storable: every instance asks its app.
+    Uncacheable,
 }
 
 /// Request headers a fill must not pass on: the cache wants a whole,
@@ -202,7 +204,7 @@ impl<S: Store> IsrCache<S> {
                         )
                         .await;
                 }
-                Turn::Theirs(_) | Turn::TimedOut => {}
+                Turn::Theirs(_) | Turn::TimedOut | Turn::Uncacheable => {}
             }
         }
         let fetched = self
@@ -218,7 +220,15 @@ impl<S: Store> IsrCache<S> {
         if let Some(mut lease) = leased
             && let Some(cache) = lease.cache.take()
         {
-            cache.store.release(key).await;
+            // Not storable (for everyone, not for this client's
+            // credentials): the others waiting go to their apps at once.
+            let uncacheable = matches!(fetched, Fetched::NotStored(..))
+                && !client.headers().contains_key(header::AUTHORIZATION);
+            if uncacheable {
+                cache.store.release_as_pass(key, super::PASS_MEMORY).await;
+            } else {
+                cache.store.release(key).await;
+            }
         }
         let with_copy = previous.is_some();
         let fallback =
@@ -310,6 +320,9 @@ impl<S: Store> IsrCache<S> {
             tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
             if let Some(object) = self.their_render(key, primary, headers).await {
                 return Turn::Theirs(object);
+            }
+            if self.store.shared_pass(key).await {
+                return Turn::Uncacheable;
             }
             if self.store.lease(key, hold).await {
                 // Stored just before it was given back?

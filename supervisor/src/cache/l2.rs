@@ -17,6 +17,8 @@
 //!   store from an instance that has not heard of the latest purge yet is
 //!   refused (it may hold a page from before it);
 //! - `lease:HASH` who renders an entry again (one instance of the fleet);
+//! - `pass:HASH` its render was not storable (for 10 s: the instances that
+//!   waited for it ask their apps at once);
 //! - `rl:CLIENT` a client's rate-limit state;
 //! - channel `purge`: every purge, for the other instances to drop what
 //!   they hold in memory.
@@ -342,6 +344,10 @@ impl L2 {
         format!("{}lease:{}", self.prefix, hash(key))
     }
 
+    fn pass_key(&self, key: &str) -> String {
+        format!("{}pass:{}", self.prefix, hash(key))
+    }
+
     fn channel(&self) -> String {
         format!("{}purge", self.prefix)
     }
@@ -606,6 +612,38 @@ impl L2 {
                 .await
         })
         .await;
+    }
+
+    /// Gives back this instance's lease on `key`, whose render was not
+    /// storable, and says so to the instances waiting for it (for
+    /// `remember`): they send their requests to their app at once, rather
+    /// than one after another with the lease.
+    pub async fn release_as_pass(&self, key: &str, remember: Duration) {
+        let (lease_key, pass_key) = (self.lease_key(key), self.pass_key(key));
+        let ms = u64::try_from(remember.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.run(Op::Release, async |c| {
+            RELEASE_AS_PASS
+                .key(&lease_key)
+                .key(&pass_key)
+                .arg(&self.instance)
+                .arg(ms)
+                .invoke_async::<i64>(c)
+                .await
+        })
+        .await;
+    }
+
+    /// Was `key`'s render found not storable by another instance lately?
+    pub async fn passes(&self, key: &str) -> bool {
+        let pass_key = self.pass_key(key);
+        let found: Option<Option<String>> = self
+            .run(Op::Get, async |c| {
+                redis::cmd("GET").arg(&pass_key).query_async(c).await
+            })
+            .await;
+        found.flatten().is_some()
     }
 
     /// The fleet-wide rate limit (GCRA, in Redis, by Redis's clock) for
@@ -1054,11 +1092,24 @@ static PUT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(PUT_SCRIPT));
 static RELEASE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RELEASE_SCRIPT));
+static RELEASE_AS_PASS: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RELEASE_AS_PASS_SCRIPT));
 static GCRA: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(GCRA_SCRIPT));
 
 /// Deletes a lease (KEYS[1]) only if it is still this instance's (ARGV[1]).
 const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Marks a key not storable (KEYS[2], for ARGV[2] ms), then deletes its
+/// lease (KEYS[1]) if it is still this instance's (ARGV[1]): the marker is
+/// there before a waiting instance can take the lease.
+const RELEASE_AS_PASS_SCRIPT: &str = r#"
+redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[2]))
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end

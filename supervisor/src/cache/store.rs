@@ -95,6 +95,15 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, _key: &str) -> impl Future<Output = ()> + Send {
         std::future::ready(())
     }
+    /// [`Store::release`], for a render that was not storable: the others
+    /// waiting for it are told so, for `remember`.
+    fn release_as_pass(&self, key: &str, _remember: Duration) -> impl Future<Output = ()> + Send {
+        self.release(key)
+    }
+    /// Did another instance find `key` not storable lately?
+    fn shared_pass(&self, _key: &str) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
     fn stats(&self) -> StoreStats;
 }
 
@@ -412,6 +421,21 @@ impl Store for TieredStore {
             && self.leases.remove(key).is_some()
         {
             l2.release(key).await;
+        }
+    }
+
+    async fn release_as_pass(&self, key: &str, remember: Duration) {
+        if let Some(l2) = &self.l2
+            && self.leases.remove(key).is_some()
+        {
+            l2.release_as_pass(key, remember).await;
+        }
+    }
+
+    async fn shared_pass(&self, key: &str) -> bool {
+        match &self.l2 {
+            Some(l2) => l2.passes(key).await,
+            None => false,
         }
     }
 
