@@ -79,6 +79,52 @@ pub struct DevMode {
 }
 
 impl AppSettings {
+    /// Single-app mode (`bext run`, `bext dev`): the app in `dir`, run as
+    /// bext's own user, its limits from `config`, the purge token from
+    /// `BEXT_PURGE_TOKEN` if set.
+    pub fn single_app(
+        dir: PathBuf,
+        config: Config,
+        default_workers: NonZeroU32,
+        dev: Option<DevMode>,
+    ) -> Self {
+        let (rate_limit, ipv6_prefix, trusted_proxies, admin_networks) = derived(&config);
+        AppSettings {
+            name: None,
+            dir,
+            config,
+            default_workers,
+            force_build: false,
+            build_timeout: crate::app::build::BUILD_TIMEOUT,
+            hooks: None,
+            rate_limit,
+            ipv6_prefix,
+            trusted_proxies,
+            admin_networks,
+            runtime_base: default_runtime_base(),
+            user: None,
+            confined: false,
+            purge_token_override: std::env::var(crate::config::ENV_PURGE_TOKEN)
+                .ok()
+                .filter(|t| !t.is_empty()),
+            dev,
+        }
+    }
+
+    /// These settings with another single-app `config` and what derives
+    /// from it (its rate limit, trusted proxies and admin networks).
+    pub fn with_config(self, config: Config) -> Self {
+        let (rate_limit, ipv6_prefix, trusted_proxies, admin_networks) = derived(&config);
+        AppSettings {
+            rate_limit,
+            ipv6_prefix,
+            trusted_proxies,
+            admin_networks,
+            config,
+            ..self
+        }
+    }
+
     /// Do `other`'s differences need new workers (or only a new request
     /// path: domains, limits, cache settings)?
     pub fn needs_restart(&self, other: &AppSettings) -> bool {
@@ -89,6 +135,19 @@ impl AppSettings {
             || self.default_workers != other.default_workers
             || self.user != other.user
     }
+}
+
+/// What single-app settings take from the config: the rate limit (and its
+/// IPv6 prefix), trusted proxies and admin networks.
+fn derived(config: &Config) -> (Option<NonZeroU32>, u8, Vec<IpNet>, Vec<IpNet>) {
+    (
+        config.rate_limit.map(|l| l.rpm),
+        config
+            .rate_limit
+            .map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
+        config.server.trusted_proxies.clone(),
+        config.server.admin_networks.clone(),
+    )
 }
 
 /// When a started app is good enough to serve.

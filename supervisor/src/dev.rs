@@ -21,10 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::apps::{AppSettings, DevMode, Gate, RunningApp, default_runtime_base};
+use crate::apps::{AppSettings, DevMode, Gate, RunningApp};
 use crate::body::Body;
 use crate::cli::DevArgs;
-use crate::config::{CONFIG_FILE_NAME, Config, ConfigError, ENV_PURGE_TOKEN};
+use crate::config::{CONFIG_FILE_NAME, Config, ConfigError};
 use crate::listener::{Handler, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::run::{RunError, load_config, watch_signals};
@@ -65,31 +65,15 @@ pub async fn dev(args: DevArgs, shards: Shards) -> Result<(), RunError> {
     let grace = config.server.shutdown_grace;
     let limits = config.server.limits;
     let live_reload = LiveReload::default();
-    let settings = AppSettings {
-        name: None,
-        dir: args.dir.clone(),
-        default_workers: NonZeroU32::MIN,
-        force_build: false,
-        build_timeout: crate::app::build::BUILD_TIMEOUT,
-        hooks: None,
-        rate_limit: config.rate_limit.map(|l| l.rpm),
-        ipv6_prefix: config
-            .rate_limit
-            .map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
-        trusted_proxies: config.server.trusted_proxies.clone(),
-        admin_networks: config.server.admin_networks.clone(),
-        runtime_base: default_runtime_base(),
-        user: None,
-        confined: false,
-        purge_token_override: std::env::var(ENV_PURGE_TOKEN)
-            .ok()
-            .filter(|t| !t.is_empty()),
-        dev: Some(DevMode {
+    let settings = AppSettings::single_app(
+        args.dir.clone(),
+        config,
+        NonZeroU32::MIN,
+        Some(DevMode {
             cache: args.cache,
             reload: live_reload.clone(),
         }),
-        config,
-    };
+    );
     let metrics = Arc::new(Metrics::new());
     let shutdown = Shutdown::default();
     tokio::spawn(watch_signals(shutdown.clone()));
@@ -250,16 +234,7 @@ async fn reload(
             "[server] listen, limits and shutdown_grace_ms take effect when bext dev starts again"
         );
     }
-    let settings = AppSettings {
-        rate_limit: config.rate_limit.map(|l| l.rpm),
-        ipv6_prefix: config
-            .rate_limit
-            .map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
-        trusted_proxies: config.server.trusted_proxies.clone(),
-        admin_networks: config.server.admin_networks.clone(),
-        config,
-        ..app.settings.clone()
-    };
+    let settings = app.settings.clone().with_config(config);
     if settings == app.settings {
         info!("{} saved: nothing changed", config_path(args).display());
         return;

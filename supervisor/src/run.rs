@@ -9,9 +9,9 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::app::{BuildError, DetectError, StartError};
-use crate::apps::{AppSettings, Gate, RunningApp, default_runtime_base};
+use crate::apps::{AppSettings, Gate, RunningApp};
 use crate::cli::RunArgs;
-use crate::config::{Config, ConfigError, ENV_PURGE_TOKEN};
+use crate::config::{Config, ConfigError};
 use crate::listener::Shutdown;
 use crate::listener::tls::{CertSource, Certificates, Origin};
 use crate::metrics::Metrics;
@@ -166,30 +166,14 @@ pub async fn run(args: RunArgs, shards: Shards) -> Result<(), RunError> {
         None => None,
     };
     let grace = config.server.shutdown_grace;
-    let (trusted_proxies, admin_networks) = (
-        config.server.trusted_proxies.clone(),
-        config.server.admin_networks.clone(),
-    );
-    let rate_limit = config.rate_limit;
     let settings = AppSettings {
-        name: None,
-        dir: args.dir.clone(),
-        config,
-        default_workers: crate::config::default_workers(),
         force_build: args.build,
-        build_timeout: crate::app::build::BUILD_TIMEOUT,
-        hooks: None,
-        rate_limit: rate_limit.map(|l| l.rpm),
-        ipv6_prefix: rate_limit.map_or(crate::ratelimit::DEFAULT_IPV6_PREFIX, |l| l.ipv6_prefix),
-        trusted_proxies,
-        admin_networks,
-        runtime_base: default_runtime_base(),
-        user: None,
-        confined: false,
-        purge_token_override: std::env::var(ENV_PURGE_TOKEN)
-            .ok()
-            .filter(|t| !t.is_empty()),
-        dev: None,
+        ..AppSettings::single_app(
+            args.dir.clone(),
+            config,
+            crate::config::default_workers(),
+            None,
+        )
     };
     let metrics = Arc::new(Metrics::new());
     if let Some((certificates, _, _, _)) = &tls {

@@ -66,6 +66,16 @@ fn dev(dir: &Path, args: &[&str]) -> Bext {
     )
 }
 
+/// The command line of the first worker bext started.
+fn worker_command(bext: &Bext) -> String {
+    let started = bext.wait_log(Duration::from_secs(5), |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("worker starting"))
+    });
+    started["message"].as_str().unwrap_or("").to_string()
+}
+
 async fn text(bext: &Bext, path: &str) -> (u16, String) {
     match client().get(bext.url(path)).send().await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
@@ -417,18 +427,8 @@ async fn next_dev_serves_and_its_hmr_socket_hears_an_edit() {
     use futures_util::StreamExt;
     let app = next_app();
     let mut bext = dev(app.path(), &[]);
-    let started = bext.wait_log(Duration::from_secs(5), |l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("worker starting"))
-    });
-    assert!(
-        started["message"]
-            .as_str()
-            .unwrap_or("")
-            .ends_with("next dev"),
-        "{started}"
-    );
+    let command = worker_command(&bext);
+    assert!(command.ends_with("next dev"), "{command}");
     let page = client().get(bext.url("/")).send().await.expect("GET /");
     assert_eq!(page.status(), 200);
     assert_eq!(page.headers()["x-bext-cache"], "PREVIEW");
@@ -596,18 +596,8 @@ async fn a_dev_script_runs_and_watches_by_itself() {
     )
     .expect("package.json");
     let bext = dev(app.path(), &[]);
-    let started = bext.wait_log(Duration::from_secs(5), |l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("worker starting"))
-    });
-    assert!(
-        started["message"]
-            .as_str()
-            .unwrap_or("")
-            .ends_with("server.js"),
-        "{started}"
-    );
+    let command = worker_command(&bext);
+    assert!(command.ends_with("server.js"), "{command}");
     assert_eq!(text(&bext, "/").await, (200, "v1".to_string()));
     write(app.path(), "server.js", &server_js("v2"));
     until_answer(&bext, "v2", Instant::now()).await;
