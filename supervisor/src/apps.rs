@@ -247,6 +247,12 @@ impl RunningApp {
         } else {
             app::prepare(&app, settings.force_build, user, settings.build_timeout).await?;
         }
+        if app.framework == Framework::Nextjs && settings.dev.is_none() {
+            app.preview_id = app.next_preview_id();
+            if app.preview_id.is_none() {
+                warn!(app = %app.name, "no preview mode id in the Next.js build: draft-mode requests are not told from others by the cache");
+            }
+        }
         let (start, watches_itself) = match settings.dev {
             Some(_) if app.engine.is_some() => {
                 let dev = app.dev_start()?;
@@ -737,7 +743,7 @@ fn build_service(
     });
     // Next.js: draft-mode requests of this build skip the cache.
     if let Some(cache) = &cache {
-        cache.set_draft_id(app.next_preview_id().as_deref());
+        cache.set_draft_id(app.preview_id.as_deref());
     }
     let purge_token = settings
         .purge_token_override

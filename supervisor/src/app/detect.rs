@@ -36,6 +36,9 @@ pub struct App {
     /// The app's own environment (`[runtime] env`), for its processes.
     pub env: Vec<(String, String)>,
     pub(crate) static_dir: Option<PathBuf>,
+    /// Next.js: the preview mode id of the build the workers run (set
+    /// once built; see [`App::next_preview_id`]).
+    pub preview_id: Option<String>,
 }
 
 /// A command bext runs on the app's behalf (install, build).
@@ -200,6 +203,7 @@ pub fn detect(dir: &Path, config: &Config) -> Result<App, DetectError> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         static_dir: config.server.static_dir.clone(),
+        preview_id: None,
     })
 }
 
@@ -333,18 +337,28 @@ impl App {
     }
 
     /// A built Next.js app's preview mode id (the value of its draft-mode
-    /// cookie), from `.next/prerender-manifest.json`.
+    /// cookie): from `.next/server/preview-props.json` (small; Next 15 and
+    /// later), else `.next/prerender-manifest.json`. Read when the app's
+    /// workers start: the build they run is the one it belongs to. A link
+    /// as the file itself is not followed (a tenant's files).
     pub fn next_preview_id(&self) -> Option<String> {
         if self.framework != Framework::Nextjs {
             return None;
         }
-        let path = self.dir.join(".next/prerender-manifest.json");
-        let text = crate::config::read_small_file(&path).ok()?;
-        let manifest: Value = serde_json::from_str(&text).ok()?;
-        manifest["preview"]["previewModeId"]
-            .as_str()
-            .filter(|id| !id.is_empty())
-            .map(str::to_string)
+        let read = |file: &str, pointer: &str| {
+            let path = self.dir.join(".next").join(file);
+            let text = crate::config::open_regular_nofollow(&path)
+                .and_then(crate::config::read_small)
+                .ok()?;
+            let value: Value = serde_json::from_str(&text).ok()?;
+            value
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+        };
+        read("server/preview-props.json", "/previewModeId")
+            .or_else(|| read("prerender-manifest.json", "/preview/previewModeId"))
     }
 
     pub(crate) fn package(&self) -> Option<&Value> {

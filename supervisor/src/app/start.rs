@@ -310,27 +310,33 @@ fn node(script: PathBuf, args: Vec<String>) -> Start {
 /// Does a development command watch the app's files itself (restart or
 /// hot-reload on changes)? Then bext only restarts it after a crash.
 fn watches_itself(command: &str) -> bool {
-    const WATCHERS: &[&str] = &[
-        "--watch",
-        "nodemon",
-        "tsx watch",
-        "ts-node-dev",
-        "node-dev",
-        "next dev",
-        "vite",
-        "astro dev",
-        "nuxt dev",
-        "nuxi dev",
-        "remix dev",
-        "react-router dev",
-        "svelte-kit dev",
-        "wrangler dev",
-        "nest start --watch",
-        "webpack serve",
-        "bun --hot",
-        "bun --watch",
+    const PROGRAMS: &[&str] = &["nodemon", "ts-node-dev", "node-dev"];
+    const WITH_COMMAND: &[(&str, &str)] = &[
+        ("tsx", "watch"),
+        ("next", "dev"),
+        ("astro", "dev"),
+        ("nuxt", "dev"),
+        ("nuxi", "dev"),
+        ("remix", "dev"),
+        ("react-router", "dev"),
+        ("svelte-kit", "dev"),
+        ("wrangler", "dev"),
+        ("webpack", "serve"),
     ];
-    WATCHERS.iter().any(|w| command.contains(w))
+    let words: Vec<&str> = command
+        .split(|c: char| c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.iter().enumerate().any(|(i, &word)| {
+        let next = words.get(i + 1).copied();
+        word.starts_with("--watch")
+            || word == "--hot"
+            || PROGRAMS.contains(&word)
+            || WITH_COMMAND.iter().any(|&(p, c)| word == p && next == Some(c))
+            // `vite` alone (or `vite dev`, `vite --port N`) serves and
+            // watches; `vite build` and `vite preview` do not.
+            || word == "vite" && !matches!(next, Some("build" | "preview" | "optimize"))
+    })
 }
 
 /// `KEY=value` at the front of a command.
@@ -395,7 +401,14 @@ mod tests {
         ] {
             assert!(watches_itself(command), "{command}");
         }
-        for command in ["node server.js", "tsx src/index.ts", "deno run -A main.ts"] {
+        for command in [
+            "node server.js",
+            "tsx src/index.ts",
+            "deno run -A main.ts",
+            "vite build && node server.js",
+            "vitest",
+            "node scripts/nodemon-like.js",
+        ] {
             assert!(!watches_itself(command), "{command}");
         }
     }

@@ -623,10 +623,12 @@ impl L2 {
         let ms = u64::try_from(remember.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
+        let generation_key = self.generation_key();
         self.run(Op::Release, async |c| {
             RELEASE_AS_PASS
                 .key(&lease_key)
                 .key(&pass_key)
+                .key(&generation_key)
                 .arg(&self.instance)
                 .arg(ms)
                 .invoke_async::<i64>(c)
@@ -635,15 +637,23 @@ impl L2 {
         .await;
     }
 
-    /// Was `key`'s render found not storable by another instance lately?
+    /// Was `key`'s render found not storable by another instance lately,
+    /// with no purge since?
     pub async fn passes(&self, key: &str) -> bool {
-        let pass_key = self.pass_key(key);
-        let found: Option<Option<String>> = self
+        let (pass_key, generation_key) = (self.pass_key(key), self.generation_key());
+        let found: Option<(Option<String>, Option<String>)> = self
             .run(Op::Get, async |c| {
-                redis::cmd("GET").arg(&pass_key).query_async(c).await
+                redis::cmd("MGET")
+                    .arg(&pass_key)
+                    .arg(&generation_key)
+                    .query_async(c)
+                    .await
             })
             .await;
-        found.flatten().is_some()
+        match found {
+            Some((Some(marked), generation)) => marked == generation.as_deref().unwrap_or("0"),
+            _ => false,
+        }
     }
 
     /// The fleet-wide rate limit (GCRA, in Redis, by Redis's clock) for
@@ -1105,12 +1115,13 @@ end
 return 0
 "#;
 
-/// Marks a key not storable (KEYS[2], for ARGV[2] ms), then deletes its
-/// lease (KEYS[1]) if it is still this instance's (ARGV[1]): the marker is
-/// there before a waiting instance can take the lease.
+/// If the lease (KEYS[1]) is still this instance's (ARGV[1]): marks the
+/// key not storable (KEYS[2], for ARGV[2] ms, as of the purge generation
+/// KEYS[3]: a purge voids it), then deletes the lease, so the marker is
+/// there before a waiting instance can take it.
 const RELEASE_AS_PASS_SCRIPT: &str = r#"
-redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[2]))
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], redis.call('GET', KEYS[3]) or '0', 'PX', tonumber(ARGV[2]))
   return redis.call('DEL', KEYS[1])
 end
 return 0

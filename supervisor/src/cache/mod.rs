@@ -367,7 +367,9 @@ impl<S: Store> IsrCache<S> {
         };
         policy::cookie_values(headers, policy::NEXT_DRAFT_COOKIE).any(|value| {
             use subtle::ConstantTimeEq;
-            bool::from(value.as_bytes().ct_eq(id.as_bytes()))
+            // As Next reads it: percent-decoded.
+            let value = percent_encoding::percent_decode_str(value).collect::<Vec<u8>>();
+            bool::from(value.ct_eq(id.as_bytes()))
         })
     }
 

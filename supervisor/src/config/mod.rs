@@ -307,7 +307,7 @@ pub fn read_small_file(path: &Path) -> std::io::Result<String> {
     read_small(open_regular(path)?)
 }
 
-fn read_small(file: std::fs::File) -> std::io::Result<String> {
+pub(crate) fn read_small(file: std::fs::File) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
     file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;

@@ -275,15 +275,127 @@ impl LaunchPlan {
 /// across repeated flags, but a scoped flag next to an unrestricted one
 /// would *narrow* it, so nothing is added where the app already has the
 /// unrestricted permission (or `-A`).
-/// The `sh -c` text of a start command: `exec` in front, so the app is
-/// the worker process itself, unless the command is a list (`a && b`,
-/// `a; b`, a pipeline), where `exec` would run the first part alone.
+/// The `sh -c` text of a start command, with `exec` where the shell would
+/// otherwise stay between the supervisor and the app (its signals, its
+/// pid, its memory): in front of a simple command, and in front of the
+/// last command of a list (`tsc && exec node dist/x.js`: in front of the
+/// first, the list would stop after it). A pipeline or a command sent to
+/// the background is left as it is: the shell stays.
 fn shell_command(command: &str) -> String {
-    const LISTS: &[&str] = &["&&", "||", ";", "|", "&", "\n"];
-    if LISTS.iter().any(|op| command.contains(op)) {
-        command.to_string()
-    } else {
-        format!("exec {command}")
+    let at = match last_list_command(command) {
+        ListEnd::Simple => 0,
+        ListEnd::At(at) => at,
+        ListEnd::Keep => return command.to_string(),
+    };
+    // After the command's own variable assignments (`A=1 exec node`;
+    // `exec A=1 node` would look for a program named `A=1`).
+    let at = at + assignments_len(&command[at..]);
+    format!("{}exec {}", &command[..at], &command[at..])
+}
+
+/// The length of the `NAME=value` words (and the blanks after them) at the
+/// start of a simple command.
+fn assignments_len(command: &str) -> usize {
+    let bytes = command.as_bytes();
+    let mut end = 0;
+    loop {
+        let word = end + (command[end..].len() - command[end..].trim_start().len());
+        let name = bytes[word..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+            .count();
+        let assignment =
+            name > 0 && !bytes[word].is_ascii_digit() && bytes.get(word + name) == Some(&b'=');
+        if !assignment {
+            return if end == 0 { 0 } else { word };
+        }
+        // The value, to the next unquoted blank.
+        let (mut i, mut single, mut double, mut escaped) = (word + name + 1, false, false, false);
+        while i < bytes.len() {
+            let b = bytes[i];
+            if escaped {
+                escaped = false;
+            } else if single {
+                single = b != b'\'';
+            } else if b == b'\\' {
+                escaped = true;
+            } else if double {
+                double = b != b'"';
+            } else if b == b'\'' {
+                single = true;
+            } else if b == b'"' {
+                double = true;
+            } else if b.is_ascii_whitespace() {
+                break;
+            }
+            i += 1;
+        }
+        end = i;
+    }
+}
+
+enum ListEnd {
+    Simple,
+    /// The last command of a list starts at this byte.
+    At(usize),
+    Keep,
+}
+
+/// Where the last command of a list starts, reading `command` as the shell
+/// does: quotes and backslashes hide operators; `>&`, `<&` and `&>` are
+/// redirections, not the background operator.
+fn last_list_command(command: &str) -> ListEnd {
+    let bytes = command.as_bytes();
+    let (mut single, mut double, mut escaped) = (false, false, false);
+    let mut last = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if escaped {
+            escaped = false;
+        } else if single {
+            single = b != b'\'';
+        } else if b == b'\\' {
+            escaped = true;
+        } else if double {
+            double = b != b'"';
+        } else {
+            match b {
+                b'\'' => single = true,
+                b'"' => double = true,
+                b'&' | b'|' if bytes.get(i + 1) == Some(&b) => {
+                    i += 1;
+                    last = Some(i + 1);
+                }
+                b';' | b'\n' => last = Some(i + 1),
+                b'|' => return ListEnd::Keep,
+                b'&' => {
+                    let redirect = i > 0 && matches!(bytes[i - 1], b'>' | b'<')
+                        || bytes.get(i + 1) == Some(&b'>');
+                    if !redirect {
+                        return ListEnd::Keep;
+                    }
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    match last {
+        None => ListEnd::Simple,
+        Some(at) => {
+            let rest = &command[at..];
+            let start = at + (rest.len() - rest.trim_start().len());
+            if command[start..].trim().is_empty() {
+                // A trailing `;`: the last command is before it.
+                match last_list_command(&command[..at - 1]) {
+                    ListEnd::Simple => ListEnd::At(0),
+                    end => end,
+                }
+            } else {
+                ListEnd::At(start)
+            }
+        }
     }
 }
 
@@ -324,17 +436,35 @@ mod tests {
     /// `exec` in front of a list would run its first command alone (`tsc
     /// && node dist/x.js` would stop after tsc).
     #[test]
-    fn a_shell_list_is_not_execed() {
-        assert_eq!(
-            shell_command("node server.js | tee log"),
-            "node server.js | tee log"
-        );
+    fn a_shell_list_execs_its_last_command() {
         assert_eq!(
             shell_command("tsc && node dist/x.js"),
-            "tsc && node dist/x.js"
+            "tsc && exec node dist/x.js"
         );
-        assert_eq!(shell_command("a; b"), "a; b");
+        assert_eq!(shell_command("a; b"), "a; exec b");
+        assert_eq!(shell_command("a || b && c"), "a || b && exec c");
         assert_eq!(shell_command("node $ENTRY"), "exec node $ENTRY");
+        assert_eq!(
+            shell_command("NODE_ENV=production D='a b' node s.js > log"),
+            "NODE_ENV=production D='a b' exec node s.js > log"
+        );
+        assert_eq!(
+            shell_command("tsc && A=1 node x.js"),
+            "tsc && A=1 exec node x.js"
+        );
+        // Redirections and quoted operators are not lists.
+        assert_eq!(shell_command("node s.js 2>&1"), "exec node s.js 2>&1");
+        assert_eq!(shell_command("node s.js &>log"), "exec node s.js &>log");
+        assert_eq!(
+            shell_command("DB='x?a=1&b=2' node --title \"a;b\" s.js"),
+            "DB='x?a=1&b=2' exec node --title \"a;b\" s.js"
+        );
+        assert_eq!(shell_command("node s.js a\\;b"), "exec node s.js a\\;b");
+        // A pipeline, or the background: the shell stays.
+        assert_eq!(shell_command("node s.js | tee log"), "node s.js | tee log");
+        assert_eq!(shell_command("worker & node s.js"), "worker & node s.js");
+        assert_eq!(shell_command("node s.js;"), "exec node s.js;");
+        assert_eq!(shell_command("a; node s.js;"), "a; exec node s.js;");
     }
 
     #[test]
