@@ -79,7 +79,8 @@ async fn deno_2_serve_answers_through_bext() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nextjs_16_standalone_answers_through_bext() {
-    let bext = Bext::run(&fixture("next"), &["--workers", "1"]);
+    let (next, _one_at_a_time) = crate::support::next_fixture();
+    let bext = Bext::run(&next, &["--workers", "1"]);
     let http = client();
 
     let home = http.get(bext.url("/")).send().await.expect("GET /");

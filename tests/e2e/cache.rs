@@ -68,7 +68,8 @@ fn next_render_count(json: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn next_isr_is_miss_then_hit_then_stale_with_one_background_render_then_new_content() {
-    let bext = Bext::run(&fixture("next"), &["--workers", "1"]);
+    let (next, _one_at_a_time) = crate::support::next_fixture();
+    let bext = Bext::run(&next, &["--workers", "1"]);
     let count = || async {
         let json: Value = client()
             .get(bext.url("/api/renders"))
@@ -166,7 +167,8 @@ async fn next_isr_is_miss_then_hit_then_stale_with_one_background_render_then_ne
 
 #[tokio::test(flavor = "multi_thread")]
 async fn next_rsc_and_html_variants_are_never_mixed_up() {
-    let bext = Bext::run(&fixture("next"), &["--workers", "1"]);
+    let (next, _one_at_a_time) = crate::support::next_fixture();
+    let bext = Bext::run(&next, &["--workers", "1"]);
     let http = client();
     let content_type = |r: &reqwest::Response| {
         r.headers()
@@ -727,7 +729,8 @@ async fn the_log_filter_can_turn_the_access_log_off() {
 /// draft.
 #[tokio::test(flavor = "multi_thread")]
 async fn next_draft_mode_skips_the_cache_and_never_fills_it() {
-    let bext = Bext::run(&fixture("next"), &["--workers", "1"]);
+    let (next, _one_at_a_time) = crate::support::next_fixture();
+    let bext = Bext::run(&next, &["--workers", "1"]);
     let (state, _, first) = get(&bext, "/draft").await;
     assert!(first.contains("published content"), "{first}");
     assert_ne!(state, "BYPASS", "a public page is cached");

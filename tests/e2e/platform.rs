@@ -89,8 +89,9 @@ async fn the_seed_platform_file_serves_its_three_apps_by_host() {
     // dirs pointing at the real fixture apps.
     let seed =
         std::fs::read_to_string(repo_root().join("config-examples/platform.toml")).expect("seed");
+    let (next, _one_at_a_time) = crate::support::next_fixture();
     let file = seed
-        .replace("/srv/marketing", &path_of("next"))
+        .replace("/srv/marketing", next.to_str().expect("utf8"))
         .replace("/srv/blog", &path_of("hono"))
         .replace("/srv/api", &path_of("express"));
     let platform = Platform::new(&file);

@@ -13,6 +13,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The Next.js fixture, for one test at a time (hold the guard while bext
+/// runs it): its standalone server writes the pages it regenerates into
+/// the fixture's own `.next`, not atomically, so two servers running it
+/// at once could read each other's half-written files.
+pub fn next_fixture() -> (PathBuf, NextFixtureTurn) {
+    let mut busy = NEXT_BUSY.0.lock().unwrap_or_else(|e| e.into_inner());
+    while *busy {
+        busy = NEXT_BUSY.1.wait(busy).unwrap_or_else(|e| e.into_inner());
+    }
+    *busy = true;
+    (fixture("next"), NextFixtureTurn(()))
+}
+
+static NEXT_BUSY: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// A test's turn with the Next.js fixture, until dropped.
+pub struct NextFixtureTurn(());
+
+impl Drop for NextFixtureTurn {
+    fn drop(&mut self) {
+        *NEXT_BUSY.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        NEXT_BUSY.1.notify_one();
+    }
+}
+
 /// Path to a fixture app, prepared by `tests/fixtures/setup.sh`.
 pub fn fixture(name: &str) -> PathBuf {
     let dir = repo_root().join("tests/fixtures").join(name);
