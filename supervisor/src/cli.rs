@@ -83,7 +83,8 @@ pub struct DevArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
 
-    /// Listen address, overriding [server] listen (port 0 picks a free port).
+    /// Listen address (default: [server] listen's port on 127.0.0.1, the
+    /// address too if it names one; port 0 picks a free port).
     #[arg(long, short)]
     pub listen: Option<SocketAddr>,
 
