@@ -66,6 +66,18 @@ fn dev(dir: &Path, args: &[&str]) -> Bext {
     )
 }
 
+/// How many workers bext has started so far.
+fn worker_starts(bext: &Bext) -> usize {
+    bext.logs()
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("worker starting"))
+        })
+        .count()
+}
+
 /// The command line of the first worker bext started.
 fn worker_command(bext: &Bext) -> String {
     let started = bext.wait_log(Duration::from_secs(5), |l| {
@@ -187,16 +199,7 @@ async fn edits_restart_the_app_and_a_broken_save_is_named_until_fixed() {
             })
             .count()
     };
-    let starts = || {
-        bext.logs()
-            .iter()
-            .filter(|l| {
-                l["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("worker starting"))
-            })
-            .count()
-    };
+    let starts = || worker_starts(&bext);
     let starts_before = starts();
     for _ in 0..5 {
         assert_eq!(text(&bext, "/").await.0, 503);
@@ -222,16 +225,7 @@ async fn ignored_files_do_not_restart_the_app() {
     std::fs::write(app.path().join(".gitignore"), "*.log\n").expect(".gitignore");
     let bext = dev(app.path(), &[]);
     assert_eq!(text(&bext, "/").await.0, 200);
-    let starts = || {
-        bext.logs()
-            .iter()
-            .filter(|l| {
-                l["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("worker starting"))
-            })
-            .count()
-    };
+    let starts = || worker_starts(&bext);
     assert_eq!(starts(), 1);
     std::fs::write(app.path().join("debug.log"), "noise").expect("log");
     std::fs::write(app.path().join(".server.js.swp"), "swap").expect("swap");

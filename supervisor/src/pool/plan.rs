@@ -310,27 +310,44 @@ fn assignments_len(command: &str) -> usize {
             return if end == 0 { 0 } else { word };
         }
         // The value, to the next unquoted blank.
-        let (mut i, mut single, mut double, mut escaped) = (word + name + 1, false, false, false);
-        while i < bytes.len() {
-            let b = bytes[i];
-            if escaped {
-                escaped = false;
-            } else if single {
-                single = b != b'\'';
-            } else if b == b'\\' {
-                escaped = true;
-            } else if double {
-                double = b != b'"';
-            } else if b == b'\'' {
-                single = true;
-            } else if b == b'"' {
-                double = true;
-            } else if b.is_ascii_whitespace() {
-                break;
-            }
+        let mut quotes = Quotes::default();
+        let mut i = word + name + 1;
+        while i < bytes.len() && !(quotes.bare(bytes[i]) && bytes[i].is_ascii_whitespace()) {
             i += 1;
         }
         end = i;
+    }
+}
+
+/// Where a left-to-right read of a shell command is: inside quotes, or
+/// after a backslash.
+#[derive(Default)]
+struct Quotes {
+    single: bool,
+    double: bool,
+    escaped: bool,
+}
+
+impl Quotes {
+    /// Reads byte `b`: true if it stands bare (not quoted, not escaped, not
+    /// itself a quote or a backslash), so the shell sees it as syntax.
+    fn bare(&mut self, b: u8) -> bool {
+        if self.escaped {
+            self.escaped = false;
+        } else if self.single {
+            self.single = b != b'\'';
+        } else if b == b'\\' {
+            self.escaped = true;
+        } else if self.double {
+            self.double = b != b'"';
+        } else if b == b'\'' {
+            self.single = true;
+        } else if b == b'"' {
+            self.double = true;
+        } else {
+            return true;
+        }
+        false
     }
 }
 
@@ -346,23 +363,13 @@ enum ListEnd {
 /// redirections, not the background operator.
 fn last_list_command(command: &str) -> ListEnd {
     let bytes = command.as_bytes();
-    let (mut single, mut double, mut escaped) = (false, false, false);
+    let mut quotes = Quotes::default();
     let mut last = None;
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if escaped {
-            escaped = false;
-        } else if single {
-            single = b != b'\'';
-        } else if b == b'\\' {
-            escaped = true;
-        } else if double {
-            double = b != b'"';
-        } else {
+        if quotes.bare(b) {
             match b {
-                b'\'' => single = true,
-                b'"' => double = true,
                 b'&' | b'|' if bytes.get(i + 1) == Some(&b) => {
                     i += 1;
                     last = Some(i + 1);
