@@ -285,6 +285,41 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// A request's record until its response exists. Dropped before that (the
+/// client left while bext or the app was still at work on it), it is
+/// logged as nginx logs such a request: status 499, nothing sent.
+#[derive(Debug)]
+pub struct Unanswered(Option<Record>);
+
+impl Unanswered {
+    pub fn new(record: Option<Record>) -> Self {
+        Unanswered(record)
+    }
+
+    /// The response exists: its body logs the request from now on.
+    pub fn answered(mut self) -> Option<Record> {
+        self.0.take()
+    }
+
+    pub fn set_request_id(&mut self, id: &HeaderValue) {
+        if let Some(record) = &mut self.0 {
+            record.request_id = id.clone();
+        }
+    }
+}
+
+/// nginx's "client closed request".
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.0.take() {
+            record.status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            record.emit(0, false);
+        }
+    }
+}
+
 impl Logged {
     pub fn new(inner: Body, record: Option<Record>) -> Self {
         Logged {

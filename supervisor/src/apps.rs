@@ -23,6 +23,7 @@ use crate::cache::IsrCache;
 use crate::config::platform::Hooks;
 use crate::config::{Config, Framework};
 use crate::metrics::{AppSource, Metrics};
+use crate::nextcache::NextLink;
 use crate::pool::{self, DEFAULT_STOP_TIMEOUT, LaunchPlan, PoolConfig, PoolHandle};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateLimiter;
@@ -176,6 +177,9 @@ pub struct RunningApp {
     statics: Arc<StaticFiles>,
     pool: Option<PoolHandle>,
     memory: Option<memory::AppMemory>,
+    /// Next.js: the workers' shared cache state (dropped before the
+    /// runtime directory its socket is in).
+    next_link: Option<Arc<NextLink>>,
     _runtime_dir: Option<RuntimeDir>,
     metrics: Arc<Metrics>,
     /// This start's registration with `metrics`.
@@ -281,7 +285,7 @@ impl RunningApp {
         );
 
         let config = &settings.config;
-        let (pool, memory, runtime_dir) = match app.engine {
+        let (pool, memory, runtime_dir, next_link) = match app.engine {
             Some(_) => {
                 let runtime_dir = RuntimeDir::create(&settings.runtime_base, &app.name)?;
                 let dir_error = |source| RunError::RuntimeDir {
@@ -304,6 +308,12 @@ impl RunningApp {
                     && crate::telemetry::is_pretty();
                 let plan = match settings.dev {
                     Some(_) => plan.for_dev(pool::DevLaunch { colour: raw_output }),
+                    None => plan,
+                };
+                let next_link =
+                    next_link(&app, &settings, runtime_dir.path(), user).map_err(dir_error)?;
+                let plan = match &next_link {
+                    Some(link) => plan.with_bext_env(link.worker_env()),
                     None => plan,
                 };
                 let (socket_dir, peer_uids) =
@@ -368,9 +378,9 @@ impl RunningApp {
                         info!(app = %app.name, ready = handle.pool.size(), "workers ready");
                     }
                 }
-                (Some(handle), memory, Some(runtime_dir))
+                (Some(handle), memory, Some(runtime_dir), next_link)
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
 
         let service = build_service(
@@ -379,6 +389,7 @@ impl RunningApp {
             Arc::clone(&statics),
             Arc::from([]),
             pool.as_ref(),
+            next_link.as_ref(),
             &metrics,
             None,
             None,
@@ -401,6 +412,7 @@ impl RunningApp {
             statics,
             pool,
             memory,
+            next_link,
             _runtime_dir: runtime_dir,
             metrics,
             metrics_id,
@@ -459,6 +471,7 @@ impl RunningApp {
             Arc::clone(&self.statics),
             self.older(),
             self.pool.as_ref(),
+            self.next_link.as_ref(),
             &self.metrics,
             cache,
             current.limiter.clone(),
@@ -486,6 +499,7 @@ impl RunningApp {
             Arc::clone(&self.statics),
             self.older(),
             self.pool.as_ref(),
+            self.next_link.as_ref(),
             &self.metrics,
             current.cache.clone(),
             Some(previous),
@@ -509,6 +523,7 @@ impl RunningApp {
             Arc::clone(&self.statics),
             self.older(),
             self.pool.as_ref(),
+            self.next_link.as_ref(),
             &self.metrics,
             Some(cache),
             current.limiter.clone(),
@@ -548,6 +563,7 @@ impl RunningApp {
             Arc::clone(&self.statics),
             self.older(),
             self.pool.as_ref(),
+            self.next_link.as_ref(),
             &self.metrics,
             current.cache.clone(),
             current.limiter.clone(),
@@ -679,6 +695,7 @@ fn build_service(
     statics: Arc<StaticFiles>,
     older_statics: Arc<[Arc<StaticFiles>]>,
     pool: Option<&PoolHandle>,
+    next_link: Option<&Arc<NextLink>>,
     metrics: &Arc<Metrics>,
     cache: Option<Arc<IsrCache>>,
     previous_limiter: Option<Arc<RateLimiter>>,
@@ -691,6 +708,7 @@ fn build_service(
             config.server.upstream_timeout,
             config.server.queue_timeout,
         )
+        .with_next(next_link.cloned())
     });
     // Edge mode: one Redis link per app, for its cache's L2 and its rate
     // limit, namespaced by the platform's app name, or in single-app mode
@@ -744,6 +762,10 @@ fn build_service(
     // Next.js: draft-mode requests of this build skip the cache.
     if let Some(cache) = &cache {
         cache.set_draft_id(app.preview_id.as_deref());
+    }
+    // Next.js: the app's revalidations purge this cache.
+    if let Some(link) = next_link {
+        link.set_cache(cache.clone());
     }
     let purge_token = settings
         .purge_token_override
@@ -847,6 +869,42 @@ impl RuntimeDir {
     fn path(&self) -> &Path {
         &self.0
     }
+}
+
+/// A Next.js app's link with bext's cache handler in its workers
+/// ([`crate::nextcache`]), unless it is off, the app brings its own
+/// handler, or `bext dev` runs Next's development server. The log says
+/// which.
+fn next_link(
+    app: &App,
+    settings: &AppSettings,
+    runtime_dir: &Path,
+    user: Option<&crate::config::platform::AppUser>,
+) -> std::io::Result<Option<Arc<NextLink>>> {
+    if app.framework != Framework::Nextjs
+        || settings.dev.is_some()
+        || app.engine != Some(crate::config::Engine::Node)
+    {
+        return Ok(None);
+    }
+    let version = crate::nextcache::next_version(&app.dir).unwrap_or_else(|| "?".into());
+    if !crate::nextcache::supported(&version) {
+        info!(app = %app.name, "Next.js {version}: each worker keeps Next's own cache (bext's cache handler needs Next 16); the app's revalidations do not reach bext's cache (purge it through bext's API)");
+        return Ok(None);
+    }
+    if !settings.config.runtime.next_cache {
+        info!(app = %app.name, "Next.js {version}: runtime.next_cache = false, each worker keeps Next's own cache");
+        return Ok(None);
+    }
+    if let Some(own) = crate::nextcache::own_cache_handler(&app.dir) {
+        info!(app = %app.name, "Next.js {version} with its own cacheHandler ({own}): bext's is not installed, and the app's revalidations do not reach bext's cache (purge it through bext's API)");
+        return Ok(None);
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let uid = user.map(|u| u.uid).filter(|&uid| uid != me);
+    let link = NextLink::start(&app.name, runtime_dir, uid)?;
+    info!(app = %app.name, "Next.js {version}: bext's cache handler goes in at run time (one Next cache for all workers; the app's revalidations purge bext's cache)");
+    Ok(Some(link))
 }
 
 /// Where an app's worker sockets go, and the uid that must be listening on

@@ -26,6 +26,7 @@ pub mod listener;
 pub mod logring;
 pub mod memory;
 pub mod metrics;
+pub mod nextcache;
 pub mod notify;
 pub mod output;
 pub mod platform;

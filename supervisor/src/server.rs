@@ -18,7 +18,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use crate::access_log::{Logged, Record};
+use crate::access_log::{Logged, Record, Unanswered};
 use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
@@ -243,7 +243,7 @@ impl Handler for AppService {
         if secure {
             req.extensions_mut().insert(crate::listener::Secure);
         }
-        let record = self.access_log.then(|| Record {
+        let record = Unanswered::new(self.access_log.then(|| Record {
             app: Arc::clone(&self.app),
             method: req.method().clone(),
             host: req.headers().get(header::HOST).cloned(),
@@ -259,7 +259,7 @@ impl Handler for AppService {
             request_id: HeaderValue::from_static(""),
             started,
             cache: None,
-        });
+        }));
         let client = ClientInfo {
             peer,
             trusted_peer,
@@ -267,7 +267,23 @@ impl Handler for AppService {
             request_id: headers::request_id(req.headers()),
         };
         let request_id = client.request_id.clone();
-        let (mut response, worker) = self.respond(req, client, client_ip).await;
+        let mut record = record;
+        record.set_request_id(&request_id);
+        let (mut response, worker) = if req.method().is_safe() {
+            self.respond(req, client, client_ip).await
+        } else {
+            // An unsafe request (a form post, a server action) runs to its
+            // end once bext has it, even if its client leaves: cut in the
+            // middle, a change the user asked for could be half made, or
+            // made with no answer in the app's log. (nginx cuts it unless
+            // told `proxy_ignore_client_abort on`.) The answer is then
+            // dropped; the wait is bounded by the upstream timeout.
+            let service = Arc::clone(&self);
+            tokio::spawn(async move { service.respond(req, client, client_ip).await })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        };
+        let record = record.answered();
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id.clone());

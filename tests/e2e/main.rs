@@ -16,6 +16,7 @@ mod edge;
 mod errors;
 mod hardening;
 mod malformed;
+mod nextjs;
 mod platform;
 mod proxying;
 mod shutdown;

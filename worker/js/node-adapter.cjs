@@ -9,6 +9,13 @@
   const fd = Number(process.env.BEXT_LISTEN_FD);
   const token = process.env.BEXT_READY_TOKEN;
   if (!Number.isInteger(fd) || fd < 0 || !token) return;
+  // Next.js apps: where the app's shared cache lives in the supervisor.
+  const nextCache = {
+    socket: process.env.BEXT_NEXT_CACHE_SOCKET,
+    token: process.env.BEXT_NEXT_CACHE_TOKEN,
+  };
+  delete process.env.BEXT_NEXT_CACHE_SOCKET;
+  delete process.env.BEXT_NEXT_CACHE_TOKEN;
 
   // Processes the app spawns must not inherit the adapter or the descriptor.
   // Under `bext dev` they do until one of them listens: a development server
@@ -86,6 +93,8 @@
     return callback ? listen.call(this, { fd }, callback) : listen.call(this, { fd });
   };
 
+  if (nextCache.socket && nextCache.token) installNextCache(nextCache.socket, nextCache.token);
+
   // Belt and braces beside the kernel's parent-death signal, which only
   // reaches the process the supervisor forked: exit when re-parented.
   const parent = process.ppid;
@@ -93,4 +102,211 @@
     if (process.ppid !== parent) process.exit(1);
   }, 1000);
   watch.unref();
+
+  // One Next.js cache for all the app's workers. Next takes the class at
+  // `globalThis[Symbol.for('@next/cache-handlers')].FetchCache` as its
+  // `cacheHandler` when the app configures none (an app that does keeps
+  // its own). The class is Next's own file-system cache without its
+  // per-process memory: every worker reads and writes the same entries in
+  // `.next`. What stays per process in Next, the revalidated tags (its
+  // `tagsManifest`), goes through the supervisor: a revalidation in one
+  // worker is sent there, applied by every other worker (which acknowledge
+  // it) and turned into a purge of bext's HTTP cache. The entries a request
+  // reads or writes are reported with the request's public URL (the
+  // `x-bext-primary` header bext adds), so that bext knows which of its
+  // URLs show which Next tags and paths.
+  function installNextCache(socketPath, secret) {
+    const path = require('path');
+    const SYMBOL = Symbol.for('@next/cache-handlers');
+    const RESPONSE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES']);
+    const MAX_REPORTED = 10000;
+    // How long a worker waits for the supervisor's tag state before it
+    // reads the cache anyway.
+    const SYNC_WAIT_MS = 1000;
+
+    // A module of the `next` the app runs (already loaded by Next when it
+    // asks for the handler), else from the app's directory.
+    function nextModule(rel) {
+      const suffix = path.sep + path.join('next', 'dist', rel);
+      for (const id of Object.keys(require.cache)) {
+        if (id.endsWith(suffix)) return { id, exports: require.cache[id].exports };
+      }
+      try {
+        const id = require.resolve('next/dist/' + rel, { paths: [process.cwd()] });
+        return { id, exports: require(id) };
+      } catch {
+        return null;
+      }
+    }
+
+    let manifest = null;
+    let nextVersion = 'unknown';
+    const link = {
+      socket: null,
+      buffer: '',
+      sent: 0,
+      synced: null,
+      reported: new Map(),
+      connect() {
+        if (this.socket) return;
+        let done;
+        this.synced = new Promise((resolve) => {
+          done = resolve;
+        });
+        this.done = done;
+        setTimeout(done, SYNC_WAIT_MS).unref();
+        const s = net.createConnection(socketPath);
+        this.socket = s;
+        s.setEncoding('utf8');
+        s.on('data', (chunk) => {
+          this.buffer += chunk;
+          let at;
+          while ((at = this.buffer.indexOf('\n')) >= 0) {
+            const line = this.buffer.slice(0, at);
+            this.buffer = this.buffer.slice(at + 1);
+            this.receive(line);
+          }
+          if (this.buffer.length > 1 << 20) this.buffer = '';
+        });
+        // Without the supervisor, the worker goes on with its own state.
+        s.on('error', () => {});
+        s.on('close', () => done());
+        s.unref();
+        s.write(
+          JSON.stringify({
+            t: 'hello',
+            token: secret,
+            pid: process.pid,
+            worker: process.env.BEXT_WORKER || '',
+            next: nextVersion,
+          }) + '\n',
+        );
+      },
+      receive(line) {
+        let m;
+        try {
+          m = JSON.parse(line);
+        } catch {
+          return;
+        }
+        if (m.t === 'tags' && Array.isArray(m.tags)) {
+          for (const [tag, update] of m.tags) {
+            if (typeof tag !== 'string' || !update || typeof update !== 'object') continue;
+            const entry = { ...(manifest.get(tag) || {}) };
+            if (typeof update.stale === 'number') entry.stale = Math.max(entry.stale || 0, update.stale);
+            if (typeof update.expired === 'number') entry.expired = update.expired;
+            manifest.set(tag, entry);
+          }
+          if (m.ack !== undefined) this.send({ t: 'ack', id: m.ack }, false);
+        } else if (m.t === 'synced') {
+          this.done();
+        }
+      },
+      // Messages with effects are numbered: a response this worker sends
+      // after one carries the number, and bext passes it on only once the
+      // message has been applied everywhere.
+      send(message, counted = true) {
+        if (!this.socket || this.socket.destroyed) return;
+        if (counted) message.n = ++this.sent;
+        this.socket.write(JSON.stringify(message) + '\n');
+      },
+      report(type, primary, key, value) {
+        const at = key.startsWith('/route-cache/') ? key.indexOf('/$') : -1;
+        let page = at >= 0 ? key.slice(at + 2) : key;
+        if (page === '/index') page = '/';
+        else if (page.startsWith('/index/')) page = page.slice('/index'.length);
+        const header = value && value.headers && value.headers['x-next-cache-tags'];
+        const tags = typeof header === 'string' ? header.split(',').filter(Boolean) : [];
+        if (type === 'map') {
+          const seen = `${page}|${tags.join(',')}`;
+          if (this.reported.get(primary) === seen) return;
+          if (this.reported.size >= MAX_REPORTED) this.reported.clear();
+          this.reported.set(primary, seen);
+        }
+        this.send({ t: type, primary: primary || null, path: page, tags });
+      },
+    };
+
+    let FetchCache;
+    function fetchCache() {
+      if (FetchCache !== undefined) return FetchCache || undefined;
+      const fsCache = nextModule(path.join('server', 'lib', 'incremental-cache', 'file-system-cache.js'));
+      const tags = nextModule(path.join('server', 'lib', 'incremental-cache', 'tags-manifest.external.js'));
+      const Base = fsCache && (fsCache.exports.default || fsCache.exports);
+      if (typeof Base !== 'function' || !tags || !(tags.exports.tagsManifest instanceof Map)) {
+        FetchCache = null;
+        return undefined;
+      }
+      try {
+        const root = fsCache.id.slice(0, fsCache.id.lastIndexOf(path.sep + path.join('dist', 'server')));
+        nextVersion = String(require(path.join(root, 'package.json')).version);
+      } catch {
+        // (reported as unknown)
+      }
+      // Next 16's tag entries ({stale, expired}); 15 keeps other ones.
+      if (!(Number(nextVersion.split('.')[0]) >= 16)) {
+        FetchCache = null;
+        return undefined;
+      }
+      manifest = tags.exports.tagsManifest;
+      FetchCache = class BextNextCache extends Base {
+        constructor(ctx) {
+          super({ ...ctx, maxMemoryCacheSize: 0 });
+          const headers = ctx._requestHeaders || {};
+          const primary = headers['x-bext-primary'];
+          this.bextPrimary = typeof primary === 'string' ? primary : null;
+          link.connect();
+        }
+
+        async get(key, ctx) {
+          await link.synced;
+          const data = await super.get(key, ctx);
+          if (data && data.value && this.bextPrimary && ctx && RESPONSE_KINDS.has(ctx.kind)) {
+            link.report('map', this.bextPrimary, key, data.value);
+          }
+          return data;
+        }
+
+        async set(key, data, ctx) {
+          await super.set(key, data, ctx);
+          if (data ? RESPONSE_KINDS.has(data.kind) : key.startsWith('/route-cache/')) {
+            link.report('set', this.bextPrimary, key, data);
+          }
+        }
+
+        async revalidateTag(tags, durations) {
+          const list = typeof tags === 'string' ? [tags] : Array.isArray(tags) ? tags : [];
+          // Next's own update of its tags runs to its end at once; the
+          // message leaves before this call returns, so a response written
+          // right after it already carries its number.
+          const applied = super.revalidateTag(list, durations);
+          if (list.length > 0) {
+            link.send({
+              t: 'rev',
+              tags: list.map((tag) => [tag, manifest.get(tag) || {}]),
+              soft: Boolean(durations) && !(durations.expire <= 0),
+            });
+          }
+          await applied;
+        }
+      };
+      return FetchCache;
+    }
+
+    const holder = globalThis[SYMBOL] || {};
+    if (!('FetchCache' in holder)) {
+      Object.defineProperty(holder, 'FetchCache', { get: fetchCache, configurable: true, enumerable: true });
+    }
+    globalThis[SYMBOL] = holder;
+
+    // The number of this worker's last message with effects, on every
+    // response after one.
+    const writeHead = http.ServerResponse.prototype.writeHead;
+    http.ServerResponse.prototype.writeHead = function bextWriteHead(...args) {
+      if (link.sent > 0 && !this.headersSent) {
+        this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}`);
+      }
+      return writeHead.apply(this, args);
+    };
+  }
 })();

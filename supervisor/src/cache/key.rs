@@ -39,6 +39,24 @@ pub fn primary<B>(req: &Request<B>) -> String {
 /// key over plain HTTP.
 const HTTPS: &str = "\u{1}https:";
 
+/// A primary key as a request header's value (for a Next.js worker, which
+/// names it back: [`crate::nextcache`]).
+pub fn primary_to_header(primary: &str) -> Option<HeaderValue> {
+    match primary.strip_prefix(HTTPS) {
+        Some(rest) => HeaderValue::from_str(&format!("https:{rest}")).ok(),
+        None => HeaderValue::from_str(primary).ok(),
+    }
+}
+
+/// [`primary_to_header`] read back. (A host never ends in `:`, so a plain
+/// key never starts with `https:`.)
+pub fn primary_from_header(value: &str) -> Option<String> {
+    Some(match value.strip_prefix("https:") {
+        Some(rest) => format!("{HTTPS}{rest}"),
+        None => value.to_string(),
+    })
+}
+
 /// The same primary key for the other scheme (an unsafe request over one
 /// invalidates what was stored for both).
 pub fn other_scheme(primary: &str) -> String {

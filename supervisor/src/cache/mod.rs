@@ -353,6 +353,11 @@ impl<S: Store> IsrCache<S> {
         self.compression.store(Arc::new(settings));
     }
 
+    /// The most entries the cache keeps.
+    pub fn max_entries(&self) -> u64 {
+        self.settings.max_entries
+    }
+
     /// Sets the preview mode id of the Next.js build being served (each
     /// build has its own).
     pub fn set_draft_id(&self, id: Option<&str>) {

@@ -235,7 +235,7 @@ pub struct RouteRule {
     pub cache: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeConfig {
     pub framework: Option<Framework>,
     pub engine: Option<Engine>,
@@ -246,6 +246,23 @@ pub struct RuntimeConfig {
     /// The app's own environment variables, for its workers, build and
     /// hooks (on top of the few bext passes on; see `bext_worker::env`).
     pub env: EnvVars,
+    /// Next.js: bext's cache handler, one Next cache for all the app's
+    /// workers with in-app revalidation reaching bext's cache
+    /// ([`crate::nextcache`]). `false`: each worker keeps Next's own.
+    pub next_cache: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            framework: None,
+            engine: None,
+            start: None,
+            build: None,
+            env: EnvVars::default(),
+            next_cache: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -496,6 +513,7 @@ impl Config {
                 start: runtime.start,
                 build: runtime.build,
                 env: runtime.env.unwrap_or_default(),
+                next_cache: runtime.next_cache.unwrap_or(true),
             },
             isolate: IsolateConfig {
                 workers: isolate.workers,

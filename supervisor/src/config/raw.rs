@@ -211,6 +211,7 @@ pub(super) struct RawRuntime {
     pub(super) start: Option<String>,
     pub(super) build: Option<String>,
     pub(super) env: Option<EnvVars>,
+    pub(super) next_cache: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -40,6 +40,8 @@ pub struct LaunchPlan {
     /// `bext dev`: a development environment, and colours when bext's own
     /// output is a terminal.
     dev: Option<DevLaunch>,
+    /// bext's own variables for every launch (e.g. [`crate::nextcache`]'s).
+    bext_env: Vec<(String, String)>,
 }
 
 /// How `bext dev` launches workers differently.
@@ -107,7 +109,14 @@ impl LaunchPlan {
             app_env,
             user,
             dev: None,
+            bext_env: Vec::new(),
         })
+    }
+
+    /// Adds bext's own variables to every launch (they win over the app's).
+    pub fn with_bext_env(mut self, vars: Vec<(String, String)>) -> Self {
+        self.bext_env.extend(vars);
+        self
     }
 
     /// For `bext dev`: `NODE_ENV=development` (unless bext's environment
@@ -190,6 +199,11 @@ impl LaunchPlan {
             ("BEXT_APP".into(), app.into()),
             ("BEXT_WORKER".into(), index.to_string().into()),
         ]);
+        env.extend(
+            self.bext_env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        );
         let (program, args) = match &self.kind {
             Kind::Node { .. } | Kind::Shell { .. } => {
                 env.push((ENV_LISTEN_FD.into(), self.listen_fd_at().to_string().into()));

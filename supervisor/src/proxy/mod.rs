@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
@@ -25,6 +25,7 @@ pub use error::ProxyError;
 use crate::body::{self, Body, WithGuard};
 use crate::cache::Fill;
 use crate::listener::Peer;
+use crate::nextcache::{self, NextLink};
 use crate::pool::upstream::UpstreamBody;
 use crate::pool::{Lease, Pool};
 
@@ -54,6 +55,8 @@ pub struct Proxy {
     pool: Arc<Pool>,
     upstream_timeout: Duration,
     queue_timeout: Duration,
+    /// Next.js: the workers' shared cache state.
+    next: Option<Arc<NextLink>>,
 }
 
 /// A worker's answer, and which worker gave it.
@@ -69,7 +72,16 @@ impl Proxy {
             pool,
             upstream_timeout,
             queue_timeout,
+            next: None,
         }
+    }
+
+    /// With a Next.js app's link ([`crate::nextcache`]): requests say which
+    /// URL bext caches them under, and a response that follows one of its
+    /// worker's revalidations waits until the revalidation has been applied.
+    pub fn with_next(mut self, next: Option<Arc<NextLink>>) -> Self {
+        self.next = next;
+        self
     }
 
     /// Sends `req` to the least-busy ready worker.
@@ -78,6 +90,16 @@ impl Proxy {
         mut req: Request<Body>,
         client: &ClientInfo,
     ) -> Result<Forwarded, ProxyError> {
+        // Only bext says which URL it caches an answer under.
+        let primary = self
+            .next
+            .as_ref()
+            .and_then(|_| crate::cache::key::primary_to_header(&crate::cache::key::primary(&req)));
+        req.headers_mut().remove(nextcache::PRIMARY_HEADER);
+        if let Some(primary) = primary {
+            req.headers_mut()
+                .insert(HeaderName::from_static(nextcache::PRIMARY_HEADER), primary);
+        }
         let upgrade =
             headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -166,7 +188,17 @@ impl Proxy {
                 .send(req, self.upstream_timeout)
                 .await;
             let error = match sent {
-                Ok(response) => {
+                Ok(mut response) => {
+                    if let Some(next) = &self.next
+                        && let Some(sync) = response.headers_mut().remove(nextcache::SYNC_HEADER)
+                        && let Some((pid, n)) = sync
+                            .to_str()
+                            .ok()
+                            .and_then(|s| s.split_once(':'))
+                            .and_then(|(pid, n)| Some((pid.parse().ok()?, n.parse().ok()?)))
+                    {
+                        next.settle(pid, n).await;
+                    }
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
                         worker,
