@@ -814,6 +814,7 @@ fn build_service(
         access_log: config.server.access_log,
         compression: config.compression,
         inflight: Arc::new(AtomicUsize::new(0)),
+        orphans: Arc::new(AtomicUsize::new(0)),
         preview,
         live_reload,
     };
@@ -887,8 +888,12 @@ fn next_link(
     {
         return Ok(None);
     }
-    let version = crate::nextcache::next_version(&app.dir).unwrap_or_else(|| "?".into());
-    if !crate::nextcache::supported(&version) {
+    // (A version bext cannot read, as with a hoisted `next` in a monorepo:
+    // the handler checks it itself in the worker.)
+    let version = crate::nextcache::next_version(&app.dir);
+    let known = version.is_some();
+    let version = version.unwrap_or_else(|| "(version not found)".into());
+    if known && !crate::nextcache::supported(&version) {
         info!(app = %app.name, "Next.js {version}: each worker keeps Next's own cache (bext's cache handler needs Next 16); the app's revalidations do not reach bext's cache (purge it through bext's API)");
         return Ok(None);
     }

@@ -15,9 +15,10 @@
 //!   - `rev {n, tags: [[tag, {stale, expired}]], soft}`: the worker
 //!     revalidated these tags (Next's own manifest entries);
 //!   - `map {n, primary, path, tags}`: the request for `primary` (a URL
-//!     bext may store) read Next's entry for `path`, which has these tags;
-//!   - `set {n, primary, path, tags}`: Next wrote a new entry for `path`
-//!     (`primary` when a request through bext caused it);
+//!     bext may store) read or wrote Next's entry for `path`, which has
+//!     these tags;
+//!   - `set {n, path, tags}`: Next wrote a new entry for `path` on the
+//!     app's own demand (the Pages Router's `res.revalidate`);
 //!   - `ack {id}`.
 //! - bext → worker: `tags {tags, ack}` (apply these to your manifest, then
 //!   acknowledge), and `synced` after the state so far.
@@ -25,16 +26,17 @@
 //! A revalidation is applied by every other worker (which acknowledge it)
 //! and purges the URLs of bext's cache that show one of the tags; a new
 //! entry for a path purges the other URLs that showed that path (the Pages
-//! Router's `res.revalidate`). Messages with effects are numbered per
-//! worker, and every response a worker writes after one carries
-//! `x-bext-next-sync: PID:N`: the proxy passes the response on only once
-//! message N has been applied ([`NextLink::settle`]), so the request after
-//! a revalidation sees it, whichever worker it lands on.
+//! Router's `res.revalidate`). Messages are numbered per worker (those
+//! with effects, and the mappings, each in their own sequence), and every
+//! response a worker writes after one carries `x-bext-next-sync: PID:N:M`:
+//! the proxy passes the response on only once they have been applied
+//! ([`NextLink::settle`]). So the request after a revalidation sees it,
+//! whichever worker it lands on, and a URL is mapped before bext stores it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -42,7 +44,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
 use crate::cache::{IsrCache, store::Selector};
@@ -54,22 +56,28 @@ pub const ENV_SOCKET: &str = "BEXT_NEXT_CACHE_SOCKET";
 pub const ENV_TOKEN: &str = "BEXT_NEXT_CACHE_TOKEN";
 /// Request header: the URL bext caches the answer under (its primary key).
 pub const PRIMARY_HEADER: &str = "x-bext-primary";
-/// Response header: the worker's last message with effects (`PID:N`).
+/// Response header: the worker's last messages (`PID:N:M`).
 pub const SYNC_HEADER: &str = "x-bext-next-sync";
+/// Longest URL that is mapped (and sent to the worker with its request);
+/// a longer one is not purged by the app's revalidations.
+pub const MAX_PRIMARY: usize = 2048;
 
-/// Longest line a worker may send.
-const MAX_LINE: usize = 256 * 1024;
+/// Longest line a worker may send (a longer one is skipped).
+const MAX_LINE: usize = 64 * 1024;
 /// Connections at once (an app has at most a few dozen workers).
 const MAX_CONNECTIONS: usize = 128;
 /// Revalidated tags remembered (for workers that start later).
 const MAX_TAGS: usize = 10_000;
-/// Tags in one message, and the longest tag (Next's own limit is 256).
-const MAX_MESSAGE_TAGS: usize = 1024;
-const MAX_TAG_LEN: usize = 1024;
+/// Tags in one message, and the longest tag: Next's own limits.
+const MAX_MESSAGE_TAGS: usize = 128;
+const MAX_TAG_LEN: usize = 256;
+/// The URL map's bound in bytes (besides the cache's entry count).
+const MAX_MAP_BYTES: usize = 16 << 20;
 /// Tags per line of the state sent to a worker that connects.
 const SNAPSHOT_CHUNK: usize = 500;
-/// Lines waiting to be written to one worker.
-const OUTBOX: usize = 1024;
+/// Lines waiting to be written to one worker (a worker that reads none
+/// misses the rest, and its revalidations time out).
+const OUTBOX: usize = 64;
 /// Messages with effects waiting to be applied, per worker.
 const INBOX: usize = 256;
 /// How long a connection may take to say who it is.
@@ -80,7 +88,6 @@ const ACK_WAIT: Duration = Duration::from_secs(1);
 pub const SETTLE_WAIT: Duration = Duration::from_secs(1);
 
 /// One app's link with its workers' Next caches.
-#[derive(Debug)]
 pub struct NextLink {
     app: String,
     token: String,
@@ -88,10 +95,21 @@ pub struct NextLink {
     /// The app's HTTP cache (replaced when the app's settings are).
     cache: arc_swap::ArcSwapOption<IsrCache>,
     state: Mutex<State>,
-    acks: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
+    /// Revalidations waiting for workers: (broadcast, connection) → done.
+    acks: Mutex<HashMap<(u64, u64), oneshot::Sender<()>>>,
     ids: AtomicU64,
     announced: AtomicBool,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NextLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (Not the secret.)
+        f.debug_struct("NextLink")
+            .field("app", &self.app)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -115,50 +133,78 @@ impl TagTimes {
     fn latest(&self) -> f64 {
         self.stale.unwrap_or(0.0).max(self.expired.unwrap_or(0.0))
     }
+
+    fn valid(&self) -> bool {
+        [self.stale, self.expired]
+            .iter()
+            .flatten()
+            .all(|t| t.is_finite() && *t >= 0.0)
+    }
 }
 
 #[derive(Debug)]
 struct Peer {
     pid: u32,
     outbox: mpsc::Sender<Arc<str>>,
+    /// The last message with effects applied, and the last mapping.
     applied: watch::Receiver<u64>,
+    mapped: watch::Receiver<u64>,
 }
 
 /// Which of bext's URLs show which Next tags and paths.
 #[derive(Debug, Default)]
 struct Urls {
-    shown: HashMap<String, Shown>,
-    by_tag: HashMap<String, HashSet<String>>,
-    by_path: HashMap<String, HashSet<String>>,
-    /// Oldest first, for the bound.
-    order: VecDeque<String>,
+    shown: HashMap<Arc<str>, Shown>,
+    by_tag: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    by_path: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Oldest first, for the bounds.
+    order: VecDeque<Arc<str>>,
+    bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Shown {
-    path: String,
-    tags: Vec<String>,
+    path: Arc<str>,
+    tags: Vec<Arc<str>>,
+}
+
+impl Shown {
+    /// What it costs the map (roughly: each name once, each link a pointer).
+    fn cost(&self, primary: &str) -> usize {
+        128 + primary.len()
+            + self.path.len()
+            + self.tags.iter().map(|t| t.len() + 48).sum::<usize>()
+    }
 }
 
 impl Urls {
     fn record(&mut self, primary: &str, shown: Shown, max: usize) {
-        match self.shown.get(primary) {
-            Some(old) if *old == shown => return,
-            Some(_) => self.unindex(primary),
-            None => self.order.push_back(primary.to_string()),
-        }
+        let key: Arc<str> = match self.shown.get_key_value(primary) {
+            Some((_, old)) if *old == shown => return,
+            Some((key, _)) => {
+                let key = Arc::clone(key);
+                self.unindex(&key);
+                key
+            }
+            None => {
+                let key: Arc<str> = Arc::from(primary);
+                self.order.push_back(Arc::clone(&key));
+                key
+            }
+        };
         for tag in &shown.tags {
             self.by_tag
-                .entry(tag.clone())
+                .entry(Arc::clone(tag))
                 .or_default()
-                .insert(primary.to_string());
+                .insert(Arc::clone(&key));
         }
         self.by_path
-            .entry(shown.path.clone())
+            .entry(Arc::clone(&shown.path))
             .or_default()
-            .insert(primary.to_string());
-        self.shown.insert(primary.to_string(), shown);
-        while self.shown.len() > max {
+            .insert(Arc::clone(&key));
+        self.bytes += shown.cost(&key);
+        self.shown.insert(key, shown);
+        while self.shown.len() > max || self.bytes > MAX_MAP_BYTES {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
@@ -167,10 +213,12 @@ impl Urls {
         }
     }
 
-    fn unindex(&mut self, primary: &str) {
+    /// Takes `primary` out of the indexes (and the byte count).
+    fn unindex(&mut self, primary: &Arc<str>) {
         let Some(old) = self.shown.get(primary) else {
             return;
         };
+        self.bytes = self.bytes.saturating_sub(old.cost(primary));
         for tag in &old.tags {
             if let Some(set) = self.by_tag.get_mut(tag) {
                 set.remove(primary);
@@ -191,7 +239,7 @@ impl Urls {
         let mut found = HashSet::new();
         for tag in tags {
             if let Some(set) = self.by_tag.get(tag) {
-                found.extend(set.iter().cloned());
+                found.extend(set.iter().map(|p| p.to_string()));
             }
         }
         found.into_iter().collect()
@@ -200,7 +248,7 @@ impl Urls {
     fn showing_path(&self, path: &str) -> Vec<String> {
         self.by_path
             .get(path)
-            .map_or_else(Vec::new, |set| set.iter().cloned().collect())
+            .map_or_else(Vec::new, |set| set.iter().map(|p| p.to_string()).collect())
     }
 }
 
@@ -224,17 +272,14 @@ enum Message {
     },
     Map {
         n: u64,
-        primary: Option<String>,
+        primary: String,
         path: String,
         #[serde(default)]
         tags: Vec<String>,
     },
     Set {
         n: u64,
-        primary: Option<String>,
         path: String,
-        #[serde(default)]
-        tags: Vec<String>,
     },
     Ack {
         id: u64,
@@ -267,16 +312,22 @@ impl NextLink {
         let accept = tokio::spawn(async move {
             let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // (Out of descriptors: not in a busy loop.)
+                        debug!("next cache: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
                     debug!("next cache: too many connections");
                     continue;
                 };
-                let Some(link) = weak.upgrade() else { return };
+                let weak = Weak::clone(&weak);
                 tokio::spawn(async move {
-                    link.serve(stream).await;
+                    serve(weak, stream).await;
                     drop(permit);
                 });
             }
@@ -298,124 +349,37 @@ impl NextLink {
         self.cache.store(cache);
     }
 
-    /// Waits (at most [`SETTLE_WAIT`]) until worker `pid`'s messages up to
-    /// `n` have been applied. A worker bext does not know is not waited for.
-    pub async fn settle(&self, pid: u32, n: u64) {
-        let applied = {
+    /// Waits (at most [`SETTLE_WAIT`]) until worker `pid`'s messages with
+    /// effects up to `n`, and its mappings up to `m`, have been applied. A
+    /// worker bext does not know is not waited for.
+    pub async fn settle(&self, pid: u32, n: u64, m: u64) {
+        let marks = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state
                 .peers
                 .values()
                 .find(|p| p.pid == pid)
-                .map(|p| p.applied.clone())
+                .map(|p| (p.applied.clone(), p.mapped.clone()))
         };
-        let Some(mut applied) = applied else { return };
-        if tokio::time::timeout(SETTLE_WAIT, applied.wait_for(|&done| done >= n))
-            .await
-            .is_err()
-        {
-            debug!(app = %self.app, pid, n, "next cache: a response waited its longest for its worker's revalidation");
-        }
-    }
-
-    /// One worker's connection, until it closes.
-    async fn serve(self: Arc<Self>, stream: UnixStream) {
-        let (read, mut write) = stream.into_split();
-        let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
-        let hello = match tokio::time::timeout(HELLO_WAIT, lines.next()).await {
-            Ok(Some(Ok(line))) => serde_json::from_str::<Message>(&line).ok(),
-            _ => None,
-        };
-        let Some(Message::Hello {
-            token,
-            pid,
-            worker,
-            next,
-        }) = hello
-        else {
+        let Some((mut applied, mut mapped)) = marks else {
             return;
         };
-        {
-            use subtle::ConstantTimeEq;
-            if !bool::from(token.as_bytes().ct_eq(self.token.as_bytes())) {
-                warn!(app = %self.app, "next cache: a connection with a wrong secret was refused");
-                return;
-            }
+        let both = async {
+            let _ = applied.wait_for(|&done| done >= n).await;
+            let _ = mapped.wait_for(|&done| done >= m).await;
+        };
+        if tokio::time::timeout(SETTLE_WAIT, both).await.is_err() {
+            warn!(app = %self.app, pid, "next cache: a response waited {SETTLE_WAIT:?} for its worker's revalidation to be applied, and went on");
         }
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let (outbox, mut outgoing) = mpsc::channel::<Arc<str>>(OUTBOX);
-        let (applied_tx, applied) = watch::channel(0u64);
-        {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let tags: Vec<_> = state.tags.iter().collect();
-            for chunk in tags.chunks(SNAPSHOT_CHUNK) {
-                let line = serde_json::json!({ "t": "tags", "tags": chunk }).to_string();
-                let _ = outbox.try_send(line.into());
-            }
-            let _ = outbox.try_send(Arc::from(r#"{"t":"synced"}"#));
-            state.peers.insert(
-                id,
-                Peer {
-                    pid,
-                    outbox: outbox.clone(),
-                    applied,
-                },
-            );
-        }
-        if !self.announced.swap(true, Ordering::Relaxed) {
-            info!(app = %self.app, next = %next, "Next.js uses bext's cache handler: its workers share one Next cache, and its own revalidations purge bext's cache");
-        }
-        debug!(app = %self.app, pid, worker = %worker, "next cache: worker connected");
-        let writer = tokio::spawn(async move {
-            while let Some(line) = outgoing.recv().await {
-                if write.write_all(line.as_bytes()).await.is_err()
-                    || write.write_all(b"\n").await.is_err()
-                {
-                    return;
-                }
-            }
-        });
-        // Messages with effects are applied in order by one task; the
-        // reader goes on, so acknowledgements are never stuck behind them.
-        let (inbox, mut work) = mpsc::channel::<Message>(INBOX);
-        let link = Arc::clone(&self);
-        let applier = tokio::spawn(async move {
-            while let Some(message) = work.recv().await {
-                let n = link.apply(id, message).await;
-                applied_tx.send_replace(n);
-            }
-        });
-        while let Some(Ok(line)) = lines.next().await {
-            let Ok(message) = serde_json::from_str::<Message>(&line) else {
-                debug!(app = %self.app, pid, "next cache: unreadable message");
-                continue;
-            };
-            match message {
-                Message::Ack { id: ack } => self.acknowledged(id, ack),
-                Message::Hello { .. } => {}
-                other => {
-                    if inbox.send(other).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        drop(inbox);
-        let _ = applier.await;
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peers
-            .remove(&id);
-        writer.abort();
-        debug!(app = %self.app, pid, "next cache: worker gone");
     }
 
     fn acknowledged(&self, from: u64, ack: u64) {
-        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-        if acks.get(&ack).is_some_and(|(peer, _)| *peer == from)
-            && let Some((_, done)) = acks.remove(&ack)
-        {
+        let done = self
+            .acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(ack, from));
+        if let Some(done) = done {
             let _ = done.send(());
         }
     }
@@ -427,86 +391,65 @@ impl NextLink {
                 self.revalidate(from, tags, soft).await;
                 n
             }
-            Message::Map {
-                n,
-                primary,
-                path,
-                tags,
-            } => {
-                if let Some(primary) = primary
-                    .as_deref()
-                    .and_then(crate::cache::key::primary_from_header)
-                {
-                    self.record(&primary, path, tags);
-                }
+            Message::Set { n, path } => {
+                let showing = {
+                    let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.urls.showing_path(&path)
+                };
+                let purged = self.purge(showing, false).await;
+                info!(app = %self.app, path = %path, purged, "next cache: the app regenerated a page");
                 n
             }
-            Message::Set {
-                n,
-                primary,
-                path,
-                tags,
-            } => {
-                // A request through bext caused it (a fill, or Next's own
-                // regeneration of an entry it found stale): the URL now shows
-                // this entry. Else the app regenerated the page itself (the
-                // Pages Router's `res.revalidate`): bext's copies of it go.
-                match primary
-                    .as_deref()
-                    .and_then(crate::cache::key::primary_from_header)
-                {
-                    Some(primary) => self.record(&primary, path, tags),
-                    None => {
-                        let showing = {
-                            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                            state.urls.showing_path(&path)
-                        };
-                        let purged = if showing.is_empty() {
-                            0
-                        } else {
-                            self.purge(showing, false).await
-                        };
-                        info!(app = %self.app, path = %path, purged, "next cache: the app regenerated a page");
-                    }
-                }
-                n
-            }
-            Message::Hello { .. } | Message::Ack { .. } => 0,
+            Message::Hello { .. } | Message::Ack { .. } | Message::Map { .. } => 0,
         }
     }
 
+    /// The request for `primary` showed Next's entry for `path`.
     fn record(&self, primary: &str, path: String, mut tags: Vec<String>) {
-        if primary.len() > MAX_LINE || path.len() > MAX_TAG_LEN * 8 {
-            return;
-        }
-        tags.truncate(MAX_MESSAGE_TAGS);
-        tags.retain(|t| t.len() <= MAX_TAG_LEN);
-        let max = self.cache.load().as_ref().map_or(100_000, |c| {
+        // Nothing to purge without a cache.
+        let Some(max) = self.cache.load().as_ref().map(|c| {
             usize::try_from(c.max_entries())
                 .unwrap_or(usize::MAX)
                 .max(1)
-        });
+        }) else {
+            return;
+        };
+        let Some(primary) = crate::cache::key::primary_from_header(primary) else {
+            return;
+        };
+        if primary.len() > MAX_PRIMARY || path.len() > MAX_PRIMARY {
+            return;
+        }
+        tags.retain(|t| t.len() <= MAX_TAG_LEN);
+        tags.truncate(MAX_MESSAGE_TAGS);
+        let shown = Shown {
+            path: Arc::from(path),
+            tags: tags.into_iter().map(Arc::from).collect(),
+        };
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .urls
-            .record(primary, Shown { path, tags }, max);
+            .record(&primary, shown, max);
     }
 
     /// A worker revalidated `tags`: every other worker applies it (and
     /// acknowledges), and bext's copies of what showed them are purged.
     async fn revalidate(&self, from: u64, mut tags: Vec<(String, TagTimes)>, soft: bool) {
+        tags.retain(|(tag, times)| tag.len() <= MAX_TAG_LEN && times.valid());
         tags.truncate(MAX_MESSAGE_TAGS);
-        tags.retain(|(tag, times)| {
-            tag.len() <= MAX_TAG_LEN
-                && [times.stale, times.expired]
-                    .iter()
-                    .flatten()
-                    .all(|t| t.is_finite() && *t >= 0.0)
-        });
         if tags.is_empty() {
             return;
         }
+        // Fills in flight may carry what is being revalidated: they are
+        // stored stale.
+        if let Some(cache) = self.cache.load().as_ref() {
+            cache.fence();
+        }
+        let ack = self.ids.fetch_add(1, Ordering::Relaxed);
+        let line: Arc<str> = serde_json::json!({ "t": "tags", "tags": tags, "ack": ack })
+            .to_string()
+            .into();
         let (purge, waits) = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for (tag, times) in &tags {
@@ -536,29 +479,24 @@ impl NextLink {
             let mut waits = Vec::new();
             let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
             for (&peer, p) in &state.peers {
-                if peer == from {
-                    continue;
-                }
-                let ack = self.ids.fetch_add(1, Ordering::Relaxed);
-                let line = serde_json::json!({ "t": "tags", "tags": tags, "ack": ack }).to_string();
-                if p.outbox.try_send(line.into()).is_ok() {
+                if peer != from && p.outbox.try_send(Arc::clone(&line)).is_ok() {
                     let (done, wait) = oneshot::channel();
-                    acks.insert(ack, (peer, done));
+                    acks.insert((ack, peer), done);
                     waits.push(wait);
                 }
             }
             (purge, waits)
         };
-        let purged = if purge.is_empty() {
-            0
-        } else {
-            self.purge(purge, soft).await
-        };
+        let purged = self.purge(purge, soft).await;
         let workers = waits.len();
         let all = futures_util::future::join_all(waits);
         if tokio::time::timeout(ACK_WAIT, all).await.is_err() {
             warn!(app = %self.app, "next cache: a worker did not apply a revalidation within {ACK_WAIT:?}");
         }
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _), _| *id != ack);
         info!(
             app = %self.app,
             tags = %tags.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(","),
@@ -570,6 +508,9 @@ impl NextLink {
     }
 
     async fn purge(&self, primaries: Vec<String>, soft: bool) -> u64 {
+        if primaries.is_empty() {
+            return 0;
+        }
         let Some(cache) = self.cache.load_full() else {
             return 0;
         };
@@ -599,6 +540,134 @@ impl Drop for NextLink {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// One worker's connection, until it closes or the app stops (the tasks
+/// hold the link only while they use it).
+async fn serve(link: Weak<NextLink>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
+    let hello = match tokio::time::timeout(HELLO_WAIT, lines.next()).await {
+        Ok(Some(Ok(line))) => serde_json::from_str::<Message>(&line).ok(),
+        _ => None,
+    };
+    let Some(Message::Hello {
+        token,
+        pid,
+        worker,
+        next,
+    }) = hello
+    else {
+        return;
+    };
+    let Some(strong) = link.upgrade() else { return };
+    {
+        use subtle::ConstantTimeEq;
+        if !bool::from(token.as_bytes().ct_eq(strong.token.as_bytes())) {
+            warn!(app = %strong.app, "next cache: a connection with a wrong secret was refused");
+            return;
+        }
+    }
+    let app = strong.app.clone();
+    let id = strong.ids.fetch_add(1, Ordering::Relaxed);
+    let (outbox, mut outgoing) = mpsc::channel::<Arc<str>>(OUTBOX);
+    let (applied_tx, applied) = watch::channel(0u64);
+    let (mapped_tx, mapped) = watch::channel(0u64);
+    {
+        let mut state = strong.state.lock().unwrap_or_else(|e| e.into_inner());
+        let tags: Vec<_> = state.tags.iter().collect();
+        for chunk in tags.chunks(SNAPSHOT_CHUNK) {
+            let line = serde_json::json!({ "t": "tags", "tags": chunk }).to_string();
+            let _ = outbox.try_send(line.into());
+        }
+        let _ = outbox.try_send(Arc::from(r#"{"t":"synced"}"#));
+        state.peers.insert(
+            id,
+            Peer {
+                pid,
+                outbox: outbox.clone(),
+                applied,
+                mapped,
+            },
+        );
+    }
+    if !strong.announced.swap(true, Ordering::Relaxed) {
+        info!(app = %app, next = %next, "Next.js uses bext's cache handler: its workers share one Next cache, and its own revalidations purge bext's cache");
+    }
+    drop(strong);
+    debug!(app = %app, pid, worker = %worker, "next cache: worker connected");
+    let writer = tokio::spawn(async move {
+        while let Some(line) = outgoing.recv().await {
+            if write.write_all(line.as_bytes()).await.is_err()
+                || write.write_all(b"\n").await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Messages with effects are applied in order by one task; mappings and
+    // acknowledgements are taken by the reader at once (a worker that
+    // floods its own queue only delays itself).
+    let (inbox, mut work) = mpsc::channel::<Message>(INBOX);
+    let applier_link = Weak::clone(&link);
+    let applier = tokio::spawn(async move {
+        while let Some(message) = work.recv().await {
+            let Some(link) = applier_link.upgrade() else {
+                return;
+            };
+            let n = link.apply(id, message).await;
+            applied_tx.send_replace(n);
+        }
+    });
+    loop {
+        let line = match lines.next().await {
+            Some(Ok(line)) => line,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                debug!(app = %app, pid, "next cache: a message over {MAX_LINE} bytes was skipped");
+                continue;
+            }
+            Some(Err(_)) | None => break,
+        };
+        let Some(link) = link.upgrade() else { break };
+        let Ok(message) = serde_json::from_str::<Message>(&line) else {
+            debug!(app = %app, pid, "next cache: unreadable message");
+            continue;
+        };
+        match message {
+            Message::Ack { id: ack } => link.acknowledged(id, ack),
+            Message::Map {
+                n,
+                primary,
+                path,
+                tags,
+            } => {
+                link.record(&primary, path, tags);
+                mapped_tx.send_replace(n);
+            }
+            Message::Hello { .. } => {}
+            other => {
+                drop(link);
+                if inbox.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(inbox);
+    let _ = applier.await;
+    writer.abort();
+    if let Some(link) = link.upgrade() {
+        link.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peers
+            .remove(&id);
+        link.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, peer), _| *peer != id);
+    }
+    debug!(app = %app, pid, "next cache: worker gone");
 }
 
 /// What a Next app's build says about its cache: the `cacheHandler` the
@@ -645,7 +714,7 @@ pub fn next_version(app_dir: &Path) -> Option<String> {
     ]
     .iter()
     .find_map(|rel| {
-        let file = crate::config::open_regular(&app_dir.join(rel)).ok()?;
+        let file = crate::config::open_regular_nofollow(&app_dir.join(rel)).ok()?;
         let reader = std::io::Read::take(file, crate::config::MAX_FILE_BYTES);
         serde_json::from_reader::<_, Package>(reader).ok()
     })
@@ -658,8 +727,8 @@ mod tests {
 
     fn shown(path: &str, tags: &[&str]) -> Shown {
         Shown {
-            path: path.into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
+            path: Arc::from(path),
+            tags: tags.iter().map(|t| Arc::from(*t)).collect(),
         }
     }
 
@@ -695,5 +764,8 @@ mod tests {
                 .get("/rv")
                 .is_some_and(|s| s.contains("h /latest"))
         );
+        // The byte count follows what is kept.
+        let kept: usize = urls.shown.iter().map(|(p, s)| s.cost(p)).sum();
+        assert_eq!(urls.bytes, kept);
     }
 }

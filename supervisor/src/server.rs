@@ -18,6 +18,8 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::access_log::{Logged, Record, Unanswered};
 use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
@@ -50,6 +52,8 @@ pub struct AppService {
     pub access_log: bool,
     /// Requests being answered (a removed app drains until zero).
     pub inflight: Arc<AtomicUsize>,
+    /// Unsafe requests running on after their clients left.
+    pub orphans: Arc<AtomicUsize>,
     /// `Strict-Transport-Security` for answers over HTTPS (`tls.hsts`).
     pub hsts: arc_swap::ArcSwapOption<HeaderValue>,
     /// `[compression]`: what the app sends is compressed here.
@@ -78,7 +82,93 @@ impl Drop for InFlight {
     }
 }
 
+/// Requests of one app that run on after their clients left (see
+/// [`AppService::respond_to_the_end`]); past this, the next one is cut.
+const MAX_ORPHANS: usize = 64;
+
+/// An unsafe request's way to its end: when dropped armed (its client
+/// left), the request is cancelled if it still waits for a worker, and
+/// cut if too many of the app's requests already run without a client.
+struct Abandon {
+    armed: bool,
+    left: CancellationToken,
+    task: tokio::task::AbortHandle,
+    orphans: Arc<AtomicUsize>,
+    orphaned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.left.cancel();
+        if self.task.is_finished() {
+            return;
+        }
+        self.orphaned.store(true, Ordering::Release);
+        if self.orphans.fetch_add(1, Ordering::AcqRel) >= MAX_ORPHANS {
+            self.task.abort();
+        }
+    }
+}
+
+/// Inside the task: counts it out of the orphans when it ends (or is cut).
+struct Orphan {
+    orphans: Arc<AtomicUsize>,
+    orphaned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if self.orphaned.load(Ordering::Acquire) {
+            self.orphans.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl AppService {
+    /// An unsafe request (a form post, a server action) runs to its end
+    /// once a worker has it, even if its client leaves: cut in the middle,
+    /// a change the user asked for could be half made, or made with no
+    /// answer in the app's log. (nginx cuts it unless told
+    /// `proxy_ignore_client_abort on`.) The answer is then dropped; the
+    /// wait is bounded by the upstream timeout. A request whose client
+    /// leaves while it still waits for a worker is dropped, and at most
+    /// [`MAX_ORPHANS`] run on at once per app.
+    async fn respond_to_the_end(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        mut client: ClientInfo,
+        client_ip: IpAddr,
+    ) -> (Response<Body>, Option<usize>) {
+        let left = CancellationToken::new();
+        client.left = Some(left.clone());
+        let orphaned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let orphan = Orphan {
+            orphans: Arc::clone(&self.orphans),
+            orphaned: Arc::clone(&orphaned),
+        };
+        let service = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let _orphan = orphan;
+            let _inflight = InFlight::new(&service.inflight);
+            service.respond(req, client, client_ip).await
+        });
+        let mut abandon = Abandon {
+            armed: true,
+            left,
+            task: task.abort_handle(),
+            orphans: Arc::clone(&self.orphans),
+            orphaned,
+        };
+        let answer = task
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        abandon.armed = false;
+        answer
+    }
+
     /// Sends `Strict-Transport-Security: max-age=…` on every HTTPS answer
     /// from now on (`None`: none).
     pub fn set_hsts(&self, max_age: Option<std::time::Duration>) {
@@ -265,6 +355,7 @@ impl Handler for AppService {
             trusted_peer,
             scheme: if secure { "https" } else { "http" },
             request_id: headers::request_id(req.headers()),
+            left: None,
         };
         let request_id = client.request_id.clone();
         let mut record = record;
@@ -272,16 +363,7 @@ impl Handler for AppService {
         let (mut response, worker) = if req.method().is_safe() {
             self.respond(req, client, client_ip).await
         } else {
-            // An unsafe request (a form post, a server action) runs to its
-            // end once bext has it, even if its client leaves: cut in the
-            // middle, a change the user asked for could be half made, or
-            // made with no answer in the app's log. (nginx cuts it unless
-            // told `proxy_ignore_client_abort on`.) The answer is then
-            // dropped; the wait is bounded by the upstream timeout.
-            let service = Arc::clone(&self);
-            tokio::spawn(async move { service.respond(req, client, client_ip).await })
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            self.respond_to_the_end(req, client, client_ip).await
         };
         let record = record.answered();
         response

@@ -433,3 +433,62 @@ fn issue11_a_directory_redirect_is_never_protocol_relative() {
         assert_eq!(location.trim(), "/docs/", "{target}");
     }
 }
+
+/// A POST runs to its end once a worker has it, even if its client leaves
+/// (see `nextjs::a_server_action_whose_client_leaves_…`); but one whose
+/// client leaves while it still waits for a worker is dropped, so that
+/// posting and hanging up cannot fill an app's queue with work no one
+/// waits for. The access log says 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_client_leaves_while_queued_never_reaches_the_app() {
+    use std::io::Write;
+    const SERVER: &str = r#"
+const http = require('http');
+http.createServer((req, res) => {
+  console.log(`got ${req.method} ${req.url}`);
+  if (req.url === '/slow') return setTimeout(() => res.end('slow done'), 1500);
+  req.resume();
+  req.on('end', () => res.end('ok'));
+}).listen(3000);
+"#;
+    let app = temp_app(&[
+        (
+            "package.json",
+            r#"{"name": "queue", "private": true, "scripts": {"start": "node server.js"}}"#,
+        ),
+        ("server.js", SERVER),
+        ("bext.config.toml", "[isolate]\nmax_inflight = 1\n"),
+    ]);
+    let bext = Bext::run(app.path(), &["--workers", "1"]);
+    let http = client();
+    let busy = tokio::spawn(http.get(bext.url("/slow")).send());
+    bext.wait_log(Duration::from_secs(10), |v| v["message"] == "got GET /slow");
+
+    // Queued behind /slow; its client leaves at once.
+    let mut stream = std::net::TcpStream::connect(bext.addr).expect("connect");
+    write!(
+        stream,
+        "POST /form HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi"
+    )
+    .expect("send");
+    stream.flush().expect("flush");
+    drop(stream);
+    let line = bext.wait_log(Duration::from_secs(10), |v| {
+        v["target"] == "bext::access" && v["path"] == "/form"
+    });
+    assert_eq!(line["status"], 499, "{line}");
+
+    let slow = busy.await.expect("join").expect("slow");
+    assert_eq!(slow.text().await.expect("body"), "slow done");
+    // The next request reaches the app; the POST never did.
+    let after = http.get(bext.url("/after")).send().await.expect("after");
+    assert_eq!(after.status(), 200);
+    bext.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "got GET /after"
+    });
+    assert!(
+        !bext.log_text().contains("got POST /form"),
+        "{}",
+        bext.log_text()
+    );
+}

@@ -120,6 +120,9 @@
     const SYMBOL = Symbol.for('@next/cache-handlers');
     const RESPONSE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES']);
     const MAX_REPORTED = 10000;
+    // Next's own limits on an entry's tags.
+    const MAX_TAGS = 128;
+    const MAX_TAG_LEN = 256;
     // How long a worker waits for the supervisor's tag state before it
     // reads the cache anyway.
     const SYNC_WAIT_MS = 1000;
@@ -144,7 +147,10 @@
     const link = {
       socket: null,
       buffer: '',
+      // Messages sent: with effects (revalidations, new entries), and
+      // the URL mappings.
       sent: 0,
+      mapped: 0,
       synced: null,
       reported: new Map(),
       connect() {
@@ -168,7 +174,8 @@
           }
           if (this.buffer.length > 1 << 20) this.buffer = '';
         });
-        // Without the supervisor, the worker goes on with its own state.
+        // Without the supervisor, the worker goes on with its own state
+        // (the supervisor closes the socket only when the app stops).
         s.on('error', () => {});
         s.on('close', () => done());
         s.unref();
@@ -197,17 +204,17 @@
             if (typeof update.expired === 'number') entry.expired = update.expired;
             manifest.set(tag, entry);
           }
-          if (m.ack !== undefined) this.send({ t: 'ack', id: m.ack }, false);
+          if (m.ack !== undefined) this.send({ t: 'ack', id: m.ack });
         } else if (m.t === 'synced') {
           this.done();
         }
       },
-      // Messages with effects are numbered: a response this worker sends
-      // after one carries the number, and bext passes it on only once the
-      // message has been applied everywhere.
-      send(message, counted = true) {
+      // Messages are numbered: a response this worker sends after one
+      // carries the numbers, and bext passes it on only once the message
+      // has been applied (a revalidation: everywhere).
+      send(message, counter) {
         if (!this.socket || this.socket.destroyed) return;
-        if (counted) message.n = ++this.sent;
+        if (counter) message.n = ++this[counter];
         this.socket.write(JSON.stringify(message) + '\n');
       },
       report(type, primary, key, value) {
@@ -216,16 +223,32 @@
         if (page === '/index') page = '/';
         else if (page.startsWith('/index/')) page = page.slice('/index'.length);
         const header = value && value.headers && value.headers['x-next-cache-tags'];
-        const tags = typeof header === 'string' ? header.split(',').filter(Boolean) : [];
+        const tags = typeof header === 'string'
+          ? header.split(',').filter((t) => t && t.length <= MAX_TAG_LEN).slice(0, MAX_TAGS)
+          : [];
         if (type === 'map') {
           const seen = `${page}|${tags.join(',')}`;
           if (this.reported.get(primary) === seen) return;
           if (this.reported.size >= MAX_REPORTED) this.reported.clear();
           this.reported.set(primary, seen);
+          this.send({ t: 'map', primary, path: page, tags }, 'mapped');
+        } else {
+          this.send({ t: 'set', primary: primary || null, path: page, tags }, 'sent');
         }
-        this.send({ t: type, primary: primary || null, path: page, tags });
       },
     };
+
+    let temporaries = 0;
+    async function atomicWrite(file, data) {
+      const temporary = `${file}.bext-${process.pid}-${++temporaries}.tmp`;
+      try {
+        await fs.promises.writeFile(temporary, data);
+        await fs.promises.rename(temporary, file);
+      } catch (error) {
+        await fs.promises.unlink(temporary).catch(() => {});
+        throw error;
+      }
+    }
 
     let FetchCache;
     function fetchCache() {
@@ -251,10 +274,16 @@
       manifest = tags.exports.tagsManifest;
       FetchCache = class BextNextCache extends Base {
         constructor(ctx) {
-          super({ ...ctx, maxMemoryCacheSize: 0 });
+          // Every worker reads what the others write: each file is written
+          // whole under another name, then renamed over the old one.
+          const fs = ctx.fs && { ...ctx.fs, writeFile: atomicWrite };
+          super({ ...ctx, fs, maxMemoryCacheSize: 0 });
           const headers = ctx._requestHeaders || {};
           const primary = headers['x-bext-primary'];
           this.bextPrimary = typeof primary === 'string' ? primary : null;
+          // Next regenerating a page on the app's own demand
+          // (`res.revalidate`), not for a request.
+          this.onDemand = typeof headers['x-prerender-revalidate'] === 'string';
           link.connect();
         }
 
@@ -269,9 +298,10 @@
 
         async set(key, data, ctx) {
           await super.set(key, data, ctx);
-          if (data ? RESPONSE_KINDS.has(data.kind) : key.startsWith('/route-cache/')) {
-            link.report('set', this.bextPrimary, key, data);
-          }
+          const response = data ? RESPONSE_KINDS.has(data.kind) : key.startsWith('/route-cache/');
+          if (!response) return;
+          if (this.bextPrimary) link.report('map', this.bextPrimary, key, data);
+          else if (this.onDemand) link.report('set', null, key, data);
         }
 
         async revalidateTag(tags, durations) {
@@ -281,11 +311,14 @@
           // right after it already carries its number.
           const applied = super.revalidateTag(list, durations);
           if (list.length > 0) {
-            link.send({
-              t: 'rev',
-              tags: list.map((tag) => [tag, manifest.get(tag) || {}]),
-              soft: Boolean(durations) && !(durations.expire <= 0),
-            });
+            link.send(
+              {
+                t: 'rev',
+                tags: list.map((tag) => [tag, manifest.get(tag) || {}]),
+                soft: Boolean(durations) && !(durations.expire <= 0),
+              },
+              'sent',
+            );
           }
           await applied;
         }
@@ -299,12 +332,12 @@
     }
     globalThis[SYMBOL] = holder;
 
-    // The number of this worker's last message with effects, on every
-    // response after one.
+    // The numbers of this worker's last messages, on every response after
+    // one.
     const writeHead = http.ServerResponse.prototype.writeHead;
     http.ServerResponse.prototype.writeHead = function bextWriteHead(...args) {
-      if (link.sent > 0 && !this.headersSent) {
-        this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}`);
+      if ((link.sent > 0 || link.mapped > 0) && !this.headersSent) {
+        this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}:${link.mapped}`);
       }
       return writeHead.apply(this, args);
     };

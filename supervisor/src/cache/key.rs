@@ -40,21 +40,22 @@ pub fn primary<B>(req: &Request<B>) -> String {
 const HTTPS: &str = "\u{1}https:";
 
 /// A primary key as a request header's value (for a Next.js worker, which
-/// names it back: [`crate::nextcache`]).
+/// names it back: [`crate::nextcache`]): `s ` or `p ` (the scheme) and the
+/// rest. `None` for one a header cannot carry.
 pub fn primary_to_header(primary: &str) -> Option<HeaderValue> {
     match primary.strip_prefix(HTTPS) {
-        Some(rest) => HeaderValue::from_str(&format!("https:{rest}")).ok(),
-        None => HeaderValue::from_str(primary).ok(),
+        Some(rest) => HeaderValue::from_str(&format!("s {rest}")).ok(),
+        None => HeaderValue::from_str(&format!("p {primary}")).ok(),
     }
 }
 
-/// [`primary_to_header`] read back. (A host never ends in `:`, so a plain
-/// key never starts with `https:`.)
+/// [`primary_to_header`] read back.
 pub fn primary_from_header(value: &str) -> Option<String> {
-    Some(match value.strip_prefix("https:") {
-        Some(rest) => format!("{HTTPS}{rest}"),
-        None => value.to_string(),
-    })
+    if let Some(rest) = value.strip_prefix("s ") {
+        Some(format!("{HTTPS}{rest}"))
+    } else {
+        value.strip_prefix("p ").map(str::to_string)
+    }
 }
 
 /// The same primary key for the other scheme (an unsafe request over one

@@ -353,6 +353,12 @@ impl<S: Store> IsrCache<S> {
         self.compression.store(Arc::new(settings));
     }
 
+    /// Fills in flight are stored stale (something they may show was
+    /// revalidated elsewhere).
+    pub fn fence(&self) {
+        self.purge_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The most entries the cache keeps.
     pub fn max_entries(&self) -> u64 {
         self.settings.max_entries

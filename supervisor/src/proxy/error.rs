@@ -48,6 +48,8 @@ pub enum ProxyError {
     },
     #[error("worker {worker} did not answer within {timeout:?}")]
     Timeout { worker: usize, timeout: Duration },
+    #[error("the client left before a worker was free")]
+    ClientLeft,
 }
 
 impl ProxyError {
@@ -75,6 +77,8 @@ impl ProxyError {
             ProxyError::NoReadyWorker(_) | ProxyError::Down(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientLeft => StatusCode::from_u16(crate::access_log::CLIENT_CLOSED)
+                .unwrap_or(StatusCode::BAD_REQUEST),
             ProxyError::Connect { .. } | ProxyError::Closed { .. } | ProxyError::Invalid { .. } => {
                 StatusCode::BAD_GATEWAY
             }

@@ -40,6 +40,9 @@ pub struct ClientInfo {
     pub trusted_peer: bool,
     pub scheme: &'static str,
     pub request_id: HeaderValue,
+    /// Cancelled when the client leaves, for a request that runs on
+    /// without it once a worker has it (see `AppService::respond_to_the_end`).
+    pub left: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl ClientInfo {
@@ -94,7 +97,9 @@ impl Proxy {
         let primary = self
             .next
             .as_ref()
-            .and_then(|_| crate::cache::key::primary_to_header(&crate::cache::key::primary(&req)));
+            .map(|_| crate::cache::key::primary(&req))
+            .filter(|p| p.len() <= nextcache::MAX_PRIMARY)
+            .and_then(|p| crate::cache::key::primary_to_header(&p));
         req.headers_mut().remove(nextcache::PRIMARY_HEADER);
         if let Some(primary) = primary {
             req.headers_mut()
@@ -157,7 +162,7 @@ impl Proxy {
         loop {
             attempt += 1;
             let lease = match retrying.take() {
-                None => match self.pool.acquire(self.queue_timeout, None).await {
+                None => match self.acquire(client).await? {
                     Some(lease) => lease,
                     None => {
                         return Err(match self.pool.down() {
@@ -191,13 +196,9 @@ impl Proxy {
                 Ok(mut response) => {
                     if let Some(next) = &self.next
                         && let Some(sync) = response.headers_mut().remove(nextcache::SYNC_HEADER)
-                        && let Some((pid, n)) = sync
-                            .to_str()
-                            .ok()
-                            .and_then(|s| s.split_once(':'))
-                            .and_then(|(pid, n)| Some((pid.parse().ok()?, n.parse().ok()?)))
+                        && let Some((pid, n, m)) = sync.to_str().ok().and_then(parse_sync)
                     {
-                        next.settle(pid, n).await;
+                        next.settle(pid, n, m).await;
                     }
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
@@ -216,6 +217,32 @@ impl Proxy {
             return Err(error);
         }
     }
+}
+
+impl Proxy {
+    /// A worker for the request; [`ProxyError::ClientLeft`] when the client
+    /// of a request that would run on without it leaves while it waits for
+    /// one (a free worker takes it even if its client already left).
+    async fn acquire(&self, client: &ClientInfo) -> Result<Option<Lease>, ProxyError> {
+        match &client.left {
+            None => Ok(self.pool.acquire(self.queue_timeout, None).await),
+            Some(_) if let Some(lease) = self.pool.try_acquire(None) => Ok(Some(lease)),
+            Some(left) => tokio::select! {
+                biased;
+                () = left.cancelled() => Err(ProxyError::ClientLeft),
+                lease = self.pool.acquire(self.queue_timeout, None) => Ok(lease),
+            },
+        }
+    }
+}
+
+/// `PID:N:M` of [`nextcache::SYNC_HEADER`].
+fn parse_sync(value: &str) -> Option<(u32, u64, u64)> {
+    let mut parts = value.splitn(3, ':');
+    let pid = parts.next()?.parse().ok()?;
+    let n = parts.next()?.parse().ok()?;
+    let m = parts.next()?.parse().ok()?;
+    Some((pid, n, m))
 }
 
 /// `req` again, for another attempt (its body was empty).
@@ -332,6 +359,7 @@ impl ClientInfo {
             trusted_peer: false,
             scheme: "http",
             request_id: headers::new_request_id(),
+            left: None,
         }
     }
 }
