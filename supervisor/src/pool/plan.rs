@@ -41,7 +41,18 @@ pub struct LaunchPlan {
     /// output is a terminal.
     dev: Option<DevLaunch>,
     /// bext's own variables for every launch (e.g. [`crate::nextcache`]'s).
-    bext_env: Vec<(String, String)>,
+    bext_env: BextEnv,
+}
+
+/// bext's own variables for the workers; their values (a secret among
+/// them) are not in `Debug` output.
+#[derive(Clone, Default)]
+struct BextEnv(Vec<(String, String)>);
+
+impl std::fmt::Debug for BextEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(k, _)| k)).finish()
+    }
 }
 
 /// How `bext dev` launches workers differently.
@@ -109,13 +120,13 @@ impl LaunchPlan {
             app_env,
             user,
             dev: None,
-            bext_env: Vec::new(),
+            bext_env: BextEnv::default(),
         })
     }
 
     /// Adds bext's own variables to every launch (they win over the app's).
     pub fn with_bext_env(mut self, vars: Vec<(String, String)>) -> Self {
-        self.bext_env.extend(vars);
+        self.bext_env.0.extend(vars);
         self
     }
 
@@ -201,6 +212,7 @@ impl LaunchPlan {
         ]);
         env.extend(
             self.bext_env
+                .0
                 .iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         );
