@@ -99,6 +99,8 @@ pub struct NextLink {
     acks: Mutex<HashMap<(u64, u64), oneshot::Sender<()>>>,
     ids: AtomicU64,
     announced: AtomicBool,
+    /// Told when a worker connects.
+    joined: tokio::sync::Notify,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -306,6 +308,7 @@ impl NextLink {
             acks: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             announced: AtomicBool::new(false),
+            joined: tokio::sync::Notify::new(),
             accept: Mutex::new(None),
         });
         let weak = Arc::downgrade(&link);
@@ -351,24 +354,31 @@ impl NextLink {
 
     /// Waits (at most [`SETTLE_WAIT`]) until worker `pid`'s messages with
     /// effects up to `n`, and its mappings up to `m`, have been applied. A
-    /// worker bext does not know is not waited for.
+    /// worker whose first messages are still on their way (its connection
+    /// not yet taken) is waited for too.
     pub async fn settle(&self, pid: u32, n: u64, m: u64) {
-        let marks = {
-            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state
-                .peers
-                .values()
-                .find(|p| p.pid == pid)
-                .map(|p| (p.applied.clone(), p.mapped.clone()))
-        };
-        let Some((mut applied, mut mapped)) = marks else {
-            return;
-        };
-        let both = async {
+        let settled = async {
+            let (mut applied, mut mapped) = loop {
+                let joined = self.joined.notified();
+                tokio::pin!(joined);
+                joined.as_mut().enable();
+                let marks = {
+                    let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state
+                        .peers
+                        .values()
+                        .find(|p| p.pid == pid)
+                        .map(|p| (p.applied.clone(), p.mapped.clone()))
+                };
+                match marks {
+                    Some(marks) => break marks,
+                    None => joined.await,
+                }
+            };
             let _ = applied.wait_for(|&done| done >= n).await;
             let _ = mapped.wait_for(|&done| done >= m).await;
         };
-        if tokio::time::timeout(SETTLE_WAIT, both).await.is_err() {
+        if tokio::time::timeout(SETTLE_WAIT, settled).await.is_err() {
             warn!(app = %self.app, pid, "next cache: a response waited {SETTLE_WAIT:?} for its worker's revalidation to be applied, and went on");
         }
     }
@@ -591,6 +601,7 @@ async fn serve(link: Weak<NextLink>, stream: UnixStream) {
             },
         );
     }
+    strong.joined.notify_waiters();
     if !strong.announced.swap(true, Ordering::Relaxed) {
         info!(app = %app, next = %next, "Next.js uses bext's cache handler: its workers share one Next cache, and its own revalidations purge bext's cache");
     }
