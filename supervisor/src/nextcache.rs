@@ -14,26 +14,24 @@
 //!   - `hello {token, pid, worker, next}`;
 //!   - `rev {n, tags: [[tag, {stale, expired}]], soft}`: the worker
 //!     revalidated these tags (Next's own manifest entries);
-//!   - `map {n, primary, path, tags}`: the request for `primary` (a URL
-//!     bext may store) read or wrote Next's entry for `path`, which has
-//!     these tags;
-//!   - `set {n, path, tags}`: Next wrote a new entry for `path` on the
-//!     app's own demand (the Pages Router's `res.revalidate`);
+//!   - `set {n, path}`: Next wrote a new entry for `path` on the app's own
+//!     demand (the Pages Router's `res.revalidate`);
 //!   - `ack {id}`.
 //! - bext → worker: `tags {tags, ack}` (apply these to your manifest, then
 //!   acknowledge), and `synced` after the state so far.
 //!
-//! A revalidation is applied by every other worker (which acknowledge it)
-//! and purges the URLs of bext's cache that show one of the tags; a new
-//! entry for a path purges the other URLs that showed that path (the Pages
-//! Router's `res.revalidate`). Messages are numbered per worker (those
-//! with effects, and the mappings, each in their own sequence), and every
-//! response a worker writes after one carries `x-bext-next-sync: PID:N:M`:
-//! the proxy passes the response on only once they have been applied
-//! ([`NextLink::settle`]). So the request after a revalidation sees it,
-//! whichever worker it lands on, and a URL is mapped before bext stores it.
+//! The worker names, in `x-next-cache-tags` on each answer to a request
+//! through bext, the tags of the Next entry it showed, with the page's
+//! path as Next's implicit tag `_N_T_<path>`; bext keeps them with its copy
+//! (in Redis too, in edge mode). A revalidation is applied by every other
+//! worker (which acknowledge it) and purges bext's copies by those tags; a
+//! new entry for a path purges by `_N_T_<path>`. Messages with effects are
+//! numbered per worker, and every response a worker writes after one
+//! carries `x-bext-next-sync: PID:N`: the proxy passes it on only once
+//! message N has been applied ([`NextLink::settle`]), so the request after
+//! a revalidation sees it, whichever worker it lands on.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -54,12 +52,13 @@ pub const SOCKET_NAME: &str = "next-cache.sock";
 /// Where the workers find the socket, and the secret they show.
 pub const ENV_SOCKET: &str = "BEXT_NEXT_CACHE_SOCKET";
 pub const ENV_TOKEN: &str = "BEXT_NEXT_CACHE_TOKEN";
-/// Request header: the URL bext caches the answer under (its primary key).
+/// Request header: the URL bext caches the answer under (its primary key),
+/// by which the worker finds what its answer shows.
 pub const PRIMARY_HEADER: &str = "x-bext-primary";
-/// Response header: the worker's last messages (`PID:N:M`).
+/// Response header: the worker's last message with effects (`PID:N`).
 pub const SYNC_HEADER: &str = "x-bext-next-sync";
-/// Longest URL that is mapped (and sent to the worker with its request);
-/// a longer one is not purged by the app's revalidations.
+/// Longest URL sent to the worker (a longer one's copy is not tagged, and
+/// stays until it expires).
 pub const MAX_PRIMARY: usize = 2048;
 
 /// Longest line a worker may send (a longer one is skipped).
@@ -71,8 +70,6 @@ const MAX_TAGS: usize = 10_000;
 /// Tags in one message, and the longest tag: Next's own limits.
 const MAX_MESSAGE_TAGS: usize = 128;
 const MAX_TAG_LEN: usize = 256;
-/// The URL map's bound in bytes (besides the cache's entry count).
-const MAX_MAP_BYTES: usize = 16 << 20;
 /// Tags per line of the state sent to a worker that connects.
 const SNAPSHOT_CHUNK: usize = 500;
 /// Lines waiting to be written to one worker (a worker that reads none
@@ -118,7 +115,6 @@ impl std::fmt::Debug for NextLink {
 struct State {
     /// Tag → its manifest entry, as Next keeps it (ms since the epoch).
     tags: HashMap<String, TagTimes>,
-    urls: Urls,
     /// Connected workers, by connection.
     peers: HashMap<u64, Peer>,
 }
@@ -148,110 +144,8 @@ impl TagTimes {
 struct Peer {
     pid: u32,
     outbox: mpsc::Sender<Arc<str>>,
-    /// The last message with effects applied, and the last mapping.
+    /// The last message with effects applied.
     applied: watch::Receiver<u64>,
-    mapped: watch::Receiver<u64>,
-}
-
-/// Which of bext's URLs show which Next tags and paths.
-#[derive(Debug, Default)]
-struct Urls {
-    shown: HashMap<Arc<str>, Shown>,
-    by_tag: HashMap<Arc<str>, HashSet<Arc<str>>>,
-    by_path: HashMap<Arc<str>, HashSet<Arc<str>>>,
-    /// Oldest first, for the bounds.
-    order: VecDeque<Arc<str>>,
-    bytes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Shown {
-    path: Arc<str>,
-    tags: Vec<Arc<str>>,
-}
-
-impl Shown {
-    /// What it costs the map (roughly: each name once, each link a pointer).
-    fn cost(&self, primary: &str) -> usize {
-        128 + primary.len()
-            + self.path.len()
-            + self.tags.iter().map(|t| t.len() + 48).sum::<usize>()
-    }
-}
-
-impl Urls {
-    fn record(&mut self, primary: &str, shown: Shown, max: usize) {
-        let key: Arc<str> = match self.shown.get_key_value(primary) {
-            Some((_, old)) if *old == shown => return,
-            Some((key, _)) => {
-                let key = Arc::clone(key);
-                self.unindex(&key);
-                key
-            }
-            None => {
-                let key: Arc<str> = Arc::from(primary);
-                self.order.push_back(Arc::clone(&key));
-                key
-            }
-        };
-        for tag in &shown.tags {
-            self.by_tag
-                .entry(Arc::clone(tag))
-                .or_default()
-                .insert(Arc::clone(&key));
-        }
-        self.by_path
-            .entry(Arc::clone(&shown.path))
-            .or_default()
-            .insert(Arc::clone(&key));
-        self.bytes += shown.cost(&key);
-        self.shown.insert(key, shown);
-        while self.shown.len() > max || self.bytes > MAX_MAP_BYTES {
-            let Some(oldest) = self.order.pop_front() else {
-                break;
-            };
-            self.unindex(&oldest);
-            self.shown.remove(&oldest);
-        }
-    }
-
-    /// Takes `primary` out of the indexes (and the byte count).
-    fn unindex(&mut self, primary: &Arc<str>) {
-        let Some(old) = self.shown.get(primary) else {
-            return;
-        };
-        self.bytes = self.bytes.saturating_sub(old.cost(primary));
-        for tag in &old.tags {
-            if let Some(set) = self.by_tag.get_mut(tag) {
-                set.remove(primary);
-                if set.is_empty() {
-                    self.by_tag.remove(tag);
-                }
-            }
-        }
-        if let Some(set) = self.by_path.get_mut(&old.path) {
-            set.remove(primary);
-            if set.is_empty() {
-                self.by_path.remove(&old.path);
-            }
-        }
-    }
-
-    fn showing_tags<'a>(&self, tags: impl Iterator<Item = &'a str>) -> Vec<String> {
-        let mut found = HashSet::new();
-        for tag in tags {
-            if let Some(set) = self.by_tag.get(tag) {
-                found.extend(set.iter().map(|p| p.to_string()));
-            }
-        }
-        found.into_iter().collect()
-    }
-
-    fn showing_path(&self, path: &str) -> Vec<String> {
-        self.by_path
-            .get(path)
-            .map_or_else(Vec::new, |set| set.iter().map(|p| p.to_string()).collect())
-    }
 }
 
 /// A worker's message.
@@ -271,13 +165,6 @@ enum Message {
         tags: Vec<(String, TagTimes)>,
         #[serde(default)]
         soft: bool,
-    },
-    Map {
-        n: u64,
-        primary: String,
-        path: String,
-        #[serde(default)]
-        tags: Vec<String>,
     },
     Set {
         n: u64,
@@ -353,12 +240,12 @@ impl NextLink {
     }
 
     /// Waits (at most [`SETTLE_WAIT`]) until worker `pid`'s messages with
-    /// effects up to `n`, and its mappings up to `m`, have been applied. A
-    /// worker whose first messages are still on their way (its connection
-    /// not yet taken) is waited for too.
-    pub async fn settle(&self, pid: u32, n: u64, m: u64) {
+    /// effects up to `n` have been applied. A worker whose first messages
+    /// are still on their way (its connection not yet taken) is waited for
+    /// too.
+    pub async fn settle(&self, pid: u32, n: u64) {
         let settled = async {
-            let (mut applied, mut mapped) = loop {
+            let mut applied = loop {
                 let joined = self.joined.notified();
                 tokio::pin!(joined);
                 joined.as_mut().enable();
@@ -368,7 +255,7 @@ impl NextLink {
                         .peers
                         .values()
                         .find(|p| p.pid == pid)
-                        .map(|p| (p.applied.clone(), p.mapped.clone()))
+                        .map(|p| p.applied.clone())
                 };
                 match marks {
                     Some(marks) => break marks,
@@ -376,7 +263,6 @@ impl NextLink {
                 }
             };
             let _ = applied.wait_for(|&done| done >= n).await;
-            let _ = mapped.wait_for(|&done| done >= m).await;
         };
         if tokio::time::timeout(SETTLE_WAIT, settled).await.is_err() {
             warn!(app = %self.app, pid, "next cache: a response waited {SETTLE_WAIT:?} for its worker's revalidation to be applied, and went on");
@@ -402,45 +288,17 @@ impl NextLink {
                 n
             }
             Message::Set { n, path } => {
-                let showing = {
-                    let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.urls.showing_path(&path)
+                let tag = format!("_N_T_{path}");
+                let purged = if tag.len() <= MAX_TAG_LEN {
+                    self.purge(vec![tag], false).await
+                } else {
+                    0
                 };
-                let purged = self.purge(showing, false).await;
                 info!(app = %self.app, path = %path, purged, "next cache: the app regenerated a page");
                 n
             }
-            Message::Hello { .. } | Message::Ack { .. } | Message::Map { .. } => 0,
+            Message::Hello { .. } | Message::Ack { .. } => 0,
         }
-    }
-
-    /// The request for `primary` showed Next's entry for `path`.
-    fn record(&self, primary: &str, path: String, mut tags: Vec<String>) {
-        // Nothing to purge without a cache.
-        let Some(max) = self.cache.load().as_ref().map(|c| {
-            usize::try_from(c.max_entries())
-                .unwrap_or(usize::MAX)
-                .max(1)
-        }) else {
-            return;
-        };
-        let Some(primary) = crate::cache::key::primary_from_header(primary) else {
-            return;
-        };
-        if primary.len() > MAX_PRIMARY || path.len() > MAX_PRIMARY {
-            return;
-        }
-        tags.retain(|t| t.len() <= MAX_TAG_LEN);
-        tags.truncate(MAX_MESSAGE_TAGS);
-        let shown = Shown {
-            path: Arc::from(path),
-            tags: tags.into_iter().map(Arc::from).collect(),
-        };
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .urls
-            .record(&primary, shown, max);
     }
 
     /// A worker revalidated `tags`: every other worker applies it (and
@@ -460,7 +318,7 @@ impl NextLink {
         let line: Arc<str> = serde_json::json!({ "t": "tags", "tags": tags, "ack": ack })
             .to_string()
             .into();
-        let (purge, waits) = {
+        let waits = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for (tag, times) in &tags {
                 let entry = state.tags.entry(tag.clone()).or_default();
@@ -483,9 +341,6 @@ impl NextLink {
                     state.tags.remove(&tag);
                 }
             }
-            let purge = state
-                .urls
-                .showing_tags(tags.iter().map(|(t, _)| t.as_str()));
             let mut waits = Vec::new();
             let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
             for (&peer, p) in &state.peers {
@@ -495,9 +350,11 @@ impl NextLink {
                     waits.push(wait);
                 }
             }
-            (purge, waits)
+            waits
         };
-        let purged = self.purge(purge, soft).await;
+        let purged = self
+            .purge(tags.iter().map(|(t, _)| t.clone()).collect(), soft)
+            .await;
         let workers = waits.len();
         let all = futures_util::future::join_all(waits);
         if tokio::time::timeout(ACK_WAIT, all).await.is_err() {
@@ -517,15 +374,13 @@ impl NextLink {
         );
     }
 
-    async fn purge(&self, primaries: Vec<String>, soft: bool) -> u64 {
-        if primaries.is_empty() {
-            return 0;
-        }
+    /// Purges bext's copies that show one of `tags`.
+    async fn purge(&self, tags: Vec<String>, soft: bool) -> u64 {
         let Some(cache) = self.cache.load_full() else {
             return 0;
         };
         let selector = Selector {
-            primaries,
+            tags,
             ..Default::default()
         };
         match cache.purge_everywhere(&selector, soft).await {
@@ -582,7 +437,6 @@ async fn serve(link: Weak<NextLink>, stream: UnixStream) {
     let id = strong.ids.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut outgoing) = mpsc::channel::<Arc<str>>(OUTBOX);
     let (applied_tx, applied) = watch::channel(0u64);
-    let (mapped_tx, mapped) = watch::channel(0u64);
     {
         let mut state = strong.state.lock().unwrap_or_else(|e| e.into_inner());
         let tags: Vec<_> = state.tags.iter().collect();
@@ -597,7 +451,6 @@ async fn serve(link: Weak<NextLink>, stream: UnixStream) {
                 pid,
                 outbox: outbox.clone(),
                 applied,
-                mapped,
             },
         );
     }
@@ -616,7 +469,7 @@ async fn serve(link: Weak<NextLink>, stream: UnixStream) {
             }
         }
     });
-    // Messages with effects are applied in order by one task; mappings and
+    // Messages with effects are applied in order by one task;
     // acknowledgements are taken by the reader at once (a worker that
     // floods its own queue only delays itself).
     let (inbox, mut work) = mpsc::channel::<Message>(INBOX);
@@ -646,15 +499,6 @@ async fn serve(link: Weak<NextLink>, stream: UnixStream) {
         };
         match message {
             Message::Ack { id: ack } => link.acknowledged(id, ack),
-            Message::Map {
-                n,
-                primary,
-                path,
-                tags,
-            } => {
-                link.record(&primary, path, tags);
-                mapped_tx.send_replace(n);
-            }
             Message::Hello { .. } => {}
             other => {
                 drop(link);
@@ -736,47 +580,11 @@ pub fn next_version(app_dir: &Path) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn shown(path: &str, tags: &[&str]) -> Shown {
-        Shown {
-            path: Arc::from(path),
-            tags: tags.iter().map(|t| Arc::from(*t)).collect(),
-        }
-    }
-
     #[test]
     fn next_16_and_later_are_supported() {
         assert!(supported("16.4.6"));
         assert!(supported("17.0.0-canary.1"));
         assert!(!supported("15.5.4"));
         assert!(!supported("?"));
-    }
-
-    #[test]
-    fn urls_are_found_by_tag_and_path_and_forgotten_oldest_first() {
-        let mut urls = Urls::default();
-        urls.record("h /latest", shown("/rv", &["_N_T_/rv", "_N_T_/layout"]), 2);
-        urls.record("h /rv", shown("/rv", &["_N_T_/rv"]), 2);
-        let mut found = urls.showing_tags(["_N_T_/rv"].into_iter());
-        found.sort();
-        assert_eq!(found, ["h /latest", "h /rv"]);
-        let mut found = urls.showing_path("/rv");
-        found.sort();
-        assert_eq!(found, ["h /latest", "h /rv"]);
-        // Recorded again with other tags: the old ones no longer find it.
-        urls.record("h /rv", shown("/rv", &["posts"]), 2);
-        assert_eq!(urls.showing_tags(["_N_T_/rv"].into_iter()), ["h /latest"]);
-        // A third URL over a bound of two: the oldest goes, with its index.
-        urls.record("h /x", shown("/x", &["x"]), 2);
-        assert!(urls.showing_tags(["_N_T_/layout"].into_iter()).is_empty());
-        assert_eq!(urls.shown.len(), 2);
-        assert!(
-            !urls
-                .by_path
-                .get("/rv")
-                .is_some_and(|s| s.contains("h /latest"))
-        );
-        // The byte count follows what is kept.
-        let kept: usize = urls.shown.iter().map(|(p, s)| s.cost(p)).sum();
-        assert_eq!(urls.bytes, kept);
     }
 }

@@ -103,11 +103,13 @@ impl Drop for Abandon {
             return;
         }
         self.left.cancel();
-        if self.task.is_finished() {
-            return;
-        }
-        self.orphaned.store(true, Ordering::Release);
-        if self.orphans.fetch_add(1, Ordering::AcqRel) >= MAX_ORPHANS {
+        // Counted in first; whichever of this and the task's end comes
+        // second counts it out (`orphaned` says who came first).
+        let before = self.orphans.fetch_add(1, Ordering::AcqRel);
+        if self.orphaned.swap(true, Ordering::AcqRel) {
+            // The task has ended already.
+            self.orphans.fetch_sub(1, Ordering::AcqRel);
+        } else if before >= MAX_ORPHANS {
             self.task.abort();
         }
     }
@@ -121,7 +123,8 @@ struct Orphan {
 
 impl Drop for Orphan {
     fn drop(&mut self) {
-        if self.orphaned.load(Ordering::Acquire) {
+        if self.orphaned.swap(true, Ordering::AcqRel) {
+            // Its client left first, and counted it in.
             self.orphans.fetch_sub(1, Ordering::AcqRel);
         }
     }

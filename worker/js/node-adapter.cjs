@@ -111,15 +111,18 @@
   // `.next`. What stays per process in Next, the revalidated tags (its
   // `tagsManifest`), goes through the supervisor: a revalidation in one
   // worker is sent there, applied by every other worker (which acknowledge
-  // it) and turned into a purge of bext's HTTP cache. The entries a request
-  // reads or writes are reported with the request's public URL (the
-  // `x-bext-primary` header bext adds), so that bext knows which of its
-  // URLs show which Next tags and paths.
+  // it) and turned into a purge of bext's HTTP cache. The answer to a
+  // request through bext (it carries `x-bext-primary`) names the tags of the
+  // Next entry it showed in `x-next-cache-tags`, with the page's path as
+  // Next's implicit tag `_N_T_<path>`: bext keeps them with its copy, and
+  // purges by them.
   function installNextCache(socketPath, secret) {
     const path = require('path');
     const SYMBOL = Symbol.for('@next/cache-handlers');
     const RESPONSE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES']);
-    const MAX_REPORTED = 10000;
+    // Answers being written: their URL → the tags of what they show.
+    const MAX_PENDING = 10000;
+    const showing = new Map();
     // Next's own limits on an entry's tags.
     const MAX_TAGS = 128;
     const MAX_TAG_LEN = 256;
@@ -147,12 +150,11 @@
     const link = {
       socket: null,
       buffer: '',
-      // Messages sent: with effects (revalidations, new entries), and
-      // the URL mappings.
+      // Messages with effects sent (revalidations, new entries), and
+      // whether the supervisor may still hear them.
       sent: 0,
-      mapped: 0,
+      dead: false,
       synced: null,
-      reported: new Map(),
       connect() {
         if (this.socket) return;
         let done;
@@ -177,7 +179,10 @@
         // Without the supervisor, the worker goes on with its own state
         // (the supervisor closes the socket only when the app stops).
         s.on('error', () => {});
-        s.on('close', () => done());
+        s.on('close', () => {
+          this.dead = true;
+          done();
+        });
         s.unref();
         s.write(
           JSON.stringify({
@@ -212,31 +217,37 @@
       // Messages are numbered: a response this worker sends after one
       // carries the numbers, and bext passes it on only once the message
       // has been applied (a revalidation: everywhere).
-      send(message, counter) {
+      send(message, counted) {
         if (!this.socket || this.socket.destroyed) return;
-        if (counter) message.n = ++this[counter];
+        if (counted) message.n = ++this.sent;
         this.socket.write(JSON.stringify(message) + '\n');
       },
-      report(type, primary, key, value) {
-        const at = key.startsWith('/route-cache/') ? key.indexOf('/$') : -1;
-        let page = at >= 0 ? key.slice(at + 2) : key;
-        if (page === '/index') page = '/';
-        else if (page.startsWith('/index/')) page = page.slice('/index'.length);
-        const header = value && value.headers && value.headers['x-next-cache-tags'];
-        const tags = typeof header === 'string'
-          ? header.split(',').filter((t) => t && t.length <= MAX_TAG_LEN).slice(0, MAX_TAGS)
-          : [];
-        if (type === 'map') {
-          const seen = `${page}|${tags.join(',')}`;
-          if (this.reported.get(primary) === seen) return;
-          if (this.reported.size >= MAX_REPORTED) this.reported.clear();
-          this.reported.set(primary, seen);
-          this.send({ t: 'map', primary, path: page, tags }, 'mapped');
-        } else {
-          this.send({ t: 'set', primary: primary || null, path: page, tags }, 'sent');
-        }
-      },
     };
+
+    // The page an entry's key names (`/route-cache/KIND/HASH/$PATH`, with
+    // `/` as `/index`; before Next 16, the path itself).
+    function pageOf(key) {
+      const at = key.startsWith('/route-cache/') ? key.indexOf('/$') : -1;
+      const page = at >= 0 ? key.slice(at + 2) : key;
+      if (page === '/index') return '/';
+      return page.startsWith('/index/') ? page.slice('/index'.length) : page;
+    }
+
+    // The tags of an entry, with its page's implicit one.
+    function tagsOf(key, value) {
+      const header = value && value.headers && value.headers['x-next-cache-tags'];
+      const tags = typeof header === 'string'
+        ? header.split(',').filter((t) => t && t.length <= MAX_TAG_LEN).slice(0, MAX_TAGS)
+        : [];
+      const implicit = `_N_T_${pageOf(key)}`;
+      if (implicit.length <= MAX_TAG_LEN && !tags.includes(implicit)) tags.push(implicit);
+      return tags;
+    }
+
+    function shows(primary, key, value) {
+      if (showing.size >= MAX_PENDING) showing.clear();
+      showing.set(primary, tagsOf(key, value).join(','));
+    }
 
     let temporaries = 0;
     async function atomicWrite(file, data) {
@@ -291,7 +302,7 @@
           await link.synced;
           const data = await super.get(key, ctx);
           if (data && data.value && this.bextPrimary && ctx && RESPONSE_KINDS.has(ctx.kind)) {
-            link.report('map', this.bextPrimary, key, data.value);
+            shows(this.bextPrimary, key, data.value);
           }
           return data;
         }
@@ -300,8 +311,8 @@
           await super.set(key, data, ctx);
           const response = data ? RESPONSE_KINDS.has(data.kind) : key.startsWith('/route-cache/');
           if (!response) return;
-          if (this.bextPrimary) link.report('map', this.bextPrimary, key, data);
-          else if (this.onDemand) link.report('set', null, key, data);
+          if (this.bextPrimary) shows(this.bextPrimary, key, data);
+          else if (this.onDemand) link.send({ t: 'set', path: pageOf(key) }, true);
         }
 
         async revalidateTag(tags, durations) {
@@ -317,7 +328,7 @@
                 tags: list.map((tag) => [tag, manifest.get(tag) || {}]),
                 soft: Boolean(durations) && !(durations.expire <= 0),
               },
-              'sent',
+              true,
             );
           }
           await applied;
@@ -332,12 +343,18 @@
     }
     globalThis[SYMBOL] = holder;
 
-    // The numbers of this worker's last messages, on every response after
-    // one.
+    // On the way out: the number of this worker's last message with
+    // effects, on every response after one (while the supervisor hears
+    // them), and what the answer shows.
     const writeHead = http.ServerResponse.prototype.writeHead;
     http.ServerResponse.prototype.writeHead = function bextWriteHead(...args) {
-      if ((link.sent > 0 || link.mapped > 0) && !this.headersSent) {
-        this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}:${link.mapped}`);
+      if (!this.headersSent) {
+        if (link.sent > 0 && !link.dead) {
+          this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}`);
+        }
+        const primary = this.req && this.req.headers['x-bext-primary'];
+        const tags = typeof primary === 'string' ? showing.get(primary) : undefined;
+        if (tags) this.setHeader('x-next-cache-tags', tags);
       }
       return writeHead.apply(this, args);
     };

@@ -203,6 +203,16 @@ pub struct WorkerStatus {
     pub inflight: usize,
 }
 
+/// A request's place among those waiting for a worker, given back when
+/// dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Pool {
     fn new(app: &str, workers: usize, max_inflight: usize) -> Self {
         Pool {
@@ -281,6 +291,9 @@ impl Pool {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
+        // A waiter dropped on the way (its client left) gives its place
+        // back too.
+        let place = Waiting(&self.waiting);
         let deadline = Instant::now() + wait;
         let lease = loop {
             let notified = self.changed.notified();
@@ -298,6 +311,7 @@ impl Pool {
         };
         // Room is announced once per full worker that gets some: pass the
         // word on, in case more than this request's worth freed up.
+        std::mem::forget(place);
         if self.waiting.fetch_sub(1, Ordering::Relaxed) > 1 && lease.is_some() {
             self.changed.notify_one();
         }

@@ -103,11 +103,16 @@ impl ProxyError {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return response;
         }
-        tracing::warn!(
-            request_id,
-            status = status.as_u16(),
-            "upstream failure: {self}"
-        );
+        if matches!(self, ProxyError::ClientLeft) {
+            // (Any client can cause it: not a warning.)
+            tracing::debug!(request_id, "{self}");
+        } else {
+            tracing::warn!(
+                request_id,
+                status = status.as_u16(),
+                "upstream failure: {self}"
+            );
+        }
         let text = match status {
             StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable: no worker is ready\n",
             StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",

@@ -196,9 +196,9 @@ impl Proxy {
                 Ok(mut response) => {
                     if let Some(next) = &self.next
                         && let Some(sync) = response.headers_mut().remove(nextcache::SYNC_HEADER)
-                        && let Some((pid, n, m)) = sync.to_str().ok().and_then(parse_sync)
+                        && let Some((pid, n)) = sync.to_str().ok().and_then(parse_sync)
                     {
-                        next.settle(pid, n, m).await;
+                        next.settle(pid, n).await;
                     }
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
@@ -224,25 +224,24 @@ impl Proxy {
     /// of a request that would run on without it leaves while it waits for
     /// one (a free worker takes it even if its client already left).
     async fn acquire(&self, client: &ClientInfo) -> Result<Option<Lease>, ProxyError> {
-        match &client.left {
-            None => Ok(self.pool.acquire(self.queue_timeout, None).await),
-            Some(_) if let Some(lease) = self.pool.try_acquire(None) => Ok(Some(lease)),
-            Some(left) => tokio::select! {
-                biased;
-                () = left.cancelled() => Err(ProxyError::ClientLeft),
-                lease = self.pool.acquire(self.queue_timeout, None) => Ok(lease),
-            },
+        let Some(left) = &client.left else {
+            return Ok(self.pool.acquire(self.queue_timeout, None).await);
+        };
+        if let Some(lease) = self.pool.try_acquire(None) {
+            return Ok(Some(lease));
+        }
+        tokio::select! {
+            biased;
+            () = left.cancelled() => Err(ProxyError::ClientLeft),
+            lease = self.pool.acquire(self.queue_timeout, None) => Ok(lease),
         }
     }
 }
 
-/// `PID:N:M` of [`nextcache::SYNC_HEADER`].
-fn parse_sync(value: &str) -> Option<(u32, u64, u64)> {
-    let mut parts = value.splitn(3, ':');
-    let pid = parts.next()?.parse().ok()?;
-    let n = parts.next()?.parse().ok()?;
-    let m = parts.next()?.parse().ok()?;
-    Some((pid, n, m))
+/// `PID:N` of [`nextcache::SYNC_HEADER`].
+fn parse_sync(value: &str) -> Option<(u32, u64)> {
+    let (pid, n) = value.split_once(':')?;
+    Some((pid.parse().ok()?, n.parse().ok()?))
 }
 
 /// `req` again, for another attempt (its body was empty).
