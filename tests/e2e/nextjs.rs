@@ -230,8 +230,8 @@ fn expected() -> Seen {
     .collect()
 }
 
-/// The id of the fixture's `publish` server action in its build.
-fn publish_action(next: &Path) -> String {
+/// The id of the fixture's server action `name` in its build.
+fn action_id(next: &Path, name: &str) -> String {
     let manifest: Value = serde_json::from_slice(
         &std::fs::read(next.join(".next/standalone/.next/server/server-reference-manifest.json"))
             .expect("server reference manifest"),
@@ -241,9 +241,9 @@ fn publish_action(next: &Path) -> String {
         .as_object()
         .expect("node actions")
         .iter()
-        .find(|(_, a)| a["exportedName"] == "publish")
+        .find(|(_, a)| a["exportedName"] == name)
         .map(|(id, _)| id.clone())
-        .expect("the publish action")
+        .unwrap_or_else(|| panic!("the {name} action"))
 }
 
 /// `node .next/standalone/server.js` alone, as `next start` serves.
@@ -297,7 +297,7 @@ fn data_dir(next: &Path) -> PathBuf {
 async fn in_app_revalidation_reaches_every_worker_and_the_cache_as_under_next_start() {
     let (next, _one_at_a_time) = crate::support::next_fixture();
     let data = data_dir(&next);
-    let action = publish_action(&next);
+    let action = action_id(&next, "publish");
     let nonce = format!(
         "{}-{}-",
         std::process::id(),
@@ -378,18 +378,7 @@ async fn a_server_action_whose_client_leaves_still_runs_and_is_logged_as_abandon
     let data = data_dir(&next);
     let done = data.join("slow-done");
     let _ = std::fs::remove_file(&done);
-    let manifest: Value = serde_json::from_slice(
-        &std::fs::read(next.join(".next/standalone/.next/server/server-reference-manifest.json"))
-            .expect("server reference manifest"),
-    )
-    .expect("json");
-    let action = manifest["node"]
-        .as_object()
-        .expect("node actions")
-        .iter()
-        .find(|(_, a)| a["exportedName"] == "slowPublish")
-        .map(|(id, _)| id.clone())
-        .expect("the slowPublish action");
+    let action = action_id(&next, "slowPublish");
     let bext = Bext::start(
         &next,
         &Options {
