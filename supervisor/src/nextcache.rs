@@ -14,8 +14,9 @@
 //!   - `hello {token, pid, worker, next}`;
 //!   - `rev {n, tags: [[tag, {stale, expired}]], soft}`: the worker
 //!     revalidated these tags (Next's own manifest entries);
-//!   - `set {n, path}`: Next wrote a new entry for `path` on the app's own
-//!     demand (the Pages Router's `res.revalidate`);
+//!   - `set {n, tag}`: Next wrote a new entry, whose page's implicit tag
+//!     (`_N_T_<path>`) this is, on the app's own demand (the Pages Router's
+//!     `res.revalidate`);
 //!   - `ack {id}`.
 //! - bext → worker: `tags {tags, ack}` (apply these to your manifest, then
 //!   acknowledge), and `synced` after the state so far.
@@ -168,7 +169,7 @@ enum Message {
     },
     Set {
         n: u64,
-        path: String,
+        tag: String,
     },
     Ack {
         id: u64,
@@ -287,14 +288,13 @@ impl NextLink {
                 self.revalidate(from, tags, soft).await;
                 n
             }
-            Message::Set { n, path } => {
-                let tag = format!("_N_T_{path}");
-                let purged = if tag.len() <= MAX_TAG_LEN {
-                    self.purge(vec![tag], false).await
+            Message::Set { n, tag } => {
+                let purged = if tag.len() <= MAX_TAG_LEN && tag.starts_with("_N_T_") {
+                    self.purge(vec![tag.clone()], false).await
                 } else {
                     0
                 };
-                info!(app = %self.app, path = %path, purged, "next cache: the app regenerated a page");
+                info!(app = %self.app, tag = %tag, purged, "next cache: the app regenerated a page");
                 n
             }
             Message::Hello { .. } | Message::Ack { .. } => 0,
@@ -546,6 +546,21 @@ pub fn own_cache_handler(app_dir: &Path) -> Option<String> {
     required.config.cache_handler.filter(|h| !h.is_empty())
 }
 
+/// The tag bext gives an answer from Next's cache that names none (Next
+/// answered it from another request's lookup): the implicit tag of its
+/// path, as Next writes it (`_N_T_` and the path, percent-encoded, without
+/// a trailing slash).
+pub fn fallback_tag(path: &str) -> Option<http::HeaderValue> {
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    };
+    let tag = format!("_N_T_{path}");
+    (tag.len() <= MAX_TAG_LEN)
+        .then(|| http::HeaderValue::from_str(&tag).ok())
+        .flatten()
+}
+
 /// Whether bext's handler works with this Next version (16 and later: the
 /// tag entries it shares are Next 16's).
 pub fn supported(version: &str) -> bool {
@@ -579,6 +594,17 @@ pub fn next_version(app_dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fallback_tag_is_the_path_as_next_tags_it() {
+        assert_eq!(fallback_tag("/rv/").expect("tag"), "_N_T_/rv");
+        assert_eq!(fallback_tag("/").expect("tag"), "_N_T_/");
+        assert_eq!(
+            fallback_tag("/blog/%E6%97%A5").expect("tag"),
+            "_N_T_/blog/%E6%97%A5"
+        );
+        assert!(fallback_tag(&"/x".repeat(200)).is_none());
+    }
 
     #[test]
     fn next_16_and_later_are_supported() {

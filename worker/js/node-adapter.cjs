@@ -120,9 +120,12 @@
     const path = require('path');
     const SYMBOL = Symbol.for('@next/cache-handlers');
     const RESPONSE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES']);
-    // Answers being written: their URL → the tags of what they show.
-    const MAX_PENDING = 10000;
-    const showing = new Map();
+    // What each answer shows: by its request (Next hands the handler the
+    // request's own headers object), else by its URL (a request Next
+    // answered from another's lookup of the same entry).
+    const shownBy = new WeakMap();
+    const MAX_URLS = 1000;
+    const shownAt = new Map();
     // Next's own limits on an entry's tags.
     const MAX_TAGS = 128;
     const MAX_TAG_LEN = 256;
@@ -233,20 +236,29 @@
       return page.startsWith('/index/') ? page.slice('/index'.length) : page;
     }
 
+    // A page's implicit tag, encoded as Next encodes tags for a header
+    // (its `encodeHeaderSafe`: runs outside tab and printable ASCII are
+    // percent-encoded).
+    function implicitTag(key) {
+      return `_N_T_${pageOf(key)}`.replace(/[^\t\x20-\x7e]+/g, (run) => encodeURIComponent(run));
+    }
+
     // The tags of an entry, with its page's implicit one.
     function tagsOf(key, value) {
       const header = value && value.headers && value.headers['x-next-cache-tags'];
       const tags = typeof header === 'string'
-        ? header.split(',').filter((t) => t && t.length <= MAX_TAG_LEN).slice(0, MAX_TAGS)
+        ? header.split(',').filter((t) => t && t.length <= MAX_TAG_LEN && !/[^\t\x20-\x7e]/.test(t)).slice(0, MAX_TAGS)
         : [];
-      const implicit = `_N_T_${pageOf(key)}`;
+      const implicit = implicitTag(key);
       if (implicit.length <= MAX_TAG_LEN && !tags.includes(implicit)) tags.push(implicit);
       return tags;
     }
 
-    function shows(primary, key, value) {
-      if (showing.size >= MAX_PENDING) showing.clear();
-      showing.set(primary, tagsOf(key, value).join(','));
+    function shows(headers, primary, key, value) {
+      const tags = tagsOf(key, value).join(',');
+      shownBy.set(headers, tags);
+      if (shownAt.size >= MAX_URLS) shownAt.clear();
+      shownAt.set(primary, tags);
     }
 
     let temporaries = 0;
@@ -290,6 +302,7 @@
           const fs = ctx.fs && { ...ctx.fs, writeFile: atomicWrite };
           super({ ...ctx, fs, maxMemoryCacheSize: 0 });
           const headers = ctx._requestHeaders || {};
+          this.bextHeaders = headers;
           const primary = headers['x-bext-primary'];
           this.bextPrimary = typeof primary === 'string' ? primary : null;
           // Next regenerating a page on the app's own demand
@@ -302,7 +315,7 @@
           await link.synced;
           const data = await super.get(key, ctx);
           if (data && data.value && this.bextPrimary && ctx && RESPONSE_KINDS.has(ctx.kind)) {
-            shows(this.bextPrimary, key, data.value);
+            shows(this.bextHeaders, this.bextPrimary, key, data.value);
           }
           return data;
         }
@@ -311,8 +324,8 @@
           await super.set(key, data, ctx);
           const response = data ? RESPONSE_KINDS.has(data.kind) : key.startsWith('/route-cache/');
           if (!response) return;
-          if (this.bextPrimary) shows(this.bextPrimary, key, data);
-          else if (this.onDemand) link.send({ t: 'set', path: pageOf(key) }, true);
+          if (this.bextPrimary) shows(this.bextHeaders, this.bextPrimary, key, data);
+          else if (this.onDemand) link.send({ t: 'set', tag: implicitTag(key) }, true);
         }
 
         async revalidateTag(tags, durations) {
@@ -352,9 +365,16 @@
         if (link.sent > 0 && !link.dead) {
           this.setHeader('x-bext-next-sync', `${process.pid}:${link.sent}`);
         }
-        const primary = this.req && this.req.headers['x-bext-primary'];
-        const tags = typeof primary === 'string' ? showing.get(primary) : undefined;
-        if (tags) this.setHeader('x-next-cache-tags', tags);
+        const headers = this.req && this.req.headers;
+        const primary = headers && headers['x-bext-primary'];
+        if (typeof primary === 'string') {
+          const tags = shownBy.get(headers) ?? shownAt.get(primary);
+          try {
+            if (tags) this.setHeader('x-next-cache-tags', tags);
+          } catch {
+            // (Never in the way of the answer.)
+          }
+        }
       }
       return writeHead.apply(this, args);
     };

@@ -562,7 +562,13 @@ impl<S: Store> IsrCache<S> {
         {
             lifetime.ttl = Duration::ZERO;
         }
-        let tags = respond::take_tags(&mut parts.headers);
+        let mut tags = respond::take_tags(&mut parts.headers);
+        // A 304 that names no tags keeps the stored copy's.
+        if tags.is_empty()
+            && let Some(previous) = &freshened_from
+        {
+            tags = previous.tags.clone();
+        }
         let initial_age = policy::upstream_age(&parts.headers);
         for name in [header::AGE, header::CONTENT_LENGTH, header::SET_COOKIE] {
             parts.headers.remove(name);

@@ -101,6 +101,10 @@ impl Proxy {
             .filter(|p| p.len() <= nextcache::MAX_PRIMARY)
             .and_then(|p| crate::cache::key::primary_to_header(&p));
         req.headers_mut().remove(nextcache::PRIMARY_HEADER);
+        let fallback_tag = self
+            .next
+            .as_ref()
+            .and_then(|_| nextcache::fallback_tag(req.uri().path()));
         if let Some(primary) = primary {
             req.headers_mut()
                 .insert(HeaderName::from_static(nextcache::PRIMARY_HEADER), primary);
@@ -199,6 +203,17 @@ impl Proxy {
                         && let Some((pid, n)) = sync.to_str().ok().and_then(parse_sync)
                     {
                         next.settle(pid, n).await;
+                    }
+                    // An answer from Next's cache that names no tags (Next
+                    // answered it from another request's lookup): its
+                    // path's, so that revalidating the path reaches it.
+                    if let Some(tag) = &fallback_tag
+                        && response.headers().contains_key("x-nextjs-cache")
+                        && !response.headers().contains_key("x-next-cache-tags")
+                    {
+                        response
+                            .headers_mut()
+                            .insert(HeaderName::from_static("x-next-cache-tags"), tag.clone());
                     }
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
