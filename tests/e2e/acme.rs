@@ -4,7 +4,8 @@
 //! 127.0.0.1, where bext listens). Issuance by HTTP-01 and by
 //! TLS-ALPN-01, renewal of a short-lived certificate, a failing ACME
 //! server leaves the current certificate serving, and the account key
-//! survives a restart.
+//! survives a restart. Renewal per the CA's renewal information (ARI),
+//! which Debian's Pebble lacks, through a front that adds it.
 //!
 //! Pebble's validator connects to the ports its config names, so bext's
 //! two listeners get ports picked free here first (bound, then released).
@@ -260,6 +261,12 @@ impl Platform {
     /// The file: one static app per domain, ACME from `pebble` with
     /// `challenges`.
     fn write(&self, pebble: &Pebble, challenges: &str, domains: &[&str]) {
+        self.write_with(pebble, &pebble.directory(), challenges, domains);
+    }
+
+    /// [`write`](Self::write), with the ACME directory at `directory`
+    /// (served under Pebble's HTTPS certificate).
+    fn write_with(&self, pebble: &Pebble, directory: &str, challenges: &str, domains: &[&str]) {
         let mut text = format!(
             r#"
 [platform]
@@ -276,7 +283,6 @@ acme_challenges = [{challenges}]
             https = self.https,
             http = self.http,
             data = self.data_dir().display(),
-            directory = pebble.directory(),
             root = pebble.https_root.display(),
         );
         for (i, domain) in domains.iter().enumerate() {
@@ -689,4 +695,253 @@ acme_challenges = ["http-01"]
         .join("certs")
         .join(format!("{DOMAIN}.pem"));
     assert_eq!(mode(&kept), 0o600, "{}", kept.display());
+}
+
+/// What [`AriFront`] saw and answers.
+#[derive(Default)]
+struct AriState {
+    /// The certificate identifiers asked about, in order.
+    asked: Vec<String>,
+    /// The first certificate asked about: the CA wants it renewed now.
+    /// Every other gets a window far ahead.
+    first: Option<String>,
+}
+
+/// Pebble as a CA with renewal information (ARI, RFC 9773): Debian's
+/// Pebble (2.4) has none, so this front serves Pebble's directory with a
+/// `renewalInfo` URL added, and answers that URL as a CA would. Every
+/// other URL of the directory is Pebble's own: orders, challenges and
+/// certificates are Pebble's. Served under Pebble's HTTPS certificate, on
+/// a thread and runtime of its own (the test's checks block theirs).
+struct AriFront {
+    addr: SocketAddr,
+    state: Arc<std::sync::Mutex<AriState>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AriFront {
+    async fn start(pebble: &Pebble) -> AriFront {
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let mut directory: Value = pebble
+            .client()
+            .get(pebble.directory())
+            .send()
+            .await
+            .expect("Pebble's directory")
+            .json()
+            .await
+            .expect("json");
+        assert!(
+            directory.get("renewalInfo").is_none(),
+            "this Pebble has renewal information of its own: test it directly"
+        );
+        directory["renewalInfo"] = Value::from(format!("https://{addr}/renewal-info"));
+        let directory = bytes::Bytes::from(directory.to_string());
+        let certs = CertificateDer::pem_file_iter(pebble.dir.path().join("cert.pem"))
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(pebble.dir.path().join("key.pem"))
+                .expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(bext::listener::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let state = Arc::new(std::sync::Mutex::new(AriState::default()));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = Arc::clone(&state);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let stream = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
+                    };
+                    let (acceptor, directory, state) =
+                        (acceptor.clone(), directory.clone(), Arc::clone(&shared));
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let service =
+                            service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                                let answer = AriFront::answer(req.uri().path(), &directory, &state);
+                                async move { Ok::<_, std::convert::Infallible>(answer) }
+                            });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        AriFront {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn answer(
+        path: &str,
+        directory: &bytes::Bytes,
+        state: &std::sync::Mutex<AriState>,
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        let response = hyper::Response::builder().header("content-type", "application/json");
+        if path == "/dir" {
+            return response
+                .body(http_body_util::Full::new(directory.clone()))
+                .expect("response");
+        }
+        let Some(id) = path.strip_prefix("/renewal-info/") else {
+            return response
+                .status(404)
+                .body(http_body_util::Full::default())
+                .expect("response");
+        };
+        let now = std::time::SystemTime::now();
+        let window = {
+            let mut state = state.lock().expect("state");
+            state.asked.push(id.to_string());
+            let first = state.first.get_or_insert_with(|| id.to_string());
+            if first == id {
+                // Renew now (a window already open, as after a revocation).
+                (now - Duration::from_secs(60), now - Duration::from_secs(30))
+            } else {
+                (
+                    now + Duration::from_secs(30 * 86_400),
+                    now + Duration::from_secs(31 * 86_400),
+                )
+            }
+        };
+        let body = serde_json::json!({
+            "suggestedWindow": {
+                "start": humantime::format_rfc3339_seconds(window.0).to_string(),
+                "end": humantime::format_rfc3339_seconds(window.1).to_string(),
+            },
+            "explanationURL": "https://ca.example/why",
+        });
+        response
+            .header("retry-after", "3600")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .expect("response")
+    }
+
+    fn directory(&self) -> String {
+        format!("https://{}/dir", self.addr)
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.state.lock().expect("state").asked.clone()
+    }
+}
+
+impl Drop for AriFront {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The ARI identifier of `certificate` (base64url of its issuer's key
+/// identifier and of its serial number, RFC 9773 §4.1).
+fn ari_id(certificate: &CertificateDer<'static>) -> String {
+    instant_acme::CertificateIdentifier::try_from(certificate)
+        .expect("an ARI identifier")
+        .to_string()
+}
+
+/// A CA with renewal information: bext asks it about each certificate it
+/// holds, renews when the CA's window says so (here at once, long before
+/// two thirds of the lifetime), and asks again about the new certificate,
+/// whose window is a month away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_acme_renews_when_the_cas_renewal_information_says_so() {
+    const DOMAIN: &str = "ari.example.com";
+    // By its lifetime alone, renewal is due 80 s after issue; a tenth of
+    // the lifetime (12 s) must pass between two orders.
+    let validity = Duration::from_secs(120);
+    let (https, http) = (free_tcp_port(), free_tcp_port());
+    let pebble = Pebble::start(http, https, validity);
+    let front = AriFront::start(&pebble).await;
+    let platform = Platform::new(https, http);
+    platform.write_with(&pebble, &front.directory(), "\"http-01\"", &[DOMAIN]);
+    let bext = platform.start();
+    let issued = certificate_line(&bext, DOMAIN, "issued", 1, Duration::from_secs(60));
+    let root = pebble.issuing_root().await;
+    let first = served(bext.addr, DOMAIN, &root).await;
+
+    // Asked about the certificate, told to renew now: renewed.
+    let renewed = certificate_line(&bext, DOMAIN, "renewed", 1, Duration::from_secs(60));
+    assert_eq!(
+        front.asked().first(),
+        Some(&ari_id(&first)),
+        "bext asks about the certificate it serves"
+    );
+    let at = |line: &Value| {
+        humantime::parse_rfc3339(line["timestamp"].as_str().expect("timestamp")).expect("timestamp")
+    };
+    let after = at(&renewed).duration_since(at(&issued)).expect("later");
+    assert!(
+        after < Duration::from_secs(60),
+        "renewed {after:?} after issue: per the CA's window, not two thirds into the lifetime"
+    );
+    let suggested = bext
+        .logs()
+        .into_iter()
+        .find(|v| {
+            v["domain"] == DOMAIN
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the CA suggests renewing between"))
+        })
+        .unwrap_or_else(|| panic!("the CA's window is logged: {}", bext.log_text()));
+    assert_eq!(
+        suggested["explanation"], "https://ca.example/why",
+        "{suggested}"
+    );
+    let second = served(bext.addr, DOMAIN, &root).await;
+    assert!(second != first, "the renewed certificate is served");
+
+    // The new certificate is asked about too (its window is a month
+    // away, and it is not renewed).
+    let second_id = ari_id(&second);
+    wait_for(
+        "bext to ask about the new certificate",
+        Duration::from_secs(30),
+        || front.asked().contains(&second_id).then_some(()),
+    );
+    assert!(
+        !bext.logs().iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no renewal information"))),
+        "{}",
+        bext.log_text()
+    );
+    drop(bext);
 }
