@@ -65,7 +65,7 @@ bench-deps:
 testssl: build bench-deps
 	bash bench/testssl.sh
 
-BENCHES ?= proxy cache platform deploy tls edge next-cache
+BENCHES ?= proxy proxy-layers cache platform deploy tls edge next-cache
 
 bench: build fixtures bench-deps
 	mkdir -p bench/results

@@ -6,6 +6,8 @@
 # memory (`return 200`, tuned: keepalive_requests high, access log off).
 # Issue 13 asks bext's default configuration for ≥ 0.9× the bare server.
 #
+# BEXT_BASELINE=PATH adds another bext binary's default configuration.
+#
 # Usage: bench/bare.sh   (BENCH_DURATION=10s by default)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need wrk nginx taskset curl cargo
@@ -28,6 +30,9 @@ mkdir -p "$quiet"
 cp "$ORIGIN/package.json" "$ORIGIN/server.js" "$quiet/"
 printf '[server]\naccess_log = false\n' >"$quiet/bext.config.toml"
 start_bext quiet_addr "$quiet" "$WORK/bext-quiet.log" --workers 1
+if [[ -n "${BEXT_BASELINE:-}" ]]; then
+  BEXT_BIN="$BEXT_BASELINE" start_bext baseline_addr "$ORIGIN" "$WORK/bext-baseline.log" --workers 1
+fi
 
 nginx_port="$(free_port)"
 mkdir -p "$WORK/nginx"
@@ -53,7 +58,7 @@ taskset -c "$SERVER_CPU" nginx -c "$WORK/nginx/nginx.conf" 2>"$WORK/nginx/stderr
 PIDS+=($!)
 wait_until 10 curl -sf "http://127.0.0.1:$nginx_port/"
 
-for addr in "$bext_addr" "$quiet_addr"; do
+for addr in "$bext_addr" "$quiet_addr" ${baseline_addr:-}; do
   for _ in 1 2 3; do curl -s -o /dev/null "http://$addr$PAGE"; done
   curl -s -D - -o /dev/null "http://$addr$PAGE" | grep -qi '^x-bext-cache: HIT' \
     || { echo "bench: $addr never served a hit" >&2; exit 1; }
@@ -63,14 +68,22 @@ results=()
 results+=("$(run_wrk "bare hyper server" "http://$bare_addr/")")
 results+=("$(run_wrk "bext hit, default (access log on)" "http://$bext_addr$PAGE")")
 results+=("$(run_wrk "bext hit, access log off" "http://$quiet_addr$PAGE")")
+if [[ -n "${BEXT_BASELINE:-}" ]]; then
+  results+=("$(run_wrk "baseline build, hit, default" "http://$baseline_addr$PAGE")")
+fi
 results+=("$(run_wrk "nginx return 200, access log off" "http://127.0.0.1:$nginx_port/")")
 
 echo "## A 1 KiB hit against the bare stack ($(date -u +%Y-%m-%d))"
 echo
 machine_info
-echo "- command: \`BENCH_DURATION=$DURATION bench/bare.sh\`"
+if [[ -n "${BEXT_BASELINE:-}" ]]; then
+  echo "- baseline: $("$BEXT_BASELINE" --version) ($BEXT_BASELINE)"
+  echo "- command: \`BEXT_BASELINE=$BEXT_BASELINE BENCH_DURATION=$DURATION bench/bare.sh\`"
+else
+  echo "- command: \`BENCH_DURATION=$DURATION bench/bare.sh\`"
+fi
 echo
 results_table
 echo
 bare="$(rps_of "bare hyper server")"
-echo "- bext default / bare = **$(ratio "$(rps_of "bext hit, default (access log on)")" "$bare")** (target ≥ 0.9), access log off / bare = **$(ratio "$(rps_of "bext hit, access log off")" "$bare")**, nginx / bare = $(ratio "$(rps_of "nginx return 200, access log off")" "$bare")"
+echo "- bext default / bare = **$(ratio "$(rps_of "bext hit, default (access log on)")" "$bare")** (target ≥ 0.9), access log off / bare = **$(ratio "$(rps_of "bext hit, access log off")" "$bare")**, nginx / bare = $(ratio "$(rps_of "nginx return 200, access log off")" "$bare")$([[ -n "${BEXT_BASELINE:-}" ]] && echo ", baseline build / bare = $(ratio "$(rps_of "baseline build, hit, default")" "$bare")")"

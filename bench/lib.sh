@@ -47,13 +47,14 @@ wait_until() {
   done
 }
 
-# start_bext VAR APP_DIR LOG [ARGS...]: starts the release bext pinned to
-# the server CPU with one runtime thread; sets VAR to its address. (Not
-# called in a subshell, so the PID is recorded for cleanup.)
+# start_bext VAR APP_DIR LOG [ARGS...]: starts the release bext (or
+# $BEXT_BIN) pinned to the server CPU with one runtime thread; sets VAR to
+# its address. (Not called in a subshell, so the PID is recorded for
+# cleanup.)
 start_bext() {
   local var="$1" app="$2" log="$3"; shift 3
   BEXT_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
-    taskset -c "$SERVER_CPU" "$ROOT/target/release/bext" run "$app" --listen 127.0.0.1:0 "$@" \
+    taskset -c "$SERVER_CPU" "${BEXT_BIN:-$ROOT/target/release/bext}" run "$app" --listen 127.0.0.1:0 "$@" \
     2>"$log" >/dev/null &
   PIDS+=($!)
   wait_until 120 grep -q '"listening on' "$log"

@@ -268,7 +268,7 @@ pin_project_lite::pin_project! {
     pub struct Logged {
         #[pin]
         inner: Body,
-        record: Option<Record>,
+        record: Option<Box<Record>>,
         bytes: u64,
         done: bool,
     }
@@ -289,15 +289,15 @@ pin_project_lite::pin_project! {
 /// client left while bext or the app was still at work on it), it is
 /// logged as nginx logs such a request: status 499, nothing sent.
 #[derive(Debug)]
-pub struct Unanswered(Option<Record>);
+pub struct Unanswered(Option<Box<Record>>);
 
 impl Unanswered {
-    pub fn new(record: Option<Record>) -> Self {
+    pub fn new(record: Option<Box<Record>>) -> Self {
         Unanswered(record)
     }
 
     /// The response exists: its body logs the request from now on.
-    pub fn answered(mut self) -> Option<Record> {
+    pub fn answered(mut self) -> Option<Box<Record>> {
         self.0.take()
     }
 
@@ -321,7 +321,7 @@ impl Drop for Unanswered {
 }
 
 impl Logged {
-    pub fn new(inner: Body, record: Option<Record>) -> Self {
+    pub fn new(inner: Body, record: Option<Box<Record>>) -> Self {
         Logged {
             inner,
             record,

@@ -336,22 +336,26 @@ impl Handler for AppService {
         if secure {
             req.extensions_mut().insert(crate::listener::Secure);
         }
-        let record = Unanswered::new(self.access_log.then(|| Record {
-            app: Arc::clone(&self.app),
-            method: req.method().clone(),
-            host: req.headers().get(header::HOST).cloned(),
-            uri: req.uri().clone(),
-            status: StatusCode::OK,
-            worker: None,
-            client: if client_ip == peer_ip {
-                peer.ip.clone()
-            } else {
-                HeaderValue::from_str(&client_ip.to_string())
-                    .unwrap_or_else(|_| HeaderValue::from_static("-"))
-            },
-            request_id: HeaderValue::from_static(""),
-            started,
-            cache: None,
+        // Boxed: it goes along with the request (moved at every step), and
+        // on to its body.
+        let record = Unanswered::new(self.access_log.then(|| {
+            Box::new(Record {
+                app: Arc::clone(&self.app),
+                method: req.method().clone(),
+                host: req.headers().get(header::HOST).cloned(),
+                uri: req.uri().clone(),
+                status: StatusCode::OK,
+                worker: None,
+                client: if client_ip == peer_ip {
+                    peer.ip.clone()
+                } else {
+                    HeaderValue::from_str(&client_ip.to_string())
+                        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+                },
+                request_id: HeaderValue::from_static(""),
+                started,
+                cache: None,
+            })
         }));
         let client = ClientInfo {
             peer,

@@ -134,11 +134,15 @@ fn decide_with_len(
     headers: &HeaderMap,
     len: Option<u64>,
 ) -> Decision {
-    if !settings.enabled || accepted.no_transform() || !candidate(status, headers) {
+    // The cheap questions first: most small answers stop here.
+    if !settings.enabled || accepted.no_transform() {
         return Decision::Leave;
     }
     // A client that refuses identity gets a coding even for a small body.
     if len.is_some_and(|len| len < settings.min_size) && !accepted.identity_refused() {
+        return Decision::Leave;
+    }
+    if !candidate(status, headers) {
         return Decision::Leave;
     }
     match accepted.best_among(prefer) {
@@ -171,6 +175,14 @@ pub fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
     {
         return false;
     }
+    // The type first: it rules out most of what is not compressed.
+    if !headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(compressible)
+    {
+        return false;
+    }
     if headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
@@ -178,17 +190,12 @@ pub fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
     {
         return false;
     }
-    // Digests of the bytes sent (RFC 9530, RFC 1864) would no longer match.
-    if DIGESTS.iter().any(|name| headers.contains_key(name)) {
+    // Digests of the bytes sent (RFC 9530, RFC 1864) would no longer
+    // match. (One pass over the names: cheaper than a lookup for each.)
+    if headers.keys().any(|name| DIGESTS.contains(name)) {
         return false;
     }
-    if says_no_transform(headers) {
-        return false;
-    }
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(compressible)
+    !says_no_transform(headers)
 }
 
 /// `Cache-Control: no-transform` (in a request or a response).
@@ -202,7 +209,7 @@ fn says_no_transform(headers: &HeaderMap) -> bool {
 }
 
 /// Response fields that describe the bytes sent, not the content.
-const DIGESTS: [HeaderName; 4] = [
+static DIGESTS: [HeaderName; 4] = [
     HeaderName::from_static("content-digest"),
     HeaderName::from_static("repr-digest"),
     HeaderName::from_static("digest"),

@@ -143,6 +143,9 @@ impl ResponseHead {
     }
 }
 
+/// Headers bext may add to a worker's response before it leaves.
+const RESPONSE_HEADROOM: usize = 6;
+
 /// Parses one response head from the front of `buf`, removing it; `None`
 /// if the head is not complete yet.
 pub fn parse_response(
@@ -233,7 +236,10 @@ pub fn parse_response(
         spans.push((name, start, start + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what bext adds on the way out (`Cache-Status`,
+    // `X-Bext-Cache`, `X-Request-Id`, `Vary`…): a map that has to grow
+    // on the way is allocated again and every entry placed again.
+    let mut headers = HeaderMap::with_capacity(spans.len() + RESPONSE_HEADROOM);
     for (name, start, end) in spans {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| ParseError::Header(name.as_str().to_owned()))?;
