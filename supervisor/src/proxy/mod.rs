@@ -101,10 +101,8 @@ impl Proxy {
             .filter(|p| p.len() <= nextcache::MAX_PRIMARY)
             .and_then(|p| crate::cache::key::primary_to_header(&p));
         req.headers_mut().remove(nextcache::PRIMARY_HEADER);
-        let fallback_tag = self
-            .next
-            .as_ref()
-            .and_then(|_| nextcache::fallback_tag(req.uri().path()));
+        // (Its tag, if an answer needs one, is made then: few do.)
+        let next_uri = self.next.as_ref().map(|_| req.uri().clone());
         if let Some(primary) = primary {
             req.headers_mut()
                 .insert(HeaderName::from_static(nextcache::PRIMARY_HEADER), primary);
@@ -207,13 +205,14 @@ impl Proxy {
                     // An answer from Next's cache that names no tags (Next
                     // answered it from another request's lookup): its
                     // path's, so that revalidating the path reaches it.
-                    if let Some(tag) = &fallback_tag
+                    if let Some(uri) = &next_uri
                         && response.headers().contains_key("x-nextjs-cache")
                         && !response.headers().contains_key("x-next-cache-tags")
+                        && let Some(tag) = nextcache::fallback_tag(uri.path())
                     {
                         response
                             .headers_mut()
-                            .insert(HeaderName::from_static("x-next-cache-tags"), tag.clone());
+                            .insert(HeaderName::from_static("x-next-cache-tags"), tag);
                     }
                     return Ok(Forwarded {
                         response: finish(response, lease, client_upgrade),
