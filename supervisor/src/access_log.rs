@@ -367,6 +367,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_printable_ascii_without_quote_or_backslash_goes_as_it_is() {
+        for b in 0..=u8::MAX {
+            let text = [b'/', b, b'x'];
+            let plain = (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
+            let escaped = json_text(&text);
+            assert_eq!(matches!(escaped, Cow::Borrowed(_)), plain, "byte {b:#04x}");
+            if !plain {
+                let back: String = serde_json::from_slice(&[b"\"", &*escaped, b"\""].concat())
+                    .expect("a JSON string");
+                assert_eq!(back, String::from_utf8_lossy(&text), "byte {b:#04x}");
+            }
+        }
+    }
+
+    #[test]
     fn json_line_is_valid_json_with_escaped_fields() {
         let record = Record {
             app: "blog".into(),

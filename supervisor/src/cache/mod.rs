@@ -20,10 +20,11 @@ pub mod l2;
 pub mod wire;
 
 /// The hasher of the cache's key maps. The keys are URLs clients choose,
-/// and moka's map probes by full key comparison with no bound: SipHash
-/// with a key from the OS, not a faster hasher without HashDoS resistance
-/// (foldhash saved ~480 instructions per hit, 2 %; not worth that risk).
-pub type KeyHasher = std::collections::hash_map::RandomState;
+/// and moka's map probes by full key comparison with no bound, so the
+/// hasher must resist HashDoS: aHash, keyed at random per map (as SipHash
+/// is, at a fraction of its cost on a URL; foldhash, faster still, makes
+/// no claim against an attacker who probes). See bench/RESULTS.md.
+pub type KeyHasher = ahash::RandomState;
 pub mod object;
 pub mod policy;
 pub mod preview;

@@ -108,7 +108,8 @@ pin_project_lite::pin_project! {
         limits: ConnLimits,
         read_timer: Option<Pin<Box<Sleep>>>,
         write_timer: Option<Pin<Box<Sleep>>>,
-        write_armed: bool,
+        // When the pending write fails (None: no write pending).
+        write_deadline: Option<Instant>,
         // HTTP/2 (known once the first bytes match its preface, or do not):
         // idle is "no stream open".
         h2: Option<bool>,
@@ -128,7 +129,7 @@ impl<S> TimedIo<S> {
             limits,
             read_timer: None,
             write_timer: None,
-            write_armed: false,
+            write_deadline: None,
             h2: None,
             preface_seen: 0,
             head_started: None,
@@ -140,8 +141,12 @@ fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, what.to_string())
 }
 
-/// Polls `timer` set to `deadline` (made or moved as needed): ready once it
-/// has passed.
+/// Polls `timer` for `deadline`: ready once it has passed.
+///
+/// A later deadline than the one armed does not move the timer (the
+/// keep-alive deadline moves on with every request): it fires at the
+/// earlier one and is set again then, once per timeout period instead of a
+/// timer-wheel update per request, as the kernel's TCP timers do.
 fn poll_deadline(
     timer: &mut Option<Pin<Box<Sleep>>>,
     deadline: Instant,
@@ -149,13 +154,21 @@ fn poll_deadline(
 ) -> bool {
     let sleep = match timer {
         Some(sleep) => {
-            if sleep.deadline() != deadline {
+            if deadline < sleep.deadline() {
                 sleep.as_mut().reset(deadline);
             }
             sleep
         }
         None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
     };
+    if sleep.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    if sleep.deadline() >= deadline {
+        return true;
+    }
+    // An earlier deadline passed, not this one: wait on for it.
+    sleep.as_mut().reset(deadline);
     sleep.as_mut().poll(cx).is_ready()
 }
 
@@ -242,18 +255,16 @@ impl<S: AsyncWrite> TimedIo<S> {
         let this = self.project();
         match write(this.io, cx) {
             Poll::Ready(result) => {
-                *this.write_armed = false;
+                *this.write_deadline = None;
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 if this.activity.upgraded.load(Ordering::Relaxed) {
                     return Poll::Pending;
                 }
-                let deadline = match (*this.write_armed, this.write_timer.as_ref()) {
-                    (true, Some(timer)) => timer.deadline(),
-                    _ => Instant::now() + this.limits.send_timeout,
-                };
-                *this.write_armed = true;
+                let deadline = *this
+                    .write_deadline
+                    .get_or_insert_with(|| Instant::now() + this.limits.send_timeout);
                 if poll_deadline(this.write_timer, deadline, cx) {
                     return Poll::Ready(Err(timed_out("send_timeout")));
                 }
@@ -375,6 +386,62 @@ mod tests {
         let err = io.write_all(&[b'x'; 1024]).await.expect_err("nobody reads");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.send_timeout);
+    }
+
+    /// The idle timer is not moved at every request (see
+    /// [`poll_deadline`]), yet the keep-alive timeout still counts from the
+    /// end of the last one.
+    #[tokio::test(start_paused = true)]
+    async fn the_keepalive_timeout_counts_from_the_last_request_not_the_first() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = TimedIo::new(server, Arc::clone(&activity), LIMITS);
+        let mut buf = [0u8; 64];
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(io.read(&mut buf).await.expect("head") > 0);
+        drop(activity.begin());
+        // Idle for most of the timeout (the timer is armed for its end).
+        tokio::select! {
+            _ = io.read(&mut buf) => panic!("nothing to read"),
+            _ = tokio::time::sleep(LIMITS.keepalive_timeout - Duration::from_secs(5)) => {}
+        }
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(io.read(&mut buf).await.expect("second head") > 0);
+        drop(activity.begin());
+        let idle = Instant::now();
+        let err = io.read(&mut buf).await.expect_err("idle too long");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(idle.elapsed(), LIMITS.keepalive_timeout);
+    }
+
+    /// A write that waited, then went through, leaves no deadline behind
+    /// for the next write that waits.
+    #[tokio::test(start_paused = true)]
+    async fn each_waiting_write_gets_the_whole_send_timeout() {
+        let (mut client, server) = tokio::io::duplex(16);
+        let activity = Activity::new();
+        let _request = activity.begin();
+        let mut io = TimedIo::new(server, activity, LIMITS);
+        let half = LIMITS.send_timeout / 2;
+        let (written, read) = tokio::join!(io.write_all(&[b'x'; 32]), async {
+            tokio::time::sleep(half).await;
+            let mut got = [0u8; 32];
+            client.read_exact(&mut got).await
+        });
+        written.expect("read in time");
+        read.expect("read");
+        tokio::time::sleep(half).await;
+        let started = Instant::now();
+        let err = io.write_all(&[b'x'; 1024]).await.expect_err("nobody reads");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.send_timeout);
+        drop(client);
     }
 
     /// A first read of just `P` (of `POST`) does not make the connection
