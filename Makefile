@@ -34,6 +34,7 @@ fixtures:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p bext --features bench-ceiling -- -D warnings
 
 # Tests named alone_* compare latencies: they run after the rest, one at
 # a time, so the other tests' load does not skew them.

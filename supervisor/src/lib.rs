@@ -14,6 +14,8 @@ pub mod app;
 pub mod apps;
 pub mod body;
 pub mod cache;
+#[cfg(feature = "bench-ceiling")]
+pub mod ceiling;
 pub mod check;
 pub mod cli;
 pub mod compress;

@@ -323,6 +323,10 @@ impl Handler for AppService {
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
+        #[cfg(feature = "bench-ceiling")]
+        if crate::ceiling::stage() == 2 {
+            return crate::ceiling::fixed_response().map(|b| body::boxed(WithGuard::new(b, guard)));
+        }
         let peer_ip = peer.addr.ip();
         let trusted_peer = self
             .trusted_proxies
@@ -367,6 +371,12 @@ impl Handler for AppService {
         let request_id = client.request_id.clone();
         let mut record = record;
         record.set_request_id(&request_id);
+        #[cfg(feature = "bench-ceiling")]
+        if crate::ceiling::stage() == 3 {
+            let record = record.answered();
+            return crate::ceiling::fixed_response()
+                .map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)));
+        }
         let (mut response, worker) = if req.method().is_safe() {
             self.respond(req, client, client_ip).await
         } else {
