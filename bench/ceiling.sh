@@ -53,7 +53,8 @@ declare -A label=(
 )
 results=()
 for round in $(seq "$ROUNDS"); do
-  results+=("$(run_wrk "bare hyper server, round $round" "http://$bare_addr/")")
+  # The same request line to every server (the bare one ignores it).
+  results+=("$(run_wrk "bare hyper server, round $round" "http://$bare_addr$PAGE")")
   for stage in "${stages[@]}"; do
     results+=("$(run_wrk "${label[$stage]}, round $round" "http://${addr[$stage]}$PAGE")")
   done

@@ -175,7 +175,7 @@ ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
 machine_info() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r)"
-  echo "- bext: $("$ROOT/target/release/bext" --version) (release build), serving threads: 1 (BEXT_THREADS=1)"
+  echo "- bext: $("${BEXT_BIN:-$ROOT/target/release/bext}" --version) (release build${BEXT_BIN:+: $BEXT_BIN}), serving threads: 1 (BEXT_THREADS=1)"
   echo "- $(nginx -v 2>&1), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), node $(node --version)"
   echo "- wrk: 1 thread pinned to CPU $CLIENT_CPU, $CONNECTIONS connections, $DURATION per run (after a 1 s warm-up); servers pinned to CPU $SERVER_CPU"
 }

@@ -6,9 +6,12 @@
 //!
 //! - 1: as the listener hands over the request (connection handling:
 //!   time bounds, protocol detection, graceful shutdown);
-//! - 2: as the app's service takes it (plus routing to the app);
+//! - 2: as the app's service takes it (plus the `Cookie` and `Host`
+//!   checks and the app's in-flight count);
 //! - 3: after the request's bookkeeping (client address, request id, the
-//!   access-log record, whose line is written as usual);
+//!   access-log record, whose line is written as usual; the status
+//!   counters and the `X-Request-Id` field, added after the answer, are
+//!   left out, so their cost shows in the next step);
 //! - anything else: not at all (the whole path, as in a release build).
 
 use std::sync::OnceLock;
@@ -46,7 +49,7 @@ pub fn fixed_response() -> Response<Body> {
     for (name, value) in [
         ("x-bext-cache", "HIT"),
         ("cache-status", "bext; hit; ttl=3588"),
-        ("x-request-id", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"),
+        ("x-request-id", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }

@@ -23,7 +23,9 @@ pub mod wire;
 /// and moka's map probes by full key comparison with no bound, so the
 /// hasher must resist HashDoS: aHash, keyed at random per map (as SipHash
 /// is, at a fraction of its cost on a URL; foldhash, faster still, makes
-/// no claim against an attacker who probes). See bench/RESULTS.md.
+/// no claim against an attacker who probes). Built without AES
+/// instructions enabled, aHash uses its fallback, whose resistance is less
+/// studied than SipHash's. See bench/RESULTS.md.
 pub type KeyHasher = ahash::RandomState;
 pub mod object;
 pub mod policy;

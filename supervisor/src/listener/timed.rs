@@ -317,6 +317,10 @@ mod tests {
         send_timeout: Duration::from_secs(60),
     };
 
+    /// Far past every limit: a timer that never fires fails the test
+    /// instead of hanging it.
+    const LONG_AFTER: Duration = Duration::from_secs(3600);
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_times_out_at_the_header_timeout() {
         let (client, server) = tokio::io::duplex(64);
@@ -415,7 +419,10 @@ mod tests {
         assert!(io.read(&mut buf).await.expect("second head") > 0);
         drop(activity.begin());
         let idle = Instant::now();
-        let err = io.read(&mut buf).await.expect_err("idle too long");
+        let err = tokio::time::timeout(LONG_AFTER, io.read(&mut buf))
+            .await
+            .expect("the keep-alive timeout fires")
+            .expect_err("idle too long");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(idle.elapsed(), LIMITS.keepalive_timeout);
     }
@@ -436,9 +443,14 @@ mod tests {
         });
         written.expect("read in time");
         read.expect("read");
-        tokio::time::sleep(half).await;
+        // The first write's deadline is still ahead: the next write must
+        // not inherit it.
+        tokio::time::sleep(half / 2).await;
         let started = Instant::now();
-        let err = io.write_all(&[b'x'; 1024]).await.expect_err("nobody reads");
+        let err = tokio::time::timeout(LONG_AFTER, io.write_all(&[b'x'; 1024]))
+            .await
+            .expect("the send timeout fires")
+            .expect_err("nobody reads");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.send_timeout);
         drop(client);
