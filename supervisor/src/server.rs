@@ -65,6 +65,16 @@ pub struct AppService {
     pub live_reload: Option<crate::dev::LiveReload>,
 }
 
+/// What [`AppService::answer_here`] could do for a request.
+enum Here {
+    Answer(Response<Body>),
+    /// Not a static file nor a fresh hit: on to the app, with the
+    /// request's `Accept-Encoding` read.
+    AskApp(compress::Accepted),
+    /// Not for here: the full way ([`AppService::respond`]).
+    No,
+}
+
 /// Counts a request as in flight until its response body is done.
 #[derive(Debug)]
 struct InFlight(Arc<AtomicUsize>);
@@ -236,15 +246,67 @@ impl AppService {
                 return (Box::pin(reload.inject(response)).await, None);
             }
         }
-        // Static files: answered from disk without a worker hop.
-        if let Outcome::Response(response) = self.statics.serve(&req) {
-            if response.status() == StatusCode::NOT_FOUND
-                && let Some(older) = self.older_asset(&req)
-            {
-                return (older, None);
-            }
+        if let Some(response) = self.static_file(&req) {
             return (response, None);
         }
+        self.ask_app(req, client, None).await
+    }
+
+    /// Static files: answered from disk without a worker hop (a retained
+    /// version's hashed asset for one the active version lacks).
+    fn static_file<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
+        let Outcome::Response(response) = self.statics.serve(req) else {
+            return None;
+        };
+        if response.status() == StatusCode::NOT_FOUND
+            && let Some(older) = self.older_asset(req)
+        {
+            return Some(older);
+        }
+        Some(response)
+    }
+
+    /// A safe request answered without waiting for anything, as
+    /// [`AppService::respond`] would answer it: a static file or a fresh
+    /// cache hit. Most requests to a busy site are one of the two, and
+    /// answered here they skip the layers of futures the rest needs.
+    fn answer_here(&self, req: &Request<Incoming>) -> Here {
+        // What `respond` does first, and what waits: not here.
+        if self.live_reload.is_some()
+            || self.limiter.is_some()
+            || req.uri().path().starts_with(admin::PREFIX)
+        {
+            return Here::No;
+        }
+        if let Some(response) = self.static_file(req) {
+            return Here::Answer(response);
+        }
+        let accepted = compress::Accepted::parse(req.headers());
+        let hit = match (&self.cache, &self.proxy) {
+            (Some(cache), Some(_)) => cache.fresh_hit(req, &accepted),
+            _ => None,
+        };
+        let Some(mut response) = hit else {
+            return Here::AskApp(accepted);
+        };
+        // As `ask_app`: a retained version's hashed asset for a 404.
+        if response.status() == StatusCode::NOT_FOUND
+            && let Some(older) = self.older_asset(req)
+        {
+            return Here::Answer(older);
+        }
+        respond::strip_internal_headers(response.headers_mut());
+        Here::Answer(response)
+    }
+
+    /// The app's answer (through the cache), for a request that is not a
+    /// static file; `accepted`: its `Accept-Encoding`, if already read.
+    async fn ask_app(
+        &self,
+        req: Request<Incoming>,
+        client: ClientInfo,
+        accepted: Option<compress::Accepted>,
+    ) -> (Response<Body>, Option<usize>) {
         // A content-hashed asset the active version answers 404 for may be
         // a retained version's (a browser holding the old build's HTML).
         let probe = (!self.older_statics.is_empty()
@@ -267,7 +329,7 @@ impl AppService {
         // Compression happens at the edge: the app is asked for identity
         // bodies (by the cache's fills, or here), and the client gets a
         // coding it accepts.
-        let accepted = compress::Accepted::parse(req.headers());
+        let accepted = accepted.unwrap_or_else(|| compress::Accepted::parse(req.headers()));
         // The cache in front of the workers; it reaches them through `fill`
         // and compresses what it answers.
         let mut response = match &self.cache {
@@ -377,10 +439,14 @@ impl Handler for AppService {
             return crate::ceiling::fixed_response()
                 .map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)));
         }
-        let (mut response, worker) = if req.method().is_safe() {
-            self.respond(req, client, client_ip).await
-        } else {
+        let (mut response, worker) = if !req.method().is_safe() {
             self.respond_to_the_end(req, client, client_ip).await
+        } else {
+            match self.answer_here(&req) {
+                Here::Answer(response) => (response, None),
+                Here::AskApp(accepted) => self.ask_app(req, client, Some(accepted)).await,
+                Here::No => self.respond(req, client, client_ip).await,
+            }
         };
         let record = record.answered();
         response

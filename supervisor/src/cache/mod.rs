@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
@@ -401,66 +402,114 @@ impl<S: Store> IsrCache<S> {
         served: Served,
         now: SystemTime,
     ) -> Response<Body> {
+        match self.answer_ready(req, accepted, object, served, now) {
+            Ready::Answer(response) => response,
+            Ready::Wait(response, coding) => {
+                let settings = **self.compression.load();
+                self.start_variant(object, coding, &settings);
+                let variant = if object.variant_started(coding) {
+                    tokio::time::timeout(crate::compress::VARIANT_WAIT, object.wait_variant(coding))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                finish_answer(response, req, object, coding, variant)
+            }
+        }
+    }
+
+    /// [`IsrCache::answer`] as far as it goes without waiting: the whole
+    /// answer, or, when the client should get a compressed variant that
+    /// is not made yet, the identity answer and the coding to wait for.
+    fn answer_ready<B>(
+        &self,
+        req: &Request<B>,
+        accepted: &crate::compress::Accepted,
+        object: &Arc<Object>,
+        served: Served,
+        now: SystemTime,
+    ) -> Ready {
         use crate::compress;
         let mut response = respond::serve(req, object, served, now);
-        let settings = **self.compression.load();
-        let head = req.method() == Method::HEAD;
         // Decided on the stored answer, so that a 304 and a HEAD say what
         // the 200 to a GET would (its Vary was stored with it).
         let coding = if object.compressible {
-            compress::stored_coding(&settings, accepted, object.body.len())
+            compress::stored_coding(&self.compression.load(), accepted, object.body.len())
         } else {
             None
         };
-        if let Some(coding) = coding {
-            let not_modified = response.status() == http::StatusCode::NOT_MODIFIED;
-            let variant = match object.variant(coding) {
-                Some(variant) => variant,
-                None if head || not_modified => None,
-                None => {
-                    self.start_variant(object, coding, &settings);
-                    if object.variant_started(coding) {
-                        tokio::time::timeout(compress::VARIANT_WAIT, object.wait_variant(coding))
-                            .await
-                            .ok()
-                            .flatten()
-                    } else {
-                        None
-                    }
-                }
-            };
+        let Some(coding) = coding else {
+            return Ready::Answer(response);
+        };
+        let not_modified = response.status() == http::StatusCode::NOT_MODIFIED;
+        let variant = match object.variant(coding) {
+            Some(variant) => variant,
+            None if req.method() == Method::HEAD || not_modified => None,
+            None => return Ready::Wait(response, coding),
+        };
+        if not_modified {
+            // A client that holds a compressed copy (it sent the weak tag)
+            // is told the weak tag again.
             let headers = response.headers_mut();
-            if not_modified {
-                // A client that holds a compressed copy (it sent the weak
-                // tag) is told the weak tag again.
-                if accepted.weak_if_none_match()
-                    && let Some(etag) = &object.weak_etag
-                {
-                    headers.insert(header::ETAG, etag.clone());
-                }
-                if !object.varies_on_encoding {
-                    compress::add_vary(headers);
-                }
-            } else {
-                match variant {
-                    Some(bytes) => {
-                        compress::mark_variant(
-                            headers,
-                            coding,
-                            bytes.len(),
-                            object.weak_etag.as_ref(),
-                            object.varies_on_encoding,
-                        );
-                        if !head {
-                            *response.body_mut() = crate::body::full(bytes);
-                        }
-                    }
-                    None if !object.varies_on_encoding => compress::add_vary(headers),
-                    None => {}
-                }
+            if accepted.weak_if_none_match()
+                && let Some(etag) = &object.weak_etag
+            {
+                headers.insert(header::ETAG, etag.clone());
             }
+            if !object.varies_on_encoding {
+                compress::add_vary(headers);
+            }
+            return Ready::Answer(response);
         }
-        response
+        Ready::Answer(finish_answer(response, req, object, coding, variant))
+    }
+
+    /// A fresh hit from memory, answered without waiting for anything;
+    /// `None` when the request takes the full way ([`IsrCache::handle`]):
+    /// not a fresh hit here, or one whose compressed variant is still to
+    /// be made. What `handle` would answer, checked in the same order.
+    pub fn fresh_hit<B>(
+        &self,
+        req: &Request<B>,
+        accepted: &crate::compress::Accepted,
+    ) -> Option<Response<Body>> {
+        let rule = self.rule_for(req.uri().path());
+        if policy::request_bypass(req.method(), req.headers(), rule).is_some()
+            || self.is_draft(req.headers())
+        {
+            return None;
+        }
+        let primary = key::primary(req);
+        let info = self.index.get(&primary)?;
+        let key = key::full(&primary, req.headers(), &info.vary);
+        let passing = if info.vary.is_empty() {
+            info.pass.is_some_and(|(_, until, epoch)| {
+                Instant::now() < until && epoch == self.purge_epoch.load(Ordering::Relaxed)
+            })
+        } else {
+            self.pass.contains_key(&*key)
+        };
+        if passing {
+            return None;
+        }
+        let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+        let now = SystemTime::now();
+        let object = self
+            .store
+            .get_here(&key)
+            .filter(|o| o.matches(req.headers()) && (!has_auth || o.shared_with_auth))?;
+        if object.freshness(now) != Freshness::Fresh {
+            return None;
+        }
+        match self.answer_ready(req, accepted, &object, Served::Hit, now) {
+            Ready::Answer(response) => {
+                self.counters.hits.inc();
+                Some(response)
+            }
+            Ready::Wait(..) => None,
+        }
     }
 
     /// Starts making `object`'s variant for `coding` unless it is being
@@ -760,6 +809,41 @@ impl<S: Store> IsrCache<S> {
             Join::Wait(_) => None,
         }
     }
+}
+
+/// How far an answer from a stored object got without waiting.
+enum Ready {
+    Answer(Response<Body>),
+    /// The identity answer, and the coding whose variant is to be made.
+    Wait(Response<Body>, crate::compress::Coding),
+}
+
+/// Gives `response` (not a 304) the variant for `coding` if there is one
+/// (`None`: not made, or no smaller), else says it varies.
+fn finish_answer<B>(
+    mut response: Response<Body>,
+    req: &Request<B>,
+    object: &Object,
+    coding: crate::compress::Coding,
+    variant: Option<Bytes>,
+) -> Response<Body> {
+    match variant {
+        Some(bytes) => {
+            crate::compress::mark_variant(
+                response.headers_mut(),
+                coding,
+                bytes.len(),
+                object.weak_etag.as_ref(),
+                object.varies_on_encoding,
+            );
+            if req.method() != Method::HEAD {
+                *response.body_mut() = crate::body::full(bytes);
+            }
+        }
+        None if !object.varies_on_encoding => crate::compress::add_vary(response.headers_mut()),
+        None => {}
+    }
+    response
 }
 
 /// The primary key of a `Location` / `Content-Location` value on the same
@@ -1146,5 +1230,159 @@ mod compression_tests {
             )
             .await;
         assert_eq!(cache.stats().bytes, 0, "the variants went with the entry");
+    }
+}
+
+#[cfg(test)]
+mod fresh_hit_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::body;
+    use crate::compress::{Accepted, Coding};
+
+    /// A cacheable page (fresh for a minute, or stale at once for
+    /// `/stale`), counting fetches.
+    #[derive(Clone)]
+    struct Page(Arc<AtomicUsize>);
+
+    impl Fill for Page {
+        fn fetch(&self, req: Request<Body>) -> impl Future<Output = Response<Body>> + Send {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let stale = req.uri().path() == "/stale";
+            async move {
+                let mut response = Response::new(body::full("<p>fresh or not</p>".repeat(100)));
+                let h = response.headers_mut();
+                h.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static(if stale {
+                        "public, max-age=0, stale-while-revalidate=60"
+                    } else {
+                        "public, max-age=60"
+                    }),
+                );
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+                h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+                h.insert("x-bext-tags", HeaderValue::from_static("t1"));
+                response
+            }
+        }
+    }
+
+    fn request(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        *req.method_mut() = method;
+        *req.uri_mut() = path.parse().expect("uri");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a.test"));
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        req
+    }
+
+    async fn parts(response: Response<Body>) -> (StatusCode, HeaderMap, Bytes) {
+        let (parts, body) = response.into_parts();
+        let mut headers = parts.headers;
+        // Seconds since the answer was stored: may tick between the two.
+        headers.remove(header::AGE);
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts.status, headers, body)
+    }
+
+    use http::{HeaderMap, StatusCode};
+
+    /// Issue 13 (a cheaper hit): what `fresh_hit` answers is what `handle`
+    /// answers to the same request, and it answers every fresh hit that
+    /// needs no waiting; everything else it leaves to `handle`.
+    #[tokio::test]
+    async fn a_fresh_hit_answered_at_once_is_the_answer_the_full_way_gives() {
+        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
+            .expect("defaults")
+            .isr;
+        let cache = Arc::new(IsrCache::in_memory(
+            settings,
+            Duration::from_secs(30),
+            CacheCounters::default(),
+        ));
+        let fill = Page(Arc::new(AtomicUsize::new(0)));
+        for path in ["/page", "/stale"] {
+            let req = request(Method::GET, path, &[]);
+            cache.handle(req, &fill, Accepted::default()).await;
+        }
+        // The gzip variant made; br's not yet.
+        let gzip = request(Method::GET, "/page", &[("accept-encoding", "gzip")]);
+        assert!(
+            cache
+                .fresh_hit(&gzip, &Accepted::parse(gzip.headers()))
+                .is_none()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let req = request(Method::GET, "/page", &[("accept-encoding", "gzip")]);
+            let accepted = Accepted::parse(req.headers());
+            let answer = cache.handle(req, &fill, accepted).await;
+            if answer.headers().contains_key(header::CONTENT_ENCODING) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stored = cache.store.get_here("a.test /page").expect("stored");
+        assert!(stored.variant(Coding::Br).is_none());
+
+        // (method, path, headers, answered at once?)
+        type Row<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], bool);
+        let table: &[Row<'_>] = &[
+            (Method::GET, "/page", &[], true),
+            (Method::GET, "/page", &[("accept-encoding", "gzip")], true),
+            (
+                Method::GET,
+                "/page",
+                &[("accept-encoding", "gzip;q=0")],
+                true,
+            ),
+            (Method::HEAD, "/page", &[("accept-encoding", "gzip")], true),
+            // br not made: HEAD says what a GET would get (identity now).
+            (Method::HEAD, "/page", &[("accept-encoding", "br")], true),
+            (Method::GET, "/page", &[("if-none-match", "\"v1\"")], true),
+            (
+                Method::GET,
+                "/page",
+                &[("if-none-match", "W/\"v1\""), ("accept-encoding", "gzip")],
+                true,
+            ),
+            (Method::GET, "/page", &[("authorization", "Bearer x")], true),
+            (Method::GET, "/page", &[("range", "bytes=0-9")], true),
+            // The variant is to be made: the full way waits for it.
+            (Method::GET, "/page", &[("accept-encoding", "br")], false),
+            // A client's no-cache does not reach the app through a shared
+            // cache (as with nginx and Varnish): a hit either way.
+            (Method::GET, "/page", &[("cache-control", "no-cache")], true),
+            (Method::GET, "/page", &[("upgrade", "websocket")], false),
+            (Method::GET, "/stale", &[], false),
+            (Method::GET, "/never-seen", &[], false),
+            (Method::POST, "/page", &[], false),
+            (Method::DELETE, "/page", &[], false),
+        ];
+        for (method, path, headers, at_once) in table {
+            let req = request(method.clone(), path, headers);
+            let accepted = Accepted::parse(req.headers());
+            let here = cache.fresh_hit(&req, &accepted);
+            assert_eq!(here.is_some(), *at_once, "{method} {path} {headers:?}");
+            let Some(here) = here else { continue };
+            let full = cache.handle(req, &fill, accepted).await;
+            let (here, full) = (parts(here).await, parts(full).await);
+            assert_eq!(here, full, "{method} {path} {headers:?}");
+            assert_eq!(here.1[respond::X_BEXT_CACHE], "HIT");
+        }
+        // Each page was rendered once (the stale one again, in the
+        // background, at most).
+        assert!(fill.0.load(Ordering::SeqCst) <= 3);
     }
 }

@@ -57,6 +57,10 @@ pub struct StoreStats {
 /// Storage for cached objects, keyed by the cache's full key.
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> impl Future<Output = Option<Arc<Object>>> + Send;
+    /// What [`Store::get`] would give, when that needs no waiting: `Some`
+    /// only from this instance's memory, and (with a shared tier behind
+    /// it) only a copy fresh there. `None`: ask [`Store::get`].
+    fn get_here(&self, key: &str) -> Option<Arc<Object>>;
     fn insert(&self, key: String, object: Arc<Object>) -> impl Future<Output = ()> + Send;
     /// `object`, stored under `key`, grew (a compressed variant was added):
     /// count it again, if it is still the one stored there.
@@ -292,6 +296,13 @@ impl TieredStore {
 }
 
 impl Store for TieredStore {
+    fn get_here(&self, key: &str) -> Option<Arc<Object>> {
+        // As `get`: a copy fresh here is answered without asking L2.
+        self.l1.get_here(key).filter(|object| {
+            object.freshness(std::time::SystemTime::now()) == super::object::Freshness::Fresh
+        })
+    }
+
     async fn get(&self, key: &str) -> Option<Arc<Object>> {
         let local = self.l1.get(key).await;
         let l2 = match (&self.l2, &local) {
@@ -574,8 +585,12 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn get(&self, key: &str) -> Option<Arc<Object>> {
+    fn get_here(&self, key: &str) -> Option<Arc<Object>> {
         self.objects.get(key).map(|stored| stored.object)
+    }
+
+    async fn get(&self, key: &str) -> Option<Arc<Object>> {
+        self.get_here(key)
     }
 
     async fn insert(&self, key: String, object: Arc<Object>) {
