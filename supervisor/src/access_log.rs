@@ -300,12 +300,6 @@ impl Unanswered {
     pub fn answered(mut self) -> Option<Box<Record>> {
         self.0.take()
     }
-
-    pub fn set_request_id(&mut self, id: &HeaderValue) {
-        if let Some(record) = &mut self.0 {
-            record.request_id = id.clone();
-        }
-    }
 }
 
 /// nginx's "client closed request".

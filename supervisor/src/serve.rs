@@ -303,6 +303,14 @@ impl Handler for PlatformService {
             }
         }
     }
+
+    fn answer_now(&self, req: &mut Request<()>, peer: &Peer) -> Option<Response<Body>> {
+        if req.uri().path().starts_with("/__bext/platform/") {
+            return None;
+        }
+        let routes = self.routes.load();
+        routes.route(host_of(req))?.answer_now(req, peer)
+    }
 }
 
 /// The host a request names: `Host`, or an HTTP/2 request's authority.

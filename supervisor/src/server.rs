@@ -270,7 +270,7 @@ impl AppService {
     /// [`AppService::respond`] would answer it: a static file or a fresh
     /// cache hit. Most requests to a busy site are one of the two, and
     /// answered here they skip the layers of futures the rest needs.
-    fn answer_here(&self, req: &Request<Incoming>) -> Here {
+    fn answer_here<B>(&self, req: &Request<B>) -> Here {
         // What `respond` does first, and what waits: not here.
         if self.live_reload.is_some()
             || self.limiter.is_some()
@@ -381,14 +381,26 @@ impl AppService {
     }
 }
 
-impl Handler for AppService {
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let started = Instant::now();
-        let guard = InFlight::new(&self.inflight);
-        #[cfg(feature = "bench-ceiling")]
-        if crate::ceiling::stage() == 2 {
-            return crate::ceiling::fixed_response().map(|b| body::boxed(WithGuard::new(b, guard)));
-        }
+/// What a request of this app gets before it is answered.
+struct Begun {
+    guard: InFlight,
+    client_ip: IpAddr,
+    trusted_peer: bool,
+    secure: bool,
+    request_id: HeaderValue,
+    record: Unanswered,
+}
+
+impl AppService {
+    /// The client and scheme (marked on `req`), the request id and the
+    /// access-log record: the same for every way a request is answered.
+    fn begin<B>(
+        &self,
+        req: &mut Request<B>,
+        peer: &Peer,
+        started: Instant,
+        guard: InFlight,
+    ) -> Begun {
         let peer_ip = peer.addr.ip();
         let trusted_peer = self
             .trusted_proxies
@@ -397,11 +409,12 @@ impl Handler for AppService {
         let client_ip = headers::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
         // One scheme for the cache key and the app: the connection's, or a
         // trusted TLS-terminating proxy's `X-Forwarded-Proto`.
-        let secure = crate::listener::is_secure(&req)
+        let secure = crate::listener::is_secure(req)
             || (trusted_peer && headers::forwarded_https(req.headers()));
         if secure {
             req.extensions_mut().insert(crate::listener::Secure);
         }
+        let request_id = headers::request_id(req.headers());
         // Boxed: it goes along with the request (moved at every step), and
         // on to its body.
         let record = Unanswered::new(self.access_log.then(|| {
@@ -418,41 +431,36 @@ impl Handler for AppService {
                     HeaderValue::from_str(&client_ip.to_string())
                         .unwrap_or_else(|_| HeaderValue::from_static("-"))
                 },
-                request_id: HeaderValue::from_static(""),
+                request_id: request_id.clone(),
                 started,
                 cache: None,
             })
         }));
-        let client = ClientInfo {
-            peer,
+        Begun {
+            guard,
+            client_ip,
             trusted_peer,
-            scheme: if secure { "https" } else { "http" },
-            request_id: headers::request_id(req.headers()),
-            left: None,
-        };
-        let request_id = client.request_id.clone();
-        let mut record = record;
-        record.set_request_id(&request_id);
-        #[cfg(feature = "bench-ceiling")]
-        if crate::ceiling::stage() == 3 {
-            let record = record.answered();
-            return crate::ceiling::fixed_response()
-                .map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)));
+            secure,
+            request_id,
+            record,
         }
-        let (mut response, worker) = if !req.method().is_safe() {
-            self.respond_to_the_end(req, client, client_ip).await
-        } else {
-            match self.answer_here(&req) {
-                Here::Answer(response) => (response, None),
-                Here::AskApp(accepted) => self.ask_app(req, client, Some(accepted)).await,
-                Here::No => self.respond(req, client, client_ip).await,
-            }
-        };
-        let record = record.answered();
+    }
+
+    /// The fields every answer gets, the counters, and the access log when
+    /// its body is done.
+    fn finish(
+        &self,
+        begun: Begun,
+        mut response: Response<Body>,
+        worker: Option<usize>,
+    ) -> Response<Body> {
+        let record = begun.record.answered();
         response
             .headers_mut()
-            .insert(headers::X_REQUEST_ID, request_id.clone());
-        if secure && let Some(hsts) = self.hsts.load().as_deref() {
+            .insert(headers::X_REQUEST_ID, begun.request_id);
+        if begun.secure
+            && let Some(hsts) = self.hsts.load().as_deref()
+        {
             response
                 .headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -464,9 +472,59 @@ impl Handler for AppService {
             }
             r.status = response.status();
             r.worker = worker;
-            r.request_id = request_id;
             r
         });
+        let guard = begun.guard;
         response.map(|b| body::boxed(WithGuard::new(Logged::new(b, record), guard)))
+    }
+}
+
+impl Handler for AppService {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let started = Instant::now();
+        let guard = InFlight::new(&self.inflight);
+        #[cfg(feature = "bench-ceiling")]
+        if crate::ceiling::stage() == 2 {
+            return crate::ceiling::fixed_response().map(|b| body::boxed(WithGuard::new(b, guard)));
+        }
+        let begun = self.begin(&mut req, &peer, started, guard);
+        #[cfg(feature = "bench-ceiling")]
+        if crate::ceiling::stage() == 3 {
+            let record = begun.record.answered();
+            return crate::ceiling::fixed_response()
+                .map(|b| body::boxed(WithGuard::new(Logged::new(b, record), begun.guard)));
+        }
+        let client = ClientInfo {
+            peer,
+            trusted_peer: begun.trusted_peer,
+            scheme: if begun.secure { "https" } else { "http" },
+            request_id: begun.request_id.clone(),
+            left: None,
+        };
+        let client_ip = begun.client_ip;
+        let (response, worker) = if !req.method().is_safe() {
+            self.respond_to_the_end(req, client, client_ip).await
+        } else {
+            match self.answer_here(&req) {
+                Here::Answer(response) => (response, None),
+                Here::AskApp(accepted) => self.ask_app(req, client, Some(accepted)).await,
+                Here::No => self.respond(req, client, client_ip).await,
+            }
+        };
+        self.finish(begun, response, worker)
+    }
+
+    fn answer_now(&self, req: &mut Request<()>, peer: &Peer) -> Option<Response<Body>> {
+        let started = Instant::now();
+        let guard = InFlight::new(&self.inflight);
+        let begun = self.begin(req, peer, started, guard);
+        match self.answer_here(req) {
+            Here::Answer(response) => Some(self.finish(begun, response, None)),
+            Here::AskApp(_) | Here::No => {
+                // Not answered here: `handle` begins it again, and logs it.
+                drop(begun.record.answered());
+                None
+            }
+        }
     }
 }

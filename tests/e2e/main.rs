@@ -15,6 +15,7 @@ mod dev;
 mod edge;
 mod errors;
 mod hardening;
+mod http1;
 mod malformed;
 mod nextjs;
 mod platform;

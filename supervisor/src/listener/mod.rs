@@ -7,6 +7,7 @@
 //! what happens next.
 
 pub mod acme;
+mod fast;
 mod local_ca;
 pub mod redirect;
 mod timed;
@@ -72,6 +73,18 @@ pub trait Handler: Send + Sync + 'static {
         req: http::Request<Incoming>,
         peer: Peer,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static;
+
+    /// The answer to a plain HTTP/1.1 `GET` when it needs no waiting (a
+    /// static file, a fresh cache hit), given as [`Handler::handle`] would
+    /// give it; `None`: ask `handle`. The listener checks the request first
+    /// (see [`fast`]), including its `Host`.
+    fn answer_now(
+        &self,
+        _req: &mut http::Request<()>,
+        _peer: &Peer,
+    ) -> Option<http::Response<Body>> {
+        None
+    }
 }
 
 /// The other end of a client connection.
@@ -305,9 +318,11 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
         let handler = Arc::clone(conns.handler);
         let client = Peer::new(peer);
         let activity = Activity::new();
-        let io = TimedIo::new(stream, Arc::clone(&activity), conns.limits);
+        let mut io = TimedIo::new(stream, Arc::clone(&activity), conns.limits);
         let tls_activity = Arc::clone(&activity);
         let secure = conns.tls.is_some();
+        let (fast_handler, fast_client, fast_activity) =
+            (Arc::clone(&handler), client.clone(), Arc::clone(&activity));
         let service = service_fn(move |req| {
             respond(
                 Arc::clone(&handler),
@@ -318,7 +333,38 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
             )
         });
         let Some(tls) = &conns.tls else {
-            serve_connection(conns, io, service, peer);
+            let (builder, watcher, stop) = (
+                conns.builder.clone(),
+                conns.graceful.watcher(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                // The short way first (it knows nothing of bench stages).
+                #[cfg(feature = "bench-ceiling")]
+                let short = crate::ceiling::stage() == 0;
+                #[cfg(not(feature = "bench-ceiling"))]
+                let short = true;
+                let read = if short {
+                    match fast::serve(&mut io, &fast_handler, &fast_client, &fast_activity, &stop)
+                        .await
+                    {
+                        fast::Left::Hyper(read) => read.freeze(),
+                        fast::Left::Closed => return,
+                    }
+                } else {
+                    bytes::Bytes::new()
+                };
+                let conn = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(fast::Prefixed::new(read, io)),
+                        service,
+                    )
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    // Resets and early closes are the client's business.
+                    debug!(%peer, "connection ended: {e}");
+                }
+            });
             continue;
         };
         // The handshake on the connection's own task: a slow client holds
@@ -361,33 +407,4 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
             }
         });
     }
-}
-
-/// Serves one plain connection on a task of its own until it ends or the
-/// listener drains.
-fn serve_connection<H, S>(
-    conns: &Conns<'_, H>,
-    io: TimedIo<tokio::net::TcpStream>,
-    service: S,
-    peer: SocketAddr,
-) where
-    S: hyper::service::Service<
-            http::Request<Incoming>,
-            Response = http::Response<WithGuard<Body, InFlight>>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = conns
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    let conn = conns.graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            // Resets and early closes are the client's business.
-            debug!(%peer, "connection ended: {e}");
-        }
-    });
 }

@@ -1,0 +1,291 @@
+//! The short way through HTTP/1.1 (issue 13, a cheaper hit): plain GETs
+//! answered at once (fresh hits) on a connection, and everything else
+//! handed to hyper with the bytes read, in order, with nothing smuggled,
+//! and with the connection's time bounds and graceful shutdown intact.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::{Bext, Options, client, fixture};
+
+const PAGE: &str = "/page/short?cc=public,max-age=3600&size=100";
+
+/// The origin fixture, one worker, the given `[server]` lines.
+fn origin(server: &str) -> (tempfile::TempDir, Bext) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = fixture("origin");
+    for file in ["package.json", "server.js"] {
+        std::fs::copy(origin.join(file), dir.path().join(file)).expect("copy");
+    }
+    std::fs::write(
+        dir.path().join("bext.config.toml"),
+        format!("[server]\n{server}\n[isolate]\nworkers = 1\n"),
+    )
+    .expect("config");
+    let bext = Bext::start(dir.path(), &Options::default());
+    (dir, bext)
+}
+
+/// Stores `PAGE` and checks that it is now a hit.
+async fn warm(bext: &Bext) {
+    for expected in ["MISS", "HIT"] {
+        // The host the raw requests name (it is part of the cache key).
+        let response = bext.get_host("x", PAGE).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-bext-cache"], expected);
+    }
+}
+
+/// One response read off the wire.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every response in `bytes`, framed by `Content-Length` or chunked.
+fn answers(mut bytes: &[u8]) -> Vec<Answer> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("a head: {:?}", String::from_utf8_lossy(bytes)));
+        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        bytes = &bytes[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("status line");
+        assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+        let status = status_line[9..12].parse().expect("status");
+        let headers: Vec<(String, String)> = lines
+            .map(|l| {
+                let (n, v) = l.split_once(':').expect("a field");
+                (n.trim().to_string(), v.trim().to_string())
+            })
+            .collect();
+        let mut answer = Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if let Some(len) = answer.header("content-length") {
+            let len: usize = len.parse().expect("length");
+            answer.body = bytes[..len].to_vec();
+            bytes = &bytes[len..];
+        } else if answer.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let line_end = bytes.windows(2).position(|w| w == b"\r\n").expect("size");
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&bytes[..line_end]).expect("hex"),
+                    16,
+                )
+                .expect("chunk size");
+                bytes = &bytes[line_end + 2..];
+                answer.body.extend_from_slice(&bytes[..size]);
+                bytes = &bytes[size + 2..];
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        out.push(answer);
+    }
+    out
+}
+
+/// Writes `request` on a new connection and reads until the server
+/// closes it (10 s at most).
+fn exchange(bext: &Bext, request: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(bext.addr).expect("connect");
+    stream.write_all(request).expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).expect("read to the close");
+    out
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
+}
+
+/// Pipelined hits are answered in order; a request with a body that
+/// follows them goes to hyper with its body, which is never read as a
+/// request of its own; the connection closes when asked to.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_pipelined_hits_and_what_follows_them_are_answered_in_order() {
+    let (_dir, bext) = origin("");
+    warm(&bext).await;
+    let smuggled = get("/page/smuggled?cc=public,max-age=60", "");
+    let mut request = get(PAGE, "").repeat(3);
+    request.push_str(&get(
+        PAGE,
+        &format!("Content-Length: {}\r\n", smuggled.len()),
+    ));
+    request.push_str(&smuggled);
+    request.push_str(&get(PAGE, "Connection: close\r\n"));
+    let bytes = exchange(&bext, request.as_bytes());
+    let answers = answers(&bytes);
+    assert_eq!(
+        answers.len(),
+        5,
+        "one answer per request, none for the body: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let mut ids = std::collections::HashSet::new();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.status, 200, "answer {i}");
+        assert_eq!(answer.body.len(), 100, "answer {i}");
+        assert_eq!(answer.header("x-bext-cache"), Some("HIT"), "answer {i}");
+        assert!(answer.header("date").is_some(), "answer {i}");
+        assert!(
+            ids.insert(
+                answer
+                    .header("x-request-id")
+                    .expect("a request id")
+                    .to_string()
+            ),
+            "answer {i}: a request id of its own"
+        );
+    }
+    let base = bext.url("/count?path=");
+    let renders = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            let count: serde_json::Value = client()
+                .get(url)
+                .send()
+                .await
+                .expect("count")
+                .json()
+                .await
+                .expect("json");
+            count["renders"].as_u64().expect("renders")
+        }
+    };
+    assert_eq!(renders("/page/short").await, 1, "rendered once, then hits");
+    assert_eq!(
+        renders("/page/smuggled").await,
+        0,
+        "the body was read as a request"
+    );
+    // Each answer is in the access log, once, under its request id.
+    for id in &ids {
+        let line = bext.wait_log(Duration::from_secs(5), |v| {
+            v["target"] == "bext::access" && v["request_id"] == id.as_str()
+        });
+        assert_eq!(line["path"], "/page/short", "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["bytes"], 100, "{line}");
+        assert_eq!(line["complete"], true, "{line}");
+    }
+    let logged = bext
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["target"] == "bext::access" && ids.contains(v["request_id"].as_str().unwrap_or(""))
+        })
+        .count();
+    assert_eq!(logged, ids.len(), "one line per request");
+}
+
+/// A connection of hits keeps its time bounds: a request's head must come
+/// within `client_header_timeout`, and an idle connection is closed after
+/// `keepalive_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_a_connection_of_hits_keeps_its_time_bounds() {
+    let (_dir, bext) = origin("client_header_timeout_ms = 1000\nkeepalive_timeout_ms = 2000");
+    warm(&bext).await;
+    let hit = get(PAGE, "");
+    let read_hit = |stream: &mut TcpStream| {
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while answers_complete(&got) == 0 {
+            let n = stream.read(&mut buf).expect("an answer");
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(answers(&got)[0].header("x-bext-cache"), Some("HIT"));
+    };
+    // Half a head after a hit: closed by the header timeout.
+    let mut half = TcpStream::connect(bext.addr).expect("connect");
+    half.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    half.write_all(hit.as_bytes()).expect("write");
+    read_hit(&mut half);
+    half.write_all(b"GET / HTTP/1.1\r\nHo").expect("write");
+    let started = Instant::now();
+    assert_eq!(half.read(&mut [0u8; 64]).unwrap_or(0), 0, "closed");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1900),
+        "closed by the header timeout, not the keep-alive one: {waited:?}"
+    );
+    // Idle after a hit: closed by the keep-alive timeout.
+    let mut idle = TcpStream::connect(bext.addr).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    idle.write_all(hit.as_bytes()).expect("write");
+    read_hit(&mut idle);
+    let started = Instant::now();
+    assert_eq!(idle.read(&mut [0u8; 64]).unwrap_or(0), 0, "closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "closed by the keep-alive timeout: {waited:?}"
+    );
+}
+
+/// How many whole responses `bytes` holds (each with its body).
+fn answers_complete(bytes: &[u8]) -> usize {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return 0;
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    usize::from(bytes.len() >= end + 4 + len)
+}
+
+/// Graceful shutdown closes a connection of hits that is between requests
+/// at once: it does not hold the exit until the grace period ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_shutdown_closes_an_idle_connection_of_hits() {
+    let (_dir, mut bext) = origin("shutdown_grace_ms = 60000\nkeepalive_timeout_ms = 60000");
+    warm(&bext).await;
+    let mut idle = TcpStream::connect(bext.addr).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    idle.write_all(get(PAGE, "").as_bytes()).expect("write");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while answers_complete(&got) == 0 {
+        let n = idle.read(&mut buf).expect("an answer");
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let started = Instant::now();
+    let status = bext.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the idle connection held the exit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "closed");
+}
