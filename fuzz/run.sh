@@ -14,7 +14,7 @@ seconds=${1:-10}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(h1_response chunked cache_headers host_router forwarded config)
+  targets=(h1_response chunked cache_headers host_router forwarded config fast_h1)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1

@@ -291,6 +291,7 @@ impl AppService {
         };
         // As `ask_app`: a retained version's hashed asset for a 404.
         if response.status() == StatusCode::NOT_FOUND
+            && self.may_have_older(req.uri().path())
             && let Some(older) = self.older_asset(req)
         {
             return Here::Answer(older);
@@ -309,12 +310,7 @@ impl AppService {
     ) -> (Response<Body>, Option<usize>) {
         // A content-hashed asset the active version answers 404 for may be
         // a retained version's (a browser holding the old build's HTML).
-        let probe = (!self.older_statics.is_empty()
-            && self
-                .older_statics
-                .iter()
-                .any(|s| s.may_have_hashed(req.uri().path())))
-        .then(|| {
+        let probe = self.may_have_older(req.uri().path()).then(|| {
             let mut probe = Request::new(());
             *probe.method_mut() = req.method().clone();
             *probe.uri_mut() = req.uri().clone();
@@ -370,6 +366,14 @@ impl AppService {
         (response, fill.served_by())
     }
 
+    /// Whether a retained version may have the content-hashed asset
+    /// `raw_path` names (the app's 404 for it is then worth a look there).
+    fn may_have_older(&self, raw_path: &str) -> bool {
+        self.older_statics
+            .iter()
+            .any(|s| s.may_have_hashed(raw_path))
+    }
+
     /// A retained version's copy of the hashed asset `req` names.
     fn older_asset<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
         self.older_statics.iter().find_map(|s| s.serve_hashed(req))
@@ -392,6 +396,23 @@ struct Begun {
 }
 
 impl AppService {
+    /// Whether the peer is a trusted proxy, and whether `req` is secure
+    /// (marked on it): one scheme for the cache key and the app, the
+    /// connection's or a trusted TLS-terminating proxy's
+    /// `X-Forwarded-Proto`.
+    fn scheme<B>(&self, req: &mut Request<B>, peer_ip: IpAddr) -> (bool, bool) {
+        let trusted_peer = self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer_ip));
+        let secure = crate::listener::is_secure(req)
+            || (trusted_peer && headers::forwarded_https(req.headers()));
+        if secure {
+            req.extensions_mut().insert(crate::listener::Secure);
+        }
+        (trusted_peer, secure)
+    }
+
     /// The client and scheme (marked on `req`), the request id and the
     /// access-log record: the same for every way a request is answered.
     fn begin<B>(
@@ -402,18 +423,8 @@ impl AppService {
         guard: InFlight,
     ) -> Begun {
         let peer_ip = peer.addr.ip();
-        let trusted_peer = self
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&peer_ip));
+        let (trusted_peer, secure) = self.scheme(req, peer_ip);
         let client_ip = headers::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
-        // One scheme for the cache key and the app: the connection's, or a
-        // trusted TLS-terminating proxy's `X-Forwarded-Proto`.
-        let secure = crate::listener::is_secure(req)
-            || (trusted_peer && headers::forwarded_https(req.headers()));
-        if secure {
-            req.extensions_mut().insert(crate::listener::Secure);
-        }
         let request_id = headers::request_id(req.headers());
         // Boxed: it goes along with the request (moved at every step), and
         // on to its body.
@@ -517,14 +528,14 @@ impl Handler for AppService {
     fn answer_now(&self, req: &mut Request<()>, peer: &Peer) -> Option<Response<Body>> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
+        // The scheme first: it is part of the cache key. The rest of the
+        // bookkeeping only for a request answered here (`handle` does it
+        // for the others).
+        self.scheme(req, peer.addr.ip());
+        let Here::Answer(response) = self.answer_here(req) else {
+            return None;
+        };
         let begun = self.begin(req, peer, started, guard);
-        match self.answer_here(req) {
-            Here::Answer(response) => Some(self.finish(begun, response, None)),
-            Here::AskApp(_) | Here::No => {
-                // Not answered here: `handle` begins it again, and logs it.
-                drop(begun.record.answered());
-                None
-            }
-        }
+        Some(self.finish(begun, response, None))
     }
 }

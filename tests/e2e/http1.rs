@@ -201,6 +201,21 @@ async fn issue13_pipelined_hits_and_what_follows_them_are_answered_in_order() {
     assert_eq!(logged, ids.len(), "one line per request");
 }
 
+/// After answers the short way, an HTTP/2 preface is not taken for a new
+/// connection: the connection is closed (hyper alone never switches a
+/// connection of HTTP/1.1 requests to HTTP/2).
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_no_switch_to_http2_after_http1_hits() {
+    let (_dir, bext) = origin("");
+    warm(&bext).await;
+    let mut request = get(PAGE, "");
+    request.push_str("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+    let bytes = exchange(&bext, request.as_bytes());
+    let answers = answers(&bytes);
+    assert_eq!(answers.len(), 1, "{:?}", String::from_utf8_lossy(&bytes));
+    assert_eq!(answers[0].header("x-bext-cache"), Some("HIT"));
+}
+
 /// A connection of hits keeps its time bounds: a request's head must come
 /// within `client_header_timeout`, and an idle connection is closed after
 /// `keepalive_timeout`.

@@ -53,27 +53,38 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Left {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut out = Vec::with_capacity(2 * 1024);
+    let mut answered = false;
     loop {
-        if buf.is_empty() && !read_more(io, &mut buf, stop).await {
-            return Left::Closed;
+        if buf.is_empty() {
+            // Between requests: shutdown closes the connection, as hyper
+            // closes an idle one.
+            let read = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Left::Closed,
+                read = read_more(io, &mut buf) => read,
+            };
+            if !read {
+                return Left::Closed;
+            }
         }
         let (mut req, len) = match parse(&buf) {
             Parsed::Partial if buf.len() < MAX_HEADER_BYTES => {
-                if !read_more(io, &mut buf, stop).await {
+                // A head under way is read to its end (or its timeout).
+                if !read_more(io, &mut buf).await {
                     return Left::Closed;
                 }
                 continue;
             }
-            Parsed::Partial | Parsed::NotHere => return Left::Hyper(buf),
             Parsed::Request(req, len) => (req, len),
+            Parsed::Partial | Parsed::NotHere => return hand_over(io, buf, answered, stop).await,
         };
         let Some(response) = handler.answer_now(&mut req, peer) else {
-            return Left::Hyper(buf);
+            return hand_over(io, buf, answered, stop).await;
         };
         buf.advance(len);
+        answered = true;
         let in_flight = activity.begin();
-        let written = write(io, response, &mut out).await;
+        let written = write(io, response).await;
         drop(in_flight);
         match written {
             Ok(true) if !stop.is_cancelled() => {}
@@ -82,22 +93,37 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Reads more of a request; false when the connection is to be closed:
-/// the client closed it, a time bound passed, or shutdown began (before a
-/// request's head is complete, as hyper closes it then).
-async fn read_more<S: AsyncRead + Unpin>(
+/// Gives the connection to hyper, unless it can no longer serve it as
+/// hyper alone would have: after answers here, an HTTP/2 preface is a
+/// broken client (hyper would never switch a connection of HTTP/1.1
+/// requests to HTTP/2), and once shutdown began hyper would close it
+/// without answering the request it holds, so that one gets a 503.
+async fn hand_over<S: AsyncWrite + Unpin>(
     io: &mut S,
-    buf: &mut BytesMut,
+    buf: BytesMut,
+    answered: bool,
     stop: &CancellationToken,
-) -> bool {
+) -> Left {
+    if answered && buf.starts_with(b"PRI ") {
+        return Left::Closed;
+    }
+    if stop.is_cancelled() {
+        let refusal: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nretry-after: 1\r\nconnection: close\r\n\r\nbext is shutting down\n";
+        let _ = io.write_all(refusal).await;
+        let _ = io.shutdown().await;
+        return Left::Closed;
+    }
+    Left::Hyper(buf)
+}
+
+/// Reads more of a request into `buf` (a head is at most
+/// [`MAX_HEADER_BYTES`], so the buffer stays within twice that); false
+/// when the client closed the connection or a time bound passed.
+async fn read_more<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool {
     if buf.capacity() == buf.len() {
-        buf.reserve(buf.len().max(4096));
+        buf.reserve(buf.len().clamp(4096, MAX_HEADER_BYTES));
     }
-    tokio::select! {
-        biased;
-        () = stop.cancelled() => false,
-        read = io.read_buf(buf) => matches!(read, Ok(n) if n > 0),
-    }
+    matches!(io.read_buf(buf).await, Ok(n) if n > 0)
 }
 
 /// What the bytes read so far hold.
@@ -105,7 +131,7 @@ async fn read_more<S: AsyncRead + Unpin>(
     clippy::large_enum_variant,
     reason = "returned once per request and taken apart at once; a box would cost an allocation"
 )]
-enum Parsed {
+pub(super) enum Parsed {
     /// Not a whole head yet.
     Partial,
     /// Not a request for here (or not a valid one: hyper says why).
@@ -114,11 +140,13 @@ enum Parsed {
     Request(Request<()>, usize),
 }
 
-fn parse(buf: &[u8]) -> Parsed {
+pub(super) fn parse(buf: &[u8]) -> Parsed {
     let mut fields = [httparse::EMPTY_HEADER; FAST_MAX_HEADERS];
     let mut head = httparse::Request::new(&mut fields);
     let len = match head.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+        // hyper refuses a longer head (431).
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEADER_BYTES => len,
+        Ok(httparse::Status::Complete(_)) => return Parsed::NotHere,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::NotHere,
     };
@@ -186,112 +214,165 @@ fn plain_field(name: &HeaderName, value: &[u8]) -> bool {
 }
 
 /// Writes `response` as HTTP/1.1 (head, then body); true if the connection
-/// may carry another request.
-async fn write<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    response: Response<Body>,
-    out: &mut Vec<u8>,
-) -> io::Result<bool> {
+/// may carry another request. A body that ends before its
+/// `Content-Length` is an error (the connection closes, as hyper closes
+/// it); one that goes on is cut there.
+async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> io::Result<bool> {
     use http::header;
     let (parts, mut body) = response.into_parts();
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let mut close = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONNECTION && value.as_bytes().eq_ignore_ascii_case(b"close") {
-            close = true;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !parts.headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        date(out);
-        out.extend_from_slice(b"\r\n");
-    }
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("<none>")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
     // No body for these, whatever the fields say (RFC 9110 §6.4.1).
     let bodiless = parts.status.is_informational()
         || parts.status == http::StatusCode::NO_CONTENT
         || parts.status == http::StatusCode::NOT_MODIFIED;
-    let exact = http_body::Body::size_hint(&body).exact();
-    let chunked = !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) && {
-        match exact {
+    let mut close = false;
+    let mut declared: Option<u64> = None;
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION {
+            close |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        if name == header::CONTENT_LENGTH {
+            if parts.status == http::StatusCode::NO_CONTENT {
+                continue; // as hyper: none on a 204 (RFC 9110 §8.6)
+            }
+            declared = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+            if declared.is_none() {
+                return Err(io::Error::other("an invalid content-length"));
+            }
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        head.extend_from_slice(b"date: ");
+        date(&mut head);
+        head.extend_from_slice(b"\r\n");
+    }
+    let chunked = !bodiless
+        && declared.is_none()
+        && match http_body::Body::size_hint(&body).exact() {
             Some(len) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-                out.extend_from_slice(b"\r\n");
+                head.extend_from_slice(b"content-length: ");
+                head.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+                head.extend_from_slice(b"\r\n");
+                declared = Some(len);
                 false
             }
             None => {
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 true
             }
-        }
-    };
-    out.extend_from_slice(b"\r\n");
+        };
+    head.extend_from_slice(b"\r\n");
     if bodiless {
-        io.write_all(out).await?;
+        io.write_all(&head).await?;
         io.flush().await?;
         return Ok(!close);
     }
-    // The first piece of the body goes with the head, if it is small (a
-    // cached page): one write.
-    let mut sent_head = false;
+    // The head goes with the first piece of the body: one write for a
+    // cached page.
+    let mut head = Some(head);
+    let mut left = declared;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(io::Error::other)?;
-        let Ok(data) = frame.into_data() else {
+        let Ok(mut data) = frame.into_data() else {
             continue; // trailers: not sent over HTTP/1.1 here
         };
+        if let Some(left) = &mut left {
+            if data.len() as u64 > *left {
+                // Longer than it said: cut, and close.
+                data.truncate(*left as usize);
+                close = true;
+            }
+            *left -= data.len() as u64;
+        }
         if data.is_empty() {
             continue;
         }
-        if chunked {
-            let mut size = [0u8; 16];
-            let size = hex(data.len(), &mut size);
-            if !sent_head {
-                out.extend_from_slice(size);
-                out.extend_from_slice(b"\r\n");
-            } else {
-                io.write_all(size).await?;
-                io.write_all(b"\r\n").await?;
-            }
-        }
-        if !sent_head && data.len() <= 16 * 1024 {
-            out.extend_from_slice(&data);
-            if chunked {
-                out.extend_from_slice(b"\r\n");
-            }
-            io.write_all(out).await?;
+        let mut size = [0u8; 18];
+        let size = if chunked {
+            hex_line(data.len(), &mut size)
         } else {
-            if !sent_head {
-                io.write_all(out).await?;
-            }
-            io.write_all(&data).await?;
-            if chunked {
-                io.write_all(b"\r\n").await?;
-            }
+            &[][..]
+        };
+        let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
+        let first = head.take().unwrap_or_default();
+        write_all_vectored(io, &mut [&first, size, &data, tail]).await?;
+        if close && left == Some(0) {
+            break;
         }
-        sent_head = true;
     }
-    if !sent_head {
-        io.write_all(out).await?;
+    if left.is_some_and(|left| left > 0) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the body ended before its content-length",
+        ));
     }
-    if chunked {
-        io.write_all(b"0\r\n\r\n").await?;
-    }
+    let first = head.take().unwrap_or_default();
+    let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
+    write_all_vectored(io, &mut [&first, end]).await?;
     io.flush().await?;
     Ok(!close)
 }
 
-/// `n` in lowercase hexadecimal.
-fn hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
-    let mut at = buf.len();
+/// Writes every byte of `parts`, in as few writes as the socket takes.
+async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &mut [&[u8]],
+) -> io::Result<()> {
+    let mut parts: &mut [&[u8]] = parts;
+    loop {
+        while parts.first().is_some_and(|p| p.is_empty()) {
+            parts = &mut parts[1..];
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let mut slices = [io::IoSlice::new(&[]); 4];
+        for (slice, part) in slices.iter_mut().zip(parts.iter()) {
+            *slice = io::IoSlice::new(part);
+        }
+        let mut n = io
+            .write_vectored(&slices[..parts.len().min(slices.len())])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        for part in parts.iter_mut() {
+            let taken = n.min(part.len());
+            *part = &part[taken..];
+            n -= taken;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// A chunk's size line: `n` in lowercase hexadecimal and CRLF.
+fn hex_line(n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    let mut at = 16;
+    let mut n = n;
     loop {
         at -= 1;
         buf[at] = b"0123456789abcdef"[n % 16];
@@ -345,7 +426,7 @@ impl<S: AsyncRead> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        if !this.prefix.is_empty() {
+        if !this.prefix.is_empty() && buf.remaining() > 0 {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
@@ -449,11 +530,90 @@ mod tests {
         ));
     }
 
+    /// A body of these pieces whose length is not known up front, or is
+    /// `claimed`.
+    fn streamed(pieces: &[&'static str], claimed: Option<u64>) -> Response<Body> {
+        use http_body_util::StreamBody;
+        let frames = pieces
+            .iter()
+            .map(|p| {
+                Ok::<_, crate::body::BoxError>(http_body::Frame::data(Bytes::from_static(
+                    p.as_bytes(),
+                )))
+            })
+            .collect::<Vec<_>>();
+        let body = crate::body::boxed(StreamBody::new(futures_util::stream::iter(frames)));
+        let mut response = Response::new(body);
+        if let Some(len) = claimed {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        response
+    }
+
+    async fn written(response: Response<Body>) -> (io::Result<bool>, String) {
+        let mut out = Vec::new();
+        let result = write(&mut out, response).await;
+        (result, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Bodies are framed as hyper frames them: by their length when it is
+    /// known, else chunked; a body shorter than its `Content-Length` closes
+    /// the connection, a longer one is cut there; a 204 has no length.
+    #[tokio::test]
+    async fn answers_are_framed_as_hyper_frames_them() {
+        let (result, text) = written(Response::new(crate::body::full("hello"))).await;
+        assert!(result.expect("written"), "kept alive");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("\r\ndate: "), "{text}");
+        assert!(text.ends_with("content-length: 5\r\n\r\nhello"), "{text}");
+
+        let (result, text) = written(streamed(&["ab", "", "cde"], None)).await;
+        assert!(result.expect("written"));
+        assert!(
+            text.ends_with("transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
+            "{text}"
+        );
+
+        let (result, text) = written(streamed(&["ab", "cd"], Some(4))).await;
+        assert!(result.expect("written"));
+        assert!(text.contains("\r\ncontent-length: 4\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nabcd"), "{text}");
+
+        let (result, _) = written(streamed(&["ab"], Some(4))).await;
+        assert!(
+            result.is_err(),
+            "short of its length: the connection closes"
+        );
+
+        let (result, text) = written(streamed(&["ab", "cdef", "gh"], Some(3))).await;
+        assert!(!result.expect("written"), "cut, and closed");
+        assert!(text.contains("\r\ncontent-length: 3\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nabc"), "{text}");
+
+        let mut no_content = streamed(&[], Some(0));
+        *no_content.status_mut() = http::StatusCode::NO_CONTENT;
+        let (result, text) = written(no_content).await;
+        assert!(result.expect("written"));
+        assert!(!text.contains("content-length"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+
+        let mut closing = Response::new(crate::body::full("x"));
+        closing.headers_mut().insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("foo, Close"),
+        );
+        let (result, _) = written(closing).await;
+        assert!(!result.expect("written"), "the answer asked to close");
+    }
+
     #[test]
-    fn hex_sizes() {
-        let mut buf = [0; 16];
-        assert_eq!(hex(0, &mut buf), b"0");
-        assert_eq!(hex(255, &mut buf), b"ff");
-        assert_eq!(hex(16 * 1024, &mut buf), b"4000");
+    fn chunk_size_lines() {
+        let mut buf = [0; 18];
+        assert_eq!(hex_line(0, &mut buf), b"0\r\n");
+        assert_eq!(hex_line(255, &mut buf), b"ff\r\n");
+        assert_eq!(hex_line(16 * 1024, &mut buf), b"4000\r\n");
+        assert_eq!(hex_line(usize::MAX, &mut buf), b"ffffffffffffffff\r\n");
     }
 }
