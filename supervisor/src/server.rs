@@ -70,7 +70,7 @@ enum Here {
     Answer(Response<Body>),
     /// Not a static file nor a fresh hit: on to the app, with the
     /// request's `Accept-Encoding` read.
-    AskApp(compress::Accepted),
+    AskApp(compress::Accepted, Option<crate::cache::Looked>),
     /// Not for here: the full way ([`AppService::respond`]).
     No,
 }
@@ -249,7 +249,7 @@ impl AppService {
         if let Some(response) = self.static_file(&req) {
             return (response, None);
         }
-        self.ask_app(req, client, None).await
+        self.ask_app(req, client, None, None).await
     }
 
     /// Static files: answered from disk without a worker hop (a retained
@@ -284,10 +284,11 @@ impl AppService {
         let accepted = compress::Accepted::parse(req.headers());
         let hit = match (&self.cache, &self.proxy) {
             (Some(cache), Some(_)) => cache.fresh_hit(req, &accepted),
-            _ => None,
+            _ => Err(None),
         };
-        let Some(mut response) = hit else {
-            return Here::AskApp(accepted);
+        let mut response = match hit {
+            Ok(response) => response,
+            Err(looked) => return Here::AskApp(accepted, looked),
         };
         // As `ask_app`: a retained version's hashed asset for a 404.
         if response.status() == StatusCode::NOT_FOUND
@@ -307,6 +308,7 @@ impl AppService {
         req: Request<Incoming>,
         client: ClientInfo,
         accepted: Option<compress::Accepted>,
+        looked: Option<crate::cache::Looked>,
     ) -> (Response<Body>, Option<usize>) {
         // A content-hashed asset the active version answers 404 for may be
         // a retained version's (a browser holding the old build's HTML).
@@ -329,7 +331,7 @@ impl AppService {
         // The cache in front of the workers; it reaches them through `fill`
         // and compresses what it answers.
         let mut response = match &self.cache {
-            Some(cache) => cache.handle(req, &fill, accepted).await,
+            Some(cache) => cache.handle_looked(req, &fill, accepted, looked).await,
             None => {
                 let head = req.method() == http::Method::HEAD;
                 let preview = self
@@ -518,7 +520,9 @@ impl Handler for AppService {
         } else {
             match self.answer_here(&req) {
                 Here::Answer(response) => (response, None),
-                Here::AskApp(accepted) => self.ask_app(req, client, Some(accepted)).await,
+                Here::AskApp(accepted, looked) => {
+                    self.ask_app(req, client, Some(accepted), looked).await
+                }
                 Here::No => self.respond(req, client, client_ip).await,
             }
         };

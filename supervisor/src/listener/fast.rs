@@ -54,13 +54,16 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Left {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut answered = false;
+    // Registered once per connection, not per request.
+    let stopped = stop.cancelled();
+    let mut stopped = std::pin::pin!(stopped);
     loop {
         if buf.is_empty() {
             // Between requests: shutdown closes the connection, as hyper
             // closes an idle one.
             let read = tokio::select! {
                 biased;
-                () = stop.cancelled() => return Left::Closed,
+                () = &mut stopped => return Left::Closed,
                 read = read_more(io, &mut buf) => read,
             };
             if !read {
@@ -76,15 +79,15 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
             Parsed::Request(req, len) => (req, len),
-            Parsed::Partial | Parsed::NotHere => return hand_over(io, buf, answered, stop).await,
+            Parsed::Partial | Parsed::NotHere => return hand_over(buf, answered, stop),
         };
         let Some(response) = handler.answer_now(&mut req, peer) else {
-            return hand_over(io, buf, answered, stop).await;
+            return hand_over(buf, answered, stop);
         };
         buf.advance(len);
         answered = true;
         let in_flight = activity.begin();
-        let written = write(io, response).await;
+        let written = write(io, response, stop.is_cancelled()).await;
         drop(in_flight);
         match written {
             Ok(true) if !stop.is_cancelled() => {}
@@ -93,24 +96,13 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Gives the connection to hyper, unless it can no longer serve it as
-/// hyper alone would have: after answers here, an HTTP/2 preface is a
-/// broken client (hyper would never switch a connection of HTTP/1.1
-/// requests to HTTP/2), and once shutdown began hyper would close it
-/// without answering the request it holds, so that one gets a 503.
-async fn hand_over<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    buf: BytesMut,
-    answered: bool,
-    stop: &CancellationToken,
-) -> Left {
-    if answered && buf.starts_with(b"PRI ") {
-        return Left::Closed;
-    }
-    if stop.is_cancelled() {
-        let refusal: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nretry-after: 1\r\nconnection: close\r\n\r\nbext is shutting down\n";
-        let _ = io.write_all(refusal).await;
-        let _ = io.shutdown().await;
+/// Gives the connection to hyper, unless hyper alone would not serve what
+/// is left: after answers here, an HTTP/2 preface (hyper never switches a
+/// connection of HTTP/1.1 requests to HTTP/2), or a request that comes
+/// once shutdown began (hyper closes a kept-alive connection then, and the
+/// client retries on a new one).
+fn hand_over(buf: BytesMut, answered: bool, stop: &CancellationToken) -> Left {
+    if answered && (buf.starts_with(b"PRI * HTTP/2.0") || stop.is_cancelled()) {
         return Left::Closed;
     }
     Left::Hyper(buf)
@@ -216,8 +208,13 @@ fn plain_field(name: &HeaderName, value: &[u8]) -> bool {
 /// Writes `response` as HTTP/1.1 (head, then body); true if the connection
 /// may carry another request. A body that ends before its
 /// `Content-Length` is an error (the connection closes, as hyper closes
-/// it); one that goes on is cut there.
-async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> io::Result<bool> {
+/// it); one that goes on is cut there. `closing`: the last answer on this
+/// connection (shutdown began), which says so.
+async fn write<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    response: Response<Body>,
+    closing: bool,
+) -> io::Result<bool> {
     use http::header;
     let (parts, mut body) = response.into_parts();
     let mut head = Vec::with_capacity(512);
@@ -261,6 +258,10 @@ async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> i
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    if closing && !close {
+        head.extend_from_slice(b"connection: close\r\n");
+        close = true;
+    }
     if !parts.headers.contains_key(header::DATE) {
         head.extend_from_slice(b"date: ");
         date(&mut head);
@@ -291,6 +292,7 @@ async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> i
     // cached page.
     let mut head = Some(head);
     let mut left = declared;
+    let mut cut = false;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(io::Error::other)?;
         let Ok(mut data) = frame.into_data() else {
@@ -300,12 +302,10 @@ async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> i
             if data.len() as u64 > *left {
                 // Longer than it said: cut, and close.
                 data.truncate(*left as usize);
+                cut = true;
                 close = true;
             }
             *left -= data.len() as u64;
-        }
-        if data.is_empty() {
-            continue;
         }
         let mut size = [0u8; 18];
         let size = if chunked {
@@ -314,9 +314,11 @@ async fn write<S: AsyncWrite + Unpin>(io: &mut S, response: Response<Body>) -> i
             &[][..]
         };
         let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
-        let first = head.take().unwrap_or_default();
-        write_all_vectored(io, &mut [&first, size, &data, tail]).await?;
-        if close && left == Some(0) {
+        if !data.is_empty() {
+            let first = head.take().unwrap_or_default();
+            write_all_vectored(io, &mut [&first, size, &data, tail]).await?;
+        }
+        if cut {
             break;
         }
     }
@@ -554,7 +556,7 @@ mod tests {
 
     async fn written(response: Response<Body>) -> (io::Result<bool>, String) {
         let mut out = Vec::new();
-        let result = write(&mut out, response).await;
+        let result = write(&mut out, response, false).await;
         (result, String::from_utf8_lossy(&out).into_owned())
     }
 
@@ -606,6 +608,65 @@ mod tests {
         );
         let (result, _) = written(closing).await;
         assert!(!result.expect("written"), "the answer asked to close");
+    }
+
+    /// A socket that takes one byte per write and no vectors.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let Some(&first) = buf.first() else {
+                return Poll::Ready(Ok(0));
+            };
+            self.0.push(first);
+            Poll::Ready(Ok(1))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Partial writes resume where they stopped, across the pieces; an
+    /// answer written at shutdown says it closes the connection; a body cut
+    /// at its length is not polled on.
+    #[tokio::test]
+    async fn partial_writes_closing_answers_and_cut_bodies() {
+        let mut trickle = Trickle(Vec::new());
+        let kept = write(&mut trickle, streamed(&["ab", "cde"], None), true)
+            .await
+            .expect("written");
+        assert!(!kept, "closing");
+        let text = String::from_utf8(trickle.0).expect("text");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
+            "{text}"
+        );
+
+        // A body that never ends, past its length: cut, and not waited on.
+        use http_body_util::StreamBody;
+        let endless = futures_util::stream::iter(std::iter::repeat_with(|| {
+            Ok::<_, crate::body::BoxError>(http_body::Frame::data(Bytes::from_static(b"xy")))
+        }));
+        let mut response = Response::new(crate::body::boxed(StreamBody::new(endless)));
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(4u64));
+        let (result, text) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), written(response))
+                .await
+                .expect("the body was not polled on past its length");
+        assert!(!result.expect("written"), "cut, and closed");
+        assert!(text.ends_with("\r\n\r\nxyxy"), "{text}");
     }
 
     #[test]

@@ -161,6 +161,15 @@ pub async fn serve<H: Handler>(
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    // For a request read by the short way as shutdown began: answered
+    // alone, on a connection that closes after it.
+    let mut last_answer = hyper::server::conn::http1::Builder::new();
+    last_answer
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
     let graceful = Arc::new(GracefulShutdown::new());
 
     // Every shard accepts on the same socket: whichever is free first takes
@@ -168,9 +177,10 @@ pub async fn serve<H: Handler>(
     let listener = listener.into_std()?;
     let mut acceptors = Vec::with_capacity(shards.handles().len());
     for shard in shards.handles() {
-        let (listener, builder, handler, graceful, stop, tls) = (
+        let (listener, builder, last_answer, handler, graceful, stop, tls) = (
             listener.try_clone()?,
             builder.clone(),
+            last_answer.clone(),
             Arc::clone(&handler),
             Arc::clone(&graceful),
             shutdown.graceful.clone(),
@@ -181,6 +191,7 @@ pub async fn serve<H: Handler>(
                 Ok(listener) => {
                     let conns = Conns {
                         builder: &builder,
+                        last_answer: &last_answer,
                         handler: &handler,
                         limits,
                         graceful: &graceful,
@@ -303,6 +314,8 @@ fn bad_request(why: &'static str) -> http::Response<Body> {
 /// What every connection of a shard is served with.
 struct Conns<'a, H> {
     builder: &'a auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 alone, no keep-alive (see [`serve`]).
+    last_answer: &'a hyper::server::conn::http1::Builder,
     handler: &'a Arc<H>,
     limits: ConnLimits,
     graceful: &'a GracefulShutdown,
@@ -345,8 +358,9 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
             )
         });
         let Some(tls) = &conns.tls else {
-            let (builder, watcher, stop) = (
+            let (builder, last_answer, watcher, stop) = (
                 conns.builder.clone(),
+                conns.last_answer.clone(),
                 conns.graceful.watcher(),
                 stop.clone(),
             );
@@ -366,6 +380,17 @@ async fn accept<H: Handler>(listener: TcpListener, conns: &Conns<'_, H>, stop: &
                 } else {
                     bytes::Bytes::new()
                 };
+                if short && stop.is_cancelled() {
+                    // Shutdown began while its first request was read: that
+                    // one is answered, then the connection closes (the drain
+                    // waits for it: `watcher` is held until then).
+                    let io = TokioIo::new(fast::Prefixed::new(read, io));
+                    if let Err(e) = last_answer.serve_connection(io, service).await {
+                        debug!(%peer, "connection ended: {e}");
+                    }
+                    drop(watcher);
+                    return;
+                }
                 let conn = builder
                     .serve_connection_with_upgrades(
                         TokioIo::new(fast::Prefixed::new(read, io)),
