@@ -37,7 +37,7 @@ bext_under_callgrind() {
   local name="$1"; shift
   BEXT_THREADS=1 XDG_RUNTIME_DIR="$WORK" BEXT_LOG_FORMAT=json \
     valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" --instr-atstart=no \
-    "$ROOT/target/release/bext" run "$HONO" --listen 127.0.0.1:0 --workers 1 "$@" \
+    "${BEXT_BIN:-$ROOT/target/release/bext}" run "$HONO" --listen 127.0.0.1:0 --workers 1 "$@" \
     2>"$WORK/$name.log" >/dev/null &
   CG_PID=$!
   PIDS+=("$CG_PID")
