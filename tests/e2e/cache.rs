@@ -24,7 +24,7 @@ async fn get(bext: &Bext, path: &str) -> (String, reqwest::header::HeaderMap, St
 }
 
 /// Renders of `path` so far, as the origin fixture counts them.
-async fn renders(bext: &Bext, path: &str) -> u64 {
+pub(crate) async fn renders(bext: &Bext, path: &str) -> u64 {
     let url = format!("/count?path={path}");
     let json: Value = client()
         .get(bext.url(&url))
@@ -37,7 +37,7 @@ async fn renders(bext: &Bext, path: &str) -> u64 {
     json["renders"].as_u64().expect("renders")
 }
 
-fn origin(config: &str) -> (tempfile::TempDir, Bext) {
+pub(crate) fn origin(config: &str) -> (tempfile::TempDir, Bext) {
     origin_with(config, &[])
 }
 

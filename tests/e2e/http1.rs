@@ -7,24 +7,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::support::{Bext, Options, client, fixture};
+use crate::cache::renders;
+use crate::support::Bext;
 
 const PAGE: &str = "/page/short?cc=public,max-age=3600&size=100";
 
 /// The origin fixture, one worker, the given `[server]` lines.
 fn origin(server: &str) -> (tempfile::TempDir, Bext) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let origin = fixture("origin");
-    for file in ["package.json", "server.js"] {
-        std::fs::copy(origin.join(file), dir.path().join(file)).expect("copy");
-    }
-    std::fs::write(
-        dir.path().join("bext.config.toml"),
-        format!("[server]\n{server}\n[isolate]\nworkers = 1\n"),
-    )
-    .expect("config");
-    let bext = Bext::start(dir.path(), &Options::default());
-    (dir, bext)
+    crate::cache::origin(&format!("[server]\n{server}\n[isolate]\nworkers = 1\n"))
 }
 
 /// Stores `PAGE` and checks that it is now a hit.
@@ -160,24 +150,13 @@ async fn issue13_pipelined_hits_and_what_follows_them_are_answered_in_order() {
             "answer {i}: a request id of its own"
         );
     }
-    let base = bext.url("/count?path=");
-    let renders = |path: &'static str| {
-        let url = format!("{base}{path}");
-        async move {
-            let count: serde_json::Value = client()
-                .get(url)
-                .send()
-                .await
-                .expect("count")
-                .json()
-                .await
-                .expect("json");
-            count["renders"].as_u64().expect("renders")
-        }
-    };
-    assert_eq!(renders("/page/short").await, 1, "rendered once, then hits");
     assert_eq!(
-        renders("/page/smuggled").await,
+        renders(&bext, "/page/short").await,
+        1,
+        "rendered once, then hits"
+    );
+    assert_eq!(
+        renders(&bext, "/page/smuggled").await,
         0,
         "the body was read as a request"
     );

@@ -1096,7 +1096,7 @@ mod compression_tests {
     }
 
     /// An in-memory cache with the default settings.
-    fn new_cache() -> Arc<IsrCache> {
+    pub(super) fn new_cache() -> Arc<IsrCache> {
         let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
             .expect("defaults")
             .isr;
@@ -1351,14 +1351,7 @@ mod fresh_hit_tests {
     /// on from what it looked up to the same answer.
     #[tokio::test]
     async fn a_fresh_hit_answered_at_once_is_the_answer_the_full_way_gives() {
-        let settings = crate::config::Config::parse(std::path::Path::new("x.toml"), "")
-            .expect("defaults")
-            .isr;
-        let cache = Arc::new(IsrCache::in_memory(
-            settings,
-            Duration::from_secs(30),
-            CacheCounters::default(),
-        ));
+        let cache = super::compression_tests::new_cache();
         let fill = Page(Arc::new(AtomicUsize::new(0)));
         for path in ["/page", "/stale"] {
             let req = request(Method::GET, path, &[]);
