@@ -64,6 +64,12 @@ impl Record {
         }
     }
 
+    /// Logs a request whose answer was written whole (`complete`: sent),
+    /// with `bytes` of body.
+    pub fn sent(self: Box<Self>, bytes: u64, complete: bool) {
+        self.emit(bytes, complete);
+    }
+
     fn host(&self) -> &[u8] {
         match &self.host {
             Some(host) => host.as_bytes(),

@@ -27,7 +27,7 @@ use crate::config::platform::{PlatformConfig, PlatformTls};
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
 use crate::listener::acme::Acme;
 use crate::listener::tls::{CertSource, Certificates, Origin};
-use crate::listener::{Handler, Peer, Shutdown};
+use crate::listener::{Handler, Now, Peer, Shutdown};
 use crate::metrics::Metrics;
 use crate::platform::{Platform, Signals};
 use crate::router::{self, RouteTable};
@@ -304,12 +304,12 @@ impl Handler for PlatformService {
         }
     }
 
-    fn answer_now(&self, req: &mut Request<()>, peer: &Peer) -> Option<Response<Body>> {
+    fn answer_now(&self, req: &mut Request<()>, peer: &Peer, head: &mut Vec<u8>) -> Option<Now> {
         if req.uri().path().starts_with("/__bext/platform/") {
             return None;
         }
         let routes = self.routes.load();
-        routes.route(host_of(req))?.answer_now(req, peer)
+        routes.route(host_of(req))?.answer_now(req, peer, head)
     }
 }
 

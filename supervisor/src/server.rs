@@ -25,7 +25,7 @@ use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
 use crate::compress;
-use crate::listener::{Handler, Peer};
+use crate::listener::{Handler, Now, Peer, Written};
 use crate::metrics::AppCounters;
 use crate::proxy::{ClientFill, ClientInfo, Proxy, headers};
 use crate::ratelimit::{Decision, RateLimiter};
@@ -68,6 +68,8 @@ pub struct AppService {
 /// What [`AppService::answer_here`] could do for a request.
 enum Here {
     Answer(Response<Body>),
+    /// A fresh hit written as head bytes ([`crate::cache::Hit::Written`]).
+    Written(crate::cache::WrittenHit),
     /// Not a static file nor a fresh hit: on to the app, with the
     /// request's `Accept-Encoding` read.
     AskApp(compress::Accepted, Option<crate::cache::Looked>),
@@ -77,7 +79,7 @@ enum Here {
 
 /// Counts a request as in flight until its response body is done.
 #[derive(Debug)]
-struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     fn new(counter: &Arc<AtomicUsize>) -> Self {
@@ -270,7 +272,9 @@ impl AppService {
     /// [`AppService::respond`] would answer it: a static file or a fresh
     /// cache hit. Most requests to a busy site are one of the two, and
     /// answered here they skip the layers of futures the rest needs.
-    fn answer_here<B>(&self, req: &Request<B>) -> Here {
+    /// Given `write`, a plain hit may be written there as head bytes
+    /// ([`Here::Written`]).
+    fn answer_here<B>(&self, req: &Request<B>, write: Option<&mut Vec<u8>>) -> Here {
         // What `respond` does first, and what waits: not here.
         if self.live_reload.is_some()
             || self.limiter.is_some()
@@ -282,12 +286,16 @@ impl AppService {
             return Here::Answer(response);
         }
         let accepted = compress::Accepted::parse(req.headers());
+        // A cached 404 may be answered by a retained version instead
+        // (below): not written then.
+        let write = write.filter(|_| !self.may_have_older(req.uri().path()));
         let hit = match (&self.cache, &self.proxy) {
-            (Some(cache), Some(_)) => cache.fresh_hit(req, &accepted),
+            (Some(cache), Some(_)) => cache.fresh_hit(req, &accepted, write),
             _ => Err(None),
         };
         let mut response = match hit {
-            Ok(response) => response,
+            Ok(crate::cache::Hit::Response(response)) => response,
+            Ok(crate::cache::Hit::Written(hit)) => return Here::Written(hit),
             Err(looked) => return Here::AskApp(accepted, looked),
         };
         // As `ask_app`: a retained version's hashed asset for a 404.
@@ -492,6 +500,29 @@ impl AppService {
     }
 }
 
+impl AppService {
+    /// [`AppService::finish`] for a hit written as head bytes into `head`.
+    fn finish_written(
+        &self,
+        begun: Begun,
+        hit: crate::cache::WrittenHit,
+        head: &mut Vec<u8>,
+    ) -> Written {
+        let record = begun.record.answered();
+        crate::listener::push_field(head, &headers::X_REQUEST_ID, &begun.request_id);
+        self.counters.count(hit.status);
+        Written {
+            body: hit.body,
+            dated: hit.dated,
+            record: record.map(|mut r| {
+                r.status = hit.status;
+                r
+            }),
+            guard: begun.guard,
+        }
+    }
+}
+
 impl Handler for AppService {
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
@@ -518,28 +549,37 @@ impl Handler for AppService {
         let (response, worker) = if !req.method().is_safe() {
             self.respond_to_the_end(req, client, client_ip).await
         } else {
-            match self.answer_here(&req) {
+            match self.answer_here(&req, None) {
                 Here::Answer(response) => (response, None),
                 Here::AskApp(accepted, looked) => {
                     self.ask_app(req, client, Some(accepted), looked).await
                 }
-                Here::No => self.respond(req, client, client_ip).await,
+                // (`Written` needs a buffer, and none was given.)
+                Here::No | Here::Written(_) => self.respond(req, client, client_ip).await,
             }
         };
         self.finish(begun, response, worker)
     }
 
-    fn answer_now(&self, req: &mut Request<()>, peer: &Peer) -> Option<Response<Body>> {
+    fn answer_now(&self, req: &mut Request<()>, peer: &Peer, head: &mut Vec<u8>) -> Option<Now> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
         // The scheme first: it is part of the cache key. The rest of the
         // bookkeeping only for a request answered here (`handle` does it
         // for the others).
-        self.scheme(req, peer.addr.ip());
-        let Here::Answer(response) = self.answer_here(req) else {
-            return None;
-        };
-        let begun = self.begin(req, peer, started, guard);
-        Some(self.finish(begun, response, None))
+        let (_, secure) = self.scheme(req, peer.addr.ip());
+        // `finish` puts its own HSTS field over the app's: not written.
+        let write = !(secure && self.hsts.load().is_some());
+        match self.answer_here(req, write.then_some(&mut *head)) {
+            Here::Answer(response) => {
+                let begun = self.begin(req, peer, started, guard);
+                Some(Now::Response(self.finish(begun, response, None)))
+            }
+            Here::Written(hit) => {
+                let begun = self.begin(req, peer, started, guard);
+                Some(Now::Written(self.finish_written(begun, hit, head)))
+            }
+            Here::AskApp(..) | Here::No => None,
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::Value;
@@ -488,6 +488,18 @@ async fn issue13_acme_tls_alpn01_issues_and_a_restart_keeps_the_account() {
     let first = served(bext.addr, FIRST, &root).await;
     let store = platform.store(&pebble);
     let account = std::fs::read(store.join("account.json")).expect("account");
+    // Kept on disk just after it is served (a restart before that would
+    // order it again).
+    let kept = store.join("certs").join(format!("{FIRST}.pem"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kept.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            kept.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(bext);
 
     platform.write(&pebble, "\"tls-alpn-01\"", &[FIRST, ADDED]);

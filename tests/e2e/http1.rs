@@ -180,6 +180,78 @@ async fn issue13_pipelined_hits_and_what_follows_them_are_answered_in_order() {
     assert_eq!(logged, ids.len(), "one line per request");
 }
 
+/// A hit written as bytes on the short way (the head made once per
+/// object and coding) has the fields hyper's way gives the same request,
+/// each once: identity and gzip, the page's own `Date` kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_a_hit_written_as_bytes_is_the_answer_hypers_way_gives() {
+    let (_dir, bext) = origin("");
+    const BIG: &str = "/page/written?cc=public,max-age=3600&size=4096";
+    for accept in ["", "Accept-Encoding: gzip\r\n"] {
+        // Stored, and (gzip) its variant made: hyper's way (TE sends a
+        // request there) until the answer is a compressed hit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let bytes = exchange(
+                &bext,
+                get(
+                    BIG,
+                    &format!("{accept}TE: trailers\r\nConnection: close\r\n"),
+                )
+                .as_bytes(),
+            );
+            let answer = &answers(&bytes)[0];
+            if answer.header("x-bext-cache") == Some("HIT")
+                && (accept.is_empty() || answer.header("content-encoding") == Some("gzip"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never a compressed hit: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut request = get(BIG, accept);
+        request.push_str(&get(
+            BIG,
+            &format!("{accept}TE: trailers\r\nConnection: close\r\n"),
+        ));
+        let bytes = exchange(&bext, request.as_bytes());
+        let both = answers(&bytes);
+        assert_eq!(both.len(), 2, "{:?}", String::from_utf8_lossy(&bytes));
+        // What differs per request or per connection, each once.
+        let volatile = ["date", "age", "x-request-id", "cache-status", "connection"];
+        let fields = |answer: &Answer| {
+            for name in &volatile[..4] {
+                let count = answer
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .count();
+                assert_eq!(count, 1, "{name} in {answer:?}");
+            }
+            let mut fields: Vec<(String, String)> = answer
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .filter(|(n, _)| !volatile.contains(&n.as_str()))
+                .collect();
+            fields.sort();
+            fields
+        };
+        let (written, hypers) = (&both[0], &both[1]);
+        assert_eq!(written.status, hypers.status);
+        assert_eq!(fields(written), fields(hypers), "accept {accept:?}");
+        assert_eq!(written.body, hypers.body);
+        assert_eq!(written.header("x-bext-cache"), Some("HIT"));
+        assert_eq!(hypers.header("connection"), Some("close"));
+        if !accept.is_empty() {
+            assert_eq!(written.header("content-encoding"), Some("gzip"));
+        }
+    }
+}
+
 /// After answers the short way, an HTTP/2 preface is not taken for a new
 /// connection: the connection is closed (hyper alone never switches a
 /// connection of HTTP/1.1 requests to HTTP/2).

@@ -101,6 +101,26 @@ pub struct Looked {
     info: Option<Arc<UrlInfo>>,
 }
 
+/// A fresh hit answered at once ([`IsrCache::fresh_hit`]).
+#[derive(Debug)]
+pub enum Hit {
+    Response(Response<Body>),
+    /// Written as HTTP/1.1 head bytes into the buffer given.
+    Written(WrittenHit),
+}
+
+/// A hit whose status line and fields (all but `Date` when `dated` is
+/// false, the request id and the connection's own) are written; what goes
+/// with them.
+#[derive(Debug)]
+pub struct WrittenHit {
+    pub status: http::StatusCode,
+    /// The whole body; the fields give its length.
+    pub body: Bytes,
+    /// The fields include `Date`.
+    pub dated: bool,
+}
+
 /// One app's cache.
 pub struct IsrCache<S: Store = TieredStore> {
     store: S,
@@ -476,14 +496,20 @@ impl<S: Store> IsrCache<S> {
     }
 
     /// A fresh hit from memory, answered without waiting for anything;
-    /// `None` when the request takes the full way ([`IsrCache::handle`]):
+    /// `Err` when the request takes the full way ([`IsrCache::handle`]):
     /// not a fresh hit here, or one whose compressed variant is still to
     /// be made. What `handle` would answer, checked in the same order.
+    ///
+    /// Given `write`, a plain `GET`'s hit is written there as HTTP/1.1
+    /// head bytes ([`Hit::Written`]) instead of built as a response: the
+    /// fields that are the same for every such hit are made once per
+    /// object and coding.
     pub fn fresh_hit<B>(
         &self,
         req: &Request<B>,
         accepted: &crate::compress::Accepted,
-    ) -> Result<Response<Body>, Option<Looked>> {
+        write: Option<&mut Vec<u8>>,
+    ) -> Result<Hit, Option<Looked>> {
         let rule = self.rule_for(req.uri().path());
         if policy::request_bypass(req.method(), req.headers(), rule).is_some()
             || self.is_draft(req.headers())
@@ -497,7 +523,7 @@ impl<S: Store> IsrCache<S> {
                 info: None,
             }));
         };
-        let answer = self.fresh_object(req, accepted, &primary, &info);
+        let answer = self.fresh_object(req, accepted, &primary, &info, write);
         answer.ok_or(Some(Looked {
             primary,
             info: Some(info),
@@ -511,7 +537,8 @@ impl<S: Store> IsrCache<S> {
         accepted: &crate::compress::Accepted,
         primary: &str,
         info: &UrlInfo,
-    ) -> Option<Response<Body>> {
+        write: Option<&mut Vec<u8>>,
+    ) -> Option<Hit> {
         let key = key::full(primary, req.headers(), &info.vary);
         let passing = if info.vary.is_empty() {
             info.pass.is_some_and(|(_, until, epoch)| {
@@ -532,13 +559,65 @@ impl<S: Store> IsrCache<S> {
         if object.freshness(now) != Freshness::Fresh {
             return None;
         }
+        if let Some(out) = write
+            && let Some(written) = self.write_hit(req, accepted, &object, now, out)
+        {
+            self.counters.hits.inc();
+            return Some(Hit::Written(written));
+        }
         match self.answer_ready(req, accepted, &object, Served::Hit, now) {
             Ready::Answer(response) => {
                 self.counters.hits.inc();
-                Some(response)
+                Some(Hit::Response(response))
             }
             Ready::Wait(..) => None,
         }
+    }
+
+    /// What [`IsrCache::answer_ready`] answers a plain `GET` (no
+    /// conditional fields) from the fresh `object`, written into `out` as
+    /// HTTP/1.1 head bytes, and its body; `None` for anything else (a
+    /// conditional request, a status without a body, a variant still to
+    /// be made), which is answered as a response.
+    fn write_hit<B>(
+        &self,
+        req: &Request<B>,
+        accepted: &crate::compress::Accepted,
+        object: &Object,
+        now: SystemTime,
+        out: &mut Vec<u8>,
+    ) -> Option<WrittenHit> {
+        let status = object.status;
+        if req.method() != Method::GET
+            || status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || req.headers().contains_key(header::IF_NONE_MATCH)
+            || req.headers().contains_key(header::IF_MODIFIED_SINCE)
+        {
+            return None;
+        }
+        let coding = if object.compressible {
+            crate::compress::stored_coding(&self.compression.load(), accepted, object.body.len())
+        } else {
+            None
+        };
+        let (variant, body) = match coding {
+            None => (None, object.body.clone()),
+            // Not made yet: the full way starts it.
+            Some(coding) => match object.variant(coding)? {
+                Some(variant) => (Some(variant.clone()), variant),
+                None => (None, object.body.clone()),
+            },
+        };
+        let head = object.hit_head(coding, || hit_head(object, coding, variant, now))?;
+        out.extend_from_slice(&head.bytes);
+        respond::write_hit_fields(out, object, now);
+        Some(WrittenHit {
+            status,
+            body,
+            dated: head.dated,
+        })
     }
 
     /// Starts making `object`'s variant for `coding` unless it is being
@@ -894,6 +973,49 @@ fn finish_answer<B>(
     response
 }
 
+/// The fields every plain `GET`'s hit of `object` with `coding` (and its
+/// `variant`, if made and smaller) has in common, made by the way a hit is
+/// answered as a response and written out as HTTP/1.1 field lines; `None`
+/// if the answer has a field a written hit must not carry as it is.
+fn hit_head(
+    object: &Object,
+    coding: Option<crate::compress::Coding>,
+    variant: Option<Bytes>,
+    now: SystemTime,
+) -> Option<object::HitHead> {
+    let plain = Request::new(());
+    let mut response = respond::serve(&plain, object, Served::Hit, now);
+    if let Some(coding) = coding {
+        response = finish_answer(response, &plain, object, coding, variant);
+    }
+    let length = http_body::Body::size_hint(response.body()).exact()?;
+    let headers = response.headers_mut();
+    // Per request: written by the cache, the server and the listener.
+    headers.remove(header::AGE);
+    respond::unmark(headers);
+    headers.remove(crate::proxy::headers::X_REQUEST_ID);
+    respond::strip_internal_headers(headers);
+    let framed = headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|value| value.as_bytes() == itoa::Buffer::new().format(length).as_bytes());
+    if !framed
+        || headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.contains_key(header::CONNECTION)
+    {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(256);
+    crate::listener::push_status_line(&mut bytes, response.status());
+    for (name, value) in response.headers() {
+        crate::listener::push_field(&mut bytes, name, value);
+    }
+    Some(object::HitHead {
+        // (Copied: no spare room held with the object.)
+        bytes: Bytes::copy_from_slice(&bytes),
+        dated: response.headers().contains_key(header::DATE),
+    })
+}
+
 /// The primary key of a `Location` / `Content-Location` value on the same
 /// host as the request (relative references, or absolute ones naming it).
 fn same_origin_primary(value: &HeaderValue, host: Option<&HeaderValue>) -> Option<String> {
@@ -1201,7 +1323,9 @@ mod compression_tests {
                         assert_eq!(decoded, identity.as_bytes(), "{accept}");
                         assert!(body.len() < identity.len() / 10);
                         if round == 0 {
-                            grown += body.len() as u64;
+                            // The variant, and the head of its hits.
+                            let stored = cache.store.get_here("a.test /page").expect("stored");
+                            grown += (body.len() + stored.head_estimate()) as u64;
                         }
                     }
                     None => {
@@ -1361,7 +1485,11 @@ mod fresh_hit_tests {
         let gzip = request(Method::GET, "/page", &[("accept-encoding", "gzip")]);
         assert!(
             cache
-                .fresh_hit(&gzip, &Accepted::parse(gzip.headers()))
+                .fresh_hit(
+                    &gzip,
+                    &Accepted::parse(gzip.headers()),
+                    Some(&mut Vec::new())
+                )
                 .is_err()
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1378,47 +1506,91 @@ mod fresh_hit_tests {
         let stored = cache.store.get_here("a.test /page").expect("stored");
         assert!(stored.variant(Coding::Br).is_none());
 
-        // (method, path, headers, answered at once?)
-        type Row<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], bool);
+        // How a request is answered: written as head bytes, as a response
+        // at once, or the full way.
+        #[derive(Debug, PartialEq, Clone, Copy)]
+        enum Way {
+            Written,
+            AtOnce,
+            Full,
+        }
+        use Way::{AtOnce, Full, Written};
+        type Row<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], Way);
         let table: &[Row<'_>] = &[
-            (Method::GET, "/page", &[], true),
-            (Method::GET, "/page", &[("accept-encoding", "gzip")], true),
+            (Method::GET, "/page", &[], Written),
+            (
+                Method::GET,
+                "/page",
+                &[("accept-encoding", "gzip")],
+                Written,
+            ),
             (
                 Method::GET,
                 "/page",
                 &[("accept-encoding", "gzip;q=0")],
-                true,
+                Written,
             ),
-            (Method::HEAD, "/page", &[("accept-encoding", "gzip")], true),
+            (
+                Method::HEAD,
+                "/page",
+                &[("accept-encoding", "gzip")],
+                AtOnce,
+            ),
             // br not made: HEAD says what a GET would get (identity now).
-            (Method::HEAD, "/page", &[("accept-encoding", "br")], true),
-            (Method::GET, "/page", &[("if-none-match", "\"v1\"")], true),
+            (Method::HEAD, "/page", &[("accept-encoding", "br")], AtOnce),
+            (Method::GET, "/page", &[("if-none-match", "\"v1\"")], AtOnce),
+            (Method::GET, "/page", &[("if-none-match", "\"v2\"")], AtOnce),
+            (
+                Method::GET,
+                "/page",
+                &[("if-modified-since", "Thu, 01 Jan 2099 00:00:00 GMT")],
+                AtOnce,
+            ),
             (
                 Method::GET,
                 "/page",
                 &[("if-none-match", "W/\"v1\""), ("accept-encoding", "gzip")],
-                true,
+                AtOnce,
             ),
-            (Method::GET, "/page", &[("authorization", "Bearer x")], true),
-            (Method::GET, "/page", &[("range", "bytes=0-9")], true),
+            (
+                Method::GET,
+                "/page",
+                &[("authorization", "Bearer x")],
+                Written,
+            ),
+            (Method::GET, "/page", &[("range", "bytes=0-9")], Written),
             // The variant is to be made: the full way waits for it.
-            (Method::GET, "/page", &[("accept-encoding", "br")], false),
+            (Method::GET, "/page", &[("accept-encoding", "br")], Full),
             // A client's no-cache does not reach the app through a shared
             // cache (as with nginx and Varnish): a hit either way.
-            (Method::GET, "/page", &[("cache-control", "no-cache")], true),
-            (Method::GET, "/page", &[("upgrade", "websocket")], false),
-            (Method::GET, "/stale", &[], false),
-            (Method::GET, "/never-seen", &[], false),
-            (Method::POST, "/page", &[], false),
-            (Method::DELETE, "/page", &[], false),
+            (
+                Method::GET,
+                "/page",
+                &[("cache-control", "no-cache")],
+                Written,
+            ),
+            (Method::GET, "/page", &[("upgrade", "websocket")], Full),
+            (Method::GET, "/stale", &[], Full),
+            (Method::GET, "/never-seen", &[], Full),
+            (Method::POST, "/page", &[], Full),
+            (Method::DELETE, "/page", &[], Full),
         ];
-        for (method, path, headers, at_once) in table {
+        for (method, path, headers, way) in table {
             let req = request(method.clone(), path, headers);
             let accepted = Accepted::parse(req.headers());
-            let here = cache.fresh_hit(&req, &accepted);
-            assert_eq!(here.is_ok(), *at_once, "{method} {path} {headers:?}");
+            let mut head = Vec::new();
+            let written = cache.fresh_hit(&req, &accepted, Some(&mut head));
+            let here = cache.fresh_hit(&req, &accepted, None);
+            let got = match (&written, &here) {
+                (Ok(Hit::Written(_)), Ok(Hit::Response(_))) => Written,
+                (Ok(Hit::Response(_)), Ok(Hit::Response(_))) => AtOnce,
+                (Err(_), Err(_)) => Full,
+                _ => panic!("{method} {path} {headers:?}: {written:?} and {here:?}"),
+            };
+            assert_eq!(got, *way, "{method} {path} {headers:?}");
             let here = match here {
-                Ok(here) => here,
+                Ok(Hit::Response(here)) => here,
+                Ok(Hit::Written(_)) => unreachable!("matched above"),
                 Err(looked) => {
                     // The full way, from what was looked up: the answer
                     // it gives without that.
@@ -1446,6 +1618,30 @@ mod fresh_hit_tests {
             let (here, full) = (parts(here).await, parts(full).await);
             assert_eq!(here, full, "{method} {path} {headers:?}");
             assert_eq!(here.1[respond::X_BEXT_CACHE], "HIT");
+            if let Ok(Hit::Written(written)) = written {
+                // The same answer, as the bytes a client reads.
+                let mut fields = [httparse::EMPTY_HEADER; 32];
+                let mut parsed = httparse::Response::new(&mut fields);
+                head.extend_from_slice(b"\r\n");
+                assert!(parsed.parse(&head).expect("a head").is_complete());
+                let mut map = HeaderMap::new();
+                for field in parsed.headers.iter() {
+                    map.append(
+                        HeaderName::from_bytes(field.name.as_bytes()).expect("name"),
+                        HeaderValue::from_bytes(field.value).expect("value"),
+                    );
+                }
+                assert!(map.contains_key(header::AGE), "{head:?}");
+                map.remove(header::AGE);
+                let status = StatusCode::from_u16(parsed.code.expect("a status")).expect("status");
+                assert_eq!(status, written.status);
+                assert_eq!(written.dated, map.contains_key(header::DATE));
+                assert_eq!(
+                    (status, map, written.body),
+                    full,
+                    "{method} {path} {headers:?}"
+                );
+            }
         }
     }
 }

@@ -14,6 +14,14 @@ use crate::compress::{Coding, Levels};
 /// revalidation (bounded, like everything stored, by the cache's size).
 pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(3600);
 
+/// What an object is charged beyond its parts (itself, and the
+/// allocations around it).
+const OBJECT_BYTES: usize = 256 + std::mem::size_of::<Object>();
+
+/// Bytes of a hit head beyond its fields: the status line, and what a
+/// coding adds (`Content-Encoding`, `Vary`, a weak `ETag`).
+const HEAD_EXTRA: usize = 160;
+
 /// One stored response.
 #[derive(Debug)]
 pub struct Object {
@@ -55,6 +63,20 @@ pub struct Object {
     variants: Variants,
     /// The head every reuse starts from, made at the first one.
     reuse_head: std::sync::OnceLock<HeaderMap>,
+    /// The heads of hits written as bytes, per coding (identity, then
+    /// [`Coding::ALL`] order), each made at its first hit.
+    hit_heads: [std::sync::OnceLock<Option<HitHead>>; 4],
+}
+
+/// The part of a hit's HTTP/1.1 head that is the same for every plain
+/// `GET` given the same coding: the status line and the fields, each
+/// ending in CRLF, without what differs per request (`Age`, the cache's
+/// status fields, the request id, the connection's own fields).
+#[derive(Debug)]
+pub struct HitHead {
+    pub bytes: Bytes,
+    /// The fields include `Date` (the app's, as stored).
+    pub dated: bool,
 }
 
 /// An object's compressed copies (in [`Coding::ALL`] order). Each is made
@@ -155,6 +177,7 @@ impl Object {
             soft_purged_ms: AtomicU64::new(soft_purged_ms),
             variants: Variants::default(),
             reuse_head: std::sync::OnceLock::new(),
+            hit_heads: Default::default(),
         }
     }
 
@@ -178,6 +201,18 @@ impl Object {
             );
             head
         })
+    }
+
+    /// The head of a hit written as bytes for `coding` (`None`: identity),
+    /// made by `make` the first time; `None` if it cannot be written so.
+    /// Counted in [`Object::size`].
+    pub fn hit_head(
+        &self,
+        coding: Option<Coding>,
+        make: impl FnOnce() -> Option<HitHead>,
+    ) -> Option<&HitHead> {
+        let slot = coding.map_or(0, |c| c.index() + 1);
+        self.hit_heads[slot].get_or_init(make).as_ref()
     }
 
     /// The body compressed with `coding`, if it was made: `Some(None)`
@@ -351,15 +386,26 @@ impl Object {
             .all(|(name, value)| super::key::combined(headers, name).as_ref() == value.as_ref())
     }
 
-    /// Bytes this object holds, for the store's bound.
-    pub fn size(&self) -> u64 {
-        let headers: usize = self
+    /// What a hit head not made yet is counted as.
+    pub(super) fn head_estimate(&self) -> usize {
+        let fields: usize = self
             .headers
             .iter()
-            // Each header's entry twice: the stored map and the reuse
-            // head (whose values share the stored bytes).
-            .map(|(k, v)| k.as_str().len() + v.len() + 80)
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
+        fields + HEAD_EXTRA
+    }
+
+    /// Bytes this object holds, for the store's bound.
+    pub fn size(&self) -> u64 {
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        // Each field's entry twice: the stored map and the reuse head
+        // (whose values share the stored bytes).
+        let headers = fields + 80 * self.headers.len();
         let variants: usize = self
             .variants
             .cells
@@ -367,7 +413,19 @@ impl Object {
             .filter_map(|v| v.get().and_then(Option::as_ref))
             .map(Bytes::len)
             .sum();
-        (self.body.len() + variants + headers + self.path.len() + 256) as u64
+        // A hit head as made, or as it would be: identity's, and one per
+        // coding whose variant is made (it is weighed again then).
+        let head = |slot: usize| match self.hit_heads[slot].get() {
+            Some(made) => made.as_ref().map_or(0, |h| h.bytes.len()),
+            None => self.head_estimate(),
+        };
+        let heads: usize = head(0)
+            + Coding::ALL
+                .iter()
+                .filter(|c| self.variants.cells[c.index()].get().is_some())
+                .map(|c| head(c.index() + 1))
+                .sum::<usize>();
+        (self.body.len() + variants + headers + heads + self.path.len() + OBJECT_BYTES) as u64
     }
 }
 

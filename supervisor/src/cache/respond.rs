@@ -182,14 +182,35 @@ fn hit_status(ttl: i64) -> HeaderValue {
         match &*last {
             Some((t, value)) if *t == ttl => value.clone(),
             _ => {
-                let value =
-                    HeaderValue::from_maybe_shared(Bytes::from(format!("bext; hit; ttl={ttl}")))
-                        .unwrap_or_else(|_| HeaderValue::from_static("bext; hit"));
+                let mut status = Vec::with_capacity(32);
+                push_hit_status(&mut status, ttl);
+                let value = HeaderValue::from_maybe_shared(Bytes::from(status))
+                    .unwrap_or_else(|_| HeaderValue::from_static("bext; hit"));
                 *last = Some((ttl, value.clone()));
                 value
             }
         }
     })
+}
+
+/// A hit's `Cache-Status` value.
+fn push_hit_status(out: &mut Vec<u8>, ttl: i64) {
+    out.extend_from_slice(b"bext; hit; ttl=");
+    out.extend_from_slice(itoa::Buffer::new().format(ttl).as_bytes());
+}
+
+/// The fields [`serve`] gives a hit that differ from one to the next
+/// (`Age` and the cache's status), as HTTP/1.1 field lines.
+pub fn write_hit_fields(out: &mut Vec<u8>, object: &Object, now: SystemTime) {
+    out.extend_from_slice(b"age: ");
+    out.extend_from_slice(
+        itoa::Buffer::new()
+            .format(object.age(now).as_secs())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\ncache-status: ");
+    push_hit_status(out, object.ttl_left(now));
+    out.extend_from_slice(b"\r\nx-bext-cache: HIT\r\n");
 }
 
 /// `Cache-Status` of a request that bypassed the cache (every request to a

@@ -428,6 +428,11 @@ impl Acme {
             drop(turn);
             match result {
                 Ok((pair, pem)) => {
+                    // Served first (the line below says it is), kept on
+                    // disk second: a full disk does not throw away a
+                    // certificate (the CA limits how many a name gets a
+                    // week).
+                    self.certificates.install(&domain, Arc::clone(&pair));
                     info!(
                         %domain,
                         challenge = kind.name(),
@@ -436,10 +441,6 @@ impl Acme {
                         self.issuer_name(),
                         describe_validity(&pair)
                     );
-                    // Served first, kept on disk second: a full disk does
-                    // not throw away a certificate (the CA limits how many
-                    // a name gets a week).
-                    self.certificates.install(&domain, Arc::clone(&pair));
                     let (path, bytes) = (self.path(&domain), pem.clone());
                     match tokio::task::spawn_blocking(move || save_private(&path, &bytes)).await {
                         Ok(Ok(())) => unsaved = None,

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::timed::{Activity, TimedIo};
-use super::{Handler, MAX_HEADER_BYTES, Peer};
+use super::{Handler, MAX_HEADER_BYTES, Now, Peer, Written};
 use crate::body::Body;
 
 /// Header fields a request answered here may have (a browser sends about
@@ -53,6 +53,9 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Left {
     let mut buf = BytesMut::with_capacity(8 * 1024);
+    // The head of a written answer ([`Now::Written`]), reused (made at
+    // the first one).
+    let mut head = Vec::new();
     let mut answered = false;
     // Registered once per connection, not per request.
     let stopped = stop.cancelled();
@@ -81,14 +84,23 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
             Parsed::Request(req, len) => (req, len),
             Parsed::Partial | Parsed::NotHere => return hand_over(buf, answered, stop),
         };
-        let Some(response) = handler.answer_now(&mut req, peer) else {
+        head.clear();
+        let Some(answer) = handler.answer_now(&mut req, peer, &mut head) else {
             return hand_over(buf, answered, stop);
         };
         buf.advance(len);
         answered = true;
         let in_flight = activity.begin();
-        let written = write(io, response, stop.is_cancelled()).await;
+        let closing = stop.is_cancelled();
+        let written = match answer {
+            Now::Response(response) => write(io, response, closing).await,
+            Now::Written(written) => write_written(io, &mut head, written, closing).await,
+        };
         drop(in_flight);
+        // An app's large head does not stay with an idle connection.
+        if head.capacity() > 2048 {
+            head = Vec::new();
+        }
         match written {
             Ok(true) if !stop.is_cancelled() => {}
             _ => return Left::Closed,
@@ -205,6 +217,36 @@ fn plain_field(name: &HeaderName, value: &[u8]) -> bool {
     }
 }
 
+/// Writes an answer whose head is in `head` (see [`Now::Written`]), then
+/// logs it; true if the connection may carry another request.
+async fn write_written<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    head: &mut Vec<u8>,
+    written: Written,
+    closing: bool,
+) -> io::Result<bool> {
+    if !written.dated {
+        head.extend_from_slice(b"date: ");
+        date(head);
+        head.extend_from_slice(b"\r\n");
+    }
+    if closing {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut put = 0;
+    let sent = async {
+        write_all_vectored_counted(io, &mut [head, &written.body], &mut put).await?;
+        io.flush().await
+    }
+    .await;
+    // The body's bytes handed to the socket, as the access log counts
+    // them on hyper's way.
+    let body = put.saturating_sub(head.len()) as u64;
+    written.done(body, sent.is_ok());
+    sent.map(|()| !closing)
+}
+
 /// Writes `response` as HTTP/1.1 (head, then body); true if the connection
 /// may carry another request. A body that ends before its
 /// `Content-Length` is an error (the connection closes, as hyper closes
@@ -218,17 +260,7 @@ async fn write<S: AsyncWrite + Unpin>(
     use http::header;
     let (parts, mut body) = response.into_parts();
     let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(parts.status.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("<none>")
-            .as_bytes(),
-    );
-    head.extend_from_slice(b"\r\n");
+    super::push_status_line(&mut head, parts.status);
     // No body for these, whatever the fields say (RFC 9110 §6.4.1).
     let bodiless = parts.status.is_informational()
         || parts.status == http::StatusCode::NO_CONTENT
@@ -253,10 +285,7 @@ async fn write<S: AsyncWrite + Unpin>(
                 return Err(io::Error::other("an invalid content-length"));
             }
         }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        super::push_field(&mut head, name, value);
     }
     if closing && !close {
         head.extend_from_slice(b"connection: close\r\n");
@@ -340,6 +369,16 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
     io: &mut S,
     parts: &mut [&[u8]],
 ) -> io::Result<()> {
+    write_all_vectored_counted(io, parts, &mut 0).await
+}
+
+/// [`write_all_vectored`], adding the bytes written to `put` as it goes
+/// (an error may come after some).
+async fn write_all_vectored_counted<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &mut [&[u8]],
+    put: &mut usize,
+) -> io::Result<()> {
     let mut parts: &mut [&[u8]] = parts;
     loop {
         while parts.first().is_some_and(|p| p.is_empty()) {
@@ -358,6 +397,7 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        *put += n;
         for part in parts.iter_mut() {
             let taken = n.min(part.len());
             *part = &part[taken..];

@@ -89,14 +89,75 @@ pub trait Handler: Send + Sync + 'static {
     /// The answer to a plain HTTP/1.1 `GET` when it needs no waiting (a
     /// static file, a fresh cache hit), given as [`Handler::handle`] would
     /// give it; `None`: ask `handle`. The listener checks the request first
-    /// (see [`fast`]), including its `Host`.
+    /// (see [`fast`]), including its `Host`. `head` is empty; a
+    /// [`Now::Written`] answer's status line and fields are written there.
     fn answer_now(
         &self,
         _req: &mut http::Request<()>,
         _peer: &Peer,
-    ) -> Option<http::Response<Body>> {
+        _head: &mut Vec<u8>,
+    ) -> Option<Now> {
         None
     }
+}
+
+/// An answer given at once ([`Handler::answer_now`]).
+#[derive(Debug)]
+pub enum Now {
+    Response(http::Response<Body>),
+    /// Its status line and fields are written (each line ending in CRLF;
+    /// not the blank line that ends the head): the listener adds `Date`
+    /// (unless `dated`) and what it says of the connection, then `body`,
+    /// whose length the fields give.
+    Written(Written),
+}
+
+/// See [`Now::Written`].
+#[derive(Debug)]
+pub struct Written {
+    pub body: Bytes,
+    pub dated: bool,
+    /// The request's access-log line, written once the answer is sent.
+    pub record: Option<Box<crate::access_log::Record>>,
+    /// Held until then (the app's requests in flight).
+    pub guard: crate::server::InFlight,
+}
+
+impl Written {
+    /// The answer went (`sent`), or the connection failed after `bytes`
+    /// of its body.
+    fn done(mut self, bytes: u64, sent: bool) {
+        if let Some(record) = self.record.take() {
+            record.sent(bytes, sent);
+        }
+    }
+}
+
+impl Drop for Written {
+    /// Dropped unsent (the connection was cut at shutdown): logged as
+    /// incomplete, as a response body dropped midway is.
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.sent(0, false);
+        }
+    }
+}
+
+/// Appends an HTTP/1.1 status line (as hyper writes it).
+pub(crate) fn push_status_line(out: &mut Vec<u8>, status: http::StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an HTTP/1.1 field line.
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &http::HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The other end of a client connection.
