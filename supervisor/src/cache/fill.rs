@@ -439,6 +439,18 @@ impl<S: Store> IsrCache<S> {
                 lead.finish(Outcome::NotShared);
                 return;
             }
+            // Another instance may have rendered it and let the lease go
+            // between this instance's stale read and now: its render is
+            // taken, not made again (one render for the fleet).
+            if let Some(newer) = cache.store.get(&key).await
+                && !Arc::ptr_eq(&newer, &stale)
+                && newer.freshness(SystemTime::now()) == Freshness::Fresh
+            {
+                tracing::debug!(%primary, "another instance revalidated it");
+                cache.store.release(&key).await;
+                lead.finish(Outcome::Stored(newer));
+                return;
+            }
             let fetched = cache
                 .fetch_and_store(
                     fill_req,

@@ -18,10 +18,13 @@ pub fn primary<B>(req: &Request<B>) -> String {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .unwrap_or("");
-    let host = host
-        .rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(h, _)| h);
+    // (Bytes, not `rsplit_once`: this runs for every request.)
+    let host = match host.bytes().rposition(|b| b == b':') {
+        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
+            &host[..colon]
+        }
+        _ => host,
+    };
     let host = host.trim_end_matches('.');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut key = String::with_capacity(HTTPS.len() + host.len() + target.len() + 1);

@@ -297,8 +297,12 @@ impl TieredStore {
 
 impl Store for TieredStore {
     fn get_here(&self, key: &str) -> Option<Arc<Object>> {
+        let local = self.l1.get_here(key);
+        if self.l2.is_none() {
+            return local;
+        }
         // As `get`: a copy fresh here is answered without asking L2.
-        self.l1.get_here(key).filter(|object| {
+        local.filter(|object| {
             object.freshness(std::time::SystemTime::now()) == super::object::Freshness::Fresh
         })
     }

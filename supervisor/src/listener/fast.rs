@@ -175,12 +175,18 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
         return Parsed::NotHere;
     };
     let mut headers = HeaderMap::with_capacity(head.headers.len());
+    let (mut hosts, mut cookies) = (0, 0);
     for field in head.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
             return Parsed::NotHere;
         };
         if !plain_field(&name, field.value) {
             return Parsed::NotHere;
+        }
+        if name == http::header::HOST {
+            hosts += 1;
+        } else if name == http::header::COOKIE {
+            cookies += 1;
         }
         let Ok(value) = HeaderValue::from_maybe_shared(shared(field.value)) else {
             return Parsed::NotHere;
@@ -193,10 +199,14 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     // As hyper's way does (`super::respond`): one host, one `Cookie` line.
-    if super::check_host(&mut req).is_err() {
+    // (With an origin-form target, `super::check_host` asks for exactly
+    // one `Host` of an HTTP/1.1 request, and changes nothing.)
+    if hosts != 1 {
         return Parsed::NotHere;
     }
-    crate::proxy::headers::join_cookies(req.headers_mut());
+    if cookies > 1 {
+        crate::proxy::headers::join_cookies(req.headers_mut());
+    }
     Parsed::Request(req, len)
 }
 
