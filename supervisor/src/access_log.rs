@@ -87,7 +87,7 @@ impl Record {
                 .texts()
                 .iter()
                 .map(|t| 4 + t.map_or(0, <[u8]>::len))
-                .sum::<usize>()
+                .fold(0, usize::saturating_add)
     }
 
     /// Appends this request's line, as [`Entry::decode`] reads it, to
@@ -170,9 +170,9 @@ impl Record {
 
 /// A text's length that says "none" in an encoded line.
 const NO_TEXT: u32 = u32::MAX;
-/// The longest text an encoded line carries (far more than a request's
-/// head can hold).
-const MAX_TEXT: usize = 1 << 30;
+/// The longest text an encoded line carries (more than a request's head
+/// can hold; the log buffer refuses a longer line anyway).
+const MAX_TEXT: usize = crate::telemetry::MAX_BUFFERED_BYTES;
 /// Bytes of the numbers that start an encoded line.
 const ENCODED_NUMBERS: usize = 8 + 4 + 8 + 8 + 8 + 2 + 1;
 

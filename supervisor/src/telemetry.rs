@@ -122,7 +122,8 @@ pub fn write_line(line: &[u8]) {
 }
 
 /// Appends one access line to the log, as facts (`size` bytes) that
-/// `encode` copies into the buffer; the writer thread formats them
+/// `encode` appends to the buffer (and does nothing else to it); the
+/// writer thread formats them
 /// ([`crate::access_log::format_entry`]). The request's thread formats
 /// nothing: a line costs it a few copies.
 pub fn write_access(size: usize, encode: impl FnOnce(&mut Vec<u8>)) {
@@ -286,12 +287,12 @@ fn write_batch(batch: &[u8], out: &mut Vec<u8>, mut write: impl FnMut(&[u8])) ->
             break;
         };
         rest = tail;
-        if head[0] == Kind::Access as u8 {
-            if !crate::access_log::format_entry(entry, out, json) {
-                unread += 1;
-            }
-        } else {
+        if head[0] == Kind::Text as u8 {
             out.extend_from_slice(entry);
+        } else if head[0] != Kind::Access as u8
+            || !crate::access_log::format_entry(entry, out, json)
+        {
+            unread += 1;
         }
         if out.len() >= FLUSH_BYTES {
             write(out);

@@ -441,9 +441,12 @@ impl<S: Store> IsrCache<S> {
             }
             // Another instance may have rendered it and let the lease go
             // between this instance's stale read and now: its render is
-            // taken, not made again (one render for the fleet).
+            // taken, not made again (one render for the fleet). Only a
+            // render newer than the stale copy (never one from before a
+            // purge whose shared part failed).
             if let Some(newer) = cache.store.get(&key).await
                 && !Arc::ptr_eq(&newer, &stale)
+                && newer.stored_at > stale.stored_at
                 && newer.freshness(SystemTime::now()) == Freshness::Fresh
             {
                 tracing::debug!(%primary, "another instance revalidated it");
