@@ -624,8 +624,8 @@ domains = ["localhost"]
             .contains(" 308 "),
         "an unknown token for an app's name is redirected"
     );
-    // (A new certificate serves first and is kept on disk second: stopped
-    // before that, bext would rightly issue another.)
+    // (Each is kept on disk before its line is logged; checked here too,
+    // since a restart before that would rightly issue another.)
     let certs = platform.data_dir().join("acme/internal/certs");
     for file in ["a.test.pem", "_.w.test.pem", "localhost.pem"] {
         crate::support::wait_for(file, Duration::from_secs(10), || {

@@ -428,19 +428,11 @@ impl Acme {
             drop(turn);
             match result {
                 Ok((pair, pem)) => {
-                    // Served first (the line below says it is), kept on
-                    // disk second: a full disk does not throw away a
-                    // certificate (the CA limits how many a name gets a
-                    // week).
+                    // Served first, kept on disk second: a full disk does
+                    // not throw away a certificate (the CA limits how many
+                    // a name gets a week). The line comes last, so a
+                    // certificate it reports as issued is both.
                     self.certificates.install(&domain, Arc::clone(&pair));
-                    info!(
-                        %domain,
-                        challenge = kind.name(),
-                        "certificate {} by {}, {}",
-                        if renewing { "renewed" } else { "issued" },
-                        self.issuer_name(),
-                        describe_validity(&pair)
-                    );
                     let (path, bytes) = (self.path(&domain), pem.clone());
                     match tokio::task::spawn_blocking(move || save_private(&path, &bytes)).await {
                         Ok(Ok(())) => unsaved = None,
@@ -450,6 +442,14 @@ impl Acme {
                         }
                         Err(_) => unsaved = Some(pem),
                     }
+                    info!(
+                        %domain,
+                        challenge = kind.name(),
+                        "certificate {} by {}, {}",
+                        if renewing { "renewed" } else { "issued" },
+                        self.issuer_name(),
+                        describe_validity(&pair)
+                    );
                     let now = SystemTime::now();
                     let at_once = renew_at(&pair).is_none_or(|due| due <= now);
                     due_at_once = if at_once {
