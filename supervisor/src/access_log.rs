@@ -44,8 +44,9 @@ impl Record {
             Some(AccessFormat::Json | AccessFormat::Text) => {
                 let now = std::time::SystemTime::now();
                 let duration = self.started.elapsed();
-                crate::telemetry::write_access(self.encoded_len(), |buf| {
-                    self.encode(buf, bytes, complete, now, duration);
+                let texts = self.texts();
+                crate::telemetry::write_access(Self::encoded_len(&texts), |buf| {
+                    self.encode(&texts, buf, bytes, complete, now, duration);
                 });
             }
             None => self.emit_event(bytes, complete),
@@ -67,7 +68,7 @@ impl Record {
 
     /// The texts of the line, in their encoded order (`None`: no cache
     /// field), each cut to what a length can say.
-    fn texts(&self) -> [Option<&[u8]>; 7] {
+    fn texts(&self) -> Texts<'_> {
         [
             Some(self.method.as_str().as_bytes()),
             Some(self.app.as_bytes()),
@@ -81,21 +82,21 @@ impl Record {
     }
 
     /// How many bytes [`Record::encode`] appends.
-    fn encoded_len(&self) -> usize {
+    fn encoded_len(texts: &Texts<'_>) -> usize {
         ENCODED_NUMBERS
-            + self
-                .texts()
+            + texts
                 .iter()
                 .map(|t| 4 + t.map_or(0, <[u8]>::len))
                 .fold(0, usize::saturating_add)
     }
 
     /// Appends this request's line, as [`Entry::decode`] reads it, to
-    /// `buf`: the numbers, then each text with its length
-    /// ([`Record::encoded_len`] bytes in all). `now`: when it ended;
-    /// `duration`: how long it took.
+    /// `buf`: the numbers, then each of its `texts` ([`Record::texts`])
+    /// with its length ([`Record::encoded_len`] bytes in all). `now`: when
+    /// it ended; `duration`: how long it took.
     fn encode(
         &self,
+        texts: &Texts<'_>,
         buf: &mut Vec<u8>,
         bytes: u64,
         complete: bool,
@@ -116,7 +117,7 @@ impl Record {
         buf.extend_from_slice(&worker.to_ne_bytes());
         buf.extend_from_slice(&self.status.as_u16().to_ne_bytes());
         buf.push(u8::from(complete));
-        for text in self.texts() {
+        for text in texts {
             match text {
                 Some(text) => {
                     // (`texts` cut it to `MAX_TEXT`.)
@@ -134,13 +135,14 @@ impl Record {
     fn format(&self, bytes: u64, complete: bool, json: bool) -> Vec<u8> {
         let mut encoded = Vec::new();
         self.encode(
+            &self.texts(),
             &mut encoded,
             bytes,
             complete,
             std::time::SystemTime::now(),
             self.started.elapsed(),
         );
-        assert_eq!(encoded.len(), self.encoded_len());
+        assert_eq!(encoded.len(), Self::encoded_len(&self.texts()));
         let mut line = Vec::new();
         assert!(format_entry(&encoded, &mut line, json), "decodes");
         line
@@ -170,6 +172,8 @@ impl Record {
 
 /// A text's length that says "none" in an encoded line.
 const NO_TEXT: u32 = u32::MAX;
+/// An access line's texts, in their encoded order ([`Record::texts`]).
+type Texts<'a> = [Option<&'a [u8]>; 7];
 /// The longest text an encoded line carries (more than a request's head
 /// can hold; the log buffer refuses a longer line anyway).
 const MAX_TEXT: usize = crate::telemetry::MAX_BUFFERED_BYTES;
@@ -540,7 +544,8 @@ pub(crate) mod tests {
     /// `record`'s line, encoded as the serving thread hands it over.
     pub(crate) fn encode(record: &Record, buf: &mut Vec<u8>) {
         let now = std::time::SystemTime::now();
-        record.encode(buf, 1024, true, now, record.started.elapsed());
+        let texts = record.texts();
+        record.encode(&texts, buf, 1024, true, now, record.started.elapsed());
     }
 
     #[test]
@@ -552,13 +557,14 @@ pub(crate) mod tests {
         let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_765_000_000, 123_456_789);
         let mut encoded = Vec::new();
         record.encode(
+            &record.texts(),
             &mut encoded,
             77,
             false,
             at,
             std::time::Duration::from_micros(1_500),
         );
-        assert_eq!(encoded.len(), record.encoded_len());
+        assert_eq!(encoded.len(), Record::encoded_len(&record.texts()));
         let entry = Entry::decode(&encoded).expect("decodes");
         assert_eq!((entry.secs, entry.micros), (1_765_000_000, 123_456));
         assert_eq!(entry.duration, 1_500);
@@ -575,8 +581,9 @@ pub(crate) mod tests {
         record.cache = None;
         record.worker = None;
         let mut plain = Vec::new();
-        record.encode(&mut plain, 0, true, at, std::time::Duration::ZERO);
-        assert_eq!(plain.len(), record.encoded_len());
+        let texts = record.texts();
+        record.encode(&texts, &mut plain, 0, true, at, std::time::Duration::ZERO);
+        assert_eq!(plain.len(), Record::encoded_len(&texts));
         let entry = Entry::decode(&plain).expect("decodes");
         assert_eq!((entry.cache, entry.worker), (None, -1));
         // Cut anywhere, or with bytes after it: not an entry, and nothing

@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod dev;
+pub mod fields;
 pub mod hooks;
 pub mod listener;
 pub mod logring;

@@ -274,7 +274,12 @@ impl AppService {
     /// answered here they skip the layers of futures the rest needs.
     /// Given `write`, a plain hit may be written there as head bytes
     /// ([`Here::Written`]).
-    fn answer_here<B>(&self, req: &Request<B>, write: Option<&mut Vec<u8>>) -> Here {
+    fn answer_here<B>(
+        &self,
+        req: &Request<B>,
+        fields: &crate::fields::Fields<'_>,
+        write: Option<&mut Vec<u8>>,
+    ) -> Here {
         // What `respond` does first, and what waits: not here.
         if self.live_reload.is_some()
             || self.limiter.is_some()
@@ -285,12 +290,12 @@ impl AppService {
         if let Some(response) = self.static_file(req) {
             return Here::Answer(response);
         }
-        let accepted = compress::Accepted::parse(req.headers());
+        let accepted = compress::Accepted::parse_fields(fields);
         // A cached 404 may be answered by a retained version instead
         // (below): not written then.
         let write = write.filter(|_| !self.may_have_older(req.uri().path()));
         let hit = match (&self.cache, &self.proxy) {
-            (Some(cache), Some(_)) => cache.fresh_hit(req, &accepted, write),
+            (Some(cache), Some(_)) => cache.fresh_hit(req, fields, &accepted, write),
             _ => Err(None),
         };
         let mut response = match hit {
@@ -423,26 +428,28 @@ impl AppService {
         (trusted_peer, secure)
     }
 
-    /// The client and scheme (marked on `req`), the request id and the
-    /// access-log record: the same for every way a request is answered.
+    /// The client, the request id and the access-log record, for a request
+    /// whose scheme ([`AppService::scheme`]) is known: the same for every
+    /// way a request is answered.
     fn begin<B>(
         &self,
-        req: &mut Request<B>,
+        req: &Request<B>,
+        fields: &crate::fields::Fields<'_>,
         peer: &Peer,
+        (trusted_peer, secure): (bool, bool),
         started: Instant,
         guard: InFlight,
     ) -> Begun {
         let peer_ip = peer.addr.ip();
-        let (trusted_peer, secure) = self.scheme(req, peer_ip);
         let client_ip = headers::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
-        let request_id = headers::request_id(req.headers());
+        let request_id = headers::request_id(fields);
         // Boxed: it goes along with the request (moved at every step), and
         // on to its body.
         let record = Unanswered::new(self.access_log.then(|| {
             Box::new(Record {
                 app: Arc::clone(&self.app),
                 method: req.method().clone(),
-                host: req.headers().get(header::HOST).cloned(),
+                host: fields.get(&header::HOST).cloned(),
                 uri: req.uri().clone(),
                 status: StatusCode::OK,
                 worker: None,
@@ -531,7 +538,9 @@ impl Handler for AppService {
         if crate::ceiling::stage() == 2 {
             return crate::ceiling::fixed_response().map(|b| body::boxed(WithGuard::new(b, guard)));
         }
-        let begun = self.begin(&mut req, &peer, started, guard);
+        let scheme = self.scheme(&mut req, peer.addr.ip());
+        let fields = crate::fields::Fields::of(req.headers());
+        let begun = self.begin(&req, &fields, &peer, scheme, started, guard);
         #[cfg(feature = "bench-ceiling")]
         if crate::ceiling::stage() == 3 {
             let record = begun.record.answered();
@@ -549,7 +558,7 @@ impl Handler for AppService {
         let (response, worker) = if !req.method().is_safe() {
             self.respond_to_the_end(req, client, client_ip).await
         } else {
-            match self.answer_here(&req, None) {
+            match self.answer_here(&req, &fields, None) {
                 Here::Answer(response) => (response, None),
                 Here::AskApp(accepted, looked) => {
                     self.ask_app(req, client, Some(accepted), looked).await
@@ -567,16 +576,17 @@ impl Handler for AppService {
         // The scheme first: it is part of the cache key. The rest of the
         // bookkeeping only for a request answered here (`handle` does it
         // for the others).
-        let (_, secure) = self.scheme(req, peer.addr.ip());
+        let scheme = self.scheme(req, peer.addr.ip());
         // `finish` puts its own HSTS field over the app's: not written.
-        let write = !(secure && self.hsts.load().is_some());
-        match self.answer_here(req, write.then_some(&mut *head)) {
+        let write = !(scheme.1 && self.hsts.load().is_some());
+        let fields = crate::fields::Fields::of(req.headers());
+        match self.answer_here(req, &fields, write.then_some(&mut *head)) {
             Here::Answer(response) => {
-                let begun = self.begin(req, peer, started, guard);
+                let begun = self.begin(req, &fields, peer, scheme, started, guard);
                 Some(Now::Response(self.finish(begun, response, None)))
             }
             Here::Written(hit) => {
-                let begun = self.begin(req, peer, started, guard);
+                let begun = self.begin(req, &fields, peer, scheme, started, guard);
                 Some(Now::Written(self.finish_written(begun, hit, head)))
             }
             Here::AskApp(..) | Here::No => None,

@@ -404,12 +404,15 @@ impl<S: Store> IsrCache<S> {
     }
 
     /// Is this a Next.js draft-mode request of the build being served?
-    fn is_draft(&self, headers: &http::HeaderMap) -> bool {
+    fn is_draft(&self, fields: &crate::fields::Fields<'_>) -> bool {
+        if !fields.contains(&header::COOKIE) {
+            return false;
+        }
         let id = self.draft_id.load();
         let Some(id) = id.as_deref() else {
             return false;
         };
-        policy::cookie_values(headers, policy::NEXT_DRAFT_COOKIE).any(|value| {
+        policy::cookie_values(fields.map(), policy::NEXT_DRAFT_COOKIE).any(|value| {
             use subtle::ConstantTimeEq;
             // As Next reads it: percent-decoded.
             let value = percent_encoding::percent_decode_str(value).collect::<Vec<u8>>();
@@ -507,13 +510,12 @@ impl<S: Store> IsrCache<S> {
     pub fn fresh_hit<B>(
         &self,
         req: &Request<B>,
+        fields: &crate::fields::Fields<'_>,
         accepted: &crate::compress::Accepted,
         write: Option<&mut Vec<u8>>,
     ) -> Result<Hit, Option<Looked>> {
         let rule = self.rule_for(req.uri().path());
-        if policy::request_bypass(req.method(), req.headers(), rule).is_some()
-            || self.is_draft(req.headers())
-        {
+        if policy::request_bypass(req.method(), fields, rule).is_some() || self.is_draft(fields) {
             return Err(None);
         }
         let primary = key::primary(req);
@@ -523,7 +525,7 @@ impl<S: Store> IsrCache<S> {
                 info: None,
             }));
         };
-        let answer = self.fresh_object(req, accepted, &primary, &info, write);
+        let answer = self.fresh_object(req, fields, accepted, &primary, &info, write);
         answer.ok_or(Some(Looked {
             primary,
             info: Some(info),
@@ -534,6 +536,7 @@ impl<S: Store> IsrCache<S> {
     fn fresh_object<B>(
         &self,
         req: &Request<B>,
+        fields: &crate::fields::Fields<'_>,
         accepted: &crate::compress::Accepted,
         primary: &str,
         info: &UrlInfo,
@@ -550,17 +553,15 @@ impl<S: Store> IsrCache<S> {
         if passing {
             return None;
         }
-        let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+        let has_auth = fields.contains(&header::AUTHORIZATION);
         let now = SystemTime::now();
         let object = self
             .store
             .get_here(&key)
             .filter(|o| o.matches(req.headers()) && (!has_auth || o.shared_with_auth))?;
-        if object.freshness(now) != Freshness::Fresh {
-            return None;
-        }
+        let fresh = object.fresh_at(now)?;
         if let Some(out) = write
-            && let Some(written) = self.write_hit(req, accepted, &object, now, out)
+            && let Some(written) = self.write_hit(req, fields, accepted, &object, fresh, out)
         {
             self.counters.hits.inc();
             return Some(Hit::Written(written));
@@ -578,13 +579,15 @@ impl<S: Store> IsrCache<S> {
     /// conditional fields) from the fresh `object`, written into `out` as
     /// HTTP/1.1 head bytes, and its body; `None` for anything else (a
     /// conditional request, a status without a body, a variant still to
-    /// be made), which is answered as a response.
+    /// be made), which is answered as a response. `fresh`: its clock
+    /// ([`Object::fresh_at`]).
     fn write_hit<B>(
         &self,
         req: &Request<B>,
+        fields: &crate::fields::Fields<'_>,
         accepted: &crate::compress::Accepted,
         object: &Object,
-        now: SystemTime,
+        fresh: object::FreshAt,
         out: &mut Vec<u8>,
     ) -> Option<WrittenHit> {
         let status = object.status;
@@ -592,8 +595,8 @@ impl<S: Store> IsrCache<S> {
             || status.is_informational()
             || status == http::StatusCode::NO_CONTENT
             || status == http::StatusCode::NOT_MODIFIED
-            || req.headers().contains_key(header::IF_NONE_MATCH)
-            || req.headers().contains_key(header::IF_MODIFIED_SINCE)
+            || fields.contains(&header::IF_NONE_MATCH)
+            || fields.contains(&header::IF_MODIFIED_SINCE)
         {
             return None;
         }
@@ -610,9 +613,9 @@ impl<S: Store> IsrCache<S> {
                 None => (None, object.body.clone()),
             },
         };
-        let head = object.hit_head(coding, || hit_head(object, coding, variant, now))?;
+        let head = object.hit_head(coding, || hit_head(object, coding, variant, fresh.now))?;
         out.extend_from_slice(&head.bytes);
-        respond::write_hit_fields(out, object, now);
+        respond::write_hit_fields(out, fresh.age, fresh.ttl_left);
         Some(WrittenHit {
             status,
             body,
@@ -697,12 +700,15 @@ impl<S: Store> IsrCache<S> {
         looked: Option<Looked>,
     ) -> Response<Body> {
         let rule = self.rule_for(req.uri().path()).cloned();
-        if let Some(reason) = policy::request_bypass(req.method(), req.headers(), rule.as_ref()) {
-            return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
-        }
+        let fields = crate::fields::Fields::of(req.headers());
+        let bypass = policy::request_bypass(req.method(), &fields, rule.as_ref());
         // Next.js draft mode: the editor sees the draft, and it is never
         // stored (Next marks it private; this keeps it off the way in).
-        if self.is_draft(req.headers()) {
+        let draft = bypass.is_none() && self.is_draft(&fields);
+        if let Some(reason) = bypass {
+            return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
+        }
+        if draft {
             return Box::pin(self.pass_through(req, fill, "draft-mode", &accepted)).await;
         }
         let (primary, known) = match looked {
@@ -750,7 +756,7 @@ impl<S: Store> IsrCache<S> {
         {
             return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
-        let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+        let has_auth = fields.contains(&header::AUTHORIZATION);
         let now = SystemTime::now();
 
         let cached = self
@@ -1487,6 +1493,7 @@ mod fresh_hit_tests {
             cache
                 .fresh_hit(
                     &gzip,
+                    &crate::fields::Fields::of(gzip.headers()),
                     &Accepted::parse(gzip.headers()),
                     Some(&mut Vec::new())
                 )
@@ -1579,8 +1586,9 @@ mod fresh_hit_tests {
             let req = request(method.clone(), path, headers);
             let accepted = Accepted::parse(req.headers());
             let mut head = Vec::new();
-            let written = cache.fresh_hit(&req, &accepted, Some(&mut head));
-            let here = cache.fresh_hit(&req, &accepted, None);
+            let fields = crate::fields::Fields::of(req.headers());
+            let written = cache.fresh_hit(&req, &fields, &accepted, Some(&mut head));
+            let here = cache.fresh_hit(&req, &fields, &accepted, None);
             let got = match (&written, &here) {
                 (Ok(Hit::Written(_)), Ok(Hit::Response(_))) => Written,
                 (Ok(Hit::Response(_)), Ok(Hit::Response(_))) => AtOnce,

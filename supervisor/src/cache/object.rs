@@ -104,6 +104,16 @@ pub enum Freshness {
     Dead,
 }
 
+/// A fresh object's clock at a moment ([`Object::fresh_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreshAt {
+    pub now: SystemTime,
+    /// Its age, in seconds.
+    pub age: u64,
+    /// Seconds of freshness left ([`Object::ttl_left`]).
+    pub ttl_left: i64,
+}
+
 impl Object {
     #[allow(
         clippy::too_many_arguments,
@@ -327,6 +337,20 @@ impl Object {
         }
     }
 
+    /// Its clock at `now` while it is fresh ([`Freshness::Fresh`]): what
+    /// a hit asks, from one reading of its age.
+    pub fn fresh_at(&self, now: SystemTime) -> Option<FreshAt> {
+        let age = self.age(now);
+        if self.soft_purged_ms.load(Ordering::Relaxed) != 0 || age >= self.lifetime.ttl {
+            return None;
+        }
+        Some(FreshAt {
+            now,
+            age: age.as_secs(),
+            ttl_left: i64::try_from((self.lifetime.ttl - age).as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+
     /// Seconds of freshness left (negative once stale), for `Cache-Status`.
     pub fn ttl_left(&self, now: SystemTime) -> i64 {
         match self.staleness(now) {
@@ -462,6 +486,20 @@ mod tests {
         assert_eq!(o.freshness(at(45)), Freshness::StaleIfError);
         assert_eq!(o.freshness(at(80)), Freshness::Dead);
         assert_eq!(o.keep_for(), Duration::from_secs(70));
+        // `fresh_at` says what `freshness`, `age` and `ttl_left` say.
+        for s in 0..=12 {
+            for ms in [0, 999] {
+                let now = at(s) + Duration::from_millis(ms);
+                let fresh = (o.freshness(now) == Freshness::Fresh).then(|| FreshAt {
+                    now,
+                    age: o.age(now).as_secs(),
+                    ttl_left: o.ttl_left(now),
+                });
+                assert_eq!(o.fresh_at(now), fresh, "{s}.{ms} s");
+            }
+        }
+        o.soft_purge();
+        assert_eq!(o.fresh_at(SystemTime::now()), None, "soft-purged");
     }
 
     /// Issue 11, fault 2: lifetimes at the edge of what a header or a config

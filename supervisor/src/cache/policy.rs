@@ -180,7 +180,7 @@ pub fn rule_for<'a>(settings: &'a IsrConfig, path: &str) -> Option<&'a RouteRule
 /// Why a request does not use the cache.
 pub fn request_bypass(
     method: &Method,
-    headers: &HeaderMap,
+    fields: &crate::fields::Fields<'_>,
     rule: Option<&RouteRule>,
 ) -> Option<&'static str> {
     if method != Method::GET && method != Method::HEAD {
@@ -189,7 +189,7 @@ pub fn request_bypass(
     if rule.is_some_and(|r| !r.cache) {
         return Some("route-rule");
     }
-    if headers.contains_key(header::UPGRADE) {
+    if fields.contains(&header::UPGRADE) {
         return Some("upgrade");
     }
     None

@@ -28,7 +28,11 @@ impl<'a> Preview<'a> {
         Preview {
             settings,
             rule,
-            bypass: policy::request_bypass(req.method(), req.headers(), rule),
+            bypass: policy::request_bypass(
+                req.method(),
+                &crate::fields::Fields::of(req.headers()),
+                rule,
+            ),
             authorization: req.headers().contains_key(header::AUTHORIZATION),
         }
     }

@@ -200,16 +200,13 @@ fn push_hit_status(out: &mut Vec<u8>, ttl: i64) {
 }
 
 /// The fields [`serve`] gives a hit that differ from one to the next
-/// (`Age` and the cache's status), as HTTP/1.1 field lines.
-pub fn write_hit_fields(out: &mut Vec<u8>, object: &Object, now: SystemTime) {
+/// (`Age` and the cache's status), as HTTP/1.1 field lines; `age` and
+/// `ttl_left` in seconds ([`Object::fresh_at`]).
+pub fn write_hit_fields(out: &mut Vec<u8>, age: u64, ttl_left: i64) {
     out.extend_from_slice(b"age: ");
-    out.extend_from_slice(
-        itoa::Buffer::new()
-            .format(object.age(now).as_secs())
-            .as_bytes(),
-    );
+    out.extend_from_slice(itoa::Buffer::new().format(age).as_bytes());
     out.extend_from_slice(b"\r\ncache-status: ");
-    push_hit_status(out, object.ttl_left(now));
+    push_hit_status(out, ttl_left);
     out.extend_from_slice(b"\r\nx-bext-cache: HIT\r\n");
 }
 

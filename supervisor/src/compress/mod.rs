@@ -195,12 +195,13 @@ pub fn candidate(status: StatusCode, headers: &HeaderMap) -> bool {
     if headers.keys().any(|name| DIGESTS.contains(name)) {
         return false;
     }
-    !says_no_transform(headers)
+    !says_no_transform(headers.get_all(header::CACHE_CONTROL))
 }
 
-/// `Cache-Control: no-transform` (in a request or a response).
-fn says_no_transform(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+/// `Cache-Control: no-transform` among these `Cache-Control` values (of a
+/// request or a response).
+fn says_no_transform<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
+    values.into_iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',')
                 .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))

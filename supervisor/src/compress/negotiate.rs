@@ -67,8 +67,13 @@ impl Accepted {
     /// RFC allows any coding then, but clients that send none are tools
     /// that would not decode it).
     pub fn parse(headers: &HeaderMap) -> Accepted {
-        let no_transform = super::says_no_transform(headers);
-        let mut lines = headers.get_all(header::ACCEPT_ENCODING).iter();
+        Self::parse_fields(&crate::fields::Fields::of(headers))
+    }
+
+    /// [`Accepted::parse`] of fields already looked over.
+    pub fn parse_fields(fields: &crate::fields::Fields<'_>) -> Accepted {
+        let no_transform = super::says_no_transform(fields.get_all(&header::CACHE_CONTROL));
+        let mut lines = fields.get_all(&header::ACCEPT_ENCODING);
         let accepted = match (lines.next(), lines.next()) {
             (None, _) => Accepted::default(),
             // One line, as browsers send it: the same few strings over and
@@ -78,16 +83,16 @@ impl Accepted {
                 match &*last {
                     Some((seen, accepted)) if seen == line => *accepted,
                     _ => {
-                        let accepted = Self::parse_lines(headers);
+                        let accepted = Self::parse_lines(fields.map());
                         *last = Some((line.clone(), accepted));
                         accepted
                     }
                 }
             }),
-            _ => Self::parse_lines(headers),
+            _ => Self::parse_lines(fields.map()),
         };
-        let weak_if_none_match = headers
-            .get(header::IF_NONE_MATCH)
+        let weak_if_none_match = fields
+            .get(&header::IF_NONE_MATCH)
             .is_some_and(|v| v.as_bytes().windows(2).any(|w| w == b"W/"));
         Accepted {
             no_transform,

@@ -262,9 +262,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 
 /// The client's `X-Request-Id` if it is sane (1–128 characters of
 /// `[A-Za-z0-9._:-]`), else a fresh one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(X_REQUEST_ID)
+pub fn request_id(fields: &crate::fields::Fields<'_>) -> HeaderValue {
+    fields
+        .get(&X_REQUEST_ID)
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
@@ -537,6 +537,7 @@ mod tests {
     fn request_ids_are_kept_only_when_sane() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123.x:y_z"));
+        let request_id = |h: &HeaderMap| request_id(&crate::fields::Fields::of(h));
         assert_eq!(request_id(&h), "abc-123.x:y_z");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
         let generated = request_id(&h);
