@@ -16,12 +16,17 @@ use crate::proxy::headers::X_REQUEST_ID;
 pub struct Fields<'a> {
     map: &'a HeaderMap,
     present: u16,
+    /// The first `Host` value (every request asks for it, twice).
+    host: Option<&'a HeaderValue>,
 }
+
+/// [`bit`] of `Host`.
+const HOST: u16 = 1;
 
 /// The bit of a tracked name (0: not tracked).
 fn bit(name: &HeaderName) -> u16 {
     match *name {
-        header::HOST => 1,
+        header::HOST => HOST,
         header::AUTHORIZATION => 1 << 1,
         header::IF_NONE_MATCH => 1 << 2,
         header::IF_MODIFIED_SINCE => 1 << 3,
@@ -29,12 +34,8 @@ fn bit(name: &HeaderName) -> u16 {
         header::CACHE_CONTROL => 1 << 5,
         header::ACCEPT_ENCODING => 1 << 6,
         header::COOKIE => 1 << 7,
-        header::IF_MATCH => 1 << 8,
-        header::IF_UNMODIFIED_SINCE => 1 << 9,
-        header::RANGE => 1 << 10,
-        header::PRAGMA => 1 << 11,
         // (Not a standard name: compared as bytes, after the length.)
-        _ if name.as_str() == X_REQUEST_ID.as_str() => 1 << 12,
+        _ if name.as_str() == X_REQUEST_ID.as_str() => 1 << 8,
         _ => 0,
     }
 }
@@ -42,8 +43,20 @@ fn bit(name: &HeaderName) -> u16 {
 impl<'a> Fields<'a> {
     /// One pass over `map`'s names.
     pub fn of(map: &'a HeaderMap) -> Fields<'a> {
-        let present = map.keys().fold(0, |present, name| present | bit(name));
-        Fields { map, present }
+        let (mut present, mut host) = (0, None);
+        for (name, value) in map {
+            let bit = bit(name);
+            if bit == HOST && host.is_none() {
+                host = Some(value);
+            }
+            present |= bit;
+        }
+        Fields { map, present, host }
+    }
+
+    /// The first `Host` value: `get(&HOST)` without the lookup.
+    pub fn host(&self) -> Option<&'a HeaderValue> {
+        self.host
     }
 
     /// Might the request have `name`? False only for a tracked name it
@@ -96,10 +109,6 @@ mod tests {
             header::CACHE_CONTROL,
             header::ACCEPT_ENCODING,
             header::COOKIE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-            header::RANGE,
-            header::PRAGMA,
             X_REQUEST_ID,
         ];
         let bits: Vec<u16> = tracked.iter().map(bit).collect();
@@ -109,6 +118,7 @@ mod tests {
         let untracked = [
             header::ACCEPT,
             header::USER_AGENT,
+            header::RANGE,
             HeaderName::from_static("x-request-idx"),
             HeaderName::from_static("rsc"),
         ];
@@ -133,6 +143,7 @@ mod tests {
         maps.push(every);
         for map in &maps {
             let fields = Fields::of(map);
+            assert_eq!(fields.host(), map.get(header::HOST));
             for name in &asked {
                 assert_eq!(fields.get(name), map.get(name), "{name} in {map:?}");
                 assert_eq!(fields.contains(name), map.contains_key(name), "{name}");

@@ -449,7 +449,7 @@ impl AppService {
             Box::new(Record {
                 app: Arc::clone(&self.app),
                 method: req.method().clone(),
-                host: fields.get(&header::HOST).cloned(),
+                host: fields.host().cloned(),
                 uri: req.uri().clone(),
                 status: StatusCode::OK,
                 worker: None,
@@ -578,7 +578,8 @@ impl Handler for AppService {
         // for the others).
         let scheme = self.scheme(req, peer.addr.ip());
         // `finish` puts its own HSTS field over the app's: not written.
-        let write = !(scheme.1 && self.hsts.load().is_some());
+        let (_, secure) = scheme;
+        let write = !(secure && self.hsts.load().is_some());
         let fields = crate::fields::Fields::of(req.headers());
         match self.answer_here(req, &fields, write.then_some(&mut *head)) {
             Here::Answer(response) => {

@@ -12,9 +12,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 /// dot; prefixed with `https:` for a request that came over TLS (answers
 /// for `http` and `https` are never mixed).
 pub fn primary<B>(req: &Request<B>) -> String {
-    let host = req
-        .headers()
-        .get(header::HOST)
+    primary_with_host(req, req.headers().get(header::HOST))
+}
+
+/// [`primary`], given the request's first `Host` value.
+pub fn primary_with_host<B>(req: &Request<B>, host: Option<&HeaderValue>) -> String {
+    let host = host
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .unwrap_or("");

@@ -518,7 +518,7 @@ impl<S: Store> IsrCache<S> {
         if policy::request_bypass(req.method(), fields, rule).is_some() || self.is_draft(fields) {
             return Err(None);
         }
-        let primary = key::primary(req);
+        let primary = key::primary_with_host(req, fields.host());
         let Some(info) = self.index.get(&primary) else {
             return Err(Some(Looked {
                 primary,
@@ -701,14 +701,13 @@ impl<S: Store> IsrCache<S> {
     ) -> Response<Body> {
         let rule = self.rule_for(req.uri().path()).cloned();
         let fields = crate::fields::Fields::of(req.headers());
-        let bypass = policy::request_bypass(req.method(), &fields, rule.as_ref());
-        // Next.js draft mode: the editor sees the draft, and it is never
-        // stored (Next marks it private; this keeps it off the way in).
-        let draft = bypass.is_none() && self.is_draft(&fields);
-        if let Some(reason) = bypass {
+        let has_auth = fields.contains(&header::AUTHORIZATION);
+        if let Some(reason) = policy::request_bypass(req.method(), &fields, rule.as_ref()) {
             return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
-        if draft {
+        // Next.js draft mode: the editor sees the draft, and it is never
+        // stored (Next marks it private; this keeps it off the way in).
+        if self.is_draft(&fields) {
             return Box::pin(self.pass_through(req, fill, "draft-mode", &accepted)).await;
         }
         let (primary, known) = match looked {
@@ -756,7 +755,6 @@ impl<S: Store> IsrCache<S> {
         {
             return Box::pin(self.pass_through(req, fill, reason, &accepted)).await;
         }
-        let has_auth = fields.contains(&header::AUTHORIZATION);
         let now = SystemTime::now();
 
         let cached = self

@@ -340,6 +340,8 @@ impl Object {
     /// Its clock at `now` while it is fresh ([`Freshness::Fresh`]): what
     /// a hit asks, from one reading of its age.
     pub fn fresh_at(&self, now: SystemTime) -> Option<FreshAt> {
+        // (What `staleness` says, read once: no soft purge, younger than
+        // its ttl.)
         let age = self.age(now);
         if self.soft_purged_ms.load(Ordering::Relaxed) != 0 || age >= self.lifetime.ttl {
             return None;

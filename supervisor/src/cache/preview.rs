@@ -25,15 +25,12 @@ pub struct Preview<'a> {
 impl<'a> Preview<'a> {
     pub fn of<B>(settings: &'a IsrConfig, req: &Request<B>) -> Self {
         let rule = policy::rule_for(settings, req.uri().path());
+        let fields = crate::fields::Fields::of(req.headers());
         Preview {
             settings,
             rule,
-            bypass: policy::request_bypass(
-                req.method(),
-                &crate::fields::Fields::of(req.headers()),
-                rule,
-            ),
-            authorization: req.headers().contains_key(header::AUTHORIZATION),
+            bypass: policy::request_bypass(req.method(), &fields, rule),
+            authorization: fields.contains(&header::AUTHORIZATION),
         }
     }
 

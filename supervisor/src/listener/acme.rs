@@ -430,25 +430,36 @@ impl Acme {
                 Ok((pair, pem)) => {
                     // Served first, kept on disk second: a full disk does
                     // not throw away a certificate (the CA limits how many
-                    // a name gets a week). The line comes last, so a
-                    // certificate it reports as issued is both.
+                    // a name gets a week). The line comes after the save and
+                    // says whether it was kept.
                     self.certificates.install(&domain, Arc::clone(&pair));
                     let (path, bytes) = (self.path(&domain), pem.clone());
-                    match tokio::task::spawn_blocking(move || save_private(&path, &bytes)).await {
-                        Ok(Ok(())) => unsaved = None,
+                    let retry = humantime::format_duration(RETRY_FIRST);
+                    let saved = match tokio::task::spawn_blocking(move || {
+                        save_private(&path, &bytes)
+                    })
+                    .await
+                    {
+                        Ok(Ok(())) => true,
                         Ok(Err(e)) => {
-                            error!(%domain, "the new certificate serves but could not be saved ({e}); trying again every {}", humantime::format_duration(RETRY_FIRST));
-                            unsaved = Some(pem);
+                            error!(%domain, "the new certificate serves but could not be saved ({e}); trying again every {retry}");
+                            false
                         }
-                        Err(_) => unsaved = Some(pem),
-                    }
+                        Err(e) => {
+                            error!(%domain, "the new certificate serves but saving it failed ({e}); trying again every {retry}");
+                            false
+                        }
+                    };
+                    unsaved = (!saved).then_some(pem);
                     info!(
                         %domain,
                         challenge = kind.name(),
-                        "certificate {} by {}, {}",
+                        saved,
+                        "certificate {} by {}, {}{}",
                         if renewing { "renewed" } else { "issued" },
                         self.issuer_name(),
-                        describe_validity(&pair)
+                        describe_validity(&pair),
+                        if saved { "" } else { " (not saved yet)" }
                     );
                     let now = SystemTime::now();
                     let at_once = renew_at(&pair).is_none_or(|due| due <= now);
