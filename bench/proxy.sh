@@ -7,10 +7,10 @@
 #      one nginx worker, upstream keep-alive
 #   4. a static file through bext, and through nginx (sendfile on)
 #
-# The two proxied runs alternate, BENCH_ROUNDS times (3 by default): this
-# shared machine drifts by more than the difference being measured, so
-# the ratio is taken per round (each pair run back to back) and the median
-# reported, with every round shown.
+# The two proxied runs alternate, BENCH_ROUNDS times (3 by default), each
+# first in every other round: this shared machine drifts by more than the
+# difference being measured, so the ratio is taken per round (each pair
+# run back to back) and the median reported, with every round shown.
 #
 # Usage: bench/proxy.sh            (BENCH_DURATION=10s by default)
 #        BENCH_DURATION=1s bench/proxy.sh   (smoke run, as CI does)
@@ -95,8 +95,15 @@ results=()
 results+=("$(run_wrk "hono alone (TCP)" "http://127.0.0.1:$direct_port/")")
 round_ratios=()
 for round in $(seq 1 "$ROUNDS"); do
-  results+=("$(run_wrk "hono via bext, round $round" "http://$bext_addr/")")
-  results+=("$(run_wrk "hono via nginx, round $round" "http://127.0.0.1:$nginx_port/")")
+  # Each goes first in every other round: the machine's speed drifts
+  # within a run, and the one run second would gain by it every time.
+  if (( round % 2 )); then
+    results+=("$(run_wrk "hono via bext, round $round" "http://$bext_addr/")")
+    results+=("$(run_wrk "hono via nginx, round $round" "http://127.0.0.1:$nginx_port/")")
+  else
+    results+=("$(run_wrk "hono via nginx, round $round" "http://127.0.0.1:$nginx_port/")")
+    results+=("$(run_wrk "hono via bext, round $round" "http://$bext_addr/")")
+  fi
   round_ratios+=("$(ratio "$(rps_of "hono via bext, round $round")" "$(rps_of "hono via nginx, round $round")")")
 done
 results+=("$(run_wrk "static via bext" "http://$bext_static$STATIC_FILE")")

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
@@ -279,10 +278,20 @@ struct Live(ArcSwap<AppService>);
 impl Handler for Live {
     fn handle(
         self: Arc<Self>,
-        req: http::Request<Incoming>,
+        req: http::Request<Body>,
         peer: Peer,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static {
         self.0.load_full().handle(req, peer)
+    }
+
+    fn answer_plain(
+        self: &Arc<Self>,
+        req: http::Request<()>,
+        peer: &Peer,
+        head: &mut Vec<u8>,
+    ) -> crate::listener::Plain<impl Future<Output = http::Response<Body>> + Send + 'static + use<>>
+    {
+        self.0.load_full().answer_plain(req, peer, head)
     }
 }
 

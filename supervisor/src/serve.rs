@@ -15,7 +15,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -27,7 +26,7 @@ use crate::config::platform::{PlatformConfig, PlatformTls};
 use crate::config::{DEFAULT_SHUTDOWN_GRACE, ENV_PURGE_TOKEN};
 use crate::listener::acme::Acme;
 use crate::listener::tls::{CertSource, Certificates, Origin};
-use crate::listener::{Handler, Now, Peer, Shutdown};
+use crate::listener::{Handler, Peer, Plain, Shutdown};
 use crate::metrics::Metrics;
 use crate::platform::{Platform, Signals};
 use crate::router::{self, RouteTable};
@@ -186,11 +185,11 @@ impl PlatformService {
     }
 
     /// The client as the trusted proxies tell it.
-    fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> IpAddr {
+    fn client_ip(&self, req: &Request<Body>, peer: SocketAddr) -> IpAddr {
         crate::proxy::headers::client_ip(peer.ip(), req.headers(), &self.access.load().1)
     }
 
-    async fn platform_admin(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn platform_admin(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let client = self.client_ip(&req, peer);
         if !self.access.load().0.iter().any(|n| n.contains(&client)) {
             return text(StatusCode::FORBIDDEN, "forbidden\n");
@@ -244,12 +243,10 @@ impl PlatformService {
     }
 
     /// A purge on a host no app serves: the body names the app.
-    async fn purge_by_body(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn purge_by_body(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let client = self.client_ip(&req, peer);
-        let (parts, incoming) = req.into_parts();
-        let Some(bytes) =
-            crate::admin::read_limited(body::incoming(incoming), crate::admin::MAX_PURGE_BODY)
-                .await
+        let (parts, sent) = req.into_parts();
+        let Some(bytes) = crate::admin::read_limited(sent, crate::admin::MAX_PURGE_BODY).await
         else {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -272,7 +269,7 @@ impl PlatformService {
 }
 
 impl Handler for PlatformService {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Body>, peer: Peer) -> Response<Body> {
         if req.uri().path().starts_with("/__bext/platform/") {
             return Box::pin(self.platform_admin(req, peer.addr)).await;
         }
@@ -304,12 +301,26 @@ impl Handler for PlatformService {
         }
     }
 
-    fn answer_now(&self, req: &mut Request<()>, peer: &Peer, head: &mut Vec<u8>) -> Option<Now> {
-        if req.uri().path().starts_with("/__bext/platform/") {
-            return None;
-        }
+    fn answer_plain(
+        self: &Arc<Self>,
+        req: Request<()>,
+        peer: &Peer,
+        head: &mut Vec<u8>,
+    ) -> Plain<impl Future<Output = Response<Body>> + Send + 'static + use<>> {
+        use futures_util::future::Either;
         let routes = self.routes.load();
-        routes.route(host_of(req))?.answer_now(req, peer, head)
+        let app = routes
+            .route(host_of(&req))
+            .filter(|_| !req.uri().path().starts_with("/__bext/platform/"));
+        match app {
+            Some(app) => match app.answer_plain(req, peer, head) {
+                Plain::Now(now) => Plain::Now(now),
+                Plain::Later(later) => Plain::Later(Either::Left(later)),
+            },
+            None => Plain::Later(Either::Right(
+                Arc::clone(self).handle(req.map(|()| body::empty()), peer.clone()),
+            )),
+        }
     }
 }
 

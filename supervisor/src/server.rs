@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use tokio_util::sync::CancellationToken;
@@ -25,7 +24,7 @@ use crate::admin::{self, Admin};
 use crate::body::{self, Body, WithGuard};
 use crate::cache::{Fill, IsrCache, respond};
 use crate::compress;
-use crate::listener::{Handler, Now, Peer, Written};
+use crate::listener::{Handler, Now, Peer, Plain, Written};
 use crate::metrics::AppCounters;
 use crate::proxy::{ClientFill, ClientInfo, Proxy, headers};
 use crate::ratelimit::{Decision, RateLimiter};
@@ -153,7 +152,7 @@ impl AppService {
     /// [`MAX_ORPHANS`] run on at once per app.
     async fn respond_to_the_end(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Body>,
         mut client: ClientInfo,
         client_ip: IpAddr,
     ) -> (Response<Body>, Option<usize>) {
@@ -198,7 +197,7 @@ impl AppService {
     /// answers and cache hits).
     async fn respond(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         client: ClientInfo,
         client_ip: IpAddr,
     ) -> (Response<Body>, Option<usize>) {
@@ -213,10 +212,7 @@ impl AppService {
             // Boxed, as every rarely taken path here: a request's future
             // is moved whole on every request, so it stays as small as
             // the common path needs.
-            return (
-                Box::pin(self.admin.handle(req.map(body::incoming), client_ip)).await,
-                None,
-            );
+            return (Box::pin(self.admin.handle(req, client_ip)).await, None);
         }
         // The rate limit, before any work is done for the request.
         let mut allowance = None;
@@ -238,7 +234,7 @@ impl AppService {
 
     async fn answer(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         client: ClientInfo,
     ) -> (Response<Body>, Option<usize>) {
         if let Some(reload) = &self.live_reload {
@@ -318,7 +314,7 @@ impl AppService {
     /// static file; `accepted`: its `Accept-Encoding`, if already read.
     async fn ask_app(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Body>,
         client: ClientInfo,
         accepted: Option<compress::Accepted>,
         looked: Option<crate::cache::Looked>,
@@ -336,7 +332,6 @@ impl AppService {
             return (statics::plain(StatusCode::NOT_FOUND, "not found\n"), None);
         };
         let fill = ClientFill::new(proxy.clone(), client);
-        let mut req = req.map(body::incoming);
         // Compression happens at the edge: the app is asked for identity
         // bodies (by the cache's fills, or here), and the client gets a
         // coding it accepts.
@@ -530,8 +525,42 @@ impl AppService {
     }
 }
 
+impl AppService {
+    /// What [`Handler::handle`] does once [`AppService::answer_here`] has
+    /// said what it could (`here`; [`Here::No`] for an unsafe request).
+    async fn answer_later(
+        self: Arc<Self>,
+        req: Request<Body>,
+        peer: Peer,
+        begun: Begun,
+        here: Here,
+    ) -> Response<Body> {
+        let client = ClientInfo {
+            peer,
+            trusted_peer: begun.trusted_peer,
+            scheme: if begun.secure { "https" } else { "http" },
+            request_id: begun.request_id.clone(),
+            left: None,
+        };
+        let client_ip = begun.client_ip;
+        let (response, worker) = if !req.method().is_safe() {
+            self.respond_to_the_end(req, client, client_ip).await
+        } else {
+            match here {
+                Here::Answer(response) => (response, None),
+                Here::AskApp(accepted, looked) => {
+                    self.ask_app(req, client, Some(accepted), looked).await
+                }
+                // (`Written` needs a buffer, and none was given.)
+                Here::No | Here::Written(_) => self.respond(req, client, client_ip).await,
+            }
+        };
+        self.finish(begun, response, worker)
+    }
+}
+
 impl Handler for AppService {
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn handle(self: Arc<Self>, mut req: Request<Body>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
         #[cfg(feature = "bench-ceiling")]
@@ -547,50 +576,43 @@ impl Handler for AppService {
             return crate::ceiling::fixed_response()
                 .map(|b| body::boxed(WithGuard::new(Logged::new(b, record), begun.guard)));
         }
-        let client = ClientInfo {
-            peer,
-            trusted_peer: begun.trusted_peer,
-            scheme: if begun.secure { "https" } else { "http" },
-            request_id: begun.request_id.clone(),
-            left: None,
-        };
-        let client_ip = begun.client_ip;
-        let (response, worker) = if !req.method().is_safe() {
-            self.respond_to_the_end(req, client, client_ip).await
+        let here = if req.method().is_safe() {
+            self.answer_here(&req, &fields, None)
         } else {
-            match self.answer_here(&req, &fields, None) {
-                Here::Answer(response) => (response, None),
-                Here::AskApp(accepted, looked) => {
-                    self.ask_app(req, client, Some(accepted), looked).await
-                }
-                // (`Written` needs a buffer, and none was given.)
-                Here::No | Here::Written(_) => self.respond(req, client, client_ip).await,
-            }
+            Here::No
         };
-        self.finish(begun, response, worker)
+        self.answer_later(req, peer, begun, here).await
     }
 
-    fn answer_now(&self, req: &mut Request<()>, peer: &Peer, head: &mut Vec<u8>) -> Option<Now> {
+    fn answer_plain(
+        self: &Arc<Self>,
+        mut req: Request<()>,
+        peer: &Peer,
+        head: &mut Vec<u8>,
+    ) -> Plain<impl Future<Output = Response<Body>> + Send + 'static + use<>> {
         let started = Instant::now();
         let guard = InFlight::new(&self.inflight);
-        // The scheme first: it is part of the cache key. The rest of the
-        // bookkeeping only for a request answered here (`handle` does it
-        // for the others).
-        let scheme = self.scheme(req, peer.addr.ip());
+        // The scheme first: it is part of the cache key.
+        let scheme = self.scheme(&mut req, peer.addr.ip());
         // `finish` puts its own HSTS field over the app's: not written.
         let (_, secure) = scheme;
         let write = !(secure && self.hsts.load().is_some());
         let fields = crate::fields::Fields::of(req.headers());
-        match self.answer_here(req, &fields, write.then_some(&mut *head)) {
-            Here::Answer(response) => {
-                let begun = self.begin(req, &fields, peer, scheme, started, guard);
-                Some(Now::Response(self.finish(begun, response, None)))
+        let here = self.answer_here(&req, &fields, write.then_some(&mut *head));
+        let begun = self.begin(&req, &fields, peer, scheme, started, guard);
+        match here {
+            Here::Answer(response) => Plain::Now(Now::Response(self.finish(begun, response, None))),
+            Here::Written(hit) => Plain::Now(Now::Written(self.finish_written(begun, hit, head))),
+            // Boxed: the future is large, and moved on its way to the
+            // connection's loop.
+            here @ (Here::AskApp(..) | Here::No) => {
+                Plain::Later(Box::pin(Arc::clone(self).answer_later(
+                    req.map(|()| body::empty()),
+                    peer.clone(),
+                    begun,
+                    here,
+                )))
             }
-            Here::Written(hit) => {
-                let begun = self.begin(req, &fields, peer, scheme, started, guard);
-                Some(Now::Written(self.finish_written(begun, hit, head)))
-            }
-            Here::AskApp(..) | Here::No => None,
         }
     }
 }

@@ -111,6 +111,29 @@ fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
 }
 
+/// Sends GETs of `first`, then a GET of `then` carrying a request as its
+/// body (never to be read as one), then a GET of `last` asking to close,
+/// pipelined on one connection; the answers, one per request.
+fn pipelined_with_a_body(bext: &Bext, first: &[&str], then: &str, last: &str) -> Vec<Answer> {
+    let smuggled = get("/page/smuggled?cc=public,max-age=60", "");
+    let mut request: String = first.iter().map(|path| get(path, "")).collect();
+    request.push_str(&get(
+        then,
+        &format!("Content-Length: {}\r\n", smuggled.len()),
+    ));
+    request.push_str(&smuggled);
+    request.push_str(&get(last, "Connection: close\r\n"));
+    let bytes = exchange(bext, request.as_bytes());
+    let answers = answers(&bytes);
+    assert_eq!(
+        answers.len(),
+        first.len() + 2,
+        "one answer per request, none for the body: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    answers
+}
+
 /// Pipelined hits are answered in order; a request with a body that
 /// follows them goes to hyper with its body, which is never read as a
 /// request of its own; the connection closes when asked to.
@@ -118,22 +141,7 @@ fn get(path: &str, extra: &str) -> String {
 async fn issue13_pipelined_hits_and_what_follows_them_are_answered_in_order() {
     let (_dir, bext) = origin("");
     warm(&bext).await;
-    let smuggled = get("/page/smuggled?cc=public,max-age=60", "");
-    let mut request = get(PAGE, "").repeat(3);
-    request.push_str(&get(
-        PAGE,
-        &format!("Content-Length: {}\r\n", smuggled.len()),
-    ));
-    request.push_str(&smuggled);
-    request.push_str(&get(PAGE, "Connection: close\r\n"));
-    let bytes = exchange(&bext, request.as_bytes());
-    let answers = answers(&bytes);
-    assert_eq!(
-        answers.len(),
-        5,
-        "one answer per request, none for the body: {:?}",
-        String::from_utf8_lossy(&bytes)
-    );
+    let answers = pipelined_with_a_body(&bext, &[PAGE; 3], PAGE, PAGE);
     let mut ids = std::collections::HashSet::new();
     for (i, answer) in answers.iter().enumerate() {
         assert_eq!(answer.status, 200, "answer {i}");
@@ -366,4 +374,82 @@ async fn issue13_shutdown_closes_an_idle_connection_of_hits() {
         started.elapsed()
     );
     assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "closed");
+}
+
+/// Proxied GETs (misses the app answers) take the short way too:
+/// pipelined, they are answered in order, each by the app once, among
+/// hits; a request with a body after them goes to hyper, body and all.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_pipelined_misses_hits_and_a_body_after_them_are_answered_in_order() {
+    let (_dir, bext) = origin("");
+    warm(&bext).await;
+    const MISS: &str = "/page/proxied?cc=no-store&size=50";
+    let answers = pipelined_with_a_body(&bext, &[MISS, PAGE, MISS], MISS, MISS);
+    let bodies: Vec<String> = answers
+        .iter()
+        .map(|a| {
+            String::from_utf8_lossy(&a.body)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "/page/proxied render 1",
+            "/page/short render 1",
+            "/page/proxied render 2",
+            "/page/proxied render 3",
+            "/page/proxied render 4",
+        ],
+        "in order, each miss rendered once"
+    );
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.status, 200, "answer {i}");
+        assert_eq!(
+            answer.body.len(),
+            if i == 1 { 100 } else { 50 },
+            "answer {i}"
+        );
+        assert!(answer.header("date").is_some(), "answer {i}");
+        assert!(answer.header("x-request-id").is_some(), "answer {i}");
+    }
+    assert_eq!(answers[1].header("x-bext-cache"), Some("HIT"));
+    assert_eq!(
+        renders(&bext, "/page/smuggled").await,
+        0,
+        "the body was read as a request"
+    );
+}
+
+/// A client that leaves while its proxied GET is waiting for the app
+/// cancels it, as hyper's way does: the access log says 499 long before
+/// the app would have answered, and the app's other requests go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_a_client_that_leaves_cancels_its_proxied_get() {
+    let (_dir, bext) = origin("");
+    const SLOW: &str = "/page/leaving?cc=no-store&delay=30000";
+    let mut stream = TcpStream::connect(bext.addr).expect("connect");
+    stream.write_all(get(SLOW, "").as_bytes()).expect("write");
+    // Until the app has the request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renders(&bext, "/page/leaving").await == 0 {
+        assert!(Instant::now() < deadline, "the app never got the request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = Instant::now();
+    drop(stream);
+    let line = bext.wait_log(Duration::from_secs(10), |v| {
+        v["target"] == "bext::access" && v["path"] == "/page/leaving"
+    });
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["complete"], false, "{line}");
+    assert!(
+        left.elapsed() < Duration::from_secs(10),
+        "logged when the client left, not when the app answered"
+    );
+    let response = bext.get_host("x", PAGE).await;
+    assert_eq!(response.status(), 200, "serving goes on");
 }

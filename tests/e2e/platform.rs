@@ -485,7 +485,7 @@ data_dir = "/var/lib/bext"
 source = "{express}"
 domains = ["a.test"]
 [apps.victim.rate_limit]
-rpm = 60
+rpm = 10
 [apps.bystander]
 source = "{hono}"
 domains = ["b.test"]
@@ -506,7 +506,9 @@ domains = ["b.test"]
     let base_p99 = p99(&mut base_ok);
 
     // Same load on B while A crash-loops (its workers killed every 200 ms)
-    // and is flooded far past its rate limit.
+    // and is flooded far past its rate limit (10 a minute, all of them at
+    // once: a flood slowed by the crash loop on a busy machine still
+    // passes it in the first second).
     let stop = Arc::new(AtomicBool::new(false));
     let measured = tokio::spawn(load(bext.url("/"), "b.test", 4, stop.clone()));
     let flood = tokio::spawn(load(bext.url("/"), "a.test", 4, stop.clone()));
@@ -529,7 +531,9 @@ domains = ["b.test"]
     assert!(kills >= 2, "app A was killed {kills} times");
     assert!(
         flooded.iter().any(|f| f.contains("429")),
-        "app A was rate-limited"
+        "app A was not rate-limited: {} failures, the first: {:?}",
+        flooded.len(),
+        &flooded[..flooded.len().min(5)]
     );
     assert!(
         failed.is_empty(),

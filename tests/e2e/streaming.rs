@@ -47,6 +47,50 @@ async fn sse_arrives_event_by_event() {
     );
 }
 
+/// An event stream's head reaches the client when the app sends it, not
+/// with the first event (which here comes after 30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_streams_head_does_not_wait_for_its_first_event() {
+    let bext = Bext::run(&fixture("express"), &["--workers", "1"]);
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        client().get(bext.url("/sse?n=1&first=30000")).send(),
+    )
+    .await
+    .expect("the head waited for the first event")
+    .expect("GET /sse");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+}
+
+/// A client that leaves an event stream between events ends it when it
+/// leaves: the access line (an incomplete answer) comes then, not at the
+/// next event 30 s later.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_ends_when_its_client_leaves() {
+    use std::io::{Read, Write};
+    let bext = Bext::run(&fixture("express"), &["--workers", "1"]);
+    let mut stream = std::net::TcpStream::connect(bext.addr).expect("connect");
+    stream
+        .write_all(b"GET /sse?n=3&interval=30000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: 0") {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).expect("the first event");
+        assert!(n > 0, "closed before the first event");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    drop(stream);
+    let line = bext.wait_log(Duration::from_secs(10), |v| {
+        v["target"] == "bext::access" && v["path"] == "/sse"
+    });
+    assert_eq!(line["complete"], false, "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_50_mb_upload_streams_without_growing_the_supervisor() {
     const MB: usize = 1024 * 1024;

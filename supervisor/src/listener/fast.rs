@@ -1,20 +1,23 @@
 //! A shorter way through HTTP/1.1 for what a busy site is asked most: a
-//! plain `GET` that the handler answers without waiting for anything (a
-//! static file, a fresh cache hit: [`Handler::answer_now`]).
+//! plain `GET`, answered at once when it needs no waiting (a static file, a
+//! fresh cache hit) and otherwise when the app's answer comes
+//! ([`Handler::answer_plain`]).
 //!
 //! Each connection starts here. A request is parsed with the parser hyper
 //! uses (`httparse`), and only one whose meaning cannot differ between the
 //! two is answered here: `GET`, HTTP/1.1, origin-form target, no body
 //! framing (`Content-Length`, `Transfer-Encoding`), no `Expect`, `Upgrade`
 //! or `Connection` other than `keep-alive`, one valid `Host`, at most
-//! [`FAST_MAX_HEADERS`] fields. At the first request that is anything else
-//! (or that the handler does not answer at once), the connection goes to
-//! hyper for the rest of its life, with every byte read so far: hyper then
-//! sees exactly what it would have seen, and answers or refuses it.
+//! [`FAST_MAX_HEADERS`] fields. At the first request that is anything else,
+//! the connection goes to hyper for the rest of its life, with every byte
+//! read so far: hyper then sees exactly what it would have seen, and
+//! answers or refuses it.
 //!
-//! The connection's time bounds stay with [`TimedIo`] (they are enforced
-//! on the socket, whoever reads it), and graceful shutdown closes it
-//! between requests, as hyper does.
+//! While an answer is awaited, the connection is watched as hyper watches
+//! it: a client that closes its end (having sent nothing more) cancels the
+//! request. The connection's time bounds stay with [`TimedIo`] (they are
+//! enforced on the socket, whoever reads it), and graceful shutdown closes
+//! it between requests, as hyper does.
 
 use std::io;
 use std::pin::Pin;
@@ -28,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::timed::{Activity, TimedIo};
-use super::{Handler, MAX_HEADER_BYTES, Now, Peer, Written};
+use super::{Handler, MAX_HEADER_BYTES, Now, Peer, Plain, Written};
 use crate::body::Body;
 
 /// Header fields a request answered here may have (a browser sends about
@@ -73,7 +76,7 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                 return Left::Closed;
             }
         }
-        let (mut req, len) = match parse(&buf) {
+        let (req, len) = match parse(&buf) {
             Parsed::Partial if buf.len() < MAX_HEADER_BYTES => {
                 // A head under way is read to its end (or its timeout).
                 if !read_more(io, &mut buf).await {
@@ -85,16 +88,25 @@ pub(super) async fn serve<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
             Parsed::Partial | Parsed::NotHere => return hand_over(buf, answered, stop),
         };
         head.clear();
-        let Some(answer) = handler.answer_now(&mut req, peer, &mut head) else {
-            return hand_over(buf, answered, stop);
-        };
+        // The request is in flight (the drain waits for it) until its
+        // answer is written.
+        let in_flight = activity.begin();
+        let answer = handler.answer_plain(req, peer, &mut head);
         buf.advance(len);
         answered = true;
-        let in_flight = activity.begin();
-        let closing = stop.is_cancelled();
         let written = match answer {
-            Now::Response(response) => write(io, response, closing).await,
-            Now::Written(written) => write_written(io, &mut head, written, closing).await,
+            Plain::Now(Now::Response(response)) => {
+                write(io, response, stop.is_cancelled(), &mut buf).await
+            }
+            Plain::Now(Now::Written(written)) => {
+                write_written(io, &mut head, written, stop.is_cancelled()).await
+            }
+            Plain::Later(later) => match wait(io, &mut buf, later).await {
+                // (Shutdown may have begun meanwhile: then this answer
+                // says it is the last.)
+                Some(response) => write(io, response, stop.is_cancelled(), &mut buf).await,
+                None => return Left::Closed,
+            },
         };
         drop(in_flight);
         // An app's large head does not stay with an idle connection.
@@ -118,6 +130,51 @@ fn hand_over(buf: BytesMut, answered: bool, stop: &CancellationToken) -> Left {
         return Left::Closed;
     }
     Left::Hyper(buf)
+}
+
+/// The answer `later` gives, awaited as hyper awaits a service's: if the
+/// client closes its end (or the connection fails) before sending anything
+/// more, the request is cancelled (`None`); bytes it sends meanwhile (a
+/// pipelined request) are kept for after, and end the watch.
+async fn wait<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    later: impl Future<Output = Response<Body>>,
+) -> Option<Response<Body>> {
+    let mut later = std::pin::pin!(later);
+    if buf.is_empty() {
+        tokio::select! {
+            biased;
+            response = &mut later => return Some(response),
+            read = read_more(io, buf) => {
+                if !read {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(later.await)
+}
+
+/// The body's next frame, the client watched meanwhile as [`wait`]
+/// watches it: an error if it leaves first.
+async fn next_frame<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    body: &mut Body,
+) -> io::Result<Option<Result<http_body::Frame<Bytes>, crate::body::BoxError>>> {
+    if buf.is_empty() {
+        tokio::select! {
+            biased;
+            frame = body.frame() => return Ok(frame),
+            read = read_more(io, buf) => {
+                if !read {
+                    return Err(io::ErrorKind::ConnectionAborted.into());
+                }
+            }
+        }
+    }
+    Ok(body.frame().await)
 }
 
 /// Reads more of a request into `buf` (a head is at most
@@ -174,7 +231,12 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(shared(path.as_bytes())) else {
         return Parsed::NotHere;
     };
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    // Room for what the way to the app adds (`X-Forwarded-For`, `-Proto`
+    // and `-Host`, `X-Request-Id`, `Accept-Encoding: identity`, a Next
+    // app's `x-bext-primary`): a map that has to grow is allocated again
+    // and every entry placed again (~850 instructions). Measured: five
+    // slots were one short for a GET with only `Host`.
+    let mut headers = HeaderMap::with_capacity(head.headers.len() + 6);
     let (mut hosts, mut cookies) = (0, 0);
     for field in head.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
@@ -262,10 +324,16 @@ async fn write_written<S: AsyncWrite + Unpin>(
 /// `Content-Length` is an error (the connection closes, as hyper closes
 /// it); one that goes on is cut there. `closing`: the last answer on this
 /// connection (shutdown began), which says so.
-async fn write<S: AsyncWrite + Unpin>(
+///
+/// While the body has nothing to send, the client is watched as [`wait`]
+/// watches it (bytes it sends go to `buf`): one that leaves ends the
+/// answer, as hyper ends it, instead of at the next piece (an event stream
+/// may be quiet for minutes).
+async fn write<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     response: Response<Body>,
     closing: bool,
+    buf: &mut BytesMut,
 ) -> io::Result<bool> {
     use http::header;
     let (parts, mut body) = response.into_parts();
@@ -275,9 +343,15 @@ async fn write<S: AsyncWrite + Unpin>(
     let bodiless = parts.status.is_informational()
         || parts.status == http::StatusCode::NO_CONTENT
         || parts.status == http::StatusCode::NOT_MODIFIED;
-    let mut close = false;
+    // An interim answer is not an answer (hyper refuses it), and one that
+    // switches protocols was not asked for (no `Upgrade` comes this way):
+    // what follows either on the connection cannot be trusted.
+    let mut close = parts.status.is_informational();
     let mut declared: Option<u64> = None;
     for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue; // framed here, below
+        }
         if name == header::CONNECTION {
             close |= value
                 .as_bytes()
@@ -288,11 +362,20 @@ async fn write<S: AsyncWrite + Unpin>(
             if parts.status == http::StatusCode::NO_CONTENT {
                 continue; // as hyper: none on a 204 (RFC 9110 §8.6)
             }
-            declared = std::str::from_utf8(value.as_bytes())
+            // Digits only (`u64::from_str` also takes a `+`); written once,
+            // and never two that differ (as hyper).
+            let digits = value.as_bytes().trim_ascii();
+            let length = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|v| v.trim().parse().ok());
-            if declared.is_none() {
-                return Err(io::Error::other("an invalid content-length"));
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| io::Error::other("an invalid content-length"))?;
+            match declared {
+                Some(seen) if seen != length => {
+                    return Err(io::Error::other("two different content-lengths"));
+                }
+                Some(_) => continue,
+                None => declared = Some(length),
             }
         }
         super::push_field(&mut head, name, value);
@@ -327,12 +410,29 @@ async fn write<S: AsyncWrite + Unpin>(
         io.flush().await?;
         return Ok(!close);
     }
-    // The head goes with the first piece of the body: one write for a
-    // cached page.
+    // The head goes with the first piece of the body when that is there
+    // (one write for a page), else at once.
     let mut head = Some(head);
     let mut left = declared;
     let mut cut = false;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let ready = std::future::poll_fn(|cx| {
+            Poll::Ready(http_body::Body::poll_frame(Pin::new(&mut body), cx))
+        });
+        let frame = match ready.await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // (An event stream's first event may be a while.)
+                if let Some(first) = head.take() {
+                    io.write_all(&first).await?;
+                    io.flush().await?;
+                }
+                next_frame(io, buf, &mut body).await?
+            }
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = frame.map_err(io::Error::other)?;
         let Ok(mut data) = frame.into_data() else {
             continue; // trailers: not sent over HTTP/1.1 here
@@ -604,10 +704,54 @@ mod tests {
         response
     }
 
+    /// A client that sends nothing and takes every byte written, or (a
+    /// trickle) one byte per write.
+    struct Sink {
+        out: Vec<u8>,
+        trickle: bool,
+    }
+
+    impl AsyncRead for Sink {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = if self.trickle {
+                buf.len().min(1)
+            } else {
+                buf.len()
+            };
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
     async fn written(response: Response<Body>) -> (io::Result<bool>, String) {
-        let mut out = Vec::new();
-        let result = write(&mut out, response, false).await;
-        (result, String::from_utf8_lossy(&out).into_owned())
+        let mut out = Sink {
+            out: Vec::new(),
+            trickle: false,
+        };
+        let result = write(&mut out, response, false, &mut BytesMut::new()).await;
+        (result, String::from_utf8_lossy(&out.out).into_owned())
     }
 
     /// Bodies are framed as hyper frames them: by their length when it is
@@ -660,42 +804,25 @@ mod tests {
         assert!(!result.expect("written"), "the answer asked to close");
     }
 
-    /// A socket that takes one byte per write and no vectors.
-    struct Trickle(Vec<u8>);
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let Some(&first) = buf.first() else {
-                return Poll::Ready(Ok(0));
-            };
-            self.0.push(first);
-            Poll::Ready(Ok(1))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// Partial writes resume where they stopped, across the pieces; an
     /// answer written at shutdown says it closes the connection; a body cut
     /// at its length is not polled on.
     #[tokio::test]
     async fn partial_writes_closing_answers_and_cut_bodies() {
-        let mut trickle = Trickle(Vec::new());
-        let kept = write(&mut trickle, streamed(&["ab", "cde"], None), true)
-            .await
-            .expect("written");
+        let mut trickle = Sink {
+            out: Vec::new(),
+            trickle: true,
+        };
+        let kept = write(
+            &mut trickle,
+            streamed(&["ab", "cde"], None),
+            true,
+            &mut BytesMut::new(),
+        )
+        .await
+        .expect("written");
         assert!(!kept, "closing");
-        let text = String::from_utf8(trickle.0).expect("text");
+        let text = String::from_utf8(trickle.out).expect("text");
         assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
         assert!(
             text.ends_with("\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
@@ -717,6 +844,186 @@ mod tests {
                 .expect("the body was not polled on past its length");
         assert!(!result.expect("written"), "cut, and closed");
         assert!(text.ends_with("\r\n\r\nxyxy"), "{text}");
+    }
+
+    /// A body fed from a channel: a frame whenever the test sends one.
+    fn fed() -> (tokio::sync::mpsc::Sender<&'static str>, Body) {
+        use http_body_util::StreamBody;
+        let (tx, rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let piece = rx.recv().await?;
+            let frame = http_body::Frame::data(Bytes::from_static(piece.as_bytes()));
+            Some((Ok::<_, crate::body::BoxError>(frame), rx))
+        });
+        (tx, crate::body::boxed(StreamBody::new(frames)))
+    }
+
+    /// Reads from `from` until `want` has come, within 10 s.
+    async fn read_until<R: AsyncRead + Unpin>(from: &mut R, seen: &mut Vec<u8>, want: &[u8]) {
+        let deadline = std::time::Duration::from_secs(10);
+        tokio::time::timeout(deadline, async {
+            while !seen.windows(want.len()).any(|w| w == want) {
+                let mut chunk = [0u8; 1024];
+                let n = from.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed before {want:?}: {seen:?}");
+                seen.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{want:?} never came: {:?}", String::from_utf8_lossy(seen)));
+    }
+
+    /// A head whose body has nothing yet goes at once (an event stream's
+    /// first event may be a while), and each piece as it comes.
+    #[tokio::test]
+    async fn a_head_goes_before_a_body_that_is_not_there_yet() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (tx, body) = fed();
+        let writing = tokio::spawn(async move {
+            write(
+                &mut server,
+                Response::new(body),
+                false,
+                &mut BytesMut::new(),
+            )
+            .await
+        });
+        let mut seen = Vec::new();
+        read_until(
+            &mut client,
+            &mut seen,
+            b"transfer-encoding: chunked\r\n\r\n",
+        )
+        .await;
+        assert!(seen.ends_with(b"\r\n\r\n"), "only the head so far");
+        tx.send("event 1").await.expect("send");
+        read_until(&mut client, &mut seen, b"7\r\nevent 1\r\n").await;
+        drop(tx);
+        read_until(&mut client, &mut seen, b"0\r\n\r\n").await;
+        assert!(writing.await.expect("task").expect("written"), "kept alive");
+    }
+
+    /// An answer that switches protocols (no `Upgrade` comes this way)
+    /// ends the connection; a `Transfer-Encoding` of the answer's own is
+    /// not sent beside the framing chosen here.
+    #[tokio::test]
+    async fn a_switch_closes_and_the_framing_is_chosen_here() {
+        let mut switching = Response::new(crate::body::empty());
+        *switching.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        let (result, text) = written(switching).await;
+        assert!(!result.expect("written"), "closed after a 101");
+        assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+
+        let mut claimed = Response::new(crate::body::full("abc"));
+        claimed.headers_mut().insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let (result, text) = written(claimed).await;
+        assert!(result.expect("written"));
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert!(text.ends_with("content-length: 3\r\n\r\nabc"), "{text}");
+    }
+
+    /// Polls `f` once.
+    async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
+    }
+
+    /// An answer that comes only once `done` is sent.
+    async fn answer_when(done: tokio::sync::oneshot::Receiver<()>) -> Response<Body> {
+        let _ = done.await;
+        Response::new(crate::body::full("late"))
+    }
+
+    /// While an answer is awaited: a client that closes its end cancels
+    /// it; one that sends more (a pipelined request) waits for it, and what
+    /// it sent is kept.
+    #[tokio::test]
+    async fn an_awaited_answer_is_cancelled_when_the_client_leaves() {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let (_done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        drop(client);
+        let mut buf = BytesMut::new();
+        let answer = wait(&mut server, &mut buf, answer_when(done_rx)).await;
+        assert!(answer.is_none(), "cancelled");
+
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        client
+            .write_all(b"GET /next HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        drop(client); // (after sending more: no longer watched)
+        let mut buf = BytesMut::new();
+        let mut waiting = Box::pin(wait(&mut server, &mut buf, answer_when(done_rx)));
+        assert!(
+            poll_once(&mut waiting).await.is_pending(),
+            "still waiting for the answer"
+        );
+        done.send(()).expect("send");
+        assert!(waiting.await.is_some(), "answered");
+        assert_eq!(
+            &buf[..],
+            b"GET /next HTTP/1.1\r\n",
+            "the pipelined bytes are kept"
+        );
+    }
+
+    /// A client that leaves while a streamed answer has nothing to send
+    /// ends it at once, not at its next piece.
+    #[tokio::test]
+    async fn a_streamed_answer_ends_when_the_client_leaves() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (_tx, body) = fed();
+        let mut buf = BytesMut::new();
+        let mut writing = Box::pin(write(&mut server, Response::new(body), false, &mut buf));
+        assert!(
+            poll_once(&mut writing).await.is_pending(),
+            "the body has nothing yet"
+        );
+        let mut seen = Vec::new();
+        read_until(&mut client, &mut seen, b"\r\n\r\n").await;
+        drop(client);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), writing)
+            .await
+            .expect("the answer went on after the client left");
+        assert!(ended.is_err(), "ended as failed");
+    }
+
+    /// The fields that frame an answer are checked as hyper checks them:
+    /// an interim status closes the connection, one `Content-Length` is
+    /// written however often it is given, and two that differ (or one
+    /// that is not digits) are refused.
+    #[tokio::test]
+    async fn framing_fields_are_checked() {
+        let mut interim = Response::new(crate::body::empty());
+        *interim.status_mut() = http::StatusCode::CONTINUE;
+        let (result, _) = written(interim).await;
+        assert!(!result.expect("written"), "closed after an interim status");
+
+        let mut twice = Response::new(crate::body::full("abc"));
+        for _ in 0..2 {
+            twice
+                .headers_mut()
+                .append(http::header::CONTENT_LENGTH, HeaderValue::from(3u64));
+        }
+        let (result, text) = written(twice).await;
+        assert!(result.expect("written"));
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+
+        for lengths in [&["3", "4"][..], &["+3"], &["3 3"], &[""]] {
+            let mut odd = Response::new(crate::body::full("abc"));
+            for length in lengths {
+                odd.headers_mut().append(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from_static(length),
+                );
+            }
+            let (result, text) = written(odd).await;
+            assert!(result.is_err(), "{lengths:?} refused");
+            assert!(text.is_empty(), "{lengths:?}: nothing written: {text}");
+        }
     }
 
     #[test]

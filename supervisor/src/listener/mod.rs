@@ -80,28 +80,38 @@ pub fn read_plain_get(buf: &[u8]) -> Option<(http::Request<()>, usize)> {
 
 /// What the listener calls for every request.
 pub trait Handler: Send + Sync + 'static {
+    /// The answer to `req` (its body is the client's, as a [`Body`]).
     fn handle(
         self: Arc<Self>,
-        req: http::Request<Incoming>,
+        req: http::Request<Body>,
         peer: Peer,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static;
 
-    /// The answer to a plain HTTP/1.1 `GET` when it needs no waiting (a
-    /// static file, a fresh cache hit), given as [`Handler::handle`] would
-    /// give it; `None`: ask `handle`. The listener checks the request first
-    /// (see [`fast`]), including its `Host`. `head` is empty; a
+    /// A plain HTTP/1.1 `GET` the short way read (see [`fast`]; no body,
+    /// one `Host`, checked first): answered at once when it needs no
+    /// waiting (a static file, a fresh cache hit), else the answer to wait
+    /// for, as [`Handler::handle`] gives it. `head` is empty; a
     /// [`Now::Written`] answer's status line and fields are written there.
-    fn answer_now(
-        &self,
-        _req: &mut http::Request<()>,
-        _peer: &Peer,
+    fn answer_plain(
+        self: &Arc<Self>,
+        req: http::Request<()>,
+        peer: &Peer,
         _head: &mut Vec<u8>,
-    ) -> Option<Now> {
-        None
+    ) -> Plain<impl Future<Output = http::Response<Body>> + Send + 'static + use<Self>> {
+        Plain::Later(Arc::clone(self).handle(req.map(|()| crate::body::empty()), peer.clone()))
     }
 }
 
-/// An answer given at once ([`Handler::answer_now`]).
+/// What [`Handler::answer_plain`] gives.
+#[derive(Debug)]
+pub enum Plain<F> {
+    /// The answer, now.
+    Now(Now),
+    /// The answer, once `F` is done.
+    Later(F),
+}
+
+/// An answer given at once ([`Plain::Now`]).
 #[derive(Debug)]
 pub enum Now {
     Response(http::Response<Body>),
@@ -309,7 +319,7 @@ async fn respond<H: Handler>(
     // key included), as an HTTP/2 client may split it.
     crate::proxy::headers::join_cookies(req.headers_mut());
     let response = match check_host(&mut req) {
-        Ok(()) => handler.handle(req, client).await,
+        Ok(()) => handler.handle(req.map(crate::body::incoming), client).await,
         Err(why) => bad_request(why),
     };
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 
 use super::tls::Certificates;
 use super::{Handler, Peer};
@@ -98,7 +97,7 @@ impl ToHttps {
 }
 
 impl Handler for ToHttps {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Body>, _peer: Peer) -> Response<Body> {
         if let Some(key_authorization) = self.challenge(&req) {
             let mut response = Response::new(body::full(key_authorization));
             response.headers_mut().insert(

@@ -69,6 +69,10 @@ pub struct Forwarded {
     pub worker: usize,
 }
 
+/// [`nextcache::PRIMARY_HEADER`] as a name (a lookup by text would parse
+/// it each time).
+const PRIMARY_HEADER: HeaderName = HeaderName::from_static(nextcache::PRIMARY_HEADER);
+
 impl Proxy {
     pub fn new(pool: Arc<Pool>, upstream_timeout: Duration, queue_timeout: Duration) -> Self {
         Proxy {
@@ -100,12 +104,11 @@ impl Proxy {
             .map(|_| crate::cache::key::primary(&req))
             .filter(|p| p.len() <= nextcache::MAX_PRIMARY)
             .and_then(|p| crate::cache::key::primary_to_header(&p));
-        req.headers_mut().remove(nextcache::PRIMARY_HEADER);
+        req.headers_mut().remove(&PRIMARY_HEADER);
         // (Its tag, if an answer needs one, is made then: few do.)
         let next_uri = self.next.as_ref().map(|_| req.uri().clone());
         if let Some(primary) = primary {
-            req.headers_mut()
-                .insert(HeaderName::from_static(nextcache::PRIMARY_HEADER), primary);
+            req.headers_mut().insert(PRIMARY_HEADER, primary);
         }
         let upgrade =
             headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11;
