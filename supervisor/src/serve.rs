@@ -317,9 +317,11 @@ impl Handler for PlatformService {
                 Plain::Now(now) => Plain::Now(now),
                 Plain::Later(later) => Plain::Later(Either::Left(later)),
             },
-            None => Plain::Later(Either::Right(
+            // Boxed, as the app's: the future is large, and an idle
+            // connection's state would carry its room.
+            None => Plain::Later(Either::Right(Box::pin(
                 Arc::clone(self).handle(req.map(|()| body::empty()), peer.clone()),
-            )),
+            ))),
         }
     }
 }

@@ -603,8 +603,9 @@ impl Handler for AppService {
         match here {
             Here::Answer(response) => Plain::Now(Now::Response(self.finish(begun, response, None))),
             Here::Written(hit) => Plain::Now(Now::Written(self.finish_written(begun, hit, head))),
-            // Boxed: the future is large, and moved on its way to the
-            // connection's loop.
+            // Boxed: the future is large; moved on its way to the
+            // connection's loop, and an idle connection's state would
+            // carry its room.
             here @ (Here::AskApp(..) | Here::No) => {
                 Plain::Later(Box::pin(Arc::clone(self).answer_later(
                     req.map(|()| body::empty()),

@@ -453,3 +453,58 @@ async fn issue13_a_client_that_leaves_cancels_its_proxied_get() {
     let response = bext.get_host("x", PAGE).await;
     assert_eq!(response.status(), 200, "serving goes on");
 }
+
+/// Requests sent while the one before them is still awaited (read by the
+/// watch on the client while the app works) are answered after it, in
+/// order: a hit, then a request with a body (hyper's way, the body never
+/// read as a request), then one that closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue13_requests_sent_while_one_is_awaited_are_answered_after_it() {
+    let (_dir, bext) = origin("");
+    warm(&bext).await;
+    const SLOW: &str = "/page/awaited?cc=no-store&delay=3000";
+    let mut stream = TcpStream::connect(bext.addr).expect("connect");
+    stream.write_all(get(SLOW, "").as_bytes()).expect("write");
+    // Until the app has it: its answer is then awaited.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renders(&bext, "/page/awaited").await == 0 {
+        assert!(Instant::now() < deadline, "the app never got the request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let smuggled = get("/page/smuggled?cc=public,max-age=60", "");
+    let mut more = get(PAGE, "");
+    more.push_str(&get(
+        PAGE,
+        &format!("Content-Length: {}\r\n", smuggled.len()),
+    ));
+    more.push_str(&smuggled);
+    more.push_str(&get(PAGE, "Connection: close\r\n"));
+    stream.write_all(more.as_bytes()).expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).expect("read to the close");
+    let answers = answers(&bytes);
+    assert_eq!(
+        answers.len(),
+        4,
+        "one answer per request, none for the body: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert!(
+        answers[0].body.starts_with(b"/page/awaited render 1"),
+        "the awaited answer first"
+    );
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.status, 200, "answer {i}");
+    }
+    for answer in &answers[1..] {
+        assert_eq!(answer.header("x-bext-cache"), Some("HIT"));
+    }
+    assert_eq!(
+        renders(&bext, "/page/smuggled").await,
+        0,
+        "the body was read as a request"
+    );
+}

@@ -336,6 +336,18 @@ async fn write<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
 ) -> io::Result<bool> {
     use http::header;
+    // An interim answer is not an answer (a request gets one): a 500 in
+    // its place, as hyper sends. One that switches protocols was not asked
+    // for (no `Upgrade` comes this way). After either, what follows on the
+    // connection cannot be trusted: it closes.
+    let interim = response.status().is_informational();
+    let response = if interim && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        let mut refused = Response::new(crate::body::empty());
+        *refused.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        refused
+    } else {
+        response
+    };
     let (parts, mut body) = response.into_parts();
     let mut head = Vec::with_capacity(512);
     super::push_status_line(&mut head, parts.status);
@@ -343,10 +355,7 @@ async fn write<S: AsyncRead + AsyncWrite + Unpin>(
     let bodiless = parts.status.is_informational()
         || parts.status == http::StatusCode::NO_CONTENT
         || parts.status == http::StatusCode::NOT_MODIFIED;
-    // An interim answer is not an answer (hyper refuses it), and one that
-    // switches protocols was not asked for (no `Upgrade` comes this way):
-    // what follows either on the connection cannot be trusted.
-    let mut close = parts.status.is_informational();
+    let mut close = interim;
     let mut declared: Option<u64> = None;
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING {
@@ -992,15 +1001,19 @@ mod tests {
     }
 
     /// The fields that frame an answer are checked as hyper checks them:
-    /// an interim status closes the connection, one `Content-Length` is
+    /// an interim status is a 500 and closes the connection, one `Content-Length` is
     /// written however often it is given, and two that differ (or one
     /// that is not digits) are refused.
     #[tokio::test]
     async fn framing_fields_are_checked() {
         let mut interim = Response::new(crate::body::empty());
         *interim.status_mut() = http::StatusCode::CONTINUE;
-        let (result, _) = written(interim).await;
+        let (result, text) = written(interim).await;
         assert!(!result.expect("written"), "closed after an interim status");
+        assert!(
+            text.starts_with("HTTP/1.1 500 "),
+            "a 500 in its place: {text}"
+        );
 
         let mut twice = Response::new(crate::body::full("abc"));
         for _ in 0..2 {

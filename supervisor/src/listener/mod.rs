@@ -98,7 +98,11 @@ pub trait Handler: Send + Sync + 'static {
         peer: &Peer,
         _head: &mut Vec<u8>,
     ) -> Plain<impl Future<Output = http::Response<Body>> + Send + 'static + use<Self>> {
-        Plain::Later(Arc::clone(self).handle(req.map(|()| crate::body::empty()), peer.clone()))
+        // Boxed: a connection's state would otherwise carry the future's
+        // room from its first request to its end (hyper boxes it too).
+        Plain::Later(Box::pin(
+            Arc::clone(self).handle(req.map(|()| crate::body::empty()), peer.clone()),
+        ))
     }
 }
 
